@@ -1,0 +1,168 @@
+"""The ``cxrclip`` command: the jobs as subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from cxrclip.data.prompts import PromptFileError
+from cxrclip.data.records import DataConfig, DataValidationError, load_records, summarize
+from cxrclip.data.synthetic import CGMH_LABELS, DEFAULT_PROMPTS, NORMAL_SENTENCE, generate_demo_data
+
+SPLIT_TYPES = {"train": "imagetext", "valid": "imagetext", "test": "imagetext_eval", "cls": "image_classification"}
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    paths = generate_demo_data(
+        args.out,
+        n_train=args.n_train,
+        n_valid=args.n_valid,
+        n_test=args.n_test,
+        image_size=args.image_size,
+        seed=args.seed,
+    )
+    print(f"wrote synthetic CGMH-style data in {time.perf_counter() - start:.1f} s:")
+    for split, path in paths.items():
+        print(f"  {split:5s} {path}")
+    return 0
+
+
+def _label_names(labels_file: str | None) -> tuple[str, ...]:
+    if not labels_file:
+        return CGMH_LABELS
+    text = Path(labels_file).read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _validate(args: argparse.Namespace) -> int:
+    cfg = DataConfig(
+        name=Path(args.csv).stem,
+        data_type=SPLIT_TYPES[args.split],
+        data_path=str(Path(args.csv).resolve()),
+        image_root=args.image_root,
+        label_names=_label_names(args.labels),
+        label_format=args.label_format,
+        prompt_path=args.prompts,
+        normal_sentence=NORMAL_SENTENCE,
+    )
+    try:
+        records = load_records(cfg, check_images=True)
+        if args.deep:
+            _decode_all(records)
+    except (DataValidationError, PromptFileError, ValueError) as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return 1
+    summary = summarize(cfg, records)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"OK: {summary['csv']}: {summary['rows']} rows, {summary['images']} images, "
+            f"{summary['rows_without_label']} rows without a positive label"
+        )
+        width = max(len(n) for n in summary["label_counts"])
+        for name, count in summary["label_counts"].items():
+            print(f"  {name:<{width}}  {count:6d}")
+    return 0
+
+
+def _decode_all(records) -> None:
+    from cxrclip.data.images import ImageReadError, read_image
+    from cxrclip.data.records import Problems
+
+    problems = Problems("images")
+    for r in records:
+        for path in r.images:
+            try:
+                read_image(path)
+            except ImageReadError as e:
+                problems.add(r.line, str(e))
+    problems.raise_if_any()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    data = out / "data"
+    print(f"[1/2] generating the synthetic dataset under {data}")
+    _demo_data(
+        argparse.Namespace(
+            out=data,
+            n_train=args.n_train,
+            n_valid=args.n_valid,
+            n_test=args.n_test,
+            image_size=args.image_size,
+            seed=args.seed,
+        )
+    )
+    print("[2/2] validating it as train.py would")
+    for split in ("train", "valid", "test"):
+        code = _validate(
+            argparse.Namespace(
+                csv=str(data / f"{split}.csv"),
+                split=split,
+                image_root=None,
+                labels=None,
+                label_format="list",
+                prompts=str(DEFAULT_PROMPTS),
+                deep=False,
+                json=False,
+            )
+        )
+        if code:
+            return code
+    print("demo data ready. Training, evaluation and inference on it come with the trainer and evaluation jobs.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrclip", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_data_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--n-train", type=int, default=800)
+        p.add_argument("--n-valid", type=int, default=100)
+        p.add_argument("--n-test", type=int, default=200)
+        p.add_argument("--image-size", type=int, default=256)
+        p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="generate synthetic data, then train, evaluate and run inference on it")
+    p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
+    add_data_args(p)
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("demo-data", help="write a synthetic CGMH-style dataset (train/valid/test CSVs + images)")
+    p.add_argument("out", help="output folder")
+    add_data_args(p)
+    p.set_defaults(func=_demo_data)
+
+    p = sub.add_parser("validate-data", help="check a CSV (columns, lists, labels, images) and summarize it")
+    p.add_argument("csv")
+    p.add_argument(
+        "--split",
+        choices=sorted(SPLIT_TYPES),
+        default="train",
+        help="train/valid: image + text_label; test: image + 0/1 label columns + text; cls: no text",
+    )
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompt file (train/valid)")
+    p.add_argument("--labels", help="a text file with one label name per line (default: the 13 CGMH labels)")
+    p.add_argument("--label-format", choices=["list", "triplet"], default="list")
+    p.add_argument("--image-root", help="folder that relative image paths start from (default: the CSV's folder)")
+    p.add_argument("--deep", action="store_true", help="decode every image fully (slower)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

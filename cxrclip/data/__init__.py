@@ -1,0 +1,1 @@
+"""CSV → record → dataset → collate: the data half of the pipeline."""

@@ -1,0 +1,38 @@
+"""Batching: stack images, tokenize texts padded to the longest in the batch (never a fixed 256)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class ImageTextCollator:
+    """Turns dataset items into a batch; texts are tokenized once per batch with dynamic padding."""
+
+    def __init__(self, tokenizer, text_max_length: int = 256):
+        self.tokenizer = tokenizer
+        self.text_max_length = text_max_length
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        tokens = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=self.text_max_length, return_tensors="pt"
+        )
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        batch = {
+            "images": torch.stack([it["image"] for it in items]),
+            "labels": torch.stack([it["labels"] for it in items]),
+        }
+        if "image_view" in items[0]:
+            batch["image_views"] = torch.stack([it["image_view"] for it in items])
+        for key, name, out in (("text", "texts", "text_tokens"), ("text2", "texts2", "text_tokens2")):
+            if key in items[0]:
+                texts = [it[key] for it in items]
+                batch[name] = texts
+                if any(texts):
+                    batch[out] = self.tokenize(texts)
+        if "index" in items[0]:
+            batch["index"] = torch.tensor([it["index"] for it in items])
+        return batch

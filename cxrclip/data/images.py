@@ -1,0 +1,94 @@
+"""Reading radiographs: JPEG, PNG (8/16-bit) and DICOM into one grayscale uint8 array."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+class ImageReadError(OSError):
+    """An image file that is missing or cannot be decoded."""
+
+
+def is_dicom(path: str | Path) -> bool:
+    return str(path).lower().endswith(DICOM_SUFFIXES)
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """Min-max scale any numeric image to uint8 (a constant image becomes zeros)."""
+    if array.dtype == np.uint8:
+        return array
+    array = array.astype(np.float32)
+    lo, hi = float(array.min()), float(array.max())
+    if hi <= lo:
+        return np.zeros(array.shape, dtype=np.uint8)
+    return np.round((array - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def read_dicom(path: str | Path) -> np.ndarray:
+    """DICOM with the modality LUT (rescale slope/intercept) and the VOI LUT (window) applied,
+    MONOCHROME1 inverted so that bone is bright."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(str(path))
+        pixels = ds.pixel_array
+    except Exception as e:  # pydicom raises many types for broken files
+        raise ImageReadError(f"cannot decode DICOM {path}: {e}") from e
+    if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
+        pixels = pixels[0]  # multi-frame: the first frame
+    if pixels.ndim == 3:
+        return to_uint8(pixels.mean(axis=-1))
+    image = apply_modality_lut(pixels, ds)
+    image = apply_voi_lut(image, ds, index=0)
+    image = to_uint8(image)
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        image = 255 - image
+    return image
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Any supported file → a 2-D grayscale uint8 array."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"image not found: {path}")
+    if is_dicom(path):
+        return read_dicom(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                    return to_uint8(np.asarray(im))
+                if im.mode != "L":
+                    im = im.convert("L")
+                return np.asarray(im).copy()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"cannot decode image {path}: {e}") from e
+
+
+def check_image_header(path: str | Path) -> str | None:
+    """A cheap readability check (header only); returns a problem description or None."""
+    path = Path(path)
+    if not path.is_file():
+        return "image file not found"
+    try:
+        if is_dicom(path):
+            import pydicom
+
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+            if "Rows" not in ds or "Columns" not in ds:
+                return "DICOM file has no image (no Rows/Columns)"
+        else:
+            with Image.open(path) as im:
+                im.verify()
+    except Exception as e:  # any failure here means "unreadable"; the message says why
+        return f"unreadable image ({type(e).__name__}: {e})"
+    return None

@@ -1,0 +1,35 @@
+import json
+import subprocess
+import sys
+
+from cxrclip.cli import main
+
+
+def test_demo_data_then_validate_ok(tmp_path, capsys):
+    assert (
+        main(["demo-data", str(tmp_path), "--n-train", "5", "--n-valid", "2", "--n-test", "3", "--image-size", "48"])
+        == 0
+    )
+    assert (tmp_path / "train.csv").is_file() and len(list((tmp_path / "images").glob("*.png"))) >= 10
+    capsys.readouterr()
+    assert main(["validate-data", str(tmp_path / "train.csv"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == 5 and len(summary["label_counts"]) == 13
+    assert main(["validate-data", str(tmp_path / "test.csv"), "--split", "test", "--deep"]) == 0
+    assert "OK:" in capsys.readouterr().out
+
+
+def test_validate_bad_file_exits_nonzero_and_lists_problems(tmp_path, capsys):
+    (tmp_path / "t.csv").write_text("image,text_label\na.png,[]\nb.png,\"['Nope']\"\n")
+    assert main(["validate-data", str(tmp_path / "t.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "t.csv:2: image file not found" in err and "t.csv:3:" in err and "unknown label(s) ['Nope']" in err
+
+
+def test_console_entry_point_runs(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "cxrclip.cli", "validate-data", str(tmp_path / "none.csv")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1 and "file not found" in out.stderr

@@ -1,0 +1,110 @@
+"""Every config composes, with every option of every group it uses, and its data configs type-check."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from cxrclip.config import compose, data_configs
+from cxrclip.data.synthetic import CGMH_LABELS
+from cxrclip.paths import CONFIG_DIR
+
+TOP = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
+RUN_DIR = ["hydra.run.dir=/tmp/x"]
+
+
+def options(group):
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def resolve(cfg):
+    """Resolve everything but ``base.output`` (its ${hydra:run.dir} needs a running app)."""
+    OmegaConf.set_struct(cfg, False)
+    cfg.get("base", {}).pop("output", None)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_the_expected_configs_exist():
+    assert {"train", "eval_clip", "finetune_10", "finetune_100", "eval_finetune"} <= set(TOP)
+    for group in (
+        "data_train",
+        "data_valid",
+        "data_test",
+        "dataloader",
+        "tokenizer",
+        "transform",
+        "model",
+        "optimizer",
+        "scheduler",
+        "loss",
+    ):
+        assert group in GROUPS
+    assert {"clahe", "default"} <= set(options("transform"))
+    assert {"cxr_clip", "clip"} <= set(options("loss"))
+    assert {"clip_resnet_clinical", "clip_swin_clinical", "clip_cpu_offline", "clip_tiny"} <= set(options("model"))
+
+
+@pytest.mark.parametrize("name", TOP)
+def test_top_level_config_composes(name):
+    overrides = ["test.checkpoint=x.tar"] if name.startswith("eval") else []
+    overrides += ["model.load_backbone_weights=x.tar"] if name.startswith("finetune") else []
+    cfg = compose(name, overrides)
+    plain = resolve(cfg)
+    for group in ("data_train", "data_valid", "data_test"):
+        for dc in data_configs(cfg, group):
+            assert dc.label_names == CGMH_LABELS
+    assert "base" in plain
+
+
+@pytest.mark.parametrize("group", ["dataloader", "transform", "model", "optimizer", "scheduler", "loss"])
+def test_every_group_option_composes_into_train(group):
+    for option in options(group):
+        if option.endswith("classification"):
+            continue  # used by the finetune configs, checked below
+        resolve(compose("train", [f"{group}={option}"]))
+
+
+@pytest.mark.parametrize("option", options("data_train"))
+def test_every_data_option_composes(option):
+    typed = {"cgmh": "imagetext", "cgmh_cls": "image_classification"}
+    config = "finetune_10" if typed.get(option) == "image_classification" else "train"
+    extra = ["model.load_backbone_weights=x"] if config.startswith("finetune") else []
+    cfg = compose(config, [f"data_train={option}", f"data_valid={option}", *extra])
+    (dc,) = data_configs(cfg, "data_train")
+    assert dc.name == option
+
+
+def test_user_overrides_as_in_the_original():
+    cfg = compose(
+        "train",
+        [
+            "data_train.cgmh.data_path=/data/tr.csv",
+            "base.image_size=128",
+            "data_train.cgmh.num_negs=3",
+            "dataloader.train.num_workers=0",
+            "scheduler.config.total_epochs=2",
+            "model=clip_tiny",
+        ],
+    )
+    (dc,) = data_configs(cfg, "data_train")
+    assert dc.data_path == "/data/tr.csv" and dc.image_size == 128 and dc.num_negs == 3
+    assert cfg.dataloader.train.num_workers == 0
+    assert set(cfg.dataloader.train) == {
+        "batch_size",
+        "num_workers",
+        "shuffle",
+        "drop_last",
+        "pin_memory",
+        "prefetch_factor",
+    }
+    assert cfg.tokenizer.pretrained_model_name_or_path == cfg.model.text_encoder.name
+    assert cfg.transform.train.RandomResizedCrop.size == 128
+
+
+def test_label_list_comes_from_config():
+    labels_file = CONFIG_DIR / "labels" / "cgmh.yaml"
+    assert "Pigtail malpositon" in Path(labels_file).read_text()
+    cfg = compose("train", ["labels.names=[A,B]"])
+    (dc,) = data_configs(cfg, "data_train")
+    assert dc.label_names == ("A", "B")

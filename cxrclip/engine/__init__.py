@@ -1,0 +1,1 @@
+"""Training: the distributed environment, optimizer/schedule, the trainer loop, checkpoints."""

@@ -1,0 +1,421 @@
+"""The CXR-CLIP trainer: one process (CPU/GPU) or many via torchrun, exact resume, atomic checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import ConcatDataset, DataLoader, Sampler
+
+from cxrclip.config import data_configs, to_plain
+from cxrclip.data.collate import ImageTextCollator
+from cxrclip.data.dataset import ImageTextDataset
+from cxrclip.data.records import load_imagetext_records, summarize
+from cxrclip.data.transforms import build_transform
+from cxrclip.engine.dist import DistEnv, init_distributed, shutdown
+from cxrclip.engine.optim import build_optimizer, build_scheduler
+from cxrclip.loss import build_loss
+from cxrclip.model.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cxrclip.model.clip import build_model
+from cxrclip.paths import resolve_package_path
+
+log = logging.getLogger(__name__)
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's indices for one epoch: a permutation fixed by (seed, epoch), split across ranks
+    (padded so every rank has the same count), optionally starting ``skip`` indices in (resume)."""
+
+    def __init__(self, size: int, *, shuffle: bool, seed: int, rank: int = 0, world: int = 1):
+        self.size, self.shuffle, self.seed, self.rank, self.world = size, shuffle, seed, rank, world
+        self.epoch, self.skip = 0, 0
+        self.per_rank = math.ceil(size / world)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.size))
+        order += order[: self.per_rank * self.world - self.size]
+        return iter(order[self.rank :: self.world][self.skip :])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.skip
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """``base`` section, typed. Derived values (per-rank batch, steps) live elsewhere, never in the config."""
+
+    seed: int
+    amp: bool
+    amp_dtype: str
+    resume: str | None
+    grad_accum_steps: int
+    grad_clip_norm: float | None
+    max_decode_failure_frac: float
+    checkpoint_dir: Path
+    tensorboard_dir: Path
+
+    @classmethod
+    def from_cfg(cls, base: Mapping) -> RunSettings:
+        if base.get("amp_dtype", "fp16") not in ("fp16", "bf16"):
+            raise ValueError("base.amp_dtype must be fp16 or bf16")
+        return cls(
+            seed=int(base.get("seed", 1234)),
+            amp=bool(base.get("amp", False)),
+            amp_dtype=base.get("amp_dtype", "fp16"),
+            resume=base.get("resume"),
+            grad_accum_steps=int(base.get("grad_accum_steps", 1)),
+            grad_clip_norm=base.get("grad_clip_norm"),
+            max_decode_failure_frac=float(base.get("max_decode_failure_frac", 0.01)),
+            checkpoint_dir=Path(base["output"]["checkpoint"]),
+            tensorboard_dir=Path(base["output"]["tensorboard"]),
+        )
+
+
+def autocast_settings(run: RunSettings, device: torch.device) -> tuple[bool, torch.dtype, bool]:
+    """(enabled, dtype, needs a grad scaler). CPU autocast only in bf16 (fp16 on CPU is slow)."""
+    if not run.amp:
+        return False, torch.float32, False
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if run.amp_dtype == "bf16" else torch.float16
+        return True, dtype, dtype == torch.float16
+    if run.amp_dtype == "bf16":
+        return True, torch.bfloat16, False
+    log.info("base.amp with fp16 is CUDA-only; training in fp32 on CPU (use base.amp_dtype=bf16 for CPU AMP)")
+    return False, torch.float32, False
+
+
+def build_tokenizer(cfg: Mapping):
+    from transformers import AutoTokenizer
+
+    from cxrclip.model.encoders import _hf_missing
+
+    name = cfg["pretrained_model_name_or_path"]
+    try:
+        return AutoTokenizer.from_pretrained(resolve_package_path(name), cache_dir=cfg.get("cache_dir"))
+    except OSError as e:
+        raise _hf_missing(name, "text encoder", e) from e
+
+
+def load_split(cfg: DictConfig, group: str, train: bool, run: RunSettings, env: DistEnv) -> ConcatDataset:
+    """Validate every CSV of a data group (all problems at once) and build its dataset."""
+    normalize = cfg.model.image_encoder.get("normalize", "huggingface")
+    transform = build_transform(to_plain(cfg.transform)["train" if train else "valid"], to_plain(normalize))
+    datasets = []
+    for dc in data_configs(cfg, group):
+        records = load_imagetext_records(dc)
+        if train and dc.data_frac < 1.0:
+            keep = torch.randperm(len(records), generator=torch.Generator().manual_seed(run.seed))
+            records = [records[i] for i in sorted(keep[: max(1, int(len(records) * dc.data_frac))].tolist())]
+        if env.is_main:
+            s = summarize(dc, records)
+            log.info("%s %s: %d rows, %d images (%s)", group, dc.name, s["rows"], s["images"], s["csv"])
+        datasets.append(
+            ImageTextDataset(
+                records, dc, dc.prompts(), transform, train=train, max_decode_failure_frac=run.max_decode_failure_frac
+            )
+        )
+    if not datasets:
+        raise ValueError(f"no {group} dataset configured")
+    return ConcatDataset(datasets)
+
+
+def make_loader(dataset, cfg: Mapping, collate, env: DistEnv, seed: int) -> DataLoader:
+    batch_size = int(cfg["batch_size"])
+    if batch_size % env.world_size:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {env.world_size} processes")
+    sampler = EpochSampler(
+        len(dataset), shuffle=bool(cfg.get("shuffle", False)), seed=seed, rank=env.rank, world=env.world_size
+    )
+    workers = int(cfg.get("num_workers", 0))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size // env.world_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        drop_last=bool(cfg.get("drop_last", False)),
+        pin_memory=bool(cfg.get("pin_memory", False)) and env.device.type == "cuda",
+        prefetch_factor=cfg.get("prefetch_factor") if workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the trainer finishes the step, saves ``model-last.tar`` and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("received signal %d: finishing this step, saving model-last.tar, then stopping", signum)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, env: DistEnv) -> bool:
+        if not env.distributed:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=env.device)
+        return bool(env.all_mean(flag).item() > 0)
+
+
+class Trainer:
+    """Holds what a run needs; ``fit()`` runs the epochs. Built by ``train(cfg)``."""
+
+    def __init__(self, cfg: DictConfig, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.run = RunSettings.from_cfg(cfg.base)
+        self.total_epochs = int(cfg.scheduler.config.total_epochs)
+        torch.manual_seed(self.run.seed + env.rank)
+        # data first: a bad CSV stops the run before any model is built
+        self.train_set = load_split(cfg, "data_train", True, self.run, env)
+        self.valid_set = load_split(cfg, "data_valid", False, self.run, env) if cfg.get("data_valid") else None
+        self.tokenizer = build_tokenizer(cfg.tokenizer)
+        collate = ImageTextCollator(self.tokenizer, int(cfg.base.text_max_length))
+        self.train_loader = make_loader(self.train_set, cfg.dataloader.train, collate, env, self.run.seed)
+        self.valid_loader = (
+            make_loader(self.valid_set, cfg.dataloader.valid, collate, env, self.run.seed)
+            if self.valid_set is not None
+            else None
+        )
+        if len(self.train_loader) == 0:
+            raise ValueError(
+                f"{len(self.train_set)} training rows give no full batch of "
+                f"{cfg.dataloader.train.batch_size}; lower dataloader.train.batch_size"
+            )
+        self.model = build_model(to_plain(cfg.model)).to(env.device)
+        self.loss_fn = build_loss(to_plain(cfg.loss))
+        self.optimizer = build_optimizer(self.model, to_plain(cfg.optimizer))
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / self.run.grad_accum_steps)
+        self.scheduler = build_scheduler(self.optimizer, to_plain(cfg.scheduler), self.steps_per_epoch)
+        self.autocast, self.amp_dtype, use_scaler = autocast_settings(self.run, env.device)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=use_scaler)
+        self.ddp = (
+            torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[env.local_rank] if env.device.type == "cuda" else None
+            )
+            if env.distributed
+            else self.model
+        )
+        self.epoch, self.batches_done, self.step, self.best_val = 0, 0, 0, math.inf
+        self.writer = None
+        if env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run.tensorboard_dir))
+            log.info(
+                "device %s, %d process(es), per-process batch %d, %d steps/epoch, %d epochs, autocast %s",
+                env.device,
+                env.world_size,
+                self.train_loader.batch_size,
+                self.steps_per_epoch,
+                self.total_epochs,
+                self.amp_dtype if self.autocast else "off",
+            )
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state(self, train_loss: float, val_loss: float | None) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "config": to_plain(self.cfg),
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "step": self.step,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "best_val_loss": self.best_val,
+            "rng": rng_state(),
+            "world_size": self.env.world_size,
+        }
+
+    def save(self, name: str, train_loss: float, val_loss: float | None) -> None:
+        if self.env.is_main:
+            path = save_checkpoint(self.run.checkpoint_dir / name, self.state(train_loss, val_loss))
+            log.info("saved %s", path)
+        self.env.barrier()
+
+    def resume(self, path: str) -> None:
+        ckpt = load_checkpoint(path)
+        self.model.load_state_dict(ckpt["model"], strict=True)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.batches_done, self.step = ckpt["epoch"], ckpt["batches_done"], ckpt["step"]
+        self.best_val = ckpt["best_val_loss"]
+        if ckpt.get("world_size", 1) == self.env.world_size:
+            set_rng_state(ckpt["rng"])
+        else:
+            log.warning("resuming with a different number of processes: random streams are not restored exactly")
+        log.info("resumed from %s at epoch %d (+%d batches), step %d", path, self.epoch, self.batches_done, self.step)
+
+    # -- loops -------------------------------------------------------------------------------------
+    def forward_loss(self, batch: Mapping) -> dict[str, torch.Tensor]:
+        with torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.autocast):
+            out = self.ddp(to_device(batch, self.env.device))
+        return self.loss_fn(out)
+
+    def optimizer_step(self) -> None:
+        if self.run.grad_clip_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.run.grad_clip_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+
+    def log_step(self, losses: Mapping[str, torch.Tensor]) -> None:
+        if self.writer is None:
+            return
+        for name, value in losses.items():
+            self.writer.add_scalar(f"train/{name}", float(value.detach()), self.step)
+        self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
+        self.writer.add_scalar("train/temperature", 1.0 / float(self.model.scale), self.step)
+
+    def train_epoch(self, stop: StopRequest) -> tuple[float, bool]:
+        """One epoch (or its rest, after a mid-epoch resume); returns (mean loss, stopped early)."""
+        from tqdm import tqdm
+
+        self.model.train()
+        self.train_loader.sampler.set_epoch(self.epoch, skip=self.batches_done * self.train_loader.batch_size)
+        accum, total, count = self.run.grad_accum_steps, 0.0, 0
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {self.epoch + 1}/{self.total_epochs}",
+            disable=not self.env.is_main,
+            dynamic_ncols=True,
+            leave=False,
+        )
+        for batch in bar:
+            last_micro = (self.batches_done + 1) % accum == 0 or self.batches_done + 1 == len(self.train_loader)
+            sync = contextlib.nullcontext() if last_micro or not self.env.distributed else self.ddp.no_sync()
+            with sync:
+                losses = self.forward_loss(batch)
+                if not torch.isfinite(losses["loss"]):
+                    raise FloatingPointError(
+                        f"non-finite loss ({float(losses['loss'])}) at epoch {self.epoch + 1}, step {self.step}; "
+                        f"stopping. The last good checkpoints in {self.run.checkpoint_dir} are kept. "
+                        "Try a lower learning rate, base.grad_clip_norm=1.0, or base.amp=false."
+                    )
+                self.scaler.scale(losses["loss"] / accum).backward()
+            self.batches_done += 1
+            if last_micro:
+                self.optimizer_step()
+                self.log_step(losses)
+            total, count = total + float(losses["loss"]), count + 1
+            bar.set_postfix(loss=f"{float(losses['loss']):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+            if stop.agreed(self.env):
+                return total / max(count, 1), True
+        return total / max(count, 1), False
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean validation loss (deterministic prompts and views), averaged over processes."""
+        if self.valid_loader is None:
+            return None
+        self.model.eval()
+        total = torch.zeros(2, device=self.env.device)
+        for batch in self.valid_loader:
+            with torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.autocast):
+                out = self.model(to_device(batch, self.env.device))
+            total += torch.stack([self.loss_fn(out)["loss"].float(), torch.ones((), device=self.env.device)])
+        total = self.env.all_mean(total)
+        return float(total[0] / total[1])
+
+    def fit(self) -> dict:
+        train_loss, val_loss = math.nan, None
+        with StopRequest() as stop:
+            while self.epoch < self.total_epochs:
+                start = time.perf_counter()
+                train_loss, stopped = self.train_epoch(stop)
+                if stopped:
+                    self.save("model-last.tar", train_loss, None)
+                    log.warning(
+                        "stopped on request during epoch %d; resume with base.resume=%s",
+                        self.epoch + 1,
+                        self.run.checkpoint_dir / "model-last.tar",
+                    )
+                    return {"stopped": True, "epoch": self.epoch, "step": self.step}
+                self.epoch, self.batches_done = self.epoch + 1, 0
+                val_loss = self.validate()
+                self.log_epoch(train_loss, val_loss, time.perf_counter() - start)
+                if val_loss is not None and val_loss < self.best_val:
+                    self.best_val = val_loss
+                    self.save("model-best.tar", train_loss, val_loss)
+                self.save("model-last.tar", train_loss, val_loss)
+        if self.valid_loader is None:
+            self.save("model-best.tar", train_loss, None)
+        return {
+            "stopped": False,
+            "epoch": self.epoch,
+            "step": self.step,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "best_val_loss": self.best_val,
+        }
+
+    def log_epoch(self, train_loss: float, val_loss: float | None, seconds: float) -> None:
+        if not self.env.is_main:
+            return
+        rows = len(self.train_loader) * self.train_loader.batch_size * self.env.world_size
+        log.info(
+            "epoch %d/%d: train loss %.4f, valid loss %s, %.1f s (%.1f samples/s)",
+            self.epoch,
+            self.total_epochs,
+            train_loss,
+            "-" if val_loss is None else f"{val_loss:.4f}",
+            seconds,
+            rows / max(seconds, 1e-9),
+        )
+        if val_loss is not None:
+            self.writer.add_scalar("valid/loss", val_loss, self.epoch)
+        self.writer.flush()
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run a training job from a composed config; returns the final metrics."""
+    env = init_distributed()
+    try:
+        trainer = Trainer(cfg, env)
+        if cfg.base.get("resume"):
+            trainer.resume(str(cfg.base.resume))
+        result = trainer.fit()
+        if trainer.writer is not None:
+            trainer.writer.close()
+        return result
+    finally:
+        shutdown(env)

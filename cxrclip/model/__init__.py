@@ -1,0 +1,1 @@
+"""Encoders (timm / torchvision / transformers), the CLIP model, checkpoints."""

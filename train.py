@@ -1,0 +1,21 @@
+"""Pre-train CXR-CLIP: ``python train.py [hydra overrides]`` or ``torchrun --nproc_per_node=N train.py``."""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from cxrclip.engine.trainer import train
+from cxrclip.errors import exit_on_user_error
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("cxrclip").setLevel(logging.INFO)
+    with exit_on_user_error():
+        train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -304,7 +304,7 @@ class Trainer:
         for name, value in losses.items():
             self.writer.add_scalar(f"train/{name}", float(value.detach()), self.step)
         self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
-        self.writer.add_scalar("train/temperature", 1.0 / float(self.model.scale), self.step)
+        self.writer.add_scalar("train/temperature", 1.0 / float(self.model.scale.detach()), self.step)
 
     def train_epoch(self, stop: StopRequest) -> tuple[float, bool]:
         """One epoch (or its rest, after a mid-epoch resume); returns (mean loss, stopped early)."""
@@ -336,8 +336,10 @@ class Trainer:
             if last_micro:
                 self.optimizer_step()
                 self.log_step(losses)
-            total, count = total + float(losses["loss"]), count + 1
-            bar.set_postfix(loss=f"{float(losses['loss']):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+            total, count = total + float(losses["loss"].detach()), count + 1
+            bar.set_postfix(
+                loss=f"{float(losses['loss'].detach()):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}"
+            )
             if stop.agreed(self.env):
                 return total / max(count, 1), True
         return total / max(count, 1), False

@@ -1,0 +1,223 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cxrclip.config import compose, to_plain
+from cxrclip.data.records import DataValidationError
+from cxrclip.engine import trainer as trainer_mod
+from cxrclip.engine.trainer import EpochSampler, train
+from cxrclip.loss import CXRClipLoss
+from cxrclip.model.checkpoint import load_checkpoint
+from cxrclip.model.clip import build_model
+from cxrclip.paths import PROJECT_ROOT
+
+pytestmark = pytest.mark.usefixtures("minilm_tokenizer")  # clip_tiny uses MiniLM's vocabulary
+
+
+def tiny_overrides(demo_data, out, epochs=2):
+    return [
+        "model=clip_tiny",
+        "dataloader=dataloader_cpu",
+        "base.image_size=32",
+        "optimizer.config.lr=1e-3",
+        f"data_train.cgmh.data_path={demo_data / 'train.csv'}",
+        f"data_valid.cgmh.data_path={demo_data / 'valid.csv'}",
+        f"scheduler.config.total_epochs={epochs}",
+        "dataloader.train.batch_size=8",
+        "dataloader.valid.batch_size=8",
+        "dataloader.train.num_workers=0",
+        "dataloader.valid.num_workers=0",
+        "data_train.cgmh.num_negs=2",
+    ]
+
+
+def tiny_cfg(demo_data, out, *extra, epochs=2):
+    overrides = [
+        *tiny_overrides(demo_data, out, epochs),
+        f"base.output.checkpoint={out}/checkpoints",
+        f"base.output.tensorboard={out}/tb",
+        *extra,
+    ]
+    return compose("train", overrides)
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_epoch_sampler_splits_pads_and_skips():
+    full = list(EpochSampler(10, shuffle=True, seed=1))
+    assert sorted(full) == list(range(10))
+    parts = [list(EpochSampler(10, shuffle=True, seed=1, rank=r, world=3)) for r in range(3)]
+    assert all(len(p) == 4 for p in parts) and set(sum(parts, [])) == set(range(10))
+    s = EpochSampler(10, shuffle=True, seed=1)
+    s.set_epoch(0, skip=4)
+    assert list(s) == full[4:]
+    s.set_epoch(1)
+    assert list(s) != full
+
+
+def test_every_trainable_parameter_gets_a_gradient(demo_data, tmp_path):
+    cfg = tiny_cfg(demo_data, tmp_path)
+    model = build_model(to_plain(cfg.model))
+    for m in model.modules():  # timm zero-inits each block's last BN gamma, which blocks gradients at init
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+    t = trainer_mod.build_tokenizer(cfg.tokenizer)
+    tok = lambda texts: dict(t(texts, padding="longest", return_tensors="pt"))  # noqa: E731
+    batch = {
+        "images": torch.randn(4, 3, 32, 32),
+        "image_views": torch.randn(4, 3, 32, 32),
+        "text_tokens": tok(["a b", "c", "d e f", "g"]),
+        "text_tokens2": tok(["x", "y z", "w", "v u"]),
+    }
+    CXRClipLoss()(model(batch))["loss"].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_train_writes_checkpoints_with_the_original_keys(demo_data, tmp_path):
+    result = train(tiny_cfg(demo_data, tmp_path))
+    assert result["epoch"] == 2 and result["step"] == 6
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "model-last.tar")
+    assert {"model", "optimizer", "scheduler", "config", "epoch", "train_loss", "scaler", "step", "rng"} <= set(ckpt)
+    assert ckpt["config"]["dataloader"]["train"]["batch_size"] == 8  # the global batch, as configured
+    assert (tmp_path / "checkpoints" / "model-best.tar").is_file()
+    assert any((tmp_path / "tb").iterdir())
+
+
+def test_resume_after_an_epoch_equals_an_uninterrupted_run(demo_data, tmp_path, monkeypatch):
+    train(tiny_cfg(demo_data, tmp_path / "full", epochs=3))
+    saved = trainer_mod.Trainer.save
+
+    def save_and_keep_epoch_1(self, name, *args):
+        saved(self, name, *args)
+        if name == "model-last.tar" and self.epoch == 1:
+            shutil.copy(self.run.checkpoint_dir / name, tmp_path / "epoch1.tar")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "save", save_and_keep_epoch_1)
+    train(tiny_cfg(demo_data, tmp_path / "first", epochs=3))
+    monkeypatch.undo()
+    result = train(tiny_cfg(demo_data, tmp_path / "resumed", f"base.resume={tmp_path / 'epoch1.tar'}", epochs=3))
+    assert result["epoch"] == 3
+    assert_same_weights(
+        weights(tmp_path / "resumed/checkpoints/model-last.tar"), weights(tmp_path / "full/checkpoints/model-last.tar")
+    )
+
+
+def test_sigterm_mid_epoch_saves_and_resume_finishes_the_epoch(demo_data, tmp_path, monkeypatch):
+    original = trainer_mod.Trainer.optimizer_step
+    calls = {"n": 0}
+
+    def step_then_signal(self):
+        original(self)
+        calls["n"] += 1
+        if calls["n"] == 4:  # second batch of epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", step_then_signal)
+    result = train(tiny_cfg(demo_data, tmp_path / "cut"))
+    monkeypatch.undo()
+    assert result["stopped"] and result["step"] == 4
+    ckpt = load_checkpoint(tmp_path / "cut/checkpoints/model-last.tar")
+    assert (ckpt["epoch"], ckpt["batches_done"]) == (1, 1)
+    # the rest of epoch 2 is the batches not yet seen (same order); augmentation draws may differ mid-epoch
+    result = train(tiny_cfg(demo_data, tmp_path / "cut", f"base.resume={tmp_path / 'cut/checkpoints/model-last.tar'}"))
+    assert (result["epoch"], result["step"]) == (2, 6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_data, tmp_path, monkeypatch):
+    original = CXRClipLoss.forward
+    calls = {"n": 0}
+
+    def nan_in_epoch_2(self, out):
+        calls["n"] += 1
+        losses = original(self, out)
+        if calls["n"] > 6:  # 3 train + 1 valid batches in epoch 1, then NaN
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(CXRClipLoss, "forward", nan_in_epoch_2)
+    with pytest.raises(FloatingPointError, match="non-finite loss.*epoch 2"):
+        train(tiny_cfg(demo_data, tmp_path))
+    assert load_checkpoint(tmp_path / "checkpoints/model-last.tar")["epoch"] == 1
+
+
+def test_bad_data_stops_before_the_model_is_built(demo_data, tmp_path, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model must not be built when the data is bad")
+
+    monkeypatch.setattr(trainer_mod, "build_model", no_model)
+    (tmp_path / "bad.csv").write_text("image,text_label\nnope.png,\"['Nope']\"\n")
+    with pytest.raises(DataValidationError, match=r"bad.csv:2: image file not found"):
+        train(tiny_cfg(demo_data, tmp_path, f"data_train.cgmh.data_path={tmp_path / 'bad.csv'}"))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def run_script(args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, timeout=600, **kw)
+
+
+def test_train_py_then_resume_to_a_later_epoch(demo_data, tmp_path):
+    run = tmp_path / "run"
+    base = [sys.executable, "train.py", f"hydra.run.dir={run}", *tiny_overrides(demo_data, run)]
+    done = run_script(base)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "checkpoints/model-best.tar").is_file()
+    more = run_script(
+        [
+            sys.executable,
+            "train.py",
+            f"hydra.run.dir={run}",
+            *tiny_overrides(demo_data, run, epochs=3),
+            f"base.resume={run / 'checkpoints/model-last.tar'}",
+        ]
+    )
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert load_checkpoint(run / "checkpoints/model-last.tar")["epoch"] == 3
+
+
+def test_train_py_reports_a_bad_csv_clearly(tmp_path, demo_data):
+    done = run_script(
+        [
+            sys.executable,
+            "train.py",
+            f"hydra.run.dir={tmp_path}",
+            "model=clip_tiny",
+            f"data_train.cgmh.data_path={tmp_path / 'missing.csv'}",
+            f"data_valid.cgmh.data_path={demo_data / 'valid.csv'}",
+        ]
+    )
+    assert done.returncode == 2
+    assert "missing.csv: file not found" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_torchrun_two_cpu_processes(demo_data, tmp_path):
+    run = tmp_path / "ddp"
+    done = run_script(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "train.py",
+            f"hydra.run.dir={run}",
+            *tiny_overrides(demo_data, run),
+        ]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = load_checkpoint(run / "checkpoints/model-last.tar")
+    assert ckpt["epoch"] == 2 and ckpt["world_size"] == 2 and ckpt["step"] == 6

@@ -10,13 +10,16 @@ import torch
 class ImageTextCollator:
     """Turns dataset items into a batch; texts are tokenized once per batch with dynamic padding."""
 
-    def __init__(self, tokenizer, text_max_length: int = 256):
+    def __init__(self, tokenizer, text_max_length: int = 256, padding: str = "longest"):
+        if padding not in ("longest", "max_length"):
+            raise ValueError("padding must be 'longest' or 'max_length' (the original's fixed 256, for comparison)")
         self.tokenizer = tokenizer
         self.text_max_length = text_max_length
+        self.padding = padding
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(
-            list(texts), padding="longest", truncation=True, max_length=self.text_max_length, return_tensors="pt"
+            list(texts), padding=self.padding, truncation=True, max_length=self.text_max_length, return_tensors="pt"
         )
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 

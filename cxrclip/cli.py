@@ -86,37 +86,46 @@ def _decode_all(records) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    data = out / "data"
-    print(f"[1/2] generating the synthetic dataset under {data}")
-    _demo_data(
-        argparse.Namespace(
-            out=data,
+    from cxrclip.demo import run_demo
+    from cxrclip.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        run_demo(
+            args.out,
             n_train=args.n_train,
             n_valid=args.n_valid,
             n_test=args.n_test,
-            image_size=args.image_size,
             seed=args.seed,
+            image_size=args.image_size,
+            epochs=args.epochs,
         )
-    )
-    print("[2/2] validating it as train.py would")
-    for split in ("train", "valid", "test"):
-        code = _validate(
-            argparse.Namespace(
-                csv=str(data / f"{split}.csv"),
-                split=split,
-                image_root=None,
-                labels=None,
-                label_format="list",
-                prompts=str(DEFAULT_PROMPTS),
-                deep=False,
-                json=False,
-            )
-        )
-        if code:
-            return code
-    print("demo data ready. Training, evaluation and inference on it come with the trainer and evaluation jobs.")
     return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from cxrclip.config import compose
+    from cxrclip.errors import exit_on_user_error
+    from cxrclip.eval.evaluate import evaluate
+
+    with exit_on_user_error():
+        evaluate(compose("eval_clip", args.overrides))
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from cxrclip.infer import main as infer_main
+
+    return infer_main(args.args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from cxrclip.paths import PROJECT_ROOT
+
+    # train.py owns Hydra's run folder and logging; the subcommand is the same job
+    return subprocess.call([sys.executable, str(PROJECT_ROOT / "train.py"), *args.overrides], env=os.environ)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,8 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate synthetic data, then train, evaluate and run inference on it")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
+    p.add_argument("--epochs", type=int, default=4)
     add_data_args(p)
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=_demo, image_size=128)
+
+    p = sub.add_parser("train", help="the train.py job: cxrclip train [hydra overrides]")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="the evaluate_clip.py job: cxrclip evaluate test.checkpoint=CKPT [...]")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("infer", help="the inference.py job: cxrclip infer --model_path CKPT --image_path IMG")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_infer)
 
     p = sub.add_parser("demo-data", help="write a synthetic CGMH-style dataset (train/valid/test CSVs + images)")
     p.add_argument("out", help="output folder")

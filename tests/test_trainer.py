@@ -221,3 +221,10 @@ def test_torchrun_two_cpu_processes(demo_data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = load_checkpoint(run / "checkpoints/model-last.tar")
     assert ckpt["epoch"] == 2 and ckpt["world_size"] == 2 and ckpt["step"] == 6
+
+
+def test_gradient_accumulation_and_clipping(demo_data, tmp_path):
+    # 3 batches per epoch, accumulating 2: steps after batch 2 and after the epoch's last batch
+    result = train(tiny_cfg(demo_data, tmp_path, "base.grad_accum_steps=2", "base.grad_clip_norm=0.5"))
+    assert result["step"] == 4
+    assert load_checkpoint(tmp_path / "checkpoints/model-last.tar")["scheduler"]["last_epoch"] == 4

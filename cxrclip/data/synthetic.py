@@ -198,7 +198,7 @@ def _pneumothorax(c: Canvas, pt: Patient, rng, markings: np.ndarray) -> np.ndarr
     side = pt.side["Pneumothorax"]
     lung_mask, lungs = _lungs(c, pt)
     (cx, cy), (ax, ay) = lungs[0 if side < 0 else 1]
-    f = rng.uniform(0.55, 0.75)
+    f = rng.uniform(0.5, 0.7)
     collapsed = np.zeros_like(c.img)
     ccx = cx - side * ax * (1 - f) * 0.9  # collapses toward the hilum
     c.ellipse(collapsed, (ccx, cy + ay * (1 - f) * 0.5), (ax * f, ay * f), 1.0)
@@ -206,7 +206,7 @@ def _pneumothorax(c: Canvas, pt: Patient, rng, markings: np.ndarray) -> np.ndarr
     c.ellipse(half, (cx, cy), (ax, ay), 1.0)
     rim = np.clip(half - collapsed, 0, 1)
     markings *= 1 - rim
-    c.img -= 28.0 * rim
+    c.img -= 40.0 * rim
     pleura = np.zeros_like(c.img)
     c.ellipse(pleura, (ccx, cy + ay * (1 - f) * 0.5), (ax * f, ay * f), 1.0, thickness=max(1, c.px(0.004)))
     c.img += 45.0 * pleura * rim.clip(0, 1).max()
@@ -245,7 +245,7 @@ def _draw_labels(c: Canvas, pt: Patient, rng: np.random.Generator, markings: np.
             y = rng.uniform(0.12, 0.7)
             ang = rng.uniform(-0.5, 0.5) + math.pi / 2
             ln = rng.uniform(0.02, 0.06)
-            c.path(air, [(x, y), (x + math.cos(ang) * ln * 0.3, y + math.sin(ang) * ln)], 1.0, 0.006)
+            c.path(air, [(x, y), (x + math.cos(ang) * ln * 0.3, y + math.sin(ang) * ln)], 1.0, 0.01)
     if "Pneumomediastinum" in labels:
         for side in (-1, 1):
             c.path(
@@ -263,7 +263,7 @@ def _draw_labels(c: Canvas, pt: Patient, rng: np.random.Generator, markings: np.
     if "Foreign body" in labels:
         x, y = rng.uniform(0.25, 0.75), rng.uniform(0.2, 0.7)
         if pt.variant["Foreign body"]:
-            c.ellipse(dev, (x, y), (0.035, 0.035), 1.0)  # coin
+            c.ellipse(dev, (x, y), (0.045, 0.045), 1.0)  # coin
         else:
             ang = rng.uniform(0, math.pi)
             c.path(dev, [(x, y), (x + 0.07 * math.cos(ang), y + 0.07 * math.sin(ang))], 1.0, 0.012)  # pin
@@ -283,8 +283,8 @@ def _draw_drain(c: Canvas, layer, pt: Patient, device: str, width: float, labels
     if device == "Chest tube":
         if name == good:  # through the pleural space toward the apex
             pts = [entry, (0.5 + side * 0.33, 0.5), (0.5 + side * 0.22, 0.22)]
-        else:  # stays in the chest-wall soft tissue
-            pts = [entry, (0.5 + side * 0.45, 0.45), (0.5 + side * 0.43, 0.28)]
+        else:  # stays in the chest-wall soft tissue, kinked back on itself
+            pts = [entry, (0.5 + side * 0.46, 0.45), (0.5 + side * 0.44, 0.34), (0.5 + side * 0.4, 0.42)]
         _tube(c, layer, pts, width)
         return
     if name == good:  # pigtail curled in the lower pleural space

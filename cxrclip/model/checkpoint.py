@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import random
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +24,51 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     return atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
 
 
+def _config_allowlist() -> list:
+    """The OmegaConf classes a published CXR-CLIP checkpoint's ``config`` may be pickled with: plain
+    containers and value nodes, no code. Only these are allowed in addition to tensors."""
+    from omegaconf import DictConfig, ListConfig
+    from omegaconf.base import ContainerMetadata, Metadata
+    from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
+
+    return [
+        DictConfig,
+        ListConfig,
+        ContainerMetadata,
+        Metadata,
+        AnyNode,
+        StringNode,
+        IntegerNode,
+        FloatNode,
+        BooleanNode,
+        typing.Any,
+        dict,
+        list,
+        int,
+        float,
+        str,
+        bool,
+        collections.defaultdict,
+    ]
+
+
+def plain_config(config) -> dict:
+    """A checkpoint's config as a plain dict (it may be an OmegaConf DictConfig in published files)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return dict(config or {})
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint safely; errors say which file and why."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_config_allowlist()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise CheckpointError(
             f"cannot load checkpoint {path} safely ({type(e).__name__}: {str(e).splitlines()[0]})"

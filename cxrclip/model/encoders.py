@@ -6,6 +6,7 @@ published checkpoints load without renaming.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,19 @@ def _hf_missing(name: str, what: str, error: Exception) -> ModelNotFoundError:
         f"`hf download {name} --local-dir /models/{Path(name).name}`), then set "
         f"model.{what.replace(' ', '_')}.name=/models/{Path(name).name}."
     )
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' load report (it lists BERT's unused pooler weights as "unexpected")."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -167,11 +181,12 @@ class HuggingfaceTextEncoder(nn.Module):
         self.pooling = pooling
         path = resolve_package_path(name)
         try:
-            if pretrained:
-                self.text_encoder = AutoModel.from_pretrained(path, cache_dir=cache_dir, add_pooling_layer=False)
-            else:
-                model_config = AutoConfig.from_pretrained(path, cache_dir=cache_dir, **dict(config or {}))
-                self.text_encoder = AutoModel.from_config(model_config, add_pooling_layer=False)
+            with quiet_transformers():
+                if pretrained:
+                    self.text_encoder = AutoModel.from_pretrained(path, cache_dir=cache_dir, add_pooling_layer=False)
+                else:
+                    model_config = AutoConfig.from_pretrained(path, cache_dir=cache_dir, **dict(config or {}))
+                    self.text_encoder = AutoModel.from_config(model_config, add_pooling_layer=False)
         except OSError as e:
             raise _hf_missing(name, "text encoder", e) from e
         if gradient_checkpointing:

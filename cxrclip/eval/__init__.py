@@ -1,0 +1,1 @@
+"""Evaluation: embeddings once per checkpoint and dataset, then zero-shot and retrieval metrics."""

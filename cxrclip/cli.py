@@ -141,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate synthetic data, then train, evaluate and run inference on it")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=6)
     add_data_args(p)
-    p.set_defaults(func=_demo, image_size=128)
+    p.set_defaults(func=_demo, image_size=160)
 
     p = sub.add_parser("train", help="the train.py job: cxrclip train [hydra overrides]")
     p.add_argument("overrides", nargs="*")

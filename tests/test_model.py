@@ -13,7 +13,10 @@ TINY_BERT = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2
 
 
 def test_missing_model_error_names_it_and_says_how_to_supply_it():
-    with pytest.raises(ModelNotFoundError, match=r"emilyalsentzer/Bio_ClinicalBERT.*local folder.*--local-dir"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"(?s)emilyalsentzer/Bio_ClinicalBERT.*local folder.*--local-dir.*model.text_encoder.name=",
+    ):
         build_text_encoder({"name": "emilyalsentzer/Bio_ClinicalBERT", "pretrained": True})
     with pytest.raises(ModelNotFoundError, match="/no/such/folder"):
         build_text_encoder({"name": "/no/such/folder", "pretrained": True})

@@ -141,9 +141,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_data, tmp_path, 
     original = CXRClipLoss.forward
     calls = {"n": 0}
 
-    def nan_in_epoch_2(self, out):
+    def nan_in_epoch_2(self, out, batch=None):
         calls["n"] += 1
-        losses = original(self, out)
+        losses = original(self, out, batch)
         if calls["n"] > 6:  # 3 train + 1 valid batches in epoch 1, then NaN
             losses["loss"] = losses["loss"] * float("nan")
         return losses

@@ -34,7 +34,7 @@ class ImageTextCollator:
             if key in items[0]:
                 texts = [it[key] for it in items]
                 batch[name] = texts
-                if any(texts):
+                if self.tokenizer is not None and any(texts):
                     batch[out] = self.tokenize(texts)
         if "index" in items[0]:
             batch["index"] = torch.tensor([it["index"] for it in items])

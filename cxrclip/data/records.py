@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cxrclip.data.images import check_image_header
@@ -292,3 +293,21 @@ def summarize(cfg: DataConfig, records: Sequence) -> dict:
         "rows_without_label": no_label,
         "label_counts": {n: counts.get(n, 0) for n in cfg.label_names},
     }
+
+
+def stratified_subset(records: Sequence[LabeledRecord], frac: float, seed: int) -> list[LabeledRecord]:
+    """A deterministic ``frac`` of the rows, stratified by each row's rarest positive label (rows without one form
+    their own stratum), at least one row per stratum, so rare labels keep positives. Row order is kept."""
+    if frac >= 1.0:
+        return list(records)
+    counts = Counter(j for r in records for j, v in enumerate(r.labels) if v == 1)
+    strata: dict[int, list[int]] = {}
+    for i, r in enumerate(records):
+        positives = [j for j, v in enumerate(r.labels) if v == 1]
+        strata.setdefault(min(positives, key=lambda j: (counts[j], j)) if positives else -1, []).append(i)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for key in sorted(strata):
+        rows = strata[key]
+        keep += rng.permutation(rows)[: max(1, round(len(rows) * frac))].tolist()
+    return [records[i] for i in sorted(keep)]

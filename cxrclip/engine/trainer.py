@@ -7,13 +7,13 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import ConcatDataset, DataLoader, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from cxrclip.config import data_configs, to_plain
 from cxrclip.data.collate import ImageTextCollator
@@ -190,22 +190,41 @@ class StopRequest:
         return bool(env.all_mean(flag).item() > 0)
 
 
+@dataclass
+class Task:
+    """What differs between pre-training and probing: the data, how to build the model, the loss,
+    and what the checkpoint must carry besides the config."""
+
+    train_set: Dataset
+    valid_set: Dataset | None
+    collate: Callable
+    build_model: Callable[[], torch.nn.Module]
+    loss_fn: torch.nn.Module
+    checkpoint_extra: Callable[[], dict] = dict
+
+
+def clip_task(cfg: DictConfig, run: RunSettings, env: DistEnv) -> Task:
+    """CXR-CLIP pre-training on image–text data."""
+    train_set = load_split(cfg, "data_train", True, run, env)
+    valid_set = load_split(cfg, "data_valid", False, run, env) if cfg.get("data_valid") else None
+    collate = ImageTextCollator(build_tokenizer(cfg.tokenizer), int(cfg.base.text_max_length))
+    return Task(train_set, valid_set, collate, lambda: build_model(to_plain(cfg.model)), build_loss(to_plain(cfg.loss)))
+
+
 class Trainer:
     """Holds what a run needs; ``fit()`` runs the epochs. Built by ``train(cfg)``."""
 
-    def __init__(self, cfg: DictConfig, env: DistEnv):
+    def __init__(self, cfg: DictConfig, env: DistEnv, make_task: Callable[..., Task] = clip_task):
         self.cfg, self.env = cfg, env
         self.run = RunSettings.from_cfg(cfg.base)
         self.total_epochs = int(cfg.scheduler.config.total_epochs)
         torch.manual_seed(self.run.seed + env.rank)
-        # data first: a bad CSV stops the run before any model is built
-        self.train_set = load_split(cfg, "data_train", True, self.run, env)
-        self.valid_set = load_split(cfg, "data_valid", False, self.run, env) if cfg.get("data_valid") else None
-        self.tokenizer = build_tokenizer(cfg.tokenizer)
-        collate = ImageTextCollator(self.tokenizer, int(cfg.base.text_max_length))
-        self.train_loader = make_loader(self.train_set, cfg.dataloader.train, collate, env, self.run.seed)
+        # data first (inside the task): a bad CSV stops the run before any model is built
+        self.task = make_task(cfg, self.run, env)
+        self.train_set, self.valid_set = self.task.train_set, self.task.valid_set
+        self.train_loader = make_loader(self.train_set, cfg.dataloader.train, self.task.collate, env, self.run.seed)
         self.valid_loader = (
-            make_loader(self.valid_set, cfg.dataloader.valid, collate, env, self.run.seed)
+            make_loader(self.valid_set, cfg.dataloader.valid, self.task.collate, env, self.run.seed)
             if self.valid_set is not None
             else None
         )
@@ -214,8 +233,8 @@ class Trainer:
                 f"{len(self.train_set)} training rows give no full batch of "
                 f"{cfg.dataloader.train.batch_size}; lower dataloader.train.batch_size"
             )
-        self.model = build_model(to_plain(cfg.model)).to(env.device)
-        self.loss_fn = build_loss(to_plain(cfg.loss))
+        self.model = self.task.build_model().to(env.device)
+        self.loss_fn = self.task.loss_fn
         self.optimizer = build_optimizer(self.model, to_plain(cfg.optimizer))
         self.steps_per_epoch = math.ceil(len(self.train_loader) / self.run.grad_accum_steps)
         self.scheduler = build_scheduler(self.optimizer, to_plain(cfg.scheduler), self.steps_per_epoch)
@@ -260,6 +279,7 @@ class Trainer:
             "best_val_loss": self.best_val,
             "rng": rng_state(),
             "world_size": self.env.world_size,
+            **self.task.checkpoint_extra(),
         }
 
     def save(self, name: str, train_loss: float, val_loss: float | None) -> None:
@@ -285,8 +305,9 @@ class Trainer:
     # -- loops -------------------------------------------------------------------------------------
     def forward_loss(self, batch: Mapping) -> dict[str, torch.Tensor]:
         with torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.autocast):
-            out = self.ddp(to_device(batch, self.env.device))
-        return self.loss_fn(out)
+            batch = to_device(batch, self.env.device)
+            out = self.ddp(batch)
+        return self.loss_fn(out, batch)
 
     def optimizer_step(self) -> None:
         if self.run.grad_clip_norm:
@@ -304,7 +325,8 @@ class Trainer:
         for name, value in losses.items():
             self.writer.add_scalar(f"train/{name}", float(value.detach()), self.step)
         self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
-        self.writer.add_scalar("train/temperature", 1.0 / float(self.model.scale.detach()), self.step)
+        if hasattr(self.model, "scale"):
+            self.writer.add_scalar("train/temperature", 1.0 / float(self.model.scale.detach()), self.step)
 
     def train_epoch(self, stop: StopRequest) -> tuple[float, bool]:
         """One epoch (or its rest, after a mid-epoch resume); returns (mean loss, stopped early)."""
@@ -353,8 +375,9 @@ class Trainer:
         total = torch.zeros(2, device=self.env.device)
         for batch in self.valid_loader:
             with torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.autocast):
-                out = self.model(to_device(batch, self.env.device))
-            total += torch.stack([self.loss_fn(out)["loss"].float(), torch.ones((), device=self.env.device)])
+                batch = to_device(batch, self.env.device)
+                out = self.model(batch)
+            total += torch.stack([self.loss_fn(out, batch)["loss"].float(), torch.ones((), device=self.env.device)])
         total = self.env.all_mean(total)
         return float(total[0] / total[1])
 
@@ -408,11 +431,11 @@ class Trainer:
         self.writer.flush()
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, make_task: Callable[..., Task] = clip_task) -> dict:
     """Run a training job from a composed config; returns the final metrics."""
     env = init_distributed()
     try:
-        trainer = Trainer(cfg, env)
+        trainer = Trainer(cfg, env, make_task)
         if cfg.base.get("resume"):
             trainer.resume(str(cfg.base.resume))
         result = trainer.fit()

@@ -36,16 +36,21 @@ def _cell(result: Mapping, section: str, key: str) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def markdown_table(dataset: str, results: Mapping[str, dict], best_by=("zeroshot_binary", "AUROC(Avg)")) -> str:
+def markdown_table(
+    dataset: str,
+    results: Mapping[str, dict],
+    best_by=("zeroshot_binary", "AUROC(Avg)"),
+    columns: Sequence[tuple[str, str]] = COLUMNS,
+) -> str:
     """One row per checkpoint; the best one (by ``best_by``) marked."""
     scores = {c: (r.get(best_by[0]) or {}).get(best_by[1]) for c, r in results.items()}
     scored = {c: s for c, s in scores.items() if s is not None}
     best = max(scored, key=scored.get) if scored else None
-    header = "| checkpoint | " + " | ".join(f"{s.split('_')[-1]} {k}" for s, k in COLUMNS) + " |"
-    lines = [f"# {dataset}", "", header, "|" + " --- |" * (len(COLUMNS) + 1)]
+    header = "| checkpoint | " + " | ".join(f"{s.split('_')[-1]} {k}" for s, k in columns) + " |"
+    lines = [f"# {dataset}", "", header, "|" + " --- |" * (len(columns) + 1)]
     for ckpt, result in results.items():
         name = f"**{ckpt}** (best)" if ckpt == best and len(results) > 1 else ckpt
-        lines.append(f"| {name} | " + " | ".join(_cell(result, s, k) for s, k in COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(result, s, k) for s, k in columns) + " |")
     if best:
         lines += ["", f"Best {best_by[1]}: {scored[best]:.3f} ({best})"]
     return "\n".join(lines) + "\n"

@@ -32,7 +32,7 @@ class ClipLoss(nn.Module):
         super().__init__()
         self.label_smoothing, self.loss_ratio = label_smoothing, loss_ratio
 
-    def forward(self, out: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, out: Mapping[str, torch.Tensor], batch: Mapping | None = None) -> dict[str, torch.Tensor]:
         img = gather_with_grad(out["image_embeddings"])
         txt = gather_with_grad(out["text_embeddings"])
         clip = symmetric_ce(img, txt, out["logit_scale"], self.label_smoothing)
@@ -50,7 +50,7 @@ class CXRClipLoss(nn.Module):
         self.label_smoothing, self.i2i_weight, self.t2t_weight = label_smoothing, i2i_weight, t2t_weight
         self.loss_ratio = loss_ratio
 
-    def forward(self, out: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, out: Mapping[str, torch.Tensor], batch: Mapping | None = None) -> dict[str, torch.Tensor]:
         scale, ls = out["logit_scale"], self.label_smoothing
         images = [gather_with_grad(out["image_embeddings"]), gather_with_grad(out["image_view_embeddings"])]
         texts = [gather_with_grad(out["text_embeddings"]), gather_with_grad(out["text_embeddings2"])]

@@ -37,12 +37,15 @@ def quiet_transformers():
     """Hide transformers' load report (it lists BERT's unused pooler weights as "unexpected")."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

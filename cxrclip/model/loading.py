@@ -95,3 +95,30 @@ def load_model(
     tokenizer = build_tokenizer({"pretrained_model_name_or_path": name})
     model.to(device).eval()
     return LoadedModel(model, model_cfg, tokenizer, ckpt, Path(path))
+
+
+def load_image_encoder(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Only the image encoder of a CLIP checkpoint (no text model needed), loaded strictly; with its config."""
+    from cxrclip.model.encoders import build_image_encoder
+
+    ckpt = load_checkpoint(path)
+    config = plain_config(ckpt.get("config"))
+    if "probe" in ckpt:  # a fine-tuned checkpoint: its encoder config is recorded next to the weights
+        image_cfg = dict(ckpt["probe"]["image_encoder"])
+    elif "image_encoder" in config.get("model", {}):
+        image_cfg = upgrade_model_config(config["model"])["image_encoder"]
+    else:
+        raise CheckpointError(f"{path}: no image encoder configuration in the checkpoint")
+    encoder = build_image_encoder({**image_cfg, "pretrained": False, "weights": None})
+    prefix = "image_encoder."
+    state = {
+        k.removeprefix("module.")[len(prefix) :]: v
+        for k, v in ckpt["model"].items()
+        if k.removeprefix("module.").startswith(prefix)
+    }
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected or not state:
+        raise CheckpointError(
+            f"{path}: image encoder weights do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return encoder, image_cfg

@@ -1,0 +1,74 @@
+"""``finetune.py``: a linear probe (or full fine-tuning) on a pre-trained CXR-CLIP image encoder."""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig
+from torch.utils.data import ConcatDataset
+
+from cxrclip.config import data_configs, to_plain
+from cxrclip.data.collate import ImageTextCollator
+from cxrclip.data.dataset import LabeledImageDataset
+from cxrclip.data.records import load_labeled_records, stratified_subset, summarize
+from cxrclip.data.transforms import build_transform
+from cxrclip.engine.dist import DistEnv
+from cxrclip.engine.trainer import RunSettings, Task, train
+from cxrclip.model.loading import load_image_encoder
+from cxrclip.model.probe import LinearProbe, MaskedBCELoss
+
+log = logging.getLogger(__name__)
+
+
+def _label_names(cfg: DictConfig, group: str) -> tuple[str, ...]:
+    names = {dc.label_names for dc in data_configs(cfg, group)}
+    if len(names) != 1:
+        raise ValueError(f"every {group} dataset of a probe must have the same label_names, got {names}")
+    return names.pop()
+
+
+def probe_task(cfg: DictConfig, run: RunSettings, env: DistEnv) -> Task:
+    """Classification data (image + one 0/1 column per label), a frozen (or not) encoder, masked BCE."""
+    backbone = cfg.model.get("load_backbone_weights")
+    if not backbone:
+        raise ValueError("set model.load_backbone_weights=/PATH/model-best.tar (a CXR-CLIP checkpoint)")
+    names = _label_names(cfg, "data_train")
+    records = {}
+    for group in ("data_train", "data_valid"):
+        rows = []
+        for dc in data_configs(cfg, group):
+            part = load_labeled_records(dc, need_text=False)
+            if group == "data_train":
+                part = stratified_subset(part, dc.data_frac, run.seed)
+            if env.is_main:
+                log.info("%s %s: %s", group, dc.name, summarize(dc, part)["label_counts"])
+            rows += part
+        records[group] = rows
+    # the encoder's config (and so its normalization) comes from the checkpoint, read once here
+    encoder, image_cfg = load_image_encoder(backbone)
+    normalize = image_cfg["normalize"]
+    transforms = to_plain(cfg.transform)
+    train_set = LabeledImageDataset(records["data_train"], build_transform(transforms["train"], normalize))
+    valid_set = (
+        LabeledImageDataset(records["data_valid"], build_transform(transforms["valid"], normalize))
+        if records["data_valid"]
+        else None
+    )
+    freeze = bool(cfg.model.get("freeze_backbone_weights", True))
+    extra = {
+        "probe": {"image_encoder": image_cfg, "label_names": list(names), "freeze": freeze, "backbone": str(backbone)}
+    }
+    loss_cfg = to_plain(cfg.loss).get("classification", {})
+    return Task(
+        ConcatDataset([train_set]),
+        valid_set,
+        ImageTextCollator(None),
+        lambda: LinearProbe(encoder, len(names), freeze=freeze),
+        MaskedBCELoss(**loss_cfg),
+        lambda: extra,
+    )
+
+
+def finetune(cfg: DictConfig) -> dict:
+    """Train a linear probe from a composed ``finetune_10`` / ``finetune_100`` config."""
+    return train(cfg, probe_task)

@@ -1,0 +1,87 @@
+"""``evaluate_finetune.py``: per-label AUROC/F1/Accuracy of a fine-tuned (probe) checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cxrclip.config import data_configs, to_plain
+from cxrclip.data.collate import ImageTextCollator
+from cxrclip.data.dataset import LabeledImageDataset
+from cxrclip.data.records import load_labeled_records
+from cxrclip.data.transforms import build_transform
+from cxrclip.eval import report
+from cxrclip.eval.evaluate import checkpoint_paths
+from cxrclip.eval.metrics import binary_metrics, multiclass_metrics
+from cxrclip.model.checkpoint import CheckpointError, load_checkpoint
+from cxrclip.model.loading import load_image_encoder
+from cxrclip.model.probe import LinearProbe
+
+log = logging.getLogger(__name__)
+COLUMNS = (
+    ("multilabel_classification", "AUROC(Avg)"),
+    ("multilabel_classification", "F1(Avg)"),
+    ("multilabel_classification", "Accuracy(Avg)"),
+    ("multiclass_classification", "Accuracy(Micro)"),
+)
+
+
+def load_probe(path: Path) -> tuple[LinearProbe, dict]:
+    ckpt = load_checkpoint(path)
+    if "probe" not in ckpt:
+        raise CheckpointError(f"{path} is not a fine-tuned checkpoint (made by finetune.py)")
+    encoder, _ = load_image_encoder(path)
+    probe = LinearProbe(encoder, len(ckpt["probe"]["label_names"]))
+    head = {k.removeprefix("classifier."): v for k, v in ckpt["model"].items() if k.startswith("classifier.")}
+    probe.classifier.load_state_dict(head, strict=True)
+    return probe.eval(), ckpt["probe"]
+
+
+@torch.no_grad()
+def predict(probe: LinearProbe, loader: DataLoader, device: torch.device) -> np.ndarray:
+    out = [probe({"images": b["images"].to(device)})["logits"].sigmoid().cpu() for b in tqdm(loader, leave=False)]
+    return torch.cat(out).numpy()
+
+
+def evaluate_finetune(cfg: DictConfig) -> dict[str, dict[str, dict]]:
+    """Every checkpoint on every ``data_test`` dataset → ``results-<dataset>.json`` and ``.md``."""
+    ckpts = checkpoint_paths(cfg.test.checkpoint)
+    datasets = [(dc, load_labeled_records(dc, need_text=False)) for dc in data_configs(cfg, "data_test")]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = Path(cfg.test.output_dir) if cfg.test.get("output_dir") else ckpts[0].parent
+    everything: dict[str, dict[str, dict]] = {dc.name: {} for dc, _ in datasets}
+    for ckpt in ckpts:
+        probe, info = load_probe(ckpt)
+        probe.to(device)
+        for dc, records in datasets:
+            if list(dc.label_names) != list(info["label_names"]):
+                raise ValueError(
+                    f"{dc.name}: label_names {list(dc.label_names)} differ from the ones {ckpt.name} "
+                    f"was trained on {info['label_names']}"
+                )
+            transform = build_transform(to_plain(cfg.transform)["test"], info["image_encoder"]["normalize"])
+            loader = DataLoader(
+                LabeledImageDataset(records, transform),
+                batch_size=int(cfg.dataloader.test.batch_size),
+                num_workers=int(cfg.dataloader.test.get("num_workers", 0)),
+                collate_fn=ImageTextCollator(None),
+            )
+            probs = predict(probe, loader, device)
+            labels = np.array([r.labels for r in records])
+            result = {"multilabel_classification": binary_metrics(probs, labels, dc.label_names)}
+            multi = multiclass_metrics(probs, labels, dc.label_names) if len(dc.label_names) > 1 else None
+            if multi is not None:
+                result["multiclass_classification"] = multi
+            everything[dc.name][str(ckpt)] = result
+            log.info("%s on %s: AUROC(Avg) %s", ckpt.name, dc.name, result["multilabel_classification"]["AUROC(Avg)"])
+    for name, results in everything.items():
+        report.write_json_merged(out_dir / f"results-{name}.json", results)
+        table = report.markdown_table(name, results, best_by=COLUMNS[0], columns=COLUMNS)
+        report.atomic_write_text(out_dir / f"results-{name}.md", table)
+    return everything

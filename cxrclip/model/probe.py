@@ -1,0 +1,50 @@
+"""A linear classifier on a pre-trained image encoder (linear probe, or full fine-tuning)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LinearProbe(nn.Module):
+    """``image_encoder`` (pooled features) → ``classifier`` (one logit per label). A frozen encoder gets no
+    gradient and stays in eval mode (its BatchNorm statistics never move)."""
+
+    def __init__(self, image_encoder: nn.Module, n_class: int, freeze: bool = True):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.classifier = nn.Linear(image_encoder.out_dim, n_class)
+        self.freeze = freeze
+        if freeze:
+            self.image_encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> LinearProbe:
+        super().train(mode)
+        if self.freeze:
+            self.image_encoder.eval()
+        return self
+
+    def forward(self, batch: Mapping) -> dict[str, torch.Tensor]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+            features = self.image_encoder(batch["images"])
+        return {"logits": self.classifier(features.float())}
+
+
+class MaskedBCELoss(nn.Module):
+    """Binary cross-entropy per label; entries labelled -1 (uncertain) are left out."""
+
+    def __init__(self, loss_ratio: float = 1.0, loss_type: str = "bce"):
+        super().__init__()
+        if loss_type != "bce":
+            raise ValueError("loss.classification.loss_type must be bce")
+        self.loss_ratio = loss_ratio
+
+    def forward(self, out: Mapping[str, torch.Tensor], batch: Mapping) -> dict[str, torch.Tensor]:
+        logits, labels = out["logits"].float(), batch["labels"].float()
+        mask = (labels >= 0).float()
+        loss = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0), weight=mask, reduction="sum")
+        loss = loss / mask.sum().clamp(min=1)
+        return {"loss": self.loss_ratio * loss, "bce": loss.detach()}

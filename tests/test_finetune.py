@@ -1,0 +1,165 @@
+import json
+import sys
+
+import pytest
+import torch
+
+from cxrclip.config import compose
+from cxrclip.data.records import LabeledRecord, stratified_subset
+from cxrclip.engine.finetune import finetune
+from cxrclip.eval.finetune import evaluate_finetune
+from cxrclip.model.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("minilm_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def clip_ckpt(demo_data, tmp_path_factory):
+    from cxrclip.engine.trainer import train
+
+    out = tmp_path_factory.mktemp("clip")
+    train(
+        compose(
+            "train",
+            [
+                "model=clip_tiny",
+                "dataloader=dataloader_cpu",
+                "base.image_size=32",
+                "scheduler.config.total_epochs=1",
+                f"data_train.cgmh.data_path={demo_data / 'train.csv'}",
+                f"data_valid.cgmh.data_path={demo_data / 'valid.csv'}",
+                "dataloader.train.batch_size=8",
+                "dataloader.train.num_workers=0",
+                "dataloader.valid.num_workers=0",
+                f"base.output.checkpoint={out}/checkpoints",
+                f"base.output.tensorboard={out}/tb",
+            ],
+        )
+    )
+    return out / "checkpoints" / "model-best.tar"
+
+
+def probe_cfg(demo_data, clip_ckpt, out, *extra, name="finetune_10"):
+    # the demo's test CSV has the classification format (image + one 0/1 column per label)
+    return compose(
+        name,
+        [
+            f"model.load_backbone_weights={clip_ckpt}",
+            f"data_train.cgmh_cls.data_path={demo_data / 'test.csv'}",
+            f"data_valid.cgmh_cls.data_path={demo_data / 'test.csv'}",
+            "base.image_size=32",
+            "dataloader=dataloader_cpu",
+            "dataloader.train.batch_size=4",
+            "dataloader.train.num_workers=0",
+            "dataloader.valid.num_workers=0",
+            "scheduler.config.total_epochs=2",
+            "optimizer.config.lr=1e-2",
+            f"base.output.checkpoint={out}/checkpoints",
+            f"base.output.tensorboard={out}/tb",
+            *extra,
+        ],
+    )
+
+
+def test_stratified_subset_is_deterministic_and_keeps_rare_labels():
+    rows = [LabeledRecord(i, (), (1, 0, 0) if i < 90 else (0, 1, 0) if i < 99 else (0, 0, 1)) for i in range(100)]
+    a, b = stratified_subset(rows, 0.1, seed=1), stratified_subset(rows, 0.1, seed=1)
+    assert a == b and len(a) == 11
+    assert sum(r.labels[1] for r in a) == 1 and sum(r.labels[2] for r in a) == 1
+    assert stratified_subset(rows, 0.1, seed=2) != a
+    assert stratified_subset(rows, 1.0, seed=1) == rows
+
+
+def test_frozen_probe_changes_only_the_head(demo_data, clip_ckpt, tmp_path):
+    finetune(probe_cfg(demo_data, clip_ckpt, tmp_path, name="finetune_100"))
+    probe = load_checkpoint(tmp_path / "checkpoints/model-last.tar")
+    clip = load_checkpoint(clip_ckpt)["model"]
+    encoder = {k: v for k, v in probe["model"].items() if k.startswith("image_encoder.")}
+    assert encoder and all(torch.equal(v, clip[k]) for k, v in encoder.items())  # BN running stats included
+    head = probe["model"]["classifier.weight"]
+    assert head.shape[0] == 13 and probe["probe"]["label_names"][9] == "Pneumothorax"
+    assert probe["step"] > 0
+
+
+def test_full_finetuning_trains_the_encoder(demo_data, clip_ckpt, tmp_path):
+    finetune(probe_cfg(demo_data, clip_ckpt, tmp_path, "model.freeze_backbone_weights=false"))
+    probe = load_checkpoint(tmp_path / "checkpoints/model-last.tar")["model"]
+    clip = load_checkpoint(clip_ckpt)["model"]
+    changed = [k for k, v in probe.items() if k.startswith("image_encoder.") and not torch.equal(v, clip[k])]
+    assert len(changed) > 10
+
+
+def test_evaluate_finetune_writes_results(demo_data, clip_ckpt, tmp_path):
+    finetune(probe_cfg(demo_data, clip_ckpt, tmp_path))
+    ckpt = tmp_path / "checkpoints/model-best.tar"
+    out = evaluate_finetune(
+        compose(
+            "eval_finetune",
+            [
+                f"test.checkpoint={ckpt}",
+                f"data_test.cgmh_cls.data_path={demo_data / 'test.csv'}",
+                "base.image_size=32",
+                "dataloader.test.num_workers=0",
+                "dataloader.test.batch_size=8",
+                f"test.output_dir={tmp_path}",
+            ],
+        )
+    )
+    result = out["cgmh_cls"][str(ckpt)]
+    ml = result["multilabel_classification"]
+    assert {"AUROC(Avg)", "F1(Avg)", "Accuracy(Avg)", "Pneumothorax"} <= set(ml)
+    assert json.loads((tmp_path / "results-cgmh_cls.json").read_text())[str(ckpt)] == json.loads(json.dumps(result))
+    assert "AUROC(Avg)" in (tmp_path / "results-cgmh_cls.md").read_text()
+
+
+def test_a_clip_checkpoint_is_not_a_probe(demo_data, clip_ckpt, tmp_path):
+    from cxrclip.model.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a fine-tuned checkpoint"):
+        evaluate_finetune(
+            compose(
+                "eval_finetune",
+                [f"test.checkpoint={clip_ckpt}", f"data_test.cgmh_cls.data_path={demo_data / 'test.csv'}"],
+            )
+        )
+
+
+def test_the_users_commands(demo_data, clip_ckpt, tmp_path):
+    from tests.test_trainer import run_script
+
+    run = tmp_path / "ft"
+    done = run_script(
+        [
+            sys.executable,
+            "finetune.py",
+            "--config-name",
+            "finetune_10",
+            f"hydra.run.dir={run}",
+            "data_train=cgmh_cls",
+            "data_valid=cgmh_cls",
+            f"model.load_backbone_weights={clip_ckpt}",
+            f"data_train.cgmh_cls.data_path={demo_data / 'test.csv'}",
+            f"data_valid.cgmh_cls.data_path={demo_data / 'test.csv'}",
+            "base.image_size=32",
+            "dataloader=dataloader_cpu",
+            "scheduler.config.total_epochs=1",
+            "dataloader.train.batch_size=2",
+            "dataloader.train.num_workers=0",
+            "dataloader.valid.num_workers=0",
+        ]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_script(
+        [
+            sys.executable,
+            "evaluate_finetune.py",
+            "data_test=cgmh_cls",
+            f"test.checkpoint={run / 'checkpoints/model-best.tar'}",
+            f"hydra.run.dir={tmp_path / 'ev'}",
+            f"data_test.cgmh_cls.data_path={demo_data / 'test.csv'}",
+            "base.image_size=32",
+            "dataloader.test.num_workers=0",
+        ]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "checkpoints" / "results-cgmh_cls.json").is_file()

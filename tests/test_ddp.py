@@ -38,27 +38,31 @@ def inputs():
     return [torch.randn(GLOBAL, d, generator=g) for d in (6, 6, 5, 5)]
 
 
-def loss_and_grads(model, batch):
-    out = CXRClipLoss(label_smoothing=0.1)(model(*batch))
+LABELS = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 0], [1, 0], [0, 1], [0, 0], [1, 1]])
+
+
+def loss_and_grads(model, batch, labels=LABELS, targets="diagonal"):
+    out = CXRClipLoss(label_smoothing=0.1, targets=targets)(model(*batch), {"labels": labels})
     out["loss"].backward()
-    return float(out["loss"]), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return float(out["loss"].detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def worker(rank, init_file, result_file):
+def worker(rank, init_file, result_file, targets):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     model = nn.parallel.DistributedDataParallel(TwoTower())
     batch = [x[rank * B : (rank + 1) * B] for x in inputs()]
-    loss, grads = loss_and_grads(model, batch)
+    loss, grads = loss_and_grads(model, batch, LABELS[rank * B : (rank + 1) * B], targets)
     grads = {n.removeprefix("module."): g for n, g in grads.items()}
     torch.save({"loss": loss, "grads": grads}, f"{result_file}.{rank}")
     dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-def test_two_processes_equal_one_process_with_the_global_batch(tmp_path):
-    ref_loss, ref_grads = loss_and_grads(TwoTower(), inputs())
+@pytest.mark.parametrize("targets", ["diagonal", "label_set"])
+def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, targets):
+    ref_loss, ref_grads = loss_and_grads(TwoTower(), inputs(), targets=targets)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path / "out"), targets), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(f"{tmp_path / 'out'}.{rank}", weights_only=True)
         assert got["loss"] == pytest.approx(ref_loss, abs=1e-6)

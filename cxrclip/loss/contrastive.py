@@ -13,12 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrclip.loss.distributed import gather_with_grad
+from cxrclip.loss.targets import contrastive_targets
 
 
-def symmetric_ce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Mean of the a→b and b→a cross-entropies of the scaled similarity, matching row i to column i."""
+def symmetric_ce(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, label_smoothing: float, targets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of the a→b and b→a cross-entropies of the scaled similarity: row i matches column i, or the
+    symmetric-support distribution ``targets[i]`` (label-aware targets)."""
     logits = scale * a @ b.t()
-    target = torch.arange(a.shape[0], device=a.device)
+    target = torch.arange(a.shape[0], device=a.device) if targets is None else targets.to(logits.dtype)
     return 0.5 * (
         F.cross_entropy(logits, target, label_smoothing=label_smoothing)
         + F.cross_entropy(logits.t(), target, label_smoothing=label_smoothing)
@@ -44,19 +48,32 @@ class CXRClipLoss(nn.Module):
     + ``i2i_weight``·ICL(image, image view) + ``t2t_weight``·TCL(text, text2)."""
 
     def __init__(
-        self, label_smoothing: float = 0.0, i2i_weight: float = 1.0, t2t_weight: float = 0.5, loss_ratio: float = 1.0
+        self,
+        label_smoothing: float = 0.0,
+        i2i_weight: float = 1.0,
+        t2t_weight: float = 0.5,
+        loss_ratio: float = 1.0,
+        targets: str = "diagonal",
     ):
         super().__init__()
         self.label_smoothing, self.i2i_weight, self.t2t_weight = label_smoothing, i2i_weight, t2t_weight
-        self.loss_ratio = loss_ratio
+        self.loss_ratio, self.targets = loss_ratio, targets
+        contrastive_targets(targets, None, 0, "cpu")  # validates the name
 
     def forward(self, out: Mapping[str, torch.Tensor], batch: Mapping | None = None) -> dict[str, torch.Tensor]:
         scale, ls = out["logit_scale"], self.label_smoothing
         images = [gather_with_grad(out["image_embeddings"]), gather_with_grad(out["image_view_embeddings"])]
         texts = [gather_with_grad(out["text_embeddings"]), gather_with_grad(out["text_embeddings2"])]
-        clip = sum(symmetric_ce(i, t, scale, ls) for i in images for t in texts) / 4
-        icl = symmetric_ce(images[0], images[1], scale, ls)
-        tcl = symmetric_ce(texts[0], texts[1], scale, ls)
+        labels = batch.get("labels") if batch is not None and self.targets != "diagonal" else None
+        target = contrastive_targets(
+            self.targets,
+            None if labels is None else gather_with_grad(labels.float()),
+            images[0].shape[0],
+            images[0].device,
+        )
+        clip = sum(symmetric_ce(i, t, scale, ls, target) for i in images for t in texts) / 4
+        icl = symmetric_ce(images[0], images[1], scale, ls, target)
+        tcl = symmetric_ce(texts[0], texts[1], scale, ls, target)
         total = clip + self.i2i_weight * icl + self.t2t_weight * tcl
         return {"loss": self.loss_ratio * total, "clip": clip.detach(), "icl": icl.detach(), "tcl": tcl.detach()}
 

@@ -1,0 +1,42 @@
+"""Label-aware contrastive targets: rows that say the same thing are not each other's negatives.
+
+Captions generated from a few labels repeat within a batch; the plain CLIP target (the diagonal) then
+pushes an image away from a caption that describes it exactly. Given each row's label set as a multi-hot
+vector, these functions return a row-stochastic target matrix for the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TARGETS = ("diagonal", "label_set", "soft_jaccard")
+
+
+def label_set_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Uniform over every row whose label set equals this row's (rows without labels share the "normal" set)."""
+    same = (labels[:, None, :] == labels[None, :, :]).all(dim=-1).float()
+    return same / same.sum(dim=1, keepdim=True)
+
+
+def soft_jaccard_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Proportional to the Jaccard similarity of label sets (two empty sets: 1), the diagonal kept dominant:
+    it weighs max(1, Σ other weights), so a row keeps at least half of its own target mass."""
+    y = labels.float()
+    inter = y @ y.t()
+    union = y.sum(1, keepdim=True) + y.sum(1)[None, :] - inter
+    jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+    off = jaccard.fill_diagonal_(0.0)
+    weights = off + torch.diag(off.sum(dim=1).clamp(min=1.0))
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def contrastive_targets(kind: str, labels: torch.Tensor | None, n: int, device) -> torch.Tensor | None:
+    """The target matrix of ``kind`` for ``n`` rows; ``None`` means the plain diagonal."""
+    if kind not in TARGETS:
+        raise ValueError(f"loss targets must be one of {TARGETS}, got {kind!r}")
+    if kind == "diagonal" or labels is None:
+        return None
+    labels = labels.to(device)
+    targets = label_set_targets(labels) if kind == "label_set" else soft_jaccard_targets(labels)
+    # no shared sets in this batch: the index targets are the same distribution, and exactly the plain loss
+    return None if torch.equal(targets, torch.eye(n, device=device)) else targets

@@ -67,12 +67,19 @@ def test_every_group_option_composes_into_train(group):
 
 @pytest.mark.parametrize("option", options("data_train"))
 def test_every_data_option_composes(option):
-    typed = {"cgmh": "imagetext", "cgmh_cls": "image_classification"}
-    config = "finetune_10" if typed.get(option) == "image_classification" else "train"
+    data_type = OmegaConf.load(CONFIG_DIR / "data_train" / f"{option}.yaml")[option].data_type
+    config = "finetune_10" if data_type == "image_classification" else "train"
     extra = ["model.load_backbone_weights=x"] if config.startswith("finetune") else []
     cfg = compose(config, [f"data_train={option}", f"data_valid={option}", *extra])
     (dc,) = data_configs(cfg, "data_train")
     assert dc.name == option
+
+
+@pytest.mark.parametrize("option", options("data_test"))
+def test_every_test_data_option_composes(option):
+    cfg = compose("eval_clip", ["test.checkpoint=x", f"data_test={option}"])
+    (dc,) = data_configs(cfg, "data_test")
+    assert dc.name == option and (dc.label_names or dc.label_source == "none")
 
 
 def test_user_overrides_as_in_the_original():

@@ -24,10 +24,9 @@ class ImageTextCollator:
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
     def __call__(self, items: Sequence[dict]) -> dict:
-        batch = {
-            "images": torch.stack([it["image"] for it in items]),
-            "labels": torch.stack([it["labels"] for it in items]),
-        }
+        batch = {"images": torch.stack([it["image"] for it in items])}
+        if len({tuple(it["labels"].shape) for it in items}) == 1:  # datasets with other label lists: no labels
+            batch["labels"] = torch.stack([it["labels"] for it in items])
         if "image_view" in items[0]:
             batch["image_views"] = torch.stack([it["image_view"] for it in items])
         for key, name, out in (("text", "texts", "text_tokens"), ("text2", "texts2", "text_tokens2")):

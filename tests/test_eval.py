@@ -8,7 +8,6 @@ import torch
 from omegaconf import OmegaConf
 
 from cxrclip.config import compose
-from cxrclip.engine.trainer import train
 from cxrclip.eval.evaluate import evaluate
 from cxrclip.infer import Predictor
 from cxrclip.infer import main as infer_main
@@ -19,28 +18,9 @@ from cxrclip.paths import resolve_package_path
 pytestmark = pytest.mark.usefixtures("minilm_tokenizer")
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(demo_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    train(
-        compose(
-            "train",
-            [
-                "model=clip_tiny",
-                "dataloader=dataloader_cpu",
-                "base.image_size=32",
-                "scheduler.config.total_epochs=1",
-                f"data_train.cgmh.data_path={demo_data / 'train.csv'}",
-                f"data_valid.cgmh.data_path={demo_data / 'valid.csv'}",
-                "dataloader.train.batch_size=8",
-                "dataloader.train.num_workers=0",
-                "dataloader.valid.num_workers=0",
-                f"base.output.checkpoint={out}/checkpoints",
-                f"base.output.tensorboard={out}/tb",
-            ],
-        )
-    )
-    return out / "checkpoints" / "model-best.tar"
+@pytest.fixture
+def tiny_ckpt(tiny_clip_checkpoint):
+    return tiny_clip_checkpoint
 
 
 def eval_cfg(demo_data, ckpt, out, *extra):

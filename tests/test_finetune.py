@@ -13,30 +13,9 @@ from cxrclip.model.checkpoint import load_checkpoint
 pytestmark = pytest.mark.usefixtures("minilm_tokenizer")
 
 
-@pytest.fixture(scope="module")
-def clip_ckpt(demo_data, tmp_path_factory):
-    from cxrclip.engine.trainer import train
-
-    out = tmp_path_factory.mktemp("clip")
-    train(
-        compose(
-            "train",
-            [
-                "model=clip_tiny",
-                "dataloader=dataloader_cpu",
-                "base.image_size=32",
-                "scheduler.config.total_epochs=1",
-                f"data_train.cgmh.data_path={demo_data / 'train.csv'}",
-                f"data_valid.cgmh.data_path={demo_data / 'valid.csv'}",
-                "dataloader.train.batch_size=8",
-                "dataloader.train.num_workers=0",
-                "dataloader.valid.num_workers=0",
-                f"base.output.checkpoint={out}/checkpoints",
-                f"base.output.tensorboard={out}/tb",
-            ],
-        )
-    )
-    return out / "checkpoints" / "model-best.tar"
+@pytest.fixture
+def clip_ckpt(tiny_clip_checkpoint):
+    return tiny_clip_checkpoint
 
 
 def probe_cfg(demo_data, clip_ckpt, out, *extra, name="finetune_10"):

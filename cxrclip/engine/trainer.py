@@ -107,7 +107,7 @@ def build_tokenizer(cfg: Mapping):
     try:
         return AutoTokenizer.from_pretrained(resolve_package_path(name), cache_dir=cfg.get("cache_dir"))
     except OSError as e:
-        raise _hf_missing(name, "text encoder", e) from e
+        raise model_missing_error(name, "text encoder", e) from e
 
 
 def load_split(cfg: DictConfig, group: str, train: bool, run: RunSettings, env: DistEnv) -> ConcatDataset:

@@ -23,7 +23,7 @@ class ModelNotFoundError(FileNotFoundError):
     """A model's weights or files could not be found (e.g. no network); the message says how to supply them."""
 
 
-def _hf_missing(name: str, what: str, error: Exception) -> ModelNotFoundError:
+def model_missing_error(name: str, what: str, error: Exception) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"cannot load the {what} {name!r} ({type(error).__name__}: {error}).\n"
         f"Without internet, copy the model to a local folder (on a machine with internet: "
@@ -156,7 +156,7 @@ class HuggingfaceImageEncoder(nn.Module):
             else:
                 self.image_encoder = AutoModel.from_config(AutoConfig.from_pretrained(name, cache_dir=cache_dir))
         except OSError as e:
-            raise _hf_missing(name, "image encoder", e) from e
+            raise model_missing_error(name, "image encoder", e) from e
         self.out_dim = self.image_encoder.config.hidden_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -191,7 +191,7 @@ class HuggingfaceTextEncoder(nn.Module):
                     model_config = AutoConfig.from_pretrained(path, cache_dir=cache_dir, **dict(config or {}))
                     self.text_encoder = AutoModel.from_config(model_config, add_pooling_layer=False)
         except OSError as e:
-            raise _hf_missing(name, "text encoder", e) from e
+            raise model_missing_error(name, "text encoder", e) from e
         if gradient_checkpointing:
             self.text_encoder.gradient_checkpointing_enable()
         self.out_dim = self.text_encoder.config.hidden_size

@@ -25,7 +25,7 @@ from cxrclip.engine.optim import build_optimizer, build_scheduler
 from cxrclip.loss import build_loss
 from cxrclip.model.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from cxrclip.model.clip import build_model
-from cxrclip.paths import resolve_package_path
+from cxrclip.model.encoders import build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +96,6 @@ def autocast_settings(run: RunSettings, device: torch.device) -> tuple[bool, tor
         return True, torch.bfloat16, False
     log.info("base.amp with fp16 is CUDA-only; training in fp32 on CPU (use base.amp_dtype=bf16 for CPU AMP)")
     return False, torch.float32, False
-
-
-def build_tokenizer(cfg: Mapping):
-    from transformers import AutoTokenizer
-
-    from cxrclip.model.encoders import _hf_missing
-
-    name = cfg["pretrained_model_name_or_path"]
-    try:
-        return AutoTokenizer.from_pretrained(resolve_package_path(name), cache_dir=cfg.get("cache_dir"))
-    except OSError as e:
-        raise model_missing_error(name, "text encoder", e) from e
 
 
 def load_split(cfg: DictConfig, group: str, train: bool, run: RunSettings, env: DistEnv) -> ConcatDataset:

@@ -35,23 +35,33 @@ def retrieval_metrics(
     text_emb: torch.Tensor,
     gt: torch.Tensor,
     ks: Sequence[int] = RECALL_KS,
-    chunk: int = 4096,
+    chunk: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Image→text and text→image retrieval with identical texts merged.
 
     ``text_emb`` holds the unique texts; ``gt[i]`` is image i's text. A rank is 1 + the number of
     candidates scoring higher than the correct one (by more than ``TIE_TOLERANCE``); text→image uses
-    the best-scoring matching image. One pass over the image×text similarity, in row chunks (memory ~ chunk × texts).
+    the best-scoring matching image. One pass over the image×text similarity, in row chunks of about
+    1 GiB each by default.
     """
     n_text = text_emb.shape[0]
+    if chunk is None:  # ~1 GiB of similarities per chunk: few, large matrix products
+        chunk = max(256, min(image_emb.shape[0], (1 << 28) // max(n_text, 1)))
     correct = (image_emb * text_emb[gt]).sum(dim=1)  # each image vs its own text
     best = torch.full((n_text,), -torch.inf, dtype=correct.dtype).scatter_reduce(0, gt, correct, "amax")
     i2t = torch.empty(image_emb.shape[0], dtype=torch.long)
     above = torch.zeros(n_text, dtype=torch.long)
+    row_limit, col_limit = correct + TIE_TOLERANCE, best + TIE_TOLERANCE
+    mask = torch.empty(0, dtype=torch.bool)
     for start in range(0, image_emb.shape[0], chunk):
         sim = image_emb[start : start + chunk] @ text_emb.t()
-        i2t[start : start + chunk] = 1 + (sim > correct[start : start + chunk, None] + TIE_TOLERANCE).sum(dim=1)
-        above += (sim > best[None, :] + TIE_TOLERANCE).sum(dim=0)
+        if mask.shape != sim.shape:
+            mask = torch.empty(sim.shape, dtype=torch.bool)
+        # comparisons into one reused buffer, counted as uint8 → int32: ~3× less than `(sim > x).sum()`
+        torch.gt(sim, col_limit[None, :], out=mask)
+        above += mask.view(torch.uint8).sum(dim=0, dtype=torch.int32)
+        torch.gt(sim, row_limit[start : start + chunk, None], out=mask)
+        i2t[start : start + chunk] = 1 + mask.view(torch.uint8).sum(dim=1, dtype=torch.int32)
     present = torch.isfinite(best)  # texts that some image has
     return {"retrieval_i2t": _summary(i2t, ks), "retrieval_t2i": _summary(1 + above[present], ks)}
 

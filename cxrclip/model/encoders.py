@@ -231,3 +231,14 @@ def build_text_encoder(cfg: Mapping) -> nn.Module:
         gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
         config=cfg.get("config"),
     )
+
+
+def build_tokenizer(cfg: Mapping):
+    """The tokenizer of a text encoder (``tokenizer`` config: ``pretrained_model_name_or_path``, ``cache_dir``)."""
+    from transformers import AutoTokenizer
+
+    name = cfg["pretrained_model_name_or_path"]
+    try:
+        return AutoTokenizer.from_pretrained(resolve_package_path(name), cache_dir=cfg.get("cache_dir"))
+    except OSError as e:
+        raise model_missing_error(name, "text encoder", e) from e

@@ -12,6 +12,7 @@ import torch
 
 from cxrclip.model.checkpoint import CheckpointError, load_checkpoint, plain_config
 from cxrclip.model.clip import CXRClip, build_model
+from cxrclip.model.encoders import build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,6 @@ def load_model(
     image_encoder: str | None = None,
 ) -> LoadedModel:
     """Load a CLIP checkpoint strictly (every weight must be used and every weight must be present)."""
-    from cxrclip.engine.trainer import build_tokenizer
-
     ckpt = load_checkpoint(path)
     config = plain_config(ckpt.get("config"))
     if "model" not in config or "image_encoder" not in config.get("model", {}):

@@ -321,6 +321,8 @@ class Trainer:
         from tqdm import tqdm
 
         self.model.train()
+        self.train_loader.sampler.set_epoch(self.epoch)
+        epoch_batches = len(self.train_loader)  # the whole epoch's, before a resume skips the batches already done
         self.train_loader.sampler.set_epoch(self.epoch, skip=self.batches_done * self.train_loader.batch_size)
         accum, total, count = self.run.grad_accum_steps, 0.0, 0
         bar = tqdm(
@@ -331,7 +333,7 @@ class Trainer:
             leave=False,
         )
         for batch in bar:
-            last_micro = (self.batches_done + 1) % accum == 0 or self.batches_done + 1 == len(self.train_loader)
+            last_micro = (self.batches_done + 1) % accum == 0 or self.batches_done + 1 == epoch_batches
             sync = contextlib.nullcontext() if last_micro or not self.env.distributed else self.ddp.no_sync()
             with sync:
                 losses = self.forward_loss(batch)

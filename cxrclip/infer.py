@@ -82,7 +82,7 @@ class Predictor:
         )
 
     @torch.no_grad()
-    def predict(self, images: Sequence[str | Path], threshold: float = 0.5) -> list[dict]:
+    def predict(self, images: Sequence[str | Path], threshold: float | dict[str, float] = 0.5) -> list[dict]:
         """Per image: every candidate ranked (similarity, softmax probability); per label P(yes) and yes/no."""
         model = self.loaded.model
         batch = torch.stack([self.transform(read_image(p)) for p in images]).to(self.device)
@@ -92,6 +92,8 @@ class Predictor:
         probs = (sims * scale).softmax(dim=-1)
         pos, neg = emb @ self.pos_emb.t(), emb @ self.neg_emb.t()
         yes = torch.stack([pos, neg], -1).mul(scale).softmax(-1)[..., 0]
+        limits = threshold if isinstance(threshold, dict) else {}
+        limits = {n: float(limits.get(n, 0.5 if limits else threshold)) for n in self.label_names}
         results = []
         for i, path in enumerate(images):
             order = sims[i].argsort(descending=True).tolist()
@@ -107,7 +109,7 @@ class Predictor:
                         for j in order
                     ],
                     "labels": {
-                        n: {"probability": round(float(yes[i, j]), 4), "present": bool(yes[i, j] >= threshold)}
+                        n: {"probability": round(float(yes[i, j]), 4), "present": bool(yes[i, j] >= limits[n])}
                         for j, n in enumerate(self.label_names)
                     },
                 }
@@ -183,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--texts", help="candidate texts: a JSON list or one per line (default: one per label)")
     p.add_argument("--prompts", help="prompt file (default: the one the checkpoint was trained with)")
     p.add_argument("--threshold", type=float, default=0.5, help="P(yes) at or above which a label is reported")
+    p.add_argument("--thresholds", help="per-label thresholds: a *.thresholds-<dataset>.json from evaluate_clip.py")
     p.add_argument("--top", type=int, default=20, help="candidates shown in the table")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--output", help="CSV file for folder/CSV input (default: predictions.csv next to the input)")
@@ -201,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor.create(
             args.model_path, prompts=args.prompts, texts=args.texts, device=args.device, text_encoder=args.text_encoder
         )
+        threshold = json.loads(Path(args.thresholds).read_text()) if args.thresholds else args.threshold
         results = []
         for start in range(0, len(images), args.batch_size):
-            results += predictor.predict(images[start : start + args.batch_size], args.threshold)
+            results += predictor.predict(images[start : start + args.batch_size], threshold)
         if len(images) == 1 and not args.output:
             print(json.dumps(results[0], indent=2) if args.json else format_table(results[0], args.top))
             return 0

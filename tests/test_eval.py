@@ -51,6 +51,8 @@ def test_evaluate_writes_every_output_and_merges_existing_results(demo_data, tin
     assert saved["older.tar"] == {"kept": True} and str(tiny_ckpt) in saved
     assert "AUROC(Avg)" in (tmp_path / "results-cgmh.md").read_text()
     assert list(tmp_path.glob("roc-cgmh-*.png"))
+    thresholds = json.loads((tmp_path / "model-best.thresholds-cgmh.json").read_text())
+    assert set(thresholds) <= set(zb) and all(0.0 <= v <= 1.0 for v in thresholds.values())
 
 
 def test_checkpoint_folder_and_glob_are_expanded(demo_data, tiny_ckpt, tmp_path):
@@ -219,3 +221,27 @@ def test_a_pickle_with_code_is_not_executed(tmp_path, capsys):
     (tmp_path / "junk.tar").write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "junk.tar")
+
+
+def test_per_label_thresholds_file_decides_yes_no(demo_data, tiny_ckpt, tmp_path, capsys):
+    from cxrclip.data.synthetic import CGMH_LABELS
+
+    image = sorted((demo_data / "images").glob("test_*.png"))[0]
+    thresholds = {name: (0.0 if i % 2 else 1.01) for i, name in enumerate(CGMH_LABELS)}
+    (tmp_path / "t.json").write_text(json.dumps(thresholds))
+    assert (
+        infer_main(
+            [
+                "--model_path",
+                str(tiny_ckpt),
+                "--image_path",
+                str(image),
+                "--json",
+                "--thresholds",
+                str(tmp_path / "t.json"),
+            ]
+        )
+        == 0
+    )
+    labels = json.loads(capsys.readouterr().out)["labels"]
+    assert [labels[n]["present"] for n in CGMH_LABELS] == [bool(i % 2) for i in range(13)]

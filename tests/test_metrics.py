@@ -86,3 +86,18 @@ def test_multiclass_uses_only_single_label_rows():
     assert out["per_class"] == {"a": 1.0, "b": 0.5, "c": 0.0}
     assert out["Accuracy(Macro)"] == pytest.approx(0.5)
     assert out["confusion"][2][0] == 1 and out["confusion"][1][2] == 1
+
+
+def test_youden_threshold_maximizes_j_by_brute_force():
+    from cxrclip.eval.metrics import youden_threshold
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 40)
+    p = np.clip(y * 0.3 + rng.random(40) * 0.7, 0, 1)
+
+    def j(t):
+        pred = p >= t
+        return pred[y == 1].mean() - pred[y == 0].mean()
+
+    best = max(j(t) for t in np.unique(p))
+    assert j(youden_threshold(y, p)) == pytest.approx(best)

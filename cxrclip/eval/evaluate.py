@@ -117,6 +117,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, dict]]:
             )
     for name, results in everything.items():
         path = report.write_json_merged(out_dir / f"results-{name}.json", results)
+        report.write_thresholds(out_dir, name, results)
         report.atomic_write_text(out_dir / f"results-{name}.md", report.markdown_table(name, results))
         log.info("wrote %s", path)
     return everything

@@ -66,6 +66,15 @@ def retrieval_metrics(
     return {"retrieval_i2t": _summary(i2t, ks), "retrieval_t2i": _summary(1 + above[present], ks)}
 
 
+def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The score threshold maximizing sensitivity + specificity − 1 (Youden's J) on these rows."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(y, p)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(thresholds[best], 1.0))
+
+
 def binary_metrics(
     probs: np.ndarray, labels: np.ndarray, names: Sequence[str], threshold: float = 0.5
 ) -> dict[str, object]:
@@ -96,6 +105,7 @@ def binary_metrics(
             "Accuracy": float(accuracy_score(y, pred)),
             "n_pos": int(y.sum()),
             "n": int(y.size),
+            "threshold_youden": youden_threshold(y, p),
         }
         defined.append(out[name])
     for metric in ("AUROC", "F1", "Accuracy"):

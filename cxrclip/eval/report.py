@@ -106,3 +106,18 @@ def plot_confusion(path: Path, confusion: Sequence[Sequence[int]], names: Sequen
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     return _save_figure(fig, path)
+
+
+def write_thresholds(out_dir: Path, dataset: str, results: Mapping[str, dict]) -> None:
+    """Per checkpoint, ``<checkpoint stem>.thresholds-<dataset>.json``: each label's Youden threshold on this
+    dataset, for ``inference.py --thresholds``. Fit them on a validation set, not on the set you report."""
+    for ckpt, result in results.items():
+        binary = result.get("zeroshot_binary") or {}
+        thresholds = {
+            k: v["threshold_youden"]
+            for k, v in binary.items()
+            if isinstance(v, dict) and v.get("threshold_youden") is not None
+        }
+        if thresholds:
+            path = out_dir / f"{Path(ckpt).stem}.thresholds-{dataset}.json"
+            atomic_write_text(path, json.dumps(thresholds, indent=2) + "\n")

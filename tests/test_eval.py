@@ -77,26 +77,18 @@ def test_predictor_ranks_every_label_and_reports_several_findings(demo_data, tin
     assert again["ranking"][0] == r["ranking"][0]
 
 
+def infer_json(ckpt, image, *extra):
+    """Run inference.py's main with --json on one image and require success."""
+    assert infer_main(["--model_path", str(ckpt), "--image_path", str(image), "--json", *extra]) == 0
+
+
 def test_inference_cli_json_folder_and_custom_texts(demo_data, tiny_ckpt, tmp_path, capsys):
     image = sorted((demo_data / "images").glob("test_*.png"))[0]
-    assert infer_main(["--model_path", str(tiny_ckpt), "--image_path", str(image), "--json"]) == 0
+    infer_json(tiny_ckpt, image)
     out = json.loads(capsys.readouterr().out)
     assert out["image"] == str(image) and len(out["labels"]) == 13
     (tmp_path / "texts.json").write_text(json.dumps(["there is pneumothorax.", "no pneumothorax."]))
-    assert (
-        infer_main(
-            [
-                "--model_path",
-                str(tiny_ckpt),
-                "--image_path",
-                str(image),
-                "--json",
-                "--texts",
-                str(tmp_path / "texts.json"),
-            ]
-        )
-        == 0
-    )
+    infer_json(tiny_ckpt, image, "--texts", str(tmp_path / "texts.json"))
     assert {c["text"] for c in json.loads(capsys.readouterr().out)["ranking"]} == {
         "there is pneumothorax.",
         "no pneumothorax.",
@@ -229,19 +221,6 @@ def test_per_label_thresholds_file_decides_yes_no(demo_data, tiny_ckpt, tmp_path
     image = sorted((demo_data / "images").glob("test_*.png"))[0]
     thresholds = {name: (0.0 if i % 2 else 1.01) for i, name in enumerate(CGMH_LABELS)}
     (tmp_path / "t.json").write_text(json.dumps(thresholds))
-    assert (
-        infer_main(
-            [
-                "--model_path",
-                str(tiny_ckpt),
-                "--image_path",
-                str(image),
-                "--json",
-                "--thresholds",
-                str(tmp_path / "t.json"),
-            ]
-        )
-        == 0
-    )
+    infer_json(tiny_ckpt, image, "--thresholds", str(tmp_path / "t.json"))
     labels = json.loads(capsys.readouterr().out)["labels"]
     assert [labels[n]["present"] for n in CGMH_LABELS] == [bool(i % 2) for i in range(13)]

@@ -46,20 +46,25 @@ def checkpoint_paths(spec) -> list[Path]:
     return paths
 
 
+def image_loader(records: Sequence[LabeledRecord], transform, loader_cfg) -> DataLoader:
+    """Batches of test images and labels in dataset order. Texts are not tokenized here: the distinct texts
+    are embedded once, separately."""
+    workers = int(loader_cfg.get("num_workers", 0))
+    return DataLoader(
+        LabeledImageDataset(records, transform),
+        batch_size=int(loader_cfg.batch_size),
+        num_workers=workers,
+        collate_fn=ImageTextCollator(None),
+        prefetch_factor=loader_cfg.get("prefetch_factor") if workers else None,
+    )
+
+
 def evaluate_one(
     loaded: LoadedModel, dc: DataConfig, records: Sequence[LabeledRecord], cfg: DictConfig, device: torch.device
 ) -> tuple[dict, dict]:
     """Metrics of one checkpoint on one dataset, plus the arrays the plots need."""
     transform = build_transform(to_plain(cfg.transform)["test"], loaded.normalize)
-    loader_cfg = cfg.dataloader.test
-    workers = int(loader_cfg.get("num_workers", 0))
-    loader = DataLoader(
-        LabeledImageDataset(records, transform),
-        batch_size=int(loader_cfg.batch_size),
-        num_workers=workers,
-        collate_fn=ImageTextCollator(loaded.tokenizer),
-        prefetch_factor=loader_cfg.get("prefetch_factor") if workers else None,
-    )
+    loader = image_loader(records, transform, cfg.dataloader.test)
     model = loaded.model
     image_emb = embed_images(model, loader, device, desc=f"{dc.name} images")
     labels = np.array([r.labels for r in records], dtype=np.int64)

@@ -12,12 +12,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cxrclip.config import data_configs, to_plain
-from cxrclip.data.collate import ImageTextCollator
-from cxrclip.data.dataset import LabeledImageDataset
 from cxrclip.data.records import load_labeled_records
 from cxrclip.data.transforms import build_transform
 from cxrclip.eval import report
-from cxrclip.eval.evaluate import checkpoint_paths
+from cxrclip.eval.evaluate import checkpoint_paths, image_loader
 from cxrclip.eval.metrics import binary_metrics, multiclass_metrics
 from cxrclip.model.checkpoint import CheckpointError, load_checkpoint
 from cxrclip.model.loading import load_image_encoder
@@ -66,13 +64,7 @@ def evaluate_finetune(cfg: DictConfig) -> dict[str, dict[str, dict]]:
                     f"was trained on {info['label_names']}"
                 )
             transform = build_transform(to_plain(cfg.transform)["test"], info["image_encoder"]["normalize"])
-            loader = DataLoader(
-                LabeledImageDataset(records, transform),
-                batch_size=int(cfg.dataloader.test.batch_size),
-                num_workers=int(cfg.dataloader.test.get("num_workers", 0)),
-                collate_fn=ImageTextCollator(None),
-            )
-            probs = predict(probe, loader, device)
+            probs = predict(probe, image_loader(records, transform, cfg.dataloader.test), device)
             labels = np.array([r.labels for r in records])
             result = {"multilabel_classification": binary_metrics(probs, labels, dc.label_names)}
             multi = multiclass_metrics(probs, labels, dc.label_names) if len(dc.label_names) > 1 else None

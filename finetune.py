@@ -5,7 +5,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from cxrclip.engine.finetune import finetune
+from cxrclip.jobs import probe
 from cxrclip.errors import exit_on_user_error
 
 
@@ -13,7 +13,7 @@ from cxrclip.errors import exit_on_user_error
 def main(cfg: DictConfig) -> None:
     logging.getLogger("cxrclip").setLevel(logging.INFO)
     with exit_on_user_error():
-        finetune(cfg)
+        probe(cfg)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cxrclip.engine.trainer import train
+from cxrclip.jobs import pretrain
 from cxrclip.errors import exit_on_user_error
 
 
@@ -14,7 +14,7 @@ from cxrclip.errors import exit_on_user_error
 def main(cfg: DictConfig) -> None:
     logging.getLogger("cxrclip").setLevel(logging.INFO)
     with exit_on_user_error():
-        train(cfg)
+        pretrain(cfg)
 
 
 if __name__ == "__main__":

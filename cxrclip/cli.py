@@ -40,16 +40,7 @@ def _label_names(labels_file: str | None) -> tuple[str, ...]:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    cfg = DataConfig(
-        name=Path(args.csv).stem,
-        data_type=SPLIT_TYPES[args.split],
-        data_path=str(Path(args.csv).resolve()),
-        image_root=args.image_root,
-        label_names=_label_names(args.labels),
-        label_format=args.label_format,
-        prompt_path=args.prompts,
-        normal_sentence=NORMAL_SENTENCE,
-    )
+    cfg = _data_config(args.csv, args.split, args)
     try:
         records = load_records(cfg, check_images=True)
         if args.deep:
@@ -83,6 +74,53 @@ def _decode_all(records) -> None:
             except ImageReadError as e:
                 problems.add(r.line, str(e))
     problems.raise_if_any()
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from cxrclip.errors import exit_on_user_error
+    from cxrclip.eval.calibrate import calibrate_checkpoint
+    from cxrclip.eval.calibration import CalibrationError, CalibrationSettings
+
+    with exit_on_user_error():
+        header = Path(args.data).read_text(encoding="utf-8").splitlines()[:1] if Path(args.data).is_file() else []
+        split = args.split or ("valid" if header and "text_label" in header[0].split(",") else "cls")
+        rules = {}
+        for item in args.label_rule or []:
+            label, sep, rule = item.partition(":")
+            if not sep:
+                raise CalibrationError(f"--label-rule {item!r}: expected LABEL:RULE (Pneumothorax:sensitivity=0.95)")
+            rules[label.strip()] = rule.strip()
+        settings = CalibrationSettings.from_mapping(
+            {"method": args.method, "rule": args.rule, "rules": rules, "min_positives": args.min_positives}
+        )
+        data = _data_config(args.data, split, args)
+        unknown = sorted(set(rules) - set(data.label_names))
+        if unknown:
+            raise CalibrationError(f"--label-rule names unknown labels {unknown}")
+        calibration = calibrate_checkpoint(
+            args.checkpoint, [data], settings, out=args.out, device=args.device, text_encoder=args.text_encoder
+        )
+    print(f"calibration stored in {args.out or args.checkpoint} (fitted on {args.data}, {split} format):")
+    width = max(len(n) for n in calibration.labels)
+    for name, c in calibration.labels.items():
+        state = c.method if c.calibrated else f"UNCALIBRATED ({c.note})"
+        counts = f"{c.n_pos:4d} pos / {c.n_neg:4d} neg"
+        print(f"  {name:<{width}}  threshold {c.threshold:.3f}  {c.rule:<16} {counts}  {state}")
+    return 0
+
+
+def _data_config(csv_path: str, split: str, args: argparse.Namespace) -> DataConfig:
+    """A data config for one CSV given on the command line."""
+    return DataConfig(
+        name=Path(csv_path).stem,
+        data_type=SPLIT_TYPES[split],
+        data_path=str(Path(csv_path).resolve()),
+        image_root=args.image_root,
+        label_names=_label_names(args.labels),
+        label_format=getattr(args, "label_format", "list"),
+        prompt_path=args.prompts,
+        normal_sentence=NORMAL_SENTENCE,
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -156,6 +194,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("infer", help="the inference.py job: cxrclip infer --model_path CKPT --image_path IMG")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_infer)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="fit per-label calibration and operating points on validation data; store them in the checkpoint",
+    )
+    p.add_argument("--checkpoint", required=True, help="a CLIP (model-best.tar, published) or linear-probe checkpoint")
+    p.add_argument("--data", required=True, help="validation CSV: image + text_label, or image + 0/1 label columns")
+    p.add_argument("--split", choices=["valid", "cls"], help="CSV format (default: from its header)")
+    p.add_argument("--rule", default="mcc", help="mcc | youden | f1 | sensitivity=0.95 | specificity=0.9 | fixed=0.5")
+    p.add_argument("--label-rule", action="append", help="per-label rule, e.g. 'Pneumothorax:sensitivity=0.95'")
+    p.add_argument("--method", choices=["platt", "isotonic"], default="platt")
+    p.add_argument("--min-positives", type=int, default=5, help="fewer positives: the label stays uncalibrated")
+    p.add_argument("--out", help="write the calibrated checkpoint here (default: rewrite --checkpoint atomically)")
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompt file (zero-shot scores)")
+    p.add_argument("--labels", help="a text file with one label name per line (default: the 13 CGMH labels)")
+    p.add_argument("--image-root", help="folder that relative image paths start from (default: the CSV's folder)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--text-encoder", help="local folder of the text encoder (offline)")
+    p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("demo-data", help="write a synthetic CGMH-style dataset (train/valid/test CSVs + images)")
     p.add_argument("out", help="output folder")

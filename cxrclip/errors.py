@@ -8,10 +8,18 @@ import sys
 
 from cxrclip.data.prompts import PromptFileError
 from cxrclip.data.records import DataValidationError
+from cxrclip.eval.calibration import CalibrationError
 from cxrclip.model.checkpoint import CheckpointError
 from cxrclip.model.encoders import ModelNotFoundError
 
-USER_ERRORS = (DataValidationError, PromptFileError, CheckpointError, ModelNotFoundError, FloatingPointError)
+USER_ERRORS = (
+    DataValidationError,
+    CalibrationError,
+    PromptFileError,
+    CheckpointError,
+    ModelNotFoundError,
+    FloatingPointError,
+)
 
 
 @contextlib.contextmanager

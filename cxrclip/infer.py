@@ -7,17 +7,20 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cxrclip.data.images import read_image
 from cxrclip.data.prompts import load_prompts
-from cxrclip.data.transforms import build_transform
+from cxrclip.eval.calibrate import stored_calibration
+from cxrclip.eval.calibration import Calibration, sigmoid
+from cxrclip.eval.zeroshot import LabelScorer
 from cxrclip.model.checkpoint import plain_config
-from cxrclip.model.loading import LoadedModel, load_model
+from cxrclip.model.loading import LoadedModel, default_device, load_model
 from cxrclip.paths import resolve_user_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
@@ -35,16 +38,20 @@ def _training_data_config(checkpoint: dict) -> dict:
 
 @dataclass
 class Predictor:
-    """A loaded model with its candidate and per-label embeddings computed once (warm calls reuse them)."""
+    """A loaded model with its candidate and per-label embeddings computed once (warm calls reuse them),
+    and the checkpoint's calibration (per-label probability map and operating point)."""
 
     loaded: LoadedModel
     candidates: list[str]
     candidate_emb: torch.Tensor
-    label_names: list[str]
-    pos_emb: torch.Tensor
-    neg_emb: torch.Tensor
+    scorer: LabelScorer
+    calibration: Calibration
     transform: object
     device: torch.device
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.scorer.names
 
     @classmethod
     def create(
@@ -58,62 +65,72 @@ class Predictor:
         image_size: int | None = None,
         text_encoder: str | None = None,
     ) -> Predictor:
-        from cxrclip.eval.zeroshot import class_embeddings, embed_texts, label_prompts
+        from cxrclip.eval.zeroshot import embed_texts
 
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = default_device(device)
         loaded = load_model(model_path, device=dev, text_encoder=text_encoder)
         data_cfg = _training_data_config(loaded.checkpoint)
         bank = load_prompts(resolve_user_path(prompts or data_cfg.get("prompt_path") or DEFAULT_PROMPTS))
         names = list(labels or data_cfg.get("label_names") or bank.labels)
         bank.check_covers(names)
-        pos, neg = label_prompts(bank, names)
-        model = loaded.model
-        pos_emb = class_embeddings(model, loaded.tokenizer, pos, dev)
-        neg_emb = class_embeddings(model, loaded.tokenizer, neg, dev)
+        scorer = LabelScorer.create(loaded.model, loaded.tokenizer, bank, names, dev)
         if texts:
             candidates = read_texts(texts)
-            candidate_emb = embed_texts(model, loaded.tokenizer, candidates, dev)
+            candidate_emb = embed_texts(loaded.model, loaded.tokenizer, candidates, dev)
         else:  # one candidate per label: its positive sentences' mean embedding
-            candidates, candidate_emb = names, pos_emb
-        size = image_size or int(plain_config(loaded.checkpoint.get("config")).get("base", {}).get("image_size", 224))
-        steps = {"Resize": {"size": size}, "CenterCrop": {"size": size}}
-        return cls(
-            loaded, candidates, candidate_emb, names, pos_emb, neg_emb, build_transform(steps, loaded.normalize), dev
-        )
+            candidates, candidate_emb = names, scorer.pos_emb
+        calibration = stored_calibration(loaded.checkpoint, names)
+        return cls(loaded, candidates, candidate_emb, scorer, calibration, loaded.preprocess(image_size), dev)
+
+    def operating_points(self, threshold: float | Mapping[str, float] | None) -> tuple[np.ndarray, list[str]]:
+        """Per label (threshold, rule): the calibration's, unless ``--threshold`` / ``--thresholds`` override."""
+        stored = self.calibration.labels
+        if threshold is None:
+            return self.calibration.thresholds, [stored[n].rule for n in self.label_names]
+        if isinstance(threshold, Mapping):
+            unknown = sorted(set(threshold) - set(self.label_names))
+            if unknown:
+                raise ValueError(f"thresholds for unknown labels {unknown}; labels: {self.label_names}")
+            values = [float(threshold.get(n, stored[n].threshold)) for n in self.label_names]
+            rules = ["given" if n in threshold else stored[n].rule for n in self.label_names]
+            return np.array(values), rules
+        return np.full(len(self.label_names), float(threshold)), [f"fixed={float(threshold):g}"] * len(self.label_names)
 
     @torch.no_grad()
-    def predict(self, images: Sequence[str | Path], threshold: float | dict[str, float] = 0.5) -> list[dict]:
-        """Per image: every candidate ranked (similarity, softmax probability); per label P(yes) and yes/no."""
+    def predict(self, images: Sequence[str | Path], threshold: float | Mapping[str, float] | None = None) -> list[dict]:
+        """Per image: every candidate ranked (similarity, softmax probability); per label the calibrated
+        probability, its threshold and rule, and the decision."""
         model = self.loaded.model
         batch = torch.stack([self.transform(read_image(p)) for p in images]).to(self.device)
         emb = model.encode_image(batch).float().cpu()
-        scale = float(model.scale.detach())
         sims = emb @ self.candidate_emb.t()
-        probs = (sims * scale).softmax(dim=-1)
-        pos, neg = emb @ self.pos_emb.t(), emb @ self.neg_emb.t()
-        yes = torch.stack([pos, neg], -1).mul(scale).softmax(-1)[..., 0]
-        limits = threshold if isinstance(threshold, dict) else {}
-        limits = {n: float(limits.get(n, 0.5 if limits else threshold)) for n in self.label_names}
+        probs = (sims * self.scorer.scale).softmax(dim=-1)
+        logits = self.scorer.logits(emb)
+        yes, raw = self.calibration.probabilities(logits), sigmoid(logits)
+        limits, rules = self.operating_points(threshold)
         results = []
         for i, path in enumerate(images):
             order = sims[i].argsort(descending=True).tolist()
-            results.append(
+            ranking = [
                 {
-                    "image": str(path),
-                    "ranking": [
-                        {
-                            "text": self.candidates[j],
-                            "similarity": round(float(sims[i, j]), 4),
-                            "probability": round(float(probs[i, j]), 4),
-                        }
-                        for j in order
-                    ],
-                    "labels": {
-                        n: {"probability": round(float(yes[i, j]), 4), "present": bool(yes[i, j] >= limits[n])}
-                        for j, n in enumerate(self.label_names)
-                    },
+                    "text": self.candidates[j],
+                    "similarity": round(float(sims[i, j]), 4),
+                    "probability": round(float(probs[i, j]), 4),
                 }
-            )
+                for j in order
+            ]
+            labels = {
+                n: {
+                    "probability": round(float(yes[i, j]), 4),
+                    "threshold": round(float(limits[j]), 4),
+                    "rule": rules[j],
+                    "present": bool(yes[i, j] >= limits[j]),
+                    "calibrated": self.calibration.labels[n].calibrated,
+                    "uncalibrated_probability": round(float(raw[i, j]), 4),
+                }
+                for j, n in enumerate(self.label_names)
+            }
+            results.append({"image": str(path), "ranking": ranking, "labels": labels})
         return results
 
 
@@ -154,27 +171,36 @@ def format_table(result: dict, top: int) -> str:
     for k, r in enumerate(result["ranking"][:top], 1):
         lines.append(f"{k:>4}  {r['probability']:6.3f}  {r['similarity']:7.4f}  {r['text']}")
     width = max(len(n) for n in result["labels"])
-    lines += ["", f"{'label':<{width}}  P(yes)  finding"]
+    lines += ["", f"{'label':<{width}}  P(yes)  threshold  {'rule':<16}  finding"]
+    flagged = False
     for name, v in result["labels"].items():
-        lines.append(f"{name:<{width}}  {v['probability']:6.3f}  {'YES' if v['present'] else 'no'}")
+        mark = "" if v.get("calibrated", True) else "  (uncalibrated)"
+        flagged |= bool(mark)
+        decision = "YES" if v["present"] else "no"
+        p, t = v["probability"], v["threshold"]
+        lines.append(f"{name:<{width}}  {p:6.3f}  {t:9.3f}  {v['rule']:<16}  {decision}{mark}")
+    n_yes = sum(v["present"] for v in result["labels"].values())
+    lines += ["", f"{n_yes} of {len(result['labels'])} labels called YES."]
+    if flagged:
+        lines.append("(uncalibrated: the probability is the model's raw score and the threshold a fixed default.)")
     return "\n".join(lines)
 
 
+CSV_FIELDS = (("", "probability"), (":threshold", "threshold"), (":rule", "rule"), (":present", "present"))
+
+
 def to_csv(results: Sequence[dict]) -> str:
+    """One row per image: the top candidate, then per label its probability, threshold, rule and decision."""
     names = list(results[0]["labels"])
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["image", "top_candidate", "top_probability", *names, "findings"])
+    per_label = [f"{n}{suffix}" for n in names for suffix, _ in CSV_FIELDS]
+    writer.writerow(["image", "top_candidate", "top_probability", *per_label, "findings"])
     for r in results:
-        writer.writerow(
-            [
-                r["image"],
-                r["ranking"][0]["text"],
-                r["ranking"][0]["probability"],
-                *(r["labels"][n]["probability"] for n in names),
-                "; ".join(n for n in names if r["labels"][n]["present"]),
-            ]
-        )
+        cells = [r["labels"][n][key] for n in names for _, key in CSV_FIELDS]
+        cells = ["YES" if c is True else "no" if c is False else c for c in cells]
+        findings = "; ".join(n for n in names if r["labels"][n]["present"])
+        writer.writerow([r["image"], r["ranking"][0]["text"], r["ranking"][0]["probability"], *cells, findings])
     return out.getvalue()
 
 
@@ -184,8 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_path", "--image-path", required=True, help="an image (JPEG/PNG/DICOM), a folder or a CSV")
     p.add_argument("--texts", help="candidate texts: a JSON list or one per line (default: one per label)")
     p.add_argument("--prompts", help="prompt file (default: the one the checkpoint was trained with)")
-    p.add_argument("--threshold", type=float, default=0.5, help="P(yes) at or above which a label is reported")
-    p.add_argument("--thresholds", help="per-label thresholds: a *.thresholds-<dataset>.json from evaluate_clip.py")
+    p.add_argument(
+        "--threshold", type=float, help="one P(yes) threshold for every label (default: the stored operating points)"
+    )
+    p.add_argument("--thresholds", help="per-label thresholds: a JSON file {label: threshold} (overrides the stored)")
     p.add_argument("--top", type=int, default=20, help="candidates shown in the table")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--output", help="CSV file for folder/CSV input (default: predictions.csv next to the input)")

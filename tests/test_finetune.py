@@ -69,8 +69,11 @@ def test_full_finetuning_trains_the_encoder(demo_data, clip_ckpt, tmp_path):
 
 
 def test_evaluate_finetune_writes_results(demo_data, clip_ckpt, tmp_path):
-    finetune(probe_cfg(demo_data, clip_ckpt, tmp_path))
+    from cxrclip.jobs import probe
+
+    assert probe(probe_cfg(demo_data, clip_ckpt, tmp_path, "calibration.min_positives=2"))["calibrated"]
     ckpt = tmp_path / "checkpoints/model-best.tar"
+    assert load_checkpoint(ckpt)["calibration"]["fitted_on"]["path"].endswith("test.csv")
     out = evaluate_finetune(
         compose(
             "eval_finetune",
@@ -89,6 +92,10 @@ def test_evaluate_finetune_writes_results(demo_data, clip_ckpt, tmp_path):
     assert {"AUROC(Avg)", "F1(Avg)", "Accuracy(Avg)", "Pneumothorax"} <= set(ml)
     assert json.loads((tmp_path / "results-cgmh_cls.json").read_text())[str(ckpt)] == json.loads(json.dumps(result))
     assert "AUROC(Avg)" in (tmp_path / "results-cgmh_cls.md").read_text()
+    # calibrated on the very CSV it is evaluated on (the demo has no separate classification valid split): flagged
+    assert ml["calibration"]["optimistic"] is True
+    per_label = [v for v in ml.values() if isinstance(v, dict) and "rule" in v]
+    assert len(per_label) == 13 and any(v["calibrated"] for v in per_label)
 
 
 def test_a_clip_checkpoint_is_not_a_probe(demo_data, clip_ckpt, tmp_path):

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from cxrclip.eval.calibration import logit
 from cxrclip.eval.metrics import TIE_TOLERANCE, binary_metrics, merge_texts, multiclass_metrics, retrieval_metrics
 
 
@@ -67,14 +68,17 @@ def test_binary_metrics_against_sklearn_and_the_undefined_rule():
     labels[:, 1] = 0  # no positive → undefined
     labels[:5, 2] = -1  # uncertain → excluded
     probs = rng.random((50, 3))
-    out = binary_metrics(probs, labels, ["a", "b", "c"])
+    out = binary_metrics(logit(probs), labels, ["a", "b", "c"])  # no calibration: sigmoid(logit) = probs, at 0.5
     assert out["a"]["AUROC"] == pytest.approx(roc_auc_score(labels[:, 0], probs[:, 0]))
     assert out["c"]["AUROC"] == pytest.approx(roc_auc_score(labels[5:, 2], probs[5:, 2])) and out["c"]["n"] == 45
     assert out["b"]["AUROC"] is None and "undefined" in out["b"]["note"]
     assert out["AUROC(Avg)"] == pytest.approx((out["a"]["AUROC"] + out["c"]["AUROC"]) / 2)
     assert out["labels_averaged"] == 2
     acc = ((probs[:, 0] >= 0.5) == labels[:, 0]).mean()
-    assert out["a"]["Accuracy"] == pytest.approx(acc)
+    assert out["a"]["Accuracy"] == pytest.approx(acc) and out["a"]["at_0.5"]["Accuracy"] == pytest.approx(acc)
+    assert out["a"]["threshold"] == 0.5 and out["a"]["rule"] == "fixed=0.5" and out["a"]["calibrated"] is False
+    assert out["uncalibrated_labels"] == ["a", "b", "c"]
+    assert out["YES_per_image"] == pytest.approx(((probs >= 0.5) & (labels >= 0)).sum(1).mean())
 
 
 def test_multiclass_uses_only_single_label_rows():
@@ -86,18 +90,3 @@ def test_multiclass_uses_only_single_label_rows():
     assert out["per_class"] == {"a": 1.0, "b": 0.5, "c": 0.0}
     assert out["Accuracy(Macro)"] == pytest.approx(0.5)
     assert out["confusion"][2][0] == 1 and out["confusion"][1][2] == 1
-
-
-def test_youden_threshold_maximizes_j_by_brute_force():
-    from cxrclip.eval.metrics import youden_threshold
-
-    rng = np.random.default_rng(3)
-    y = rng.integers(0, 2, 40)
-    p = np.clip(y * 0.3 + rng.random(40) * 0.7, 0, 1)
-
-    def j(t):
-        pred = p >= t
-        return pred[y == 1].mean() - pred[y == 0].mean()
-
-    best = max(j(t) for t in np.unique(p))
-    assert j(youden_threshold(y, p)) == pytest.approx(best)

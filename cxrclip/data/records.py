@@ -103,10 +103,14 @@ class DataConfig:
     def image_base(self) -> Path:
         return resolve_user_path(self.image_root) if self.image_root else self.csv_path.parent
 
-    def prompts(self) -> PromptBank:
+    @property
+    def prompts_file(self) -> Path:
         if not self.prompt_path:
             raise ValueError(f"data config {self.name!r}: prompt_path is not set")
-        bank = load_prompts(resolve_user_path(self.prompt_path))
+        return resolve_user_path(self.prompt_path)
+
+    def prompts(self) -> PromptBank:
+        bank = load_prompts(self.prompts_file)
         bank.check_covers(self.label_names)
         return bank
 

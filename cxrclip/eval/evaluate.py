@@ -19,10 +19,12 @@ from cxrclip.data.dataset import LabeledImageDataset
 from cxrclip.data.records import DataConfig, LabeledRecord, load_labeled_records
 from cxrclip.data.transforms import build_transform
 from cxrclip.eval import report
+from cxrclip.eval.calibrate import stored_calibration
+from cxrclip.eval.calibration import Calibration, file_sha256, sigmoid
 from cxrclip.eval.metrics import binary_metrics, merge_texts, multiclass_metrics, retrieval_metrics
-from cxrclip.eval.zeroshot import binary_probabilities, class_embeddings, embed_images, embed_texts, label_prompts
+from cxrclip.eval.zeroshot import LabelScorer, embed_images, embed_texts
 from cxrclip.model.checkpoint import CheckpointError
-from cxrclip.model.loading import LoadedModel, load_model
+from cxrclip.model.loading import LoadedModel, default_device, load_model
 from cxrclip.paths import resolve_user_path
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ def image_loader(records: Sequence[LabeledRecord], transform, loader_cfg) -> Dat
     workers = int(loader_cfg.get("num_workers", 0))
     return DataLoader(
         LabeledImageDataset(records, transform),
-        batch_size=int(loader_cfg.batch_size),
+        batch_size=int(loader_cfg["batch_size"]),
         num_workers=workers,
         collate_fn=ImageTextCollator(None),
         prefetch_factor=loader_cfg.get("prefetch_factor") if workers else None,
@@ -71,21 +73,49 @@ def evaluate_one(
     results: dict = {"n_images": len(records)}
     arrays: dict = {"labels": labels}
     if dc.prompt_path and dc.label_names:
-        pos, neg = label_prompts(dc.prompts(), dc.label_names)
-        pos_emb = class_embeddings(model, loaded.tokenizer, pos, device)
-        neg_emb = class_embeddings(model, loaded.tokenizer, neg, device)
-        probs = binary_probabilities(image_emb, pos_emb, neg_emb, float(model.scale.detach())).numpy()
-        results["zeroshot_binary"] = binary_metrics(probs, labels, dc.label_names)
-        multi = multiclass_metrics((image_emb @ pos_emb.t()).numpy(), labels, dc.label_names)
+        scorer = LabelScorer.create(model, loaded.tokenizer, dc.prompts(), dc.label_names, device)
+        logits = scorer.logits(image_emb)
+        results["zeroshot_binary"], calibration = label_metrics(logits, labels, dc, loaded.checkpoint, cfg.test)
+        multi = multiclass_metrics((image_emb @ scorer.pos_emb.t()).numpy(), labels, dc.label_names)
         if multi is not None:
             results["zeroshot_multiclass"] = multi
-        arrays["probs"] = probs
+        arrays.update(probs=calibration.probabilities(logits), raw_probs=sigmoid(logits))
     if all(r.text for r in records):  # image-text sets; classification sets have no texts to retrieve
         texts, gt = merge_texts([r.text for r in records])
         text_emb = embed_texts(model, loaded.tokenizer, texts, device, max_length=dc.text_max_length)
         results.update(retrieval_metrics(image_emb, text_emb, gt))
         results["n_texts_unique"] = len(texts)
     return results, arrays
+
+
+def label_metrics(
+    logits: np.ndarray, labels: np.ndarray, dc: DataConfig, checkpoint: dict, test_cfg
+) -> tuple[dict, Calibration]:
+    """Per-label metrics at the checkpoint's stored operating points (or flagged fixed ones), and where
+    those operating points came from."""
+    calibration = stored_calibration(checkpoint, dc.label_names)
+    binary = binary_metrics(logits, labels, dc.label_names, calibration, ci=str(test_cfg.get("auroc_ci", "delong")))
+    binary["calibration"] = calibration_facts(calibration, dc)
+    return binary, calibration
+
+
+def calibration_facts(calibration: Calibration, dc: DataConfig) -> dict:
+    """Where the operating points come from, and whether this very data was used to fit them."""
+    optimistic = calibration.fitted_on_file(dc.csv_path)
+    facts = {
+        "source": "checkpoint" if calibration.is_fitted else "none (uncalibrated sigmoid, fixed threshold)",
+        "fitted_on": calibration.fitted_on,
+        "optimistic": optimistic,
+    }
+    if optimistic:
+        facts["note"] = (
+            "the calibration was fitted on this same data: thresholds, F1, sensitivity/specificity and ECE are "
+            "optimistic; calibrate on a validation split"
+        )
+    if calibration.prompts_sha256 and dc.prompt_path and calibration.prompts_sha256 != file_sha256(dc.prompts_file):
+        facts["prompts_changed"] = True
+        facts["note"] = (facts.get("note", "") + " the prompt file differs from the one calibrated with").strip()
+    return facts
 
 
 def _slug(path: Path) -> str:
@@ -100,7 +130,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, dict]]:
         (dc, load_labeled_records(dc, need_text=dc.data_type == "imagetext_eval"))
         for dc in data_configs(cfg, "data_test")
     ]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     out_dir = Path(cfg.test.output_dir) if cfg.test.get("output_dir") else ckpts[0].parent
     everything: dict[str, dict[str, dict]] = {dc.name: {} for dc, _ in datasets}
     for ckpt in ckpts:
@@ -122,7 +152,6 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, dict]]:
             )
     for name, results in everything.items():
         path = report.write_json_merged(out_dir / f"results-{name}.json", results)
-        report.write_thresholds(out_dir, name, results)
         report.atomic_write_text(out_dir / f"results-{name}.md", report.markdown_table(name, results))
         log.info("wrote %s", path)
     return everything
@@ -133,10 +162,17 @@ def _plots(out_dir: Path, dc: DataConfig, ckpt: Path, results: dict, arrays: dic
     if "probs" in arrays:
         report.plot_roc(
             out_dir / f"roc-{tag}.png",
-            arrays["probs"],
+            arrays["raw_probs"],
             arrays["labels"],
             dc.label_names,
             f"zero-shot ROC, {dc.name}, {ckpt.name}",
+        )
+        report.plot_reliability(
+            out_dir / f"reliability-{tag}.png",
+            arrays["raw_probs"],
+            arrays["probs"],
+            arrays["labels"],
+            f"reliability, {dc.name}, {ckpt.name}",
         )
     if "zeroshot_multiclass" in results:
         report.plot_confusion(

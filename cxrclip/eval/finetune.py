@@ -15,10 +15,10 @@ from cxrclip.config import data_configs, to_plain
 from cxrclip.data.records import load_labeled_records
 from cxrclip.data.transforms import build_transform
 from cxrclip.eval import report
-from cxrclip.eval.evaluate import checkpoint_paths, image_loader
-from cxrclip.eval.metrics import binary_metrics, multiclass_metrics
-from cxrclip.model.checkpoint import CheckpointError, load_checkpoint
-from cxrclip.model.loading import load_image_encoder
+from cxrclip.eval.evaluate import checkpoint_paths, image_loader, label_metrics
+from cxrclip.eval.metrics import multiclass_metrics
+from cxrclip.model.checkpoint import CheckpointError, load_checkpoint, plain_config
+from cxrclip.model.loading import default_device, load_image_encoder
 from cxrclip.model.probe import LinearProbe
 
 log = logging.getLogger(__name__)
@@ -42,20 +42,32 @@ def load_probe(path: Path) -> tuple[LinearProbe, dict]:
 
 
 @torch.no_grad()
-def predict(probe: LinearProbe, loader: DataLoader, device: torch.device) -> np.ndarray:
-    out = [probe({"images": b["images"].to(device)})["logits"].sigmoid().cpu() for b in tqdm(loader, leave=False)]
-    return torch.cat(out).numpy()
+def probe_logits(probe: LinearProbe, loader: DataLoader, device: torch.device) -> np.ndarray:
+    """The probe's per-label logits (rows × labels), float64."""
+    out = [probe({"images": b["images"].to(device)})["logits"].float().cpu() for b in tqdm(loader, leave=False)]
+    return torch.cat(out).double().numpy()
+
+
+def probe_transform(ckpt: dict):
+    """The probe run's deterministic (valid) transform with its encoder's normalization."""
+    config = plain_config(ckpt.get("config"))
+    steps = (config.get("transform") or {}).get("valid")
+    if not steps:
+        size = int(config.get("base", {}).get("image_size", 224))
+        steps = {"Resize": {"size": size}, "CenterCrop": {"size": size}}
+    return build_transform(steps, ckpt["probe"]["image_encoder"]["normalize"])
 
 
 def evaluate_finetune(cfg: DictConfig) -> dict[str, dict[str, dict]]:
     """Every checkpoint on every ``data_test`` dataset → ``results-<dataset>.json`` and ``.md``."""
     ckpts = checkpoint_paths(cfg.test.checkpoint)
     datasets = [(dc, load_labeled_records(dc, need_text=False)) for dc in data_configs(cfg, "data_test")]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     out_dir = Path(cfg.test.output_dir) if cfg.test.get("output_dir") else ckpts[0].parent
     everything: dict[str, dict[str, dict]] = {dc.name: {} for dc, _ in datasets}
     for ckpt in ckpts:
         probe, info = load_probe(ckpt)
+        ckpt_data = load_checkpoint(ckpt)
         probe.to(device)
         for dc, records in datasets:
             if list(dc.label_names) != list(info["label_names"]):
@@ -64,10 +76,10 @@ def evaluate_finetune(cfg: DictConfig) -> dict[str, dict[str, dict]]:
                     f"was trained on {info['label_names']}"
                 )
             transform = build_transform(to_plain(cfg.transform)["test"], info["image_encoder"]["normalize"])
-            probs = predict(probe, image_loader(records, transform, cfg.dataloader.test), device)
+            logits = probe_logits(probe, image_loader(records, transform, cfg.dataloader.test), device)
             labels = np.array([r.labels for r in records])
-            result = {"multilabel_classification": binary_metrics(probs, labels, dc.label_names)}
-            multi = multiclass_metrics(probs, labels, dc.label_names) if len(dc.label_names) > 1 else None
+            result = {"multilabel_classification": label_metrics(logits, labels, dc, ckpt_data, cfg.test)[0]}
+            multi = multiclass_metrics(logits, labels, dc.label_names) if len(dc.label_names) > 1 else None
             if multi is not None:
                 result["multiclass_classification"] = multi
             everything[dc.name][str(ckpt)] = result

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
 RECALL_KS = (1, 5, 10)
 # Similarities closer than this count as ties, in the query's favour: the correct pair's score is computed
@@ -66,28 +67,106 @@ def retrieval_metrics(
     return {"retrieval_i2t": _summary(i2t, ks), "retrieval_t2i": _summary(1 + above[present], ks)}
 
 
-def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
-    """The score threshold maximizing sensitivity + specificity − 1 (Youden's J) on these rows."""
-    from sklearn.metrics import roc_curve
+def delong_covariance(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUROCs of k score rows (k × n) on the same rows, and their DeLong covariance (k × k).
 
-    fpr, tpr, thresholds = roc_curve(y, p)
-    best = int(np.argmax(tpr - fpr))
-    return float(min(thresholds[best], 1.0))
+    The fast midrank form (Sun & Xu, 2014) of DeLong, DeLong & Clarke-Pearson (1988): O(k·n log n).
+    """
+    from scipy.stats import rankdata
+
+    y = np.asarray(y).astype(bool)
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    pos, neg = scores[:, y], scores[:, ~y]
+    m, n = pos.shape[1], neg.shape[1]
+    rank_all = rankdata(np.concatenate([pos, neg], axis=1), axis=1)
+    rank_pos, rank_neg = rankdata(pos, axis=1), rankdata(neg, axis=1)
+    aucs = (rank_all[:, :m].sum(axis=1) / m - (m + 1) / 2) / n
+    v_pos = (rank_all[:, :m] - rank_pos) / n  # each positive: share of negatives it beats (ties count half)
+    v_neg = 1.0 - (rank_all[:, m:] - rank_neg) / m  # each negative: share of positives that beat it
+    cov = np.atleast_2d(np.cov(v_pos)) / m + np.atleast_2d(np.cov(v_neg)) / n
+    return aucs, cov
+
+
+def auroc_ci(
+    y: np.ndarray, scores: np.ndarray, *, method: str = "delong", level: float = 0.95, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """A confidence interval of the AUROC: DeLong's (normal approximation, clipped to [0, 1]) or the
+    percentile bootstrap over rows (resamples with a single class are skipped)."""
+    from scipy.stats import norm
+
+    y, scores = np.asarray(y).astype(int), np.asarray(scores, dtype=np.float64)
+    if method == "delong":
+        if min(y.sum(), y.size - y.sum()) < 2:  # one positive (or negative) row: no variance estimate
+            return 0.0, 1.0
+        auc, cov = delong_covariance(y, scores[None, :])
+        half = norm.ppf(0.5 + level / 2) * math.sqrt(max(float(cov[0, 0]), 0.0))
+        return max(0.0, float(auc[0]) - half), min(1.0, float(auc[0]) + half)
+    if method != "bootstrap":
+        raise ValueError(f"AUROC interval method must be delong or bootstrap, got {method!r}")
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n_boot):
+        rows = rng.integers(0, y.size, y.size)
+        if 0 < y[rows].sum() < y.size:
+            samples.append(roc_auc_score(y[rows], scores[rows]))
+    low, high = np.quantile(samples, [0.5 - level / 2, 0.5 + level / 2])
+    return float(low), float(high)
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den else None
+
+
+def operating_point(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float | None]:
+    """Sensitivity, specificity, PPV, NPV, F1 and accuracy of ``p >= threshold`` (None where undefined)."""
+    y, pred = np.asarray(y).astype(bool), np.asarray(p) >= threshold
+    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
+    fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
+    return {
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "PPV": _ratio(tp, tp + fp),
+        "NPV": _ratio(tn, tn + fn),
+        "F1": _ratio(2 * tp, 2 * tp + fp + fn) or 0.0,
+        "Accuracy": float((tp + tn) / max(y.size, 1)),
+    }
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def binary_metrics(
-    probs: np.ndarray, labels: np.ndarray, names: Sequence[str], threshold: float = 0.5
+    scores: np.ndarray,
+    labels: np.ndarray,
+    names: Sequence[str],
+    calibration=None,
+    *,
+    ci: str = "delong",
+    n_boot: int = 1000,
 ) -> dict[str, object]:
-    """Per-label AUROC/F1/Accuracy (labels: 1, 0, -1 = excluded) and their averages over defined labels.
+    """Per-label metrics of scores (logits; rows × labels) against labels (1, 0, -1 = excluded).
 
-    A label with no positive or no negative row is reported as ``None`` ("undefined") and left out of
-    the averages, never a NaN inside them.
+    AUROC and its 95 % interval come from the score itself. Decisions use the calibration's probability and
+    operating point per label (``calibration``: a :class:`~cxrclip.eval.calibration.Calibration`; None =
+    uncalibrated sigmoid at 0.5, flagged); ``at_0.5`` keeps the figures of the uncalibrated sigmoid at 0.5.
+    ECE and Brier score are given before (``*_uncalibrated``) and after calibration. A label with no
+    positive or no negative row is ``None`` ("undefined") and left out of the averages.
     """
+    from cxrclip.eval.calibration import Calibration, brier_score, expected_calibration_error, sigmoid
+
+    calibration = (calibration or Calibration.uncalibrated(names)).for_labels(names)
+    raw, probs, thresholds = sigmoid(scores), calibration.probabilities(scores), calibration.thresholds
     out: dict[str, object] = {}
     defined = []
     for j, name in enumerate(names):
         keep = labels[:, j] >= 0
-        y, p = labels[keep, j].astype(int), probs[keep, j]
+        y = labels[keep, j].astype(int)
+        cal = calibration.labels[name]
+        facts = {"threshold": float(thresholds[j]), "rule": cal.rule, "calibrated": cal.calibrated}
+        if cal.note:
+            facts["calibration_note"] = cal.note
         if y.size == 0 or y.min() == y.max():
             out[name] = {
                 "AUROC": None,
@@ -95,21 +174,37 @@ def binary_metrics(
                 "Accuracy": None,
                 "n_pos": int(y.sum()),
                 "n": int(y.size),
+                **facts,
                 "note": "undefined: needs positive and negative rows",
             }
             continue
-        pred = (p >= threshold).astype(int)
+        p, p_raw = probs[keep, j], raw[keep, j]
+        at_half = operating_point(y, p_raw, 0.5)
         out[name] = {
-            "AUROC": float(roc_auc_score(y, p)),
-            "F1": float(f1_score(y, pred, zero_division=0)),
-            "Accuracy": float(accuracy_score(y, pred)),
+            "AUROC": float(roc_auc_score(y, scores[keep, j])),
+            "AUROC_CI95": list(auroc_ci(y, scores[keep, j], method=ci, n_boot=n_boot)),
+            **operating_point(y, p, thresholds[j]),
+            **facts,
+            "ECE": expected_calibration_error(y, p),
+            "ECE_uncalibrated": expected_calibration_error(y, p_raw),
+            "Brier": brier_score(y, p),
+            "Brier_uncalibrated": brier_score(y, p_raw),
             "n_pos": int(y.sum()),
             "n": int(y.size),
-            "threshold_youden": youden_threshold(y, p),
+            "at_0.5": {"F1": at_half["F1"], "Accuracy": at_half["Accuracy"]},
         }
         defined.append(out[name])
-    for metric in ("AUROC", "F1", "Accuracy"):
-        out[f"{metric}(Avg)"] = float(np.mean([d[metric] for d in defined])) if defined else None
+    for metric in ("AUROC", "F1", "Accuracy", "sensitivity", "specificity", "ECE", "ECE_uncalibrated", "Brier"):
+        out[f"{metric}(Avg)"] = _mean(d[metric] for d in defined)
+    decided = labels >= 0
+    out["YES_per_image"] = float(((probs >= thresholds) & decided).sum(axis=1).mean()) if len(labels) else None
+    out["true_per_image"] = float((labels == 1).sum(axis=1).mean()) if len(labels) else None
+    out["at_0.5"] = {
+        "F1(Avg)": _mean(d["at_0.5"]["F1"] for d in defined),
+        "Accuracy(Avg)": _mean(d["at_0.5"]["Accuracy"] for d in defined),
+        "YES_per_image": float(((raw >= 0.5) & decided).sum(axis=1).mean()) if len(labels) else None,
+    }
+    out["uncalibrated_labels"] = [n for n in names if not calibration.labels[n].calibrated]
     out["labels_averaged"] = len(defined)
     return out
 

@@ -10,6 +10,16 @@ import numpy as np
 
 from cxrclip.io import atomic_write, atomic_write_text  # noqa: F401 (re-exported)
 
+LABEL_COLUMNS = (
+    ("AUROC [95% CI]", None),
+    ("threshold (rule)", None),
+    ("sens", "sensitivity"),
+    ("spec", "specificity"),
+    ("PPV", "PPV"),
+    ("NPV", "NPV"),
+    ("F1", "F1"),
+    ("ECE raw→cal", None),
+)
 COLUMNS = (
     ("zeroshot_binary", "AUROC(Avg)"),
     ("zeroshot_binary", "F1(Avg)"),
@@ -53,6 +63,52 @@ def markdown_table(
         lines.append(f"| {name} | " + " | ".join(_cell(result, s, k) for s, k in columns) + " |")
     if best:
         lines += ["", f"Best {best_by[1]}: {scored[best]:.3f} ({best})"]
+    for ckpt, result in results.items():  # the per-label table of the classification section
+        if result.get(best_by[0]):
+            lines += ["", label_table(dataset, ckpt, result[best_by[0]]).rstrip("\n")]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def label_table(dataset: str, checkpoint: str, binary: Mapping) -> str:
+    """Per label at the stored operating points: AUROC with its interval, threshold and rule, sensitivity,
+    specificity, PPV, NPV, F1 and ECE before → after calibration; flags for uncalibrated/undefined labels."""
+    head = "| label | pos/n | " + " | ".join(title for title, _ in LABEL_COLUMNS) + " | flag |"
+    lines = [f"## {dataset}: per label, {checkpoint}", "", head, "|" + " --- |" * (len(LABEL_COLUMNS) + 3)]
+    for name, v in binary.items():
+        if not isinstance(v, dict) or "n_pos" not in v:
+            continue
+        flags = [] if v.get("calibrated") else ["uncalibrated"]
+        if v.get("AUROC") is None:
+            flags.append("undefined")
+            cells = ["–"] * len(LABEL_COLUMNS)
+        else:
+            low, high = v["AUROC_CI95"]
+            cells = [f"{v['AUROC']:.3f} [{low:.3f}, {high:.3f}]", f"{v['threshold']:.3f} ({v['rule']})"]
+            cells += [_fmt(v[key]) for _, key in LABEL_COLUMNS[2:-1]]
+            cells.append(f"{v['ECE_uncalibrated']:.3f}→{v['ECE']:.3f}")
+        lines.append(f"| {name} | {v['n_pos']}/{v['n']} | " + " | ".join(cells) + f" | {', '.join(flags)} |")
+    at_half = binary.get("at_0.5") or {}
+    lines += [
+        "",
+        f"Averages at the operating points: F1 {_fmt(binary.get('F1(Avg)'))}, accuracy "
+        f"{_fmt(binary.get('Accuracy(Avg)'))}, ECE {_fmt(binary.get('ECE(Avg)'))} (uncalibrated "
+        f"{_fmt(binary.get('ECE_uncalibrated(Avg)'))}); YES per image {_fmt(binary.get('YES_per_image'))} "
+        f"(true labels per image {_fmt(binary.get('true_per_image'))}). At a fixed 0.5 without calibration: F1 "
+        f"{_fmt(at_half.get('F1(Avg)'))}, YES per image {_fmt(at_half.get('YES_per_image'))}.",
+    ]
+    calibration = binary.get("calibration") or {}
+    if calibration.get("note"):
+        lines += ["", f"**Note:** {calibration['note']}"]
+    if binary.get("uncalibrated_labels"):
+        lines += [
+            "",
+            "Uncalibrated labels (fixed threshold, probability not calibrated): "
+            + ", ".join(binary["uncalibrated_labels"]),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -90,6 +146,33 @@ def plot_roc(path: Path, probs: np.ndarray, labels: np.ndarray, names: Sequence[
     return _save_figure(fig, path)
 
 
+def plot_reliability(
+    path: Path, raw: np.ndarray, calibrated: np.ndarray, labels: np.ndarray, title: str
+) -> Path | None:
+    """Observed rate against predicted probability (all labels' defined rows pooled), before and after
+    calibration, with the diagonal of perfect calibration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cxrclip.eval.calibration import expected_calibration_error, reliability_bins
+
+    keep = labels >= 0
+    if not keep.any():
+        return None
+    y = labels[keep]
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect")
+    for probs, name, marker in ((raw, "uncalibrated", "s"), (calibrated, "calibrated", "o")):
+        bins = reliability_bins(y, probs[keep])
+        ece = expected_calibration_error(y, probs[keep])
+        ax.plot([b[0] for b in bins], [b[1] for b in bins], marker=marker, label=f"{name} (ECE {ece:.3f})")
+    ax.set(xlabel="predicted probability", ylabel="observed frequency", title=title, xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=8, loc="upper left")
+    return _save_figure(fig, path)
+
+
 def plot_confusion(path: Path, confusion: Sequence[Sequence[int]], names: Sequence[str], title: str) -> Path:
     import matplotlib
 
@@ -106,18 +189,3 @@ def plot_confusion(path: Path, confusion: Sequence[Sequence[int]], names: Sequen
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     return _save_figure(fig, path)
-
-
-def write_thresholds(out_dir: Path, dataset: str, results: Mapping[str, dict]) -> None:
-    """Per checkpoint, ``<checkpoint stem>.thresholds-<dataset>.json``: each label's Youden threshold on this
-    dataset, for ``inference.py --thresholds``. Fit them on a validation set, not on the set you report."""
-    for ckpt, result in results.items():
-        binary = result.get("zeroshot_binary") or {}
-        thresholds = {
-            k: v["threshold_youden"]
-            for k, v in binary.items()
-            if isinstance(v, dict) and v.get("threshold_youden") is not None
-        }
-        if thresholds:
-            path = out_dir / f"{Path(ckpt).stem}.thresholds-{dataset}.json"
-            atomic_write_text(path, json.dumps(thresholds, indent=2) + "\n")

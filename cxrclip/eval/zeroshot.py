@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -51,7 +53,27 @@ def class_embeddings(model: CXRClip, tokenizer, groups: Sequence[Sequence[str]],
     return F.normalize(torch.stack([chunk.mean(0) for chunk in emb.split(sizes)]), dim=-1)
 
 
-def binary_probabilities(image_emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:
-    """P(label present) per image and label: softmax over (positive, negative) prompt similarity."""
-    logits = torch.stack([image_emb @ pos.t(), image_emb @ neg.t()], dim=-1) * scale
-    return logits.softmax(dim=-1)[..., 0]
+def binary_logits(image_emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:
+    """The zero-shot score per image and label: ``scale · (cos(image, pos) − cos(image, neg))``.
+    Its sigmoid is the softmax over (positive, negative) prompts, the model's uncalibrated P(yes)."""
+    return (image_emb @ pos.t() - image_emb @ neg.t()).double() * scale
+
+
+@dataclass
+class LabelScorer:
+    """Each label's positive and negative prompt embeddings, computed once, and the model's scale."""
+
+    names: list[str]
+    pos_emb: torch.Tensor
+    neg_emb: torch.Tensor
+    scale: float
+
+    @classmethod
+    def create(cls, model: CXRClip, tokenizer, bank: PromptBank, names: Sequence[str], device) -> LabelScorer:
+        pos, neg = label_prompts(bank, names)
+        pos_emb = class_embeddings(model, tokenizer, pos, device)
+        neg_emb = class_embeddings(model, tokenizer, neg, device)
+        return cls(list(names), pos_emb, neg_emb, float(model.scale.detach()))
+
+    def logits(self, image_emb: torch.Tensor) -> np.ndarray:
+        return binary_logits(image_emb.float().cpu(), self.pos_emb, self.neg_emb, self.scale).numpy()

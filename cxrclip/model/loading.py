@@ -33,6 +33,33 @@ class LoadedModel:
     def normalize(self):
         return self.model_config["image_encoder"]["normalize"]
 
+    @property
+    def config(self) -> dict:
+        """The run config stored in the checkpoint, as plain data."""
+        return plain_config(self.checkpoint.get("config"))
+
+    def preprocess(self, image_size: int | None = None):
+        """The run's deterministic test transform with the model's normalization. ``image_size`` (or a
+        checkpoint without stored transforms, like the published ones) gives Resize + CenterCrop."""
+        from cxrclip.data.transforms import build_transform
+
+        transforms = self.config.get("transform") or {}
+        steps = transforms.get("test") or transforms.get("valid")
+        if image_size or not steps:
+            size = int(image_size or self.config.get("base", {}).get("image_size", 224))
+            steps = {"Resize": {"size": size}, "CenterCrop": {"size": size}}
+        return build_transform(steps, self.normalize)
+
+    @property
+    def calibration(self):
+        """The stored :class:`~cxrclip.eval.calibration.Calibration` as plain data, or None."""
+        return self.checkpoint.get("calibration")
+
+
+def default_device(name: str | None = None) -> torch.device:
+    """``name`` if given, else CUDA when available, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
 
 def upgrade_model_config(cfg: Mapping) -> dict:
     """Fill what a published CXR-CLIP config leaves implicit, as the original code did: ResNet

@@ -1,0 +1,157 @@
+"""``cxrclip calibrate`` and the end of training: fit per-label calibration on validation data and store
+it in the checkpoint (key ``calibration``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxrclip.data.records import DataConfig, ImageTextRecord, LabeledRecord, load_records
+from cxrclip.eval.calibration import Calibration, CalibrationError, CalibrationSettings, file_sha256, fit_calibration
+from cxrclip.eval.zeroshot import LabelScorer, embed_images
+from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint
+from cxrclip.model.loading import LoadedModel, default_device, load_model
+
+log = logging.getLogger(__name__)
+
+
+def label_matrix(records: Sequence, names: Sequence[str]) -> np.ndarray:
+    """Rows × labels of 1 (present), 0 (absent) or -1 (uncertain / left out), from either kind of record.
+    Train/valid rows name their positives (and, in triplet files, negatives and uncertain ones); a label a
+    row does not mention is absent."""
+    out = np.zeros((len(records), len(names)), dtype=np.int64)
+    for i, r in enumerate(records):
+        if isinstance(r, LabeledRecord):
+            out[i] = r.labels
+        elif isinstance(r, ImageTextRecord):
+            out[i] = [1 if n in r.positives else -1 if n in r.uncertain else 0 for n in names]
+    return out
+
+
+def as_labeled(records: Sequence) -> list[LabeledRecord]:
+    """Image rows for the evaluation loader (labels are read separately by :func:`label_matrix`)."""
+    return [LabeledRecord(r.line, r.images[:1], ()) if isinstance(r, ImageTextRecord) else r for r in records]
+
+
+def zero_shot_logits(
+    loaded: LoadedModel, records: Sequence, bank, names: Sequence[str], loader_cfg: Mapping, device: torch.device
+) -> np.ndarray:
+    """Zero-shot label logits of every row's first image, preprocessed as the run's test transform."""
+    from cxrclip.eval.evaluate import image_loader
+
+    loader = image_loader(as_labeled(records), loaded.preprocess(), loader_cfg)
+    scorer = LabelScorer.create(loaded.model, loaded.tokenizer, bank, names, device)
+    return scorer.logits(embed_images(loaded.model, loader, device, desc="calibration images"))
+
+
+def usable(dc: DataConfig) -> bool:
+    """Calibration needs label sets: report-only data (``text_source: report``) has none."""
+    return bool(dc.label_names) and dc.text_source == "labels" and dc.label_source != "none"
+
+
+def calibrate_checkpoint(
+    checkpoint: str | Path,
+    data: Sequence[DataConfig],
+    settings: CalibrationSettings,
+    *,
+    out: str | Path | None = None,
+    loader_cfg: Mapping | None = None,
+    device: str | torch.device | None = None,
+    text_encoder: str | None = None,
+) -> Calibration:
+    """Fit the calibration of a checkpoint — a CLIP model (zero-shot scores) or a linear probe (its logits) —
+    on the rows of ``data`` (all with the same label list) and write the checkpoint back (to ``out`` if
+    given) with it under ``calibration``, atomically."""
+    data = [dc for dc in data if usable(dc)]
+    if not data:
+        raise CalibrationError("no validation data with label sets to calibrate on (need image + text_label rows)")
+    names = list(data[0].label_names)
+    if any(list(dc.label_names) != names for dc in data):
+        raise CalibrationError("every calibration dataset must have the same label_names")
+    device = default_device(str(device) if device else None)
+    loader_cfg = dict(loader_cfg or {"batch_size": 32, "num_workers": 0})
+    ckpt = load_checkpoint(checkpoint)
+    score = _probe_scorer if "probe" in ckpt else _clip_scorer
+    logits, labels = score(checkpoint, data, names, loader_cfg, device, text_encoder)
+    fitted_on = {
+        "dataset": data[0].name,
+        "path": str(data[0].csv_path),
+        "sha256": file_sha256(data[0].csv_path),
+        "rows": int(len(labels)),
+        "files": [{"path": str(dc.csv_path), "sha256": file_sha256(dc.csv_path)} for dc in data],
+    }
+    prompts = file_sha256(data[0].prompts_file) if "probe" not in ckpt else None
+    calibration = fit_calibration(logits, labels, names, settings, fitted_on, prompts)
+    ckpt["calibration"] = calibration.to_dict()
+    target = save_checkpoint(out or checkpoint, {k: v for k, v in ckpt.items() if k != "format"})
+    flagged = [n for n, c in calibration.labels.items() if not c.calibrated]
+    log.info(
+        "calibrated %d/%d labels on %d rows of %s (rule %s) → %s%s",
+        len(names) - len(flagged),
+        len(names),
+        len(labels),
+        data[0].csv_path,
+        settings.rule,
+        target,
+        f"; uncalibrated (too few rows): {flagged}" if flagged else "",
+    )
+    return calibration
+
+
+def _clip_scorer(checkpoint, data, names, loader_cfg, device, text_encoder) -> tuple[np.ndarray, np.ndarray]:
+    loaded = load_model(checkpoint, device=device, text_encoder=text_encoder)
+    logits, labels = [], []
+    for dc in data:
+        records = load_records(dc)
+        logits.append(zero_shot_logits(loaded, records, dc.prompts(), names, loader_cfg, device))
+        labels.append(label_matrix(records, names))
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def _probe_scorer(checkpoint, data, names, loader_cfg, device, text_encoder) -> tuple[np.ndarray, np.ndarray]:
+    from cxrclip.eval.evaluate import image_loader
+    from cxrclip.eval.finetune import load_probe, probe_logits, probe_transform
+
+    probe, info = load_probe(Path(checkpoint))
+    transform = probe_transform(load_checkpoint(checkpoint))
+    if list(info["label_names"]) != names:
+        raise CalibrationError(f"{checkpoint} was trained on labels {info['label_names']}, the data has {names}")
+    probe.to(device)
+    logits, labels = [], []
+    for dc in data:
+        records = load_records(dc)
+        loader = image_loader(as_labeled(records), transform, loader_cfg)
+        logits.append(probe_logits(probe, loader, device))
+        labels.append(label_matrix(records, names))
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def stored_calibration(checkpoint: Mapping, names: Sequence[str], fallback_threshold: float = 0.5) -> Calibration:
+    """The checkpoint's calibration over ``names``, or the flagged uncalibrated fallback."""
+    data = checkpoint.get("calibration")
+    if not data:
+        note = "the checkpoint has no calibration: run `cxrclip calibrate`"
+        return Calibration.uncalibrated(names, fallback_threshold, note=note)
+    return Calibration.from_dict(data).for_labels(names, fallback_threshold)
+
+
+def calibrate_after_training(cfg, result: Mapping) -> Calibration | None:
+    """The end of ``train.py``: calibrate ``model-best.tar`` on the validation split (``calibration`` config)."""
+    from omegaconf import OmegaConf
+
+    from cxrclip.config import data_configs
+
+    settings = CalibrationSettings.from_mapping(OmegaConf.to_container(cfg.get("calibration") or {}, resolve=True))
+    best = Path(cfg.base.output.checkpoint) / "model-best.tar"
+    data = [dc for dc in data_configs(cfg, "data_valid") if usable(dc)]
+    if not settings.enabled or result.get("stopped") or not best.is_file():
+        return None
+    if not data:
+        log.warning("no labelled validation data: %s stays uncalibrated (see `cxrclip calibrate`)", best)
+        return None
+    loader = OmegaConf.to_container(cfg.dataloader.valid, resolve=True)
+    return calibrate_checkpoint(best, data, settings, loader_cfg=loader)

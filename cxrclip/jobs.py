@@ -1,0 +1,33 @@
+"""Jobs that join stages: training (pre-training or a linear probe) followed by calibration of
+``model-best.tar`` on the validation split."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from omegaconf import DictConfig
+
+
+def _then_calibrate(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict:
+    from cxrclip.eval.calibrate import calibrate_after_training
+
+    result = run(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:  # one process calibrates; the others are done
+        calibration = calibrate_after_training(cfg, result)
+        result = {**result, "calibrated": calibration is not None}
+    return result
+
+
+def pretrain(cfg: DictConfig) -> dict:
+    """``train.py``: CXR-CLIP pre-training, then calibration of the zero-shot scores."""
+    from cxrclip.engine.trainer import train
+
+    return _then_calibrate(cfg, train)
+
+
+def probe(cfg: DictConfig) -> dict:
+    """``finetune.py``: a linear probe, then calibration of its outputs."""
+    from cxrclip.engine.finetune import finetune
+
+    return _then_calibrate(cfg, finetune)

@@ -123,6 +123,16 @@ def _data_config(csv_path: str, split: str, args: argparse.Namespace) -> DataCon
     )
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from cxrclip.errors import exit_on_user_error
+    from cxrclip.model.checkpoint import convert_checkpoint
+
+    with exit_on_user_error():
+        path = convert_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {path}: weights and config as plain data, no optimizer state; loads with weights_only=True")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from cxrclip.demo import run_demo
     from cxrclip.errors import exit_on_user_error
@@ -213,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--text-encoder", help="local folder of the text encoder (offline)")
     p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser(
+        "convert", help="rewrite a checkpoint (e.g. from the original CXR-CLIP trainer) as a pickle-free cxrclip one"
+    )
+    p.add_argument("--checkpoint", required=True, help="the checkpoint to read (safely)")
+    p.add_argument("--out", required=True, help="where to write the converted checkpoint")
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("demo-data", help="write a synthetic CGMH-style dataset (train/valid/test CSVs + images)")
     p.add_argument("out", help="output folder")

@@ -23,7 +23,13 @@ from cxrclip.data.transforms import build_transform
 from cxrclip.engine.dist import DistEnv, init_distributed, shutdown
 from cxrclip.engine.optim import build_optimizer, build_scheduler
 from cxrclip.loss import build_loss
-from cxrclip.model.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cxrclip.model.checkpoint import (
+    load_checkpoint,
+    require_training_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from cxrclip.model.clip import build_model
 from cxrclip.model.encoders import build_tokenizer
 
@@ -278,6 +284,7 @@ class Trainer:
 
     def resume(self, path: str) -> None:
         ckpt = load_checkpoint(path)
+        require_training_state(ckpt, path)
         self.model.load_state_dict(ckpt["model"], strict=True)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])

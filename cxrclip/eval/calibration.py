@@ -13,12 +13,13 @@ threshold, and says so (``calibrated: false``) wherever it is shown.
 from __future__ import annotations
 
 import datetime
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from cxrclip.io import file_sha256
 
 VERSION = 1
 METHODS = ("platt", "isotonic")
@@ -231,14 +232,6 @@ class Calibration:
         """Whether ``path`` holds the very data this calibration was fitted on (same content hash)."""
         digest = self.fitted_on.get("sha256")
         return bool(digest) and Path(path).is_file() and file_sha256(path) == digest
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fit_label(logits: np.ndarray, y: np.ndarray, rule: str, settings: CalibrationSettings) -> LabelCalibration:

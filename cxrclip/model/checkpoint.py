@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import logging
+import pickle
 import random
 import typing
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 from cxrclip.io import atomic_write
 
 FORMAT = "cxrclip/1"
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -53,29 +56,85 @@ def _config_allowlist() -> list:
 
 
 def plain_config(config) -> dict:
-    """A checkpoint's config as a plain dict (it may be an OmegaConf DictConfig in published files)."""
-    from omegaconf import DictConfig, OmegaConf
+    """A checkpoint's config as a plain dict (``load_checkpoint`` has already made it plain data)."""
+    from cxrclip.model.safe_pickle import to_plain_data
 
-    if isinstance(config, DictConfig):
-        return OmegaConf.to_container(config, resolve=True)
-    return dict(config or {})
+    return dict(to_plain_data(config) or {})
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0]
+
+
+def _load_restricted(path: Path, refusal: Exception) -> dict:
+    """The original CXR-CLIP trainer's files: read with the restricted unpickler (no code runs)."""
+    from cxrclip.model import safe_pickle
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
+    except safe_pickle.RefusedGlobalError as e:
+        raise CheckpointError(
+            f"cannot load checkpoint {path} safely: it names {e.qualified_name!r}, which is not a tensor, container "
+            "or OmegaConf config; nothing in it was run. Only load it if you trust its source."
+        ) from e
+    except Exception as e:  # torch raises many types for corrupt files; all mean "unreadable"
+        raise CheckpointError(
+            f"cannot load checkpoint {path} safely ({type(refusal).__name__}: {_first_line(refusal)})"
+        ) from e
+    log.info(
+        "%s: read with the restricted unpickler (its config holds OmegaConf objects, as the original CXR-CLIP "
+        "trainer writes them); only tensors, containers and OmegaConf classes were admitted",
+        path,
+    )
+    return ckpt
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint safely; errors say which file and why."""
+    """Load a checkpoint safely; errors say which file and why. The config comes back as plain data."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals(_config_allowlist()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise CheckpointError(
-            f"cannot load checkpoint {path} safely ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from e
+    except pickle.UnpicklingError as e:  # the weights-only reader refused a global or could not fill a container
+        ckpt = _load_restricted(path, e)
+    except Exception as e:  # torch raises RuntimeError, EOFError... for bad files
+        raise CheckpointError(f"cannot load checkpoint {path} safely ({type(e).__name__}: {_first_line(e)})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a CXR-CLIP checkpoint (no 'model' entry)")
+    try:
+        ckpt["config"] = plain_config(ckpt.get("config"))
+    except Exception as e:  # OmegaConf raises its own error types for unresolvable configs
+        raise CheckpointError(f"{path}: its config cannot be read ({type(e).__name__}: {_first_line(e)})") from e
     return ckpt
+
+
+TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng")
+
+
+def convert_checkpoint(source: str | Path, out: str | Path) -> Path:
+    """Rewrite a checkpoint (e.g. one from the original CXR-CLIP trainer) in cxrclip's format: weights,
+    config as plain data, no optimizer/scheduler state; it then loads with plain ``weights_only=True``."""
+    from cxrclip.io import file_sha256
+
+    ckpt = load_checkpoint(source)
+    kept = {k: v for k, v in ckpt.items() if k not in (*TRAINING_STATE, "format")}
+    kept["converted_from"] = {"path": str(Path(source).resolve()), "sha256": file_sha256(source)}
+    path = save_checkpoint(out, kept)
+    torch.load(path, map_location="cpu", weights_only=True)  # no allowlist needed any more: check it
+    return path
+
+
+def require_training_state(ckpt: dict, path: str | Path) -> None:
+    """``base.resume`` needs cxrclip's training state; say so plainly for other checkpoints."""
+    missing = [k for k in (*TRAINING_STATE, "step", "batches_done", "epoch") if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"cannot resume from {path}: it has no {', '.join(missing)} (it was not written by cxrclip's trainer, "
+            "e.g. it comes from the original CXR-CLIP code). Evaluate it, run inference, probe it "
+            "(model.load_backbone_weights=) or `cxrclip convert` it; training restarts from a cxrclip checkpoint only."
+        )
 
 
 def rng_state() -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 from cxrclip.data.prompts import PromptFileError
 from cxrclip.data.records import DataConfig, DataValidationError, load_records, summarize
 from cxrclip.data.synthetic import CGMH_LABELS, DEFAULT_PROMPTS, NORMAL_SENTENCE, generate_demo_data
+from cxrclip.exceptions import ConfigError
 
 SPLIT_TYPES = {"train": "imagetext", "valid": "imagetext", "test": "imagetext_eval", "cls": "image_classification"}
 
@@ -44,10 +45,10 @@ def _validate(args: argparse.Namespace) -> int:
     try:
         records = load_records(cfg, check_images=True)
         if args.deep:
-            _decode_all(records)
-    except (DataValidationError, PromptFileError, ValueError) as e:
+            _decode_all(records, cfg.csv_path)
+    except (DataValidationError, PromptFileError, ConfigError) as e:
         print(f"FAILED: {e}", file=sys.stderr)
-        return 1
+        return 2
     summary = summarize(cfg, records)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -62,11 +63,11 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _decode_all(records) -> None:
+def _decode_all(records, csv_path: Path) -> None:
     from cxrclip.data.images import ImageReadError, read_image
     from cxrclip.data.records import Problems
 
-    problems = Problems("images")
+    problems = Problems(str(csv_path))
     for r in records:
         for path in r.images:
             try:
@@ -118,6 +119,7 @@ def _data_config(csv_path: str, split: str, args: argparse.Namespace) -> DataCon
         image_root=args.image_root,
         label_names=_label_names(args.labels),
         label_format=getattr(args, "label_format", "list"),
+        blank_labels=getattr(args, "blank_labels", "error"),
         prompt_path=args.prompts,
         normal_sentence=NORMAL_SENTENCE,
     )
@@ -178,6 +180,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrclip", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -247,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompt file (train/valid)")
     p.add_argument("--labels", help="a text file with one label name per line (default: the 13 CGMH labels)")
     p.add_argument("--label-format", choices=["list", "triplet"], default="list")
+    p.add_argument(
+        "--blank-labels",
+        choices=["error", "excluded", "negative"],
+        default="error",
+        help="test/cls: what a blank 0/1 cell means (default: an error)",
+    )
     p.add_argument("--image-root", help="folder that relative image paths start from (default: the CSV's folder)")
     p.add_argument("--deep", action="store_true", help="decode every image fully (slower)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -256,7 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["infer"]:  # inference.py's own options, passed through untouched
+        from cxrclip.infer import main as infer_main
+
+        return infer_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.debug:
+        import os
+
+        os.environ["CXRCLIP_DEBUG"] = "1"
     return args.func(args)
 
 

@@ -66,6 +66,7 @@ def run_demo(
             f"base.image_size={image_size}",
             f"scheduler.config.total_epochs={epochs}",
             f"base.seed={seed}",
+            "base.overwrite=true",  # the demo's own folder: a rerun replaces the last demo
             f"base.output.checkpoint={run / 'checkpoints'}",
             f"base.output.tensorboard={run / 'tensorboard'}",
             *(extra or []),

@@ -1,33 +1,47 @@
-"""User-facing errors: shown as one clear message (no traceback) and a non-zero exit."""
+"""User-facing errors: shown as one clear message (no traceback) and exit code 2."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import os
 import sys
 
-from cxrclip.data.prompts import PromptFileError
-from cxrclip.data.records import DataValidationError
-from cxrclip.eval.calibration import CalibrationError
-from cxrclip.model.checkpoint import CheckpointError
-from cxrclip.model.encoders import ModelNotFoundError
+from cxrclip.exceptions import UserError
 
-USER_ERRORS = (
-    DataValidationError,
-    CalibrationError,
-    PromptFileError,
-    CheckpointError,
-    ModelNotFoundError,
-    FloatingPointError,
-)
+EXIT_USER_ERROR = 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What counts as a user's mistake: our :class:`UserError` family, a non-finite loss (with its hint), and
+    OmegaConf's "missing mandatory value" (``test.checkpoint=???`` left unset)."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    return (UserError, FloatingPointError, MissingMandatoryValue)
+
+
+def debugging() -> bool:
+    """Tracebacks are shown with ``--debug``, ``CXRCLIP_DEBUG=1`` or Hydra's ``HYDRA_FULL_ERROR=1``."""
+    return os.environ.get("CXRCLIP_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def message(e: BaseException) -> str:
+    """The user-facing text of an error; OmegaConf's multi-line "missing value" becomes one line with a hint."""
+    full_key = getattr(e, "full_key", None)
+    if full_key and type(e).__name__ == "MissingMandatoryValue":
+        return f"{full_key} is not set; give it on the command line, e.g. {full_key}=/PATH"
+    return str(e)
 
 
 @contextlib.contextmanager
-def exit_on_user_error():
-    """Turn the errors a user can fix into a message on stderr and exit code 2."""
+def exit_on_user_error(debug: bool = False):
+    """Turn the errors a user can fix into ``error: <message>`` on stderr and exit code 2."""
     try:
         yield
-    except USER_ERRORS as e:
-        logging.getLogger("cxrclip").error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except user_errors() as e:
+        if debug or debugging():
+            raise
+        print(f"error: {message(e)}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

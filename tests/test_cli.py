@@ -21,7 +21,7 @@ def test_demo_data_then_validate_ok(tmp_path, capsys):
 
 def test_validate_bad_file_exits_nonzero_and_lists_problems(tmp_path, capsys):
     (tmp_path / "t.csv").write_text("image,text_label\na.png,[]\nb.png,\"['Nope']\"\n")
-    assert main(["validate-data", str(tmp_path / "t.csv")]) == 1
+    assert main(["validate-data", str(tmp_path / "t.csv")]) == 2
     err = capsys.readouterr().err
     assert "t.csv:2: image file not found" in err and "t.csv:3:" in err and "unknown label(s) ['Nope']" in err
 
@@ -32,7 +32,7 @@ def test_console_entry_point_runs(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert out.returncode == 1 and "file not found" in out.stderr
+    assert out.returncode == 2 and "file not found" in out.stderr
 
 
 def test_demo_pipeline_end_to_end(tmp_path, capsys, minilm_tokenizer):

@@ -6,13 +6,15 @@ from collections.abc import Sequence
 
 import torch
 
+from cxrclip.exceptions import ConfigError
+
 
 class ImageTextCollator:
     """Turns dataset items into a batch; texts are tokenized once per batch with dynamic padding."""
 
     def __init__(self, tokenizer, text_max_length: int = 256, padding: str = "longest"):
         if padding not in ("longest", "max_length"):
-            raise ValueError("padding must be 'longest' or 'max_length' (the original's fixed 256, for comparison)")
+            raise ConfigError("padding must be 'longest' or 'max_length' (the original's fixed 256, for comparison)")
         self.tokenizer = tokenizer
         self.text_max_length = text_max_length
         self.padding = padding

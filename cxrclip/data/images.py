@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from cxrclip.exceptions import UserError
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
-class ImageReadError(OSError):
+class ImageReadError(UserError, OSError):
     """An image file that is missing or cannot be decoded."""
 
 
@@ -74,6 +77,32 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"cannot decode image {path}: {e}") from e
 
 
+def dicom_pixel_problem(path: str | Path) -> str | None:
+    """Whether a DICOM's pixel data is all there, without decoding it: for uncompressed transfer syntaxes the
+    bytes after the header must hold Rows × Columns × SamplesPerPixel × NumberOfFrames × BitsAllocated / 8."""
+    import pydicom
+
+    with open(path, "rb") as f:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        pixels_at = f.tell()  # pydicom stops at the (Pixel Data) element's tag
+    if "Rows" not in ds or "Columns" not in ds:
+        return "DICOM file has no image (no Rows/Columns)"
+    size = os.path.getsize(path)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if size <= pixels_at:
+        return "DICOM file has no pixel data"
+    if syntax is None or syntax.is_compressed:
+        return None  # encapsulated: the length is in the fragments; --deep decodes it
+    header = 8 if syntax.is_implicit_VR else 12
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    values = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * frames
+    expected = (values * int(ds.get("BitsAllocated", 8) or 8) + 7) // 8
+    available = size - pixels_at - header
+    if available < expected:
+        return f"DICOM pixel data is truncated ({max(available, 0)} of {expected} bytes)"
+    return None
+
+
 def check_image_header(path: str | Path) -> str | None:
     """A cheap readability check (header only); returns a problem description or None."""
     path = Path(path)
@@ -81,11 +110,7 @@ def check_image_header(path: str | Path) -> str | None:
         return "image file not found"
     try:
         if is_dicom(path):
-            import pydicom
-
-            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-            if "Rows" not in ds or "Columns" not in ds:
-                return "DICOM file has no image (no Rows/Columns)"
+            return dicom_pixel_problem(path)
         else:
             with Image.open(path) as im:
                 im.verify()

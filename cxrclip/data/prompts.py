@@ -8,10 +8,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxrclip.exceptions import UserError
+
 KINDS = ("pos", "neg", "unc")
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError, ValueError):
     """The prompt file is missing, not JSON, or not shaped {label: {"pos": [...], "neg": [...], "unc": [...]}}."""
 
 

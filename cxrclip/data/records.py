@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -14,11 +13,13 @@ import pandas as pd
 
 from cxrclip.data.images import check_image_header
 from cxrclip.data.prompts import PromptBank, load_prompts
+from cxrclip.exceptions import ConfigError, UserError
 from cxrclip.paths import resolve_user_path
 
 DATA_TYPES = ("imagetext", "imagetext_eval", "image_classification")
 LABEL_FORMATS = ("list", "triplet")
 TEXT_SOURCES = ("labels", "report")
+BLANK_LABELS = ("error", "excluded", "negative")
 LABEL_SOURCES = ("columns", "label_column", "none")
 EVAL_TEXTS = ("as_is", "findings", "impression", "longest", "concat")
 MAX_PROBLEMS_SHOWN = 30
@@ -33,7 +34,7 @@ def named_label_list(name: str) -> list[str]:
     path = CONFIG_DIR / "labels" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"label_names: no label list named {name!r}; known: {known} (or give a list)")
+        raise ConfigError(f"label_names: no label list named {name!r}; known: {known} (or give a list)")
     return list(OmegaConf.load(path).names)
 
 
@@ -60,6 +61,7 @@ class DataConfig:
     view_columns: tuple[str, ...] = ()  # e.g. [AP, PA, Lateral]: two views come from two different views
     label_source: str = "columns"  # test/classification: one 0/1 column per label, a "label" list column, or none
     eval_text: str = "as_is"  # test text from a [findings, impression] list: findings|impression|longest|concat
+    blank_labels: str = "error"  # test/classification: a blank 0/1 cell is an error, or "excluded" / "negative"
 
     @classmethod
     def from_mapping(cls, key: str, cfg: Mapping) -> DataConfig:
@@ -67,24 +69,25 @@ class DataConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known - {"n_class"})  # n_class: the original's, derived here
         if unknown:
-            raise ValueError(f"data config {key!r}: unknown keys {unknown}; known keys: {sorted(known)}")
+            raise ConfigError(f"data config {key!r}: unknown keys {unknown}; known keys: {sorted(known)}")
         cfg.pop("n_class", None)
         cfg.setdefault("name", key)
         if cfg.get("data_type") not in DATA_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"data config {key!r}: data_type must be one of {DATA_TYPES}, got {cfg.get('data_type')!r}"
             )
         if cfg.get("label_format", "list") not in LABEL_FORMATS:
-            raise ValueError(f"data config {key!r}: label_format must be one of {LABEL_FORMATS}")
+            raise ConfigError(f"data config {key!r}: label_format must be one of {LABEL_FORMATS}")
         if not cfg.get("data_path"):
-            raise ValueError(f"data config {key!r}: data_path is empty; set it to your CSV file")
+            raise ConfigError(f"data config {key!r}: data_path is empty; set it to your CSV file")
         for option, allowed in (
             ("text_source", TEXT_SOURCES),
             ("label_source", LABEL_SOURCES),
             ("eval_text", EVAL_TEXTS),
+            ("blank_labels", BLANK_LABELS),
         ):
             if cfg.get(option, allowed[0]) not in allowed:
-                raise ValueError(f"data config {key!r}: {option} must be one of {allowed}, got {cfg[option]!r}")
+                raise ConfigError(f"data config {key!r}: {option} must be one of {allowed}, got {cfg[option]!r}")
         cfg["view_columns"] = tuple(cfg.get("view_columns") or ())
         cfg["label_names"] = tuple(
             named_label_list(cfg["label_names"])
@@ -92,7 +95,7 @@ class DataConfig:
             else cfg.get("label_names") or ()
         )
         if len(set(cfg["label_names"])) != len(cfg["label_names"]):
-            raise ValueError(f"data config {key!r}: label_names has duplicates")
+            raise ConfigError(f"data config {key!r}: label_names has duplicates")
         return cls(**cfg)
 
     @property
@@ -106,7 +109,7 @@ class DataConfig:
     @property
     def prompts_file(self) -> Path:
         if not self.prompt_path:
-            raise ValueError(f"data config {self.name!r}: prompt_path is not set")
+            raise ConfigError(f"data config {self.name!r}: prompt_path is not set")
         return resolve_user_path(self.prompt_path)
 
     def prompts(self) -> PromptBank:
@@ -158,7 +161,7 @@ class Problems:
             raise DataValidationError(self.items)
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError, ValueError):
     """One or more problems in a data file; ``problems`` lists them all."""
 
     def __init__(self, problems: Sequence[str]):
@@ -340,30 +343,51 @@ def pick_eval_text(sections: Sequence[str], how: str) -> str:
     return sections[0] if len(sections) == 1 else " ".join(sections)
 
 
-def _label_value(cell: str) -> int | None:
-    cell = cell.strip()
-    if cell == "":
-        return -1
+BLANK = object()  # a blank label cell: what it means is declared by the data config (``blank_labels``)
+BLANK_MEANING = {"excluded": -1, "negative": 0}
+
+
+def _label_value(cell: str) -> int | None | object:
+    """1, 0 or -1 (uncertain); BLANK for an empty/NaN cell; None for anything else."""
+    cell = str(cell).strip()
+    if cell == "" or cell.lower() == "nan":
+        return BLANK
     try:
         value = float(cell)
     except ValueError:
         return None
-    if math.isnan(value):
-        return -1
     return int(value) if value in (0.0, 1.0, -1.0) else None
 
 
-def _label_list_cell(cell: str, n: int, line: int, problems: Problems) -> tuple[int, ...]:
+def _label_cell(cell: str, where: str, line: int, cfg: DataConfig, problems: Problems) -> int:
+    """One label cell of a test/classification row, with blanks read as the config declares (default: an error)."""
+    value = _label_value(cell)
+    if value is BLANK:
+        if cfg.blank_labels in BLANK_MEANING:
+            return BLANK_MEANING[cfg.blank_labels]
+        problems.add(
+            line,
+            f"{where}: blank label; fill in 0/1 (-1 = uncertain) or declare blanks in the data config "
+            "(blank_labels: excluded | negative)",
+        )
+        return -1
+    if value is None:
+        problems.add(line, f"{where}: expected 0 or 1 (or -1 = uncertain), got {cell!r}")
+        return -1
+    return value
+
+
+def _label_list_cell(cell: str, cfg: DataConfig, line: int, problems: Problems) -> tuple[int, ...]:
     """The original's ``label`` column: one 0/1 value (single label) or a list of them."""
+    n = len(cfg.label_names)
     try:
         values = parse_list_cell(cell) if cell.strip().startswith("[") else [cell]
-        parsed = [_label_value(str(v)) for v in values]
     except (ValueError, SyntaxError):
-        parsed = [None]
-    if len(parsed) != n or any(v is None for v in parsed):
+        values = None
+    if values is None or len(values) != n:
         problems.add(line, f"column 'label': expected {n} value(s) of 0/1, got {cell!r}")
         return (-1,) * n
-    return tuple(parsed)
+    return tuple(_label_cell(str(v), "column 'label'", line, cfg, problems) for v in values)
 
 
 def load_labeled_records(cfg: DataConfig, *, need_text: bool, check_images: bool = True) -> list[LabeledRecord]:
@@ -383,17 +407,12 @@ def load_labeled_records(cfg: DataConfig, *, need_text: bool, check_images: bool
         line = csv_line(index)
         images = _images(image_cell, line, cfg.image_base, problems, check_images)
         if cfg.label_source == "label_column":
-            values = _label_list_cell(df["label"].iat[index], len(cfg.label_names), line, problems)
+            values = _label_list_cell(df["label"].iat[index], cfg, line, problems)
         else:
-            values = []
-            for name, column in zip(cfg.label_names, columns):
-                value = _label_value(column[index])
-                if value is None:
-                    problems.add(
-                        line, f"column {name!r}: expected 0 or 1 (or -1/empty = uncertain), got {column[index]!r}"
-                    )
-                    value = -1
-                values.append(value)
+            values = [
+                _label_cell(column[index], f"column {name!r}", line, cfg, problems)
+                for name, column in zip(cfg.label_names, columns)
+            ]
         text = ""
         if "text" in df.columns:
             text = pick_eval_text(_text_cell(df["text"].iat[index], line, "text", problems), cfg.eval_text)

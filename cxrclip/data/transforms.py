@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from cxrclip.exceptions import ConfigError
+
 NAMED_NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "huggingface": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # the original's name for 0.5/0.5
@@ -78,11 +80,11 @@ def resolve_normalization(spec: str | Mapping) -> tuple[tuple[float, ...], tuple
     """``"imagenet"`` / ``"huggingface"`` or ``{mean: [...], std: [...]}`` → (mean, std)."""
     if isinstance(spec, str):
         if spec not in NAMED_NORMALIZATION:
-            raise ValueError(f"unknown normalization {spec!r}; use one of {sorted(NAMED_NORMALIZATION)} or mean/std")
+            raise ConfigError(f"unknown normalization {spec!r}; use one of {sorted(NAMED_NORMALIZATION)} or mean/std")
         return NAMED_NORMALIZATION[spec]
     mean, std = tuple(float(m) for m in spec["mean"]), tuple(float(s) for s in spec["std"])
     if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"normalization needs 3 means and 3 stds, got {mean} / {std}")
+        raise ConfigError(f"normalization needs 3 means and 3 stds, got {mean} / {std}")
     return mean, std
 
 
@@ -106,7 +108,7 @@ def build_transform(steps_config: Mapping | None, normalize: str | Mapping) -> I
     steps = []
     for name, kwargs in (steps_config or {}).items():
         if name not in TRANSFORMS:
-            raise ValueError(f"unknown transform {name!r}; available: {sorted(TRANSFORMS)}")
+            raise ConfigError(f"unknown transform {name!r}; available: {sorted(TRANSFORMS)}")
         steps.append(TRANSFORMS[name](**dict(kwargs or {})))
     mean, std = resolve_normalization(normalize)
     return ImageTransform(steps, mean, std)

@@ -14,6 +14,7 @@ from cxrclip.data.records import load_labeled_records, stratified_subset, summar
 from cxrclip.data.transforms import build_transform
 from cxrclip.engine.dist import DistEnv
 from cxrclip.engine.trainer import RunSettings, Task, train
+from cxrclip.exceptions import ConfigError
 from cxrclip.model.loading import load_image_encoder
 from cxrclip.model.probe import LinearProbe, MaskedBCELoss
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 def _label_names(cfg: DictConfig, group: str) -> tuple[str, ...]:
     names = {dc.label_names for dc in data_configs(cfg, group)}
     if len(names) != 1:
-        raise ValueError(f"every {group} dataset of a probe must have the same label_names, got {names}")
+        raise ConfigError(f"every {group} dataset of a probe must have the same label_names, got {names}")
     return names.pop()
 
 
@@ -31,7 +32,7 @@ def probe_task(cfg: DictConfig, run: RunSettings, env: DistEnv) -> Task:
     """Classification data (image + one 0/1 column per label), a frozen (or not) encoder, masked BCE."""
     backbone = cfg.model.get("load_backbone_weights")
     if not backbone:
-        raise ValueError("set model.load_backbone_weights=/PATH/model-best.tar (a CXR-CLIP checkpoint)")
+        raise ConfigError("set model.load_backbone_weights=/PATH/model-best.tar (a CXR-CLIP checkpoint)")
     names = _label_names(cfg, "data_train")
     records = {}
     for group in ("data_train", "data_valid"):

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from cxrclip.exceptions import ConfigError
+
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay: Sequence[str]) -> list[dict]:
     """Biases, norm layers, other 1-d parameters and the temperature get no weight decay."""
@@ -32,7 +34,7 @@ def build_optimizer(model: nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, **options)
     if name == "sgd":
         return torch.optim.SGD(groups, **options)
-    raise ValueError(f"optimizer.name must be adamw or sgd, got {name!r}")
+    raise ConfigError(f"optimizer.name must be adamw or sgd, got {name!r}")
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -53,7 +55,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping, steps_per_ep
     if name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     if name != "cosine":
-        raise ValueError(f"scheduler.name must be cosine or constant, got {name!r}")
+        raise ConfigError(f"scheduler.name must be cosine or constant, got {name!r}")
     total = int(cfg["config"]["total_epochs"]) * steps_per_epoch
     warmup = int(float(cfg["config"].get("warmup_epochs", 0)) * steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))

@@ -22,6 +22,7 @@ from cxrclip.data.records import load_imagetext_records, summarize
 from cxrclip.data.transforms import build_transform
 from cxrclip.engine.dist import DistEnv, init_distributed, shutdown
 from cxrclip.engine.optim import build_optimizer, build_scheduler
+from cxrclip.exceptions import ConfigError, OutputError
 from cxrclip.loss import build_loss
 from cxrclip.model.checkpoint import (
     load_checkpoint,
@@ -73,11 +74,12 @@ class RunSettings:
     max_decode_failure_frac: float
     checkpoint_dir: Path
     tensorboard_dir: Path
+    overwrite: bool = False
 
     @classmethod
     def from_cfg(cls, base: Mapping) -> RunSettings:
         if base.get("amp_dtype", "fp16") not in ("fp16", "bf16"):
-            raise ValueError("base.amp_dtype must be fp16 or bf16")
+            raise ConfigError("base.amp_dtype must be fp16 or bf16")
         return cls(
             seed=int(base.get("seed", 1234)),
             amp=bool(base.get("amp", False)),
@@ -88,7 +90,21 @@ class RunSettings:
             max_decode_failure_frac=float(base.get("max_decode_failure_frac", 0.01)),
             checkpoint_dir=Path(base["output"]["checkpoint"]),
             tensorboard_dir=Path(base["output"]["tensorboard"]),
+            overwrite=bool(base.get("overwrite", False)),
         )
+
+    def check_run_folder(self) -> None:
+        """A run never writes over another run's checkpoints unless told to (``base.resume`` / ``base.overwrite``)."""
+        if self.resume or self.overwrite:
+            return
+        found = [p.name for p in (self.checkpoint_dir / "model-last.tar", self.checkpoint_dir / "model-best.tar")]
+        found = [name for name in found if (self.checkpoint_dir / name).exists()]
+        if found:
+            raise OutputError(
+                f"{self.checkpoint_dir} already holds {' and '.join(found)} of another run; continue it with "
+                f"base.resume={self.checkpoint_dir / 'model-last.tar'}, pick another hydra.run.dir, "
+                "or replace it with base.overwrite=true"
+            )
 
 
 def autocast_settings(run: RunSettings, device: torch.device) -> tuple[bool, torch.dtype, bool]:
@@ -123,14 +139,14 @@ def load_split(cfg: DictConfig, group: str, train: bool, run: RunSettings, env: 
             )
         )
     if not datasets:
-        raise ValueError(f"no {group} dataset configured")
+        raise ConfigError(f"no {group} dataset configured")
     return ConcatDataset(datasets)
 
 
 def make_loader(dataset, cfg: Mapping, collate, env: DistEnv, seed: int) -> DataLoader:
     batch_size = int(cfg["batch_size"])
     if batch_size % env.world_size:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {env.world_size} processes")
+        raise ConfigError(f"batch_size {batch_size} is not divisible by the {env.world_size} processes")
     sampler = EpochSampler(
         len(dataset), shuffle=bool(cfg.get("shuffle", False)), seed=seed, rank=env.rank, world=env.world_size
     )
@@ -212,6 +228,10 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.run = RunSettings.from_cfg(cfg.base)
         self.total_epochs = int(cfg.scheduler.config.total_epochs)
+        self.run.check_run_folder()
+        if env.is_main:  # temp files of saves interrupted by a kill -9 (the checkpoints themselves are whole)
+            for stale in self.run.checkpoint_dir.glob(".model-*.tar.*.tmp"):
+                stale.unlink(missing_ok=True)
         torch.manual_seed(self.run.seed + env.rank)
         # data first (inside the task): a bad CSV stops the run before any model is built
         self.task = make_task(cfg, self.run, env)
@@ -223,7 +243,7 @@ class Trainer:
             else None
         )
         if len(self.train_loader) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(self.train_set)} training rows give no full batch of "
                 f"{cfg.dataloader.train.batch_size}; lower dataloader.train.batch_size"
             )

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrclip.exceptions import UserError
 from cxrclip.io import file_sha256
 
 VERSION = 1
@@ -26,7 +27,7 @@ METHODS = ("platt", "isotonic")
 RULE_NAMES = ("mcc", "youden", "f1", "sensitivity", "specificity", "fixed")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError, ValueError):
     """A calibration that cannot be fitted or read (bad rule, no labels, wrong version)."""
 
 

@@ -17,6 +17,7 @@ from cxrclip.data.transforms import build_transform
 from cxrclip.eval import report
 from cxrclip.eval.evaluate import checkpoint_paths, image_loader, label_metrics
 from cxrclip.eval.metrics import multiclass_metrics
+from cxrclip.exceptions import ConfigError
 from cxrclip.model.checkpoint import CheckpointError, load_checkpoint, plain_config
 from cxrclip.model.loading import default_device, load_image_encoder
 from cxrclip.model.probe import LinearProbe
@@ -71,7 +72,7 @@ def evaluate_finetune(cfg: DictConfig) -> dict[str, dict[str, dict]]:
         probe.to(device)
         for dc, records in datasets:
             if list(dc.label_names) != list(info["label_names"]):
-                raise ValueError(
+                raise ConfigError(
                     f"{dc.name}: label_names {list(dc.label_names)} differ from the ones {ckpt.name} "
                     f"was trained on {info['label_names']}"
                 )

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from cxrclip.exceptions import ConfigError
+
 RECALL_KS = (1, 5, 10)
 # Similarities closer than this count as ties, in the query's favour: the correct pair's score is computed
 # once per row (not read back from the chunked product), so float rounding must not change a rank.
@@ -102,7 +104,7 @@ def auroc_ci(
         half = norm.ppf(0.5 + level / 2) * math.sqrt(max(float(cov[0, 0]), 0.0))
         return max(0.0, float(auc[0]) - half), min(1.0, float(auc[0]) + half)
     if method != "bootstrap":
-        raise ValueError(f"AUROC interval method must be delong or bootstrap, got {method!r}")
+        raise ConfigError(f"AUROC interval method must be delong or bootstrap, got {method!r}")
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(n_boot):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrclip.exceptions import OutputError
 from cxrclip.io import atomic_write, atomic_write_text  # noqa: F401 (re-exported)
 
 LABEL_COLUMNS = (
@@ -36,7 +37,12 @@ COLUMNS = (
 
 def write_json_merged(path: Path, results: Mapping[str, dict]) -> Path:
     """Add these checkpoints' results to the file, keeping other checkpoints' results already there."""
-    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged = {}
+    if path.is_file():
+        try:
+            merged = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise OutputError(f"{path} exists but is not valid JSON ({e}); it is left as it is: move it away") from e
     merged.update(results)
     return atomic_write_text(path, json.dumps(merged, indent=2) + "\n")
 

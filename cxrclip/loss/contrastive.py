@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrclip.exceptions import ConfigError
 from cxrclip.loss.distributed import gather_with_grad
 from cxrclip.loss.targets import contrastive_targets
 
@@ -81,9 +82,9 @@ class CXRClipLoss(nn.Module):
 def build_loss(cfg: Mapping) -> nn.Module:
     """From the ``loss`` config section: one key naming the loss (``cxr_clip`` or ``clip``) with its options."""
     if len(cfg) != 1:
-        raise ValueError(f"loss config must name exactly one loss, got {list(cfg)}")
+        raise ConfigError(f"loss config must name exactly one loss, got {list(cfg)}")
     ((name, options),) = cfg.items()
     losses = {"cxr_clip": CXRClipLoss, "clip": ClipLoss}
     if name not in losses:
-        raise ValueError(f"unknown loss {name!r}; use one of {sorted(losses)}")
+        raise ConfigError(f"unknown loss {name!r}; use one of {sorted(losses)}")
     return losses[name](**dict(options or {}))

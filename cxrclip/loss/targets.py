@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from cxrclip.exceptions import ConfigError
+
 TARGETS = ("diagonal", "label_set", "soft_jaccard")
 
 
@@ -37,7 +39,7 @@ def soft_jaccard_targets(labels: torch.Tensor) -> torch.Tensor:
 def contrastive_targets(kind: str, labels: torch.Tensor | None, n: int, device) -> torch.Tensor | None:
     """The target matrix of ``kind`` for ``n`` rows; ``None`` means the plain diagonal."""
     if kind not in TARGETS:
-        raise ValueError(f"loss targets must be one of {TARGETS}, got {kind!r}")
+        raise ConfigError(f"loss targets must be one of {TARGETS}, got {kind!r}")
     if kind == "diagonal" or labels is None or labels.shape[-1] == 0:
         return None
     labels = labels.to(device)

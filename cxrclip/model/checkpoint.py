@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cxrclip.exceptions import UserError
 from cxrclip.io import atomic_write
 
 FORMAT = "cxrclip/1"
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that is missing, unreadable, or not a CXR-CLIP checkpoint."""
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrclip.exceptions import ConfigError
 from cxrclip.model.encoders import build_image_encoder, build_text_encoder
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -46,7 +47,7 @@ def build_projection(cfg: Mapping | None, in_dim: int) -> nn.Module:
         return LinearProjectionHead(in_dim, cfg["proj_dim"])
     if cfg["name"] == "mlp":
         return MLPProjectionHead(in_dim, cfg["proj_dim"], cfg.get("dropout", 0.1))
-    raise ValueError(f"projection_head.name must be linear or mlp, got {cfg['name']!r}")
+    raise ConfigError(f"projection_head.name must be linear or mlp, got {cfg['name']!r}")
 
 
 class CXRClip(nn.Module):
@@ -57,7 +58,7 @@ class CXRClip(nn.Module):
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         if not projection and image_encoder.out_dim != text_encoder.out_dim:
-            raise ValueError("without a projection_head the image and text encoders must have the same width")
+            raise ConfigError("without a projection_head the image and text encoders must have the same width")
         self.image_projection = build_projection(projection, image_encoder.out_dim)
         self.text_projection = build_projection(projection, text_encoder.out_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cxrclip.exceptions import ConfigError, UserError
 from cxrclip.paths import resolve_package_path
 
 log = logging.getLogger(__name__)
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """A model's weights or files could not be found (e.g. no network); the message says how to supply them."""
 
 
@@ -57,7 +58,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if isinstance(sd, Mapping) and "state_dict" in sd:
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping):
-        raise ValueError(f"{path} does not hold a state dict")
+        raise ConfigError(f"{path} does not hold a state dict")
     return dict(sd)
 
 
@@ -66,11 +67,11 @@ def load_by_order(module: nn.Module, source: Mapping[str, torch.Tensor], what: s
     package vs timm); extra trailing tensors in ``source`` (a classifier) are ignored."""
     target = module.state_dict()
     if len(source) < len(target):
-        raise ValueError(f"{what}: the weights file has {len(source)} tensors, the model needs {len(target)}")
+        raise ConfigError(f"{what}: the weights file has {len(source)} tensors, the model needs {len(target)}")
     mapped = {}
     for (tk, tv), (sk, sv) in zip(target.items(), source.items()):
         if tv.shape != sv.shape:
-            raise ValueError(f"{what}: {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}")
+            raise ConfigError(f"{what}: {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}")
         mapped[tk] = sv
     module.load_state_dict(mapped, strict=True)
 
@@ -113,7 +114,7 @@ class TorchvisionResNet(nn.Module):
         name = "resnet50" if name == "resnet" else name  # the original's config says "resnet"
         builder = getattr(torchvision.models, name, None)
         if builder is None or not name.startswith(("resnet", "resnext", "wide_resnet")):
-            raise ValueError(f"unsupported torchvision image encoder {name!r}; use a ResNet")
+            raise ConfigError(f"unsupported torchvision image encoder {name!r}; use a ResNet")
         self.resnet = builder(weights=None)
         self.out_dim = self.resnet.fc.in_features
         self.resnet.fc = nn.Identity()
@@ -147,7 +148,7 @@ class HuggingfaceImageEncoder(nn.Module):
         from transformers import AutoConfig, AutoModel
 
         if pooling not in ("first", "mean"):
-            raise ValueError(f"image pooling must be 'first' or 'mean', got {pooling!r}")
+            raise ConfigError(f"image pooling must be 'first' or 'mean', got {pooling!r}")
         self.pooling = pooling
         name = resolve_package_path(name)
         try:
@@ -180,7 +181,7 @@ class HuggingfaceTextEncoder(nn.Module):
         from transformers import AutoConfig, AutoModel
 
         if pooling not in ("eos", "bos", "mean"):
-            raise ValueError(f"text pooling must be eos, bos or mean, got {pooling!r}")
+            raise ConfigError(f"text pooling must be eos, bos or mean, got {pooling!r}")
         self.pooling = pooling
         path = resolve_package_path(name)
         try:
@@ -217,12 +218,12 @@ def build_image_encoder(cfg: Mapping) -> nn.Module:
         return TorchvisionResNet(name, pretrained, cfg.get("weights"))
     if source == "huggingface":
         return HuggingfaceImageEncoder(name, pretrained, cfg.get("pooling", "first"), cfg.get("cache_dir"))
-    raise ValueError(f"image_encoder.source must be timm, torchvision or huggingface, got {source!r}")
+    raise ConfigError(f"image_encoder.source must be timm, torchvision or huggingface, got {source!r}")
 
 
 def build_text_encoder(cfg: Mapping) -> nn.Module:
     if cfg.get("source", "huggingface") != "huggingface":
-        raise ValueError("text_encoder.source must be huggingface")
+        raise ConfigError("text_encoder.source must be huggingface")
     return HuggingfaceTextEncoder(
         cfg["name"],
         pretrained=bool(cfg.get("pretrained", True)),

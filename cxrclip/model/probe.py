@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrclip.exceptions import ConfigError
+
 
 class LinearProbe(nn.Module):
     """``image_encoder`` (pooled features) → ``classifier`` (one logit per label). A frozen encoder gets no
@@ -39,7 +41,7 @@ class MaskedBCELoss(nn.Module):
     def __init__(self, loss_ratio: float = 1.0, loss_type: str = "bce"):
         super().__init__()
         if loss_type != "bce":
-            raise ValueError("loss.classification.loss_type must be bce")
+            raise ConfigError("loss.classification.loss_type must be bce")
         self.loss_ratio = loss_ratio
 
     def forward(self, out: Mapping[str, torch.Tensor], batch: Mapping) -> dict[str, torch.Tensor]:

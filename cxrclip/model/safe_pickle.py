@@ -18,7 +18,6 @@ import pickle
 import typing
 
 
-
 class RefusedGlobalError(pickle.UnpicklingError):
     """The pickle names a global outside the allowlist; nothing it names was called."""
 

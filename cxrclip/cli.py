@@ -125,6 +125,27 @@ def _data_config(csv_path: str, split: str, args: argparse.Namespace) -> DataCon
     )
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from cxrclip.errors import exit_on_user_error
+    from cxrclip.serve.app import ServeSettings, serve
+
+    with exit_on_user_error():
+        settings = ServeSettings(
+            model_path=args.model_path,
+            host=args.host,
+            port=args.port,
+            token=args.token,
+            insecure=args.insecure,
+            max_upload_mb=args.max_upload_mb,
+            workers=args.workers,
+            cors_origins=tuple(args.cors_origin or ()),
+            device=args.device,
+            text_encoder=args.text_encoder,
+        )
+        serve(settings)
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from cxrclip.errors import exit_on_user_error
     from cxrclip.model.checkpoint import convert_checkpoint
@@ -226,6 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--text-encoder", help="local folder of the text encoder (offline)")
     p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("serve", help="a local web page and REST API over a checkpoint (FastAPI + uvicorn)")
+    p.add_argument("--model_path", "--model-path", required=True, help="a model-best.tar or published .tar")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /v1/* (needed to bind elsewhere)")
+    p.add_argument("--insecure", action="store_true", help="allow another --host without a token")
+    p.add_argument("--max-upload-mb", type=float, default=50.0, help="larger uploads get 413")
+    p.add_argument("--workers", type=int, default=2, help="predictions run at once (a bounded thread pool)")
+    p.add_argument("--cors-origin", action="append", help="allow this web origin to call the API (default: none)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--text-encoder", help="local folder of the text encoder (offline)")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser(
         "convert", help="rewrite a checkpoint (e.g. from the original CXR-CLIP trainer) as a pickle-free cxrclip one"

@@ -103,6 +103,32 @@ class Predictor:
         probability, its threshold and rule, and the decision."""
         return self.predict_tensors(images, [self.transform(read_image(p)) for p in images], threshold)
 
+    def heatmap(self, tensor: torch.Tensor, label: str) -> tuple[np.ndarray, np.ndarray]:
+        """(the grayscale picture the model saw, Grad-CAM map in [0, 1]) for one preprocessed image and label."""
+        from cxrclip.explain import display_image, grad_cam
+
+        if label not in self.label_names:
+            raise InputError(f"heatmap: unknown label {label!r}; labels: {self.label_names}")
+        j = self.label_names.index(label)
+        direction = self.scorer.pos_emb[j] - self.scorer.neg_emb[j]
+        cam = grad_cam(self.loaded.model, tensor[None].to(self.device), direction, self.scorer.scale)
+        norm = self.transform.normalize
+        return display_image(tensor, norm.mean, norm.std), cam
+
+    def texts_similarity(self, tensor: torch.Tensor, texts: Sequence[str]) -> list[dict]:
+        """Free-text queries against one image: cosine similarity and the softmax over the queries."""
+        from cxrclip.eval.zeroshot import embed_texts
+
+        with torch.no_grad():
+            emb = self.loaded.model.encode_image(tensor[None].to(self.device)).float().cpu()
+        text_emb = embed_texts(self.loaded.model, self.loaded.tokenizer, list(texts), self.device)
+        sims = (emb @ text_emb.t())[0]
+        probs = (sims * self.scorer.scale).softmax(-1)
+        return [
+            {"text": t, "similarity": round(float(s), 4), "probability": round(float(p), 4)}
+            for t, s, p in zip(texts, sims, probs)
+        ]
+
     @torch.no_grad()
     def predict_tensors(
         self, images: Sequence[str | Path], tensors: Sequence[torch.Tensor], threshold=None
@@ -245,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--text_encoder", "--text-encoder", help="local folder of the text encoder (offline)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=32)
+    p.add_argument("--heatmap", metavar="DIR", help="write Grad-CAM overlays (PNG) of each image's YES labels here")
+    p.add_argument("--heatmap-label", action="append", help="the label(s) to draw (default: those called YES)")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
@@ -262,6 +290,24 @@ def predict_files(predictor: Predictor, images: Sequence[Path], threshold, batch
                 failed.append((path, str(e)))
         results += predictor.predict_tensors(ok, tensors, threshold)
     return results, failed
+
+
+def write_heatmaps(predictor: Predictor, results: Sequence[dict], folder: Path, labels: Sequence[str] | None) -> None:
+    """``<image stem>.<label>.png`` overlays: the given labels, else each image's YES labels (else its top one)."""
+    import re
+
+    from cxrclip.explain import write_overlay
+
+    for result in results:
+        tensor = predictor.transform(read_image(result["image"]))
+        chosen = labels or [n for n, v in result["labels"].items() if v["present"]]
+        if not chosen:
+            chosen = [max(result["labels"], key=lambda n: result["labels"][n]["probability"])]
+        for label in chosen:
+            gray, cam = predictor.heatmap(tensor, label)
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+            path = write_overlay(folder / f"{Path(result['image']).stem}.{slug}.png", gray, cam)
+            print(f"heatmap: {path}", file=sys.stderr)
 
 
 def read_thresholds(path: str | None, threshold: float | None):
@@ -292,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             args.model_path, prompts=args.prompts, texts=args.texts, device=args.device, text_encoder=args.text_encoder
         )
         results, failed = predict_files(predictor, images, threshold, args.batch_size)
+        if args.heatmap:
+            write_heatmaps(predictor, results, Path(args.heatmap), args.heatmap_label)
         if single:
             print(json.dumps(results[0], indent=2) if args.json else format_table(results[0], args.top))
             return 0

@@ -64,3 +64,40 @@ def test_embeddings_are_normalized_and_the_scale_is_clamped():
         model.logit_scale.fill_(10.0)
     assert float(model.scale) == pytest.approx(100.0)
     assert math.isclose(float(model.logit_scale), 10.0)
+
+
+def test_lr_scale_gives_each_tower_its_learning_rate_and_keeps_no_decay():
+    from cxrclip.engine.optim import build_optimizer
+
+    cfg = compose("train", ["model=clip_tiny", "optimizer.lr_scale.image_encoder=0.1", "optimizer.config.lr=1e-3"])
+    model = build_model(to_plain(cfg.model))
+    optimizer = build_optimizer(model, to_plain(cfg.optimizer))
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        lr, decay = lr_of[id(p)]
+        assert lr == pytest.approx(1e-4 if name.startswith("image_encoder.") else 1e-3), name
+        assert (decay == 0.0) == (p.ndim <= 1 or "norm" in name.lower() or name == "logit_scale"), name
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_a_frozen_text_tower_does_not_change_and_stays_in_eval_mode():
+    from cxrclip.engine.optim import build_optimizer
+    from cxrclip.exceptions import ConfigError
+
+    cfg = compose("train", ["model=clip_tiny", "model.freeze=[text_encoder]", "optimizer.config.lr=1e-2"])
+    model = build_model(to_plain(cfg.model)).train()
+    assert not model.text_encoder.training and model.image_encoder.training
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = build_optimizer(model, to_plain(cfg.optimizer))
+    tokens = {"input_ids": torch.tensor([[101, 2054, 102], [101, 2003, 102]]), "attention_mask": torch.ones(2, 3)}
+    for _ in range(2):
+        out = model({"images": torch.randn(2, 3, 32, 32), "text_tokens": tokens})
+        (out["logit_scale"] * out["image_embeddings"] @ out["text_embeddings"].t()).diagonal().sum().neg().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = model.state_dict()
+    for key, _ in model.named_parameters():
+        assert torch.equal(before[key], after[key]) == key.startswith("text_encoder."), key
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("text_encoder."))
+    with pytest.raises(ConfigError, match="no module named 'text_tower'"):
+        build_model({**to_plain(cfg.model), "freeze": ["text_tower"]})

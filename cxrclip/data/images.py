@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -33,27 +34,48 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
     return np.round((array - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
-def read_dicom(path: str | Path) -> np.ndarray:
+def read_dicom(path, facts: dict | None = None) -> np.ndarray:
     """DICOM with the modality LUT (rescale slope/intercept) and the VOI LUT (window) applied,
-    MONOCHROME1 inverted so that bone is bright."""
+    MONOCHROME1 inverted so that bone is bright. ``path`` may be a file object; ``facts`` collects what was found."""
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    name = getattr(path, "name", path)
     try:
-        ds = pydicom.dcmread(str(path))
+        ds = pydicom.dcmread(path)
+        if "PixelData" not in ds:
+            raise ImageReadError(f"DICOM {name} has no pixel data")
         pixels = ds.pixel_array
+    except ImageReadError:
+        raise
     except Exception as e:  # pydicom raises many types for broken files
-        raise ImageReadError(f"cannot decode DICOM {path}: {e}") from e
+        raise ImageReadError(f"cannot decode DICOM {name}: {e}") from e
+    photometric = str(getattr(ds, "PhotometricInterpretation", "")).upper()
+    if facts is not None:
+        facts.update(
+            format="DICOM",
+            photometric_interpretation=photometric or None,
+            bits_stored=int(getattr(ds, "BitsStored", 0) or 0) or None,
+            modality=str(getattr(ds, "Modality", "")) or None,
+        )
     if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
         pixels = pixels[0]  # multi-frame: the first frame
+        _warn(facts, "multi-frame DICOM: the first frame is used")
     if pixels.ndim == 3:
+        _warn(facts, f"{photometric} colour DICOM averaged to grayscale")
         return to_uint8(pixels.mean(axis=-1))
     image = apply_modality_lut(pixels, ds)
     image = apply_voi_lut(image, ds, index=0)
     image = to_uint8(image)
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    if photometric == "MONOCHROME1":
         image = 255 - image
+        _warn(facts, "MONOCHROME1: inverted so that bone is bright")
     return image
+
+
+def _warn(facts: dict | None, text: str) -> None:
+    if facts is not None:
+        facts.setdefault("warnings", []).append(text)
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -63,18 +85,55 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"image not found: {path}")
     if is_dicom(path):
         return read_dicom(path)
+    return _read_pil(path, str(path))
+
+
+def _read_pil(source, name: str, facts: dict | None = None) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 im.load()
+                if facts is not None:
+                    facts.update(format=im.format, mode=im.mode)
                 if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                    _warn(facts, f"{im.mode} image scaled to 8 bits by its own min and max")
                     return to_uint8(np.asarray(im))
                 if im.mode != "L":
+                    _warn(facts, f"{im.mode} image converted to grayscale")
                     im = im.convert("L")
                 return np.asarray(im).copy()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"cannot decode image {path}: {e}") from e
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageReadError(f"cannot decode image {name}: {e}") from e
+
+
+class UnsupportedImageError(ImageReadError):
+    """A file that is not one of the supported image types."""
+
+
+def sniff_format(data: bytes) -> str | None:
+    """PNG, JPEG or DICOM from the file's own bytes (never its name), else None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "DICOM"
+    return None
+
+
+def decode_image_bytes(data: bytes, name: str = "upload") -> tuple[np.ndarray, dict]:
+    """An uploaded file's bytes (PNG 8/16-bit, JPEG, DICOM) → grayscale uint8 and the facts of the input
+    (format, size, photometric interpretation, warnings). Nothing is written to disk."""
+    kind = sniff_format(data)
+    if kind is None:
+        raise UnsupportedImageError(f"{name}: not a PNG, JPEG or DICOM file (checked from its bytes)")
+    facts: dict = {"format": kind, "bytes": len(data), "warnings": []}
+    source = io.BytesIO(data)
+    source.name = name
+    image = read_dicom(source, facts) if kind == "DICOM" else _read_pil(source, name, facts)
+    facts.update(height=int(image.shape[0]), width=int(image.shape[1]))
+    return image, facts
 
 
 def dicom_pixel_problem(path: str | Path) -> str | None:

@@ -11,24 +11,45 @@ from torch import nn
 from cxrclip.exceptions import ConfigError
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay: Sequence[str]) -> list[dict]:
-    """Biases, norm layers, other 1-d parameters and the temperature get no weight decay."""
-    decay, skip = [], []
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    no_decay: Sequence[str],
+    lr: float | None = None,
+    lr_scale: Mapping[str, float] | None = None,
+) -> list[dict]:
+    """Biases, norm layers, other 1-d parameters and the temperature get no weight decay. ``lr_scale`` maps a
+    parameter-name prefix (``image_encoder``, ``text_encoder``, ...) to a learning-rate multiplier, so
+    pre-trained encoders can learn slower than the new projections; the longest matching prefix wins."""
+    lr_scale = dict(lr_scale or {})
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         lowered = name.lower()
-        if p.ndim <= 1 or any(part in lowered for part in no_decay) or name.endswith("logit_scale"):
-            skip.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": skip, "weight_decay": 0.0}]
+        decays = not (p.ndim <= 1 or any(part in lowered for part in no_decay) or name.endswith("logit_scale"))
+        matches = [prefix for prefix in lr_scale if name == prefix or name.startswith(prefix + ".")]
+        scale = float(lr_scale[max(matches, key=len)]) if matches else 1.0
+        groups.setdefault((decays, scale), []).append(p)
+    out = []
+    for (decays, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1])):
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+        if lr is not None:
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
     options = dict(cfg.get("config", {}))
-    groups = param_groups(model, float(options.pop("weight_decay", 0.0)), cfg.get("no_decay", ("bias", "norm")))
     options = {k: float(v) if isinstance(v, str) else v for k, v in options.items()}
+    groups = param_groups(
+        model,
+        float(options.pop("weight_decay", 0.0)),
+        cfg.get("no_decay", ("bias", "norm")),
+        lr=options.get("lr"),
+        lr_scale=cfg.get("lr_scale"),
+    )
     name = cfg["name"]
     if name == "adamw":
         return torch.optim.AdamW(groups, **options)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,14 @@ def build_projection(cfg: Mapping | None, in_dim: int) -> nn.Module:
 class CXRClip(nn.Module):
     """``encode_image`` / ``encode_text`` give L2-normalized embeddings; ``forward`` gives all of a batch's."""
 
-    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, projection: Mapping | None, temperature=0.07):
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        text_encoder: nn.Module,
+        projection: Mapping | None,
+        temperature=0.07,
+        freeze: Sequence[str] = (),
+    ):
         super().__init__()
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
@@ -62,6 +69,25 @@ class CXRClip(nn.Module):
         self.image_projection = build_projection(projection, image_encoder.out_dim)
         self.text_projection = build_projection(projection, text_encoder.out_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        self.frozen = tuple(freeze)
+        self._freeze(self.frozen)
+
+    def _freeze(self, prefixes: Sequence[str]) -> None:
+        """Lock the parameters under these module names (e.g. ``text_encoder``: a locked text tower, as LiT
+        locks its image tower); they get no gradient and their modules stay in eval mode (no dropout)."""
+        names = dict(self.named_modules())
+        for prefix in prefixes:
+            if prefix not in names:
+                raise ConfigError(f"model.freeze: no module named {prefix!r} (e.g. text_encoder, image_encoder)")
+            for p in names[prefix].parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> CXRClip:
+        super().train(mode)
+        modules = dict(self.named_modules())
+        for prefix in self.frozen:
+            modules[prefix].eval()
+        return self
 
     @property
     def scale(self) -> torch.Tensor:
@@ -96,4 +122,5 @@ def build_model(cfg: Mapping) -> CXRClip:
         build_text_encoder(cfg["text_encoder"]),
         cfg.get("projection_head"),
         cfg.get("temperature", 0.07),
+        freeze=tuple(cfg.get("freeze") or ()),
     )

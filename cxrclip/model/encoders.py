@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -76,6 +77,10 @@ def load_by_order(module: nn.Module, source: Mapping[str, torch.Tensor], what: s
     module.load_state_dict(mapped, strict=True)
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class TimmImageEncoder(nn.Module):
     """Any timm backbone; features are its pooled output (``num_classes=0``)."""
 
@@ -102,6 +107,11 @@ class TimmImageEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+    def cam_features(self, images: torch.Tensor):
+        """(last spatial feature map, pooled features, map view): what Grad-CAM differentiates."""
+        fmap = self.model.forward_features(images)
+        return fmap, self.model.forward_head(fmap, pre_logits=True), _identity
 
 
 class TorchvisionResNet(nn.Module):
@@ -138,6 +148,13 @@ class TorchvisionResNet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.resnet(images)
 
+    def cam_features(self, images: torch.Tensor):
+        """(layer4's feature map, pooled features, map view): what Grad-CAM differentiates."""
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(images))))
+        fmap = r.layer4(r.layer3(r.layer2(r.layer1(x))))
+        return fmap, torch.flatten(r.avgpool(fmap), 1), _identity
+
 
 class HuggingfaceImageEncoder(nn.Module):
     """A transformers vision model (Swin, ViT). ``pooling``: ``first`` (token 0, what the published
@@ -161,8 +178,23 @@ class HuggingfaceImageEncoder(nn.Module):
         self.out_dim = self.image_encoder.config.hidden_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        hidden = self.image_encoder(pixel_values=images).last_hidden_state
+        return self._pool(self.image_encoder(pixel_values=images).last_hidden_state)
+
+    def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden[:, 0] if self.pooling == "first" else hidden.mean(dim=1)
+
+    def cam_features(self, images: torch.Tensor):
+        """(last hidden tokens, pooled features, tokens → B×C×h×w grid): Swin's tokens form a square grid;
+        a ViT's follow its class token."""
+        hidden = self.image_encoder(pixel_values=images).last_hidden_state
+
+        def to_map(tokens: torch.Tensor) -> torch.Tensor:
+            n = tokens.shape[1]
+            skip = 0 if math.isqrt(n) ** 2 == n else 1
+            side = math.isqrt(n - skip)
+            return tokens[:, skip:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+
+        return hidden, self._pool(hidden), to_map
 
 
 class HuggingfaceTextEncoder(nn.Module):

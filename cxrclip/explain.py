@@ -1,0 +1,67 @@
+"""Where the model looked: Grad-CAM on the image encoder for a label's zero-shot score.
+
+The target is the label's logit, ``scale · (cos(image, positive prompts) − cos(image, negative prompts))``:
+the map shows what pushes the image toward the label's positive sentences and away from its negative ones.
+Every image encoder exposes ``cam_features(images) -> (activations, pooled, to_map)`` (ResNet: layer4,
+timm models: ``forward_features``, Swin/ViT: the last hidden tokens on their grid).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cxrclip.model.clip import CXRClip
+
+
+def grad_cam(model: CXRClip, image: torch.Tensor, direction: torch.Tensor, scale: float) -> np.ndarray:
+    """A (H, W) map in [0, 1] for one preprocessed image (1×3×H×W) and a target direction in embedding space."""
+    encoder = model.image_encoder
+    image = image.detach().clone().requires_grad_(True)  # a graph even when every weight is frozen
+    with torch.enable_grad():
+        activations, pooled, to_map = encoder.cam_features(image)
+        embedding = F.normalize(model.image_projection(pooled).float(), dim=-1)
+        target = (embedding @ direction.to(embedding.device).float()).sum() * scale
+        (grads,) = torch.autograd.grad(target, activations)
+    acts, grads = to_map(activations.detach()).float(), to_map(grads).float()
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * acts).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    peak = float(cam.max())
+    return (cam / peak).cpu().numpy() if peak > 0 else np.zeros(image.shape[-2:], dtype=np.float32)
+
+
+def display_image(tensor: torch.Tensor, mean, std) -> np.ndarray:
+    """A preprocessed 3×H×W tensor back to the grayscale uint8 picture the model saw."""
+    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    picture = (tensor.detach().cpu().float() * std + mean).mean(dim=0).clamp(0, 1)
+    return (picture.numpy() * 255).round().astype(np.uint8)
+
+
+def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The heatmap (OpenCV's JET colormap) blended over the grayscale image; RGB uint8."""
+    import cv2
+
+    heat = cv2.applyColorMap((np.clip(cam, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+    base = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    return np.clip((1 - alpha) * base + alpha * heat.astype(np.float32), 0, 255).astype(np.uint8)
+
+
+def png_bytes(rgb_or_gray: np.ndarray) -> bytes:
+    import cv2
+
+    image = rgb_or_gray if rgb_or_gray.ndim == 2 else rgb_or_gray[..., ::-1]
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return data.tobytes()
+
+
+def write_overlay(path: str | Path, gray: np.ndarray, cam: np.ndarray) -> Path:
+    from cxrclip.io import atomic_write_bytes
+
+    return atomic_write_bytes(path, png_bytes(overlay(gray, cam)))

@@ -1,0 +1,251 @@
+"""``cxrclip serve``: a local web page and REST API over one loaded model (FastAPI + uvicorn).
+
+Safety by default: it binds 127.0.0.1; another address needs ``--token`` (a bearer token, compared in
+constant time) or an explicit ``--insecure``. Uploads are capped (413), typed from their bytes (415), decoded
+in memory (422 when they cannot be) and never written to disk or logged. The page ships with the package
+and loads nothing from outside (Content-Security-Policy ``'self'``). Model and prompt embeddings are loaded
+once; predictions run in a bounded thread pool so the event loop keeps answering.
+"""
+
+import base64
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cxrclip.exceptions import ConfigError
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
+DISCLAIMER = "Research software, not a medical device: not for diagnostic use."
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model_path: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    insecure: bool = False
+    max_upload_mb: float = 50.0
+    workers: int = 2
+    cors_origins: tuple[str, ...] = ()
+    device: str | None = None
+    text_encoder: str | None = None
+
+    def check(self) -> None:
+        local = self.host in ("127.0.0.1", "localhost", "::1")
+        if not local and not self.token and not self.insecure:
+            raise ConfigError(
+                f"--host {self.host} exposes the server beyond this machine: give --token TOKEN (clients send "
+                "'Authorization: Bearer TOKEN'), or --insecure if the network is protected otherwise"
+            )
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def model_card(predictor, path: str) -> dict:
+    """What ``GET /v1/model`` says: name, checkpoint hash, labels, operating points, image size."""
+    from cxrclip.io import file_sha256
+
+    loaded = predictor.loaded
+    calibration = predictor.calibration
+    size = int(predictor.transform(np.zeros((8, 8), np.uint8)).shape[-1])
+    return {
+        "name": Path(path).name,
+        "checkpoint_sha256": file_sha256(path),
+        "image_encoder": loaded.model_config["image_encoder"].get("name"),
+        "text_encoder": loaded.model_config["text_encoder"].get("name"),
+        "image_size": size,
+        "labels": predictor.label_names,
+        "operating_points": {
+            n: {"threshold": c.threshold, "rule": c.rule, "calibrated": c.calibrated, "method": c.method}
+            for n, c in calibration.labels.items()
+        },
+        "calibrated_on": calibration.fitted_on or None,
+        "disclaimer": DISCLAIMER,
+    }
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+class Service:
+    """The loaded model and what a request does with it (runs in worker threads)."""
+
+    def __init__(self, settings: ServeSettings):
+        import torch
+
+        from cxrclip.infer import Predictor
+
+        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, settings.workers)))
+        self.settings = settings
+        self.predictor = Predictor.create(
+            settings.model_path, device=settings.device, text_encoder=settings.text_encoder
+        )
+        self.card = model_card(self.predictor, settings.model_path)
+
+    def predict(self, data: bytes, name: str, heatmap: str | None, texts: Sequence[str]) -> dict:
+        from cxrclip.data.images import ImageReadError, UnsupportedImageError, decode_image_bytes
+        from cxrclip.explain import overlay, png_bytes
+
+        if heatmap and heatmap not in self.predictor.label_names:
+            raise ApiError(422, f"heatmap: unknown label {heatmap!r}")
+        try:
+            image, facts = decode_image_bytes(data, name)
+        except UnsupportedImageError as e:
+            raise ApiError(415, str(e)) from e
+        except ImageReadError as e:
+            raise ApiError(422, str(e)) from e
+        tensor = self.predictor.transform(image)
+        result = self.predictor.predict_tensors([name], [tensor])[0]
+        result.pop("image")
+        out = {"input": facts, **result}
+        if texts:
+            out["texts"] = self.predictor.texts_similarity(tensor, texts)
+        if heatmap:
+            gray, cam = self.predictor.heatmap(tensor, heatmap)
+            out["heatmap"] = {"label": heatmap, "png": _data_url(png_bytes(overlay(gray, cam)))}
+            out["preview"] = _data_url(png_bytes(gray))
+        else:
+            from cxrclip.explain import display_image
+
+            norm = self.predictor.transform.normalize
+            out["preview"] = _data_url(png_bytes(display_image(tensor, norm.mean, norm.std)))
+        return out
+
+
+def create_app(settings: ServeSettings, service: Service | None = None):
+    """The FastAPI application (tests pass a ready ``service``)."""
+    settings.check()
+    service = service or Service(settings)
+    limiter = anyio.CapacityLimiter(max(1, settings.workers))
+    max_bytes = int(settings.max_upload_mb * 1024 * 1024)
+    app = FastAPI(title="cxrclip", version="1", description=DISCLAIMER)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+
+    def error(status: int, message: str, request_id: str) -> JSONResponse:
+        body = {"error": {"status": status, "message": message}, "request_id": request_id}
+        return JSONResponse(body, status_code=status, headers={"X-Request-ID": request_id})
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        request_id = uuid.uuid4().hex
+        request.state.request_id = request_id
+        path = request.url.path
+        if path.startswith("/v1/") and settings.token:
+            given = request.headers.get("authorization", "")
+            expected = f"Bearer {settings.token}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return error(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)", request_id)
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_bytes + 1024 * 1024:
+            return error(413, f"upload larger than {settings.max_upload_mb:g} MB", request_id)
+        response = await call_next(request)
+        response.headers["X-Request-ID"] = request_id
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error(e.status, e.message, request.state.request_id)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return error(e.status_code, str(e.detail), getattr(request.state, "request_id", uuid.uuid4().hex))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        fields = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        return error(422, f"invalid request: {fields}", request.state.request_id)
+
+    async def read_upload(upload: UploadFile) -> bytes:
+        data = await upload.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ApiError(413, f"{upload.filename}: larger than {settings.max_upload_mb:g} MB")
+        if not data:
+            raise ApiError(422, f"{upload.filename}: empty file")
+        return data
+
+    async def run_predict(data: bytes, name: str, heatmap: str | None, texts: list[str]) -> dict:
+        return await anyio.to_thread.run_sync(service.predict, data, name, heatmap, texts, limiter=limiter)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        files = {p.name: p for p in STATIC.iterdir() if p.is_file()}
+        if name not in files:
+            raise ApiError(404, f"no static file {name!r}")
+        return FileResponse(files[name])
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/v1/model")
+    async def model():
+        return service.card
+
+    @app.post("/v1/predict")
+    async def predict(
+        request: Request,
+        file: Annotated[UploadFile, File(description="PNG (8/16-bit), JPEG or DICOM")],
+        heatmap: Annotated[str | None, Form(description="a label: return its Grad-CAM overlay")] = None,
+        texts: Annotated[list[str] | None, Form(description="free-text findings to compare with the image")] = None,
+    ):
+        start = time.perf_counter()
+        data = await read_upload(file)
+        out = await run_predict(data, file.filename or "upload", heatmap, [t for t in texts or [] if t.strip()])
+        return {"request_id": request.state.request_id, "seconds": round(time.perf_counter() - start, 4), **out}
+
+    @app.post("/v1/predict/batch")
+    async def predict_batch(request: Request, files: Annotated[list[UploadFile], File(description="images")]):
+        results = []
+        for upload in files:
+            try:
+                data = await read_upload(upload)
+                results.append({"file": upload.filename, **await run_predict(data, upload.filename or "", None, [])})
+            except ApiError as e:  # one bad file does not fail the others
+                results.append({"file": upload.filename, "error": {"status": e.status, "message": e.message}})
+        return {"request_id": request.state.request_id, "results": results}
+
+    return app
+
+
+def serve(settings: ServeSettings) -> None:
+    """Run the server until Ctrl-C."""
+    import uvicorn
+
+    settings.check()
+    app = create_app(settings)
+    print(f"cxrclip serve: http://{settings.host}:{settings.port}/  (API docs at /docs). {DISCLAIMER}", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)

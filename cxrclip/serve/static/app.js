@@ -1,0 +1,163 @@
+"use strict";
+// The page talks only to its own server (Content-Security-Policy 'self'); nothing else is loaded.
+const $ = (id) => document.getElementById(id);
+let current = null; // the File last dropped or chosen
+let tokenNeeded = false;
+
+function headers() {
+  const token = $("token").value;
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
+function status(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+async function call(path, body) {
+  const response = await fetch(path, { method: body ? "POST" : "GET", body, headers: headers() });
+  const data = await response.json().catch(() => ({}));
+  if (response.status === 401) {
+    tokenNeeded = true;
+    $("token-row").hidden = false;
+  }
+  if (!response.ok) {
+    throw new Error((data.error && data.error.message) || response.statusText);
+  }
+  return data;
+}
+
+async function loadModel() {
+  try {
+    const m = await call("/v1/model");
+    $("model").textContent = `${m.name} · ${m.labels.length} findings · image ${m.image_size}px` +
+      (m.calibrated_on ? " · calibrated on " + m.calibrated_on.dataset : " · not calibrated");
+  } catch (e) {
+    $("model").textContent = "model: " + e.message;
+  }
+}
+
+function showFacts(facts) {
+  const dl = $("facts");
+  dl.replaceChildren();
+  const rows = [["format", facts.format], ["size", `${facts.width} × ${facts.height}`],
+    ["photometric", facts.photometric_interpretation], ["warnings", (facts.warnings || []).join("; ")]];
+  for (const [k, v] of rows) {
+    if (!v) continue;
+    const dt = document.createElement("dt");
+    dt.textContent = k;
+    const dd = document.createElement("dd");
+    dd.textContent = v;
+    dl.append(dt, dd);
+  }
+}
+
+function showLabels(labels) {
+  const body = $("labels").querySelector("tbody");
+  body.replaceChildren();
+  for (const [name, v] of Object.entries(labels)) {
+    const tr = document.createElement("tr");
+    tr.dataset.label = name;
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    const fill = document.createElement("span");
+    fill.style.width = (100 * v.probability).toFixed(1) + "%";
+    const mark = document.createElement("i");
+    mark.style.left = (100 * v.threshold).toFixed(1) + "%";
+    mark.title = "threshold " + v.threshold;
+    bar.append(fill, mark);
+    const cells = [name, null, `${v.threshold.toFixed(3)} (${v.rule})`, v.present ? "YES" : "no"];
+    cells.forEach((text, i) => {
+      const td = document.createElement("td");
+      if (i === 1) {
+        td.append(bar, document.createTextNode(" " + v.probability.toFixed(3)));
+      } else {
+        td.textContent = text;
+      }
+      if (i === 3) td.className = v.present ? "yes" : "no";
+      if (i === 0 && !v.calibrated) {
+        const flag = document.createElement("span");
+        flag.className = "flag";
+        flag.textContent = " (uncalibrated)";
+        td.append(flag);
+      }
+      tr.append(td);
+    });
+    tr.addEventListener("click", () => heatmap(name));
+    body.append(tr);
+  }
+  $("results").hidden = false;
+}
+
+async function predict(file) {
+  current = file;
+  status("analysing " + file.name + " …");
+  const form = new FormData();
+  form.append("file", file);
+  try {
+    const out = await call("/v1/predict", form);
+    $("preview").src = out.preview;
+    $("heatmap").hidden = true;
+    $("figure").hidden = false;
+    $("caption").textContent = file.name;
+    showFacts(out.input);
+    showLabels(out.labels);
+    const yes = Object.values(out.labels).filter((v) => v.present).length;
+    status(`${yes} of ${Object.keys(out.labels).length} findings called YES (${out.seconds} s)`);
+  } catch (e) {
+    status(e.message, true);
+  }
+}
+
+async function heatmap(label) {
+  if (!current) return;
+  for (const tr of $("labels").querySelectorAll("tbody tr")) {
+    tr.classList.toggle("selected", tr.dataset.label === label);
+  }
+  status("where the model looked for: " + label + " …");
+  const form = new FormData();
+  form.append("file", current);
+  form.append("heatmap", label);
+  try {
+    const out = await call("/v1/predict", form);
+    $("heatmap").src = out.heatmap.png;
+    $("heatmap").hidden = false;
+    $("caption").textContent = `${current.name} — Grad-CAM for "${label}"`;
+    status("heatmap: " + label);
+  } catch (e) {
+    status(e.message, true);
+  }
+}
+
+async function compare(event) {
+  event.preventDefault();
+  const text = $("text").value.trim();
+  if (!current || !text) return;
+  const form = new FormData();
+  form.append("file", current);
+  form.append("texts", text);
+  try {
+    const out = await call("/v1/predict", form);
+    const li = document.createElement("li");
+    li.textContent = `"${text}": similarity ${out.texts[0].similarity.toFixed(3)}`;
+    $("similarity").prepend(li);
+  } catch (e) {
+    status(e.message, true);
+  }
+}
+
+function setup() {
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    if (e.dataTransfer.files.length) predict(e.dataTransfer.files[0]);
+  });
+  $("file").addEventListener("change", (e) => { if (e.target.files.length) predict(e.target.files[0]); });
+  $("query").addEventListener("submit", compare);
+  loadModel();
+}
+
+document.addEventListener("DOMContentLoaded", setup);

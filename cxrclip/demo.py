@@ -109,6 +109,7 @@ def run_demo(
     print(f"image→text Recall@5: {recall5:.3f}   text→image Recall@5: {results['retrieval_t2i']['Recall@5']:.3f}")
     print(f"results: {out / 'results-cgmh.json'} and {out / 'results-cgmh.md'}")
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
+    print(f"look at it in a browser: cxrclip serve --model_path {ckpt}   (then open http://127.0.0.1:8000/)")
     return {
         "auroc_avg": auroc,
         "f1_avg": binary["F1(Avg)"],

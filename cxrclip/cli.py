@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cxrclip.data.prompts import PromptFileError
@@ -173,14 +174,40 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from cxrclip.config import compose
-    from cxrclip.errors import exit_on_user_error
+def _hydra_job(config_name: str, run) -> Callable[[argparse.Namespace], int]:
+    """A subcommand that composes ``config_name`` with the given overrides and runs the job in-process."""
+
+    def job(args: argparse.Namespace) -> int:
+        from cxrclip.config import compose
+        from cxrclip.errors import exit_on_user_error
+
+        with exit_on_user_error():
+            overrides = list(args.overrides)
+            name = config_name
+            if overrides[:1] == ["--config-name"] and len(overrides) > 1:
+                name, overrides = overrides[1], overrides[2:]
+            run()(compose(name, overrides))
+        return 0
+
+    return job
+
+
+def _evaluate_job():
     from cxrclip.eval.evaluate import evaluate
 
-    with exit_on_user_error():
-        evaluate(compose("eval_clip", args.overrides))
-    return 0
+    return evaluate
+
+
+def _probe_job():
+    from cxrclip.jobs import probe
+
+    return probe
+
+
+def _evaluate_probe_job():
+    from cxrclip.eval.finetune import evaluate_finetune
+
+    return evaluate_finetune
 
 
 def _infer(args: argparse.Namespace) -> int:
@@ -223,7 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="the evaluate_clip.py job: cxrclip evaluate test.checkpoint=CKPT [...]")
     p.add_argument("overrides", nargs="*")
-    p.set_defaults(func=_evaluate)
+    p.set_defaults(func=_hydra_job("eval_clip", _evaluate_job))
+
+    p = sub.add_parser("finetune", help="the finetune.py job: [--config-name finetune_10] model.load_backbone_weights=")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_hydra_job("finetune_100", _probe_job))
+
+    p = sub.add_parser("evaluate-finetune", help="the evaluate_finetune.py job: test.checkpoint=PROBE_CKPT [...]")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_hydra_job("eval_finetune", _evaluate_probe_job))
 
     p = sub.add_parser("infer", help="the inference.py job: cxrclip infer --model_path CKPT --image_path IMG")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -304,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         from cxrclip.infer import main as infer_main
 
         return infer_main(argv[1:])
+    if argv[:1] == ["finetune"]:  # Hydra's --config-name passes through too
+        return _hydra_job("finetune_100", _probe_job)(argparse.Namespace(overrides=argv[1:]))
     args = build_parser().parse_args(argv)
     if args.debug:
         import os

@@ -149,3 +149,29 @@ def test_the_users_commands(demo_data, clip_ckpt, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "checkpoints" / "results-cgmh_cls.json").is_file()
+
+
+def test_cxrclip_finetune_and_evaluate_finetune_subcommands_run_in_process(demo_data, clip_ckpt, tmp_path):
+    from cxrclip.cli import main
+
+    common = [
+        f"data_train.cgmh_cls.data_path={demo_data / 'test.csv'}",
+        f"data_valid.cgmh_cls.data_path={demo_data / 'test.csv'}",
+        "base.image_size=32",
+        "dataloader=dataloader_cpu",
+        "scheduler.config.total_epochs=1",
+        "dataloader.train.batch_size=4",
+        "dataloader.train.num_workers=0",
+        "dataloader.valid.num_workers=0",
+        f"base.output.checkpoint={tmp_path}/checkpoints",
+        f"base.output.tensorboard={tmp_path}/tb",
+    ]
+    argv = ["finetune", "--config-name", "finetune_10", f"model.load_backbone_weights={clip_ckpt}", *common]
+    assert main(argv) == 0
+    ckpt = tmp_path / "checkpoints" / "model-best.tar"
+    assert load_checkpoint(ckpt)["config"]["base"]["data_frac"] == 0.1  # finetune_10 was used
+    test_csv = demo_data / "test.csv"
+    argv = ["evaluate-finetune", f"test.checkpoint={ckpt}", f"data_test.cgmh_cls.data_path={test_csv}",
+            "base.image_size=32", "dataloader.test.num_workers=0", f"test.output_dir={tmp_path}"]  # fmt: skip
+    assert main(argv) == 0
+    assert (tmp_path / "results-cgmh_cls.json").is_file()

@@ -20,6 +20,15 @@ import time
 from pathlib import Path
 
 
+def http_client():
+    """httpx2 (what starlette uses) or httpx: the same API."""
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    return httpx
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,8 +43,7 @@ def rss_mb(pid: int) -> float:
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    import httpx
-
+    httpx = http_client()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -49,8 +57,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None
 
 
 def client_loop(url, image, bad_every, stop_at, budget, latencies, errors, unexpected, lock):
-    import httpx
-
+    httpx = http_client()
     with httpx.Client(timeout=30) as client:
         while time.monotonic() < stop_at:
             with lock:
@@ -106,8 +113,7 @@ def main() -> int:
         wait_ready(url, proc)
         print(f"server ready in {time.perf_counter() - start:.1f} s (pid {proc.pid})")
         image = Path(args.image).read_bytes()
-        import httpx
-
+        httpx = http_client()
         for _ in range(3):  # warm-up
             httpx.post(url + "/v1/predict", files={"file": ("x.png", image)}, timeout=60)
         rss_before = rss_mb(proc.pid)

@@ -101,3 +101,49 @@ def test_a_frozen_text_tower_does_not_change_and_stays_in_eval_mode():
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("text_encoder."))
     with pytest.raises(ConfigError, match="no module named 'text_tower'"):
         build_model({**to_plain(cfg.model), "freeze": ["text_tower"]})
+
+
+@pytest.mark.parametrize("preset", ["clip_resnet_clinical", "clip_swin_clinical", "clip_cpu_offline", "clip_tiny"])
+@pytest.mark.parametrize("drop_normalize", [False, True])
+def test_evaluation_and_inference_normalize_as_training_did(preset, drop_normalize):
+    """The normalization resolved from a stored config equals the one training used, also when the model
+    config leaves ``normalize`` out (torchvision encoders then get ImageNet statistics in both places)."""
+    from cxrclip.data.transforms import resolve_normalization
+    from cxrclip.model.encoders import image_normalization
+    from cxrclip.model.loading import upgrade_model_config
+
+    overrides = [f"model={preset}"] + (["~model.image_encoder.normalize"] if drop_normalize else [])
+    model_cfg = to_plain(compose("train", overrides).model)
+    trained_with = resolve_normalization(image_normalization(model_cfg["image_encoder"]))
+    loaded_with = resolve_normalization(upgrade_model_config(model_cfg)["image_encoder"]["normalize"])
+    assert trained_with == loaded_with
+
+
+def test_a_checkpoint_without_normalize_preprocesses_as_training(demo_data, tmp_path):
+    import numpy as np
+
+    from cxrclip.data.transforms import build_transform
+    from cxrclip.engine.trainer import train
+    from cxrclip.model.encoders import image_normalization
+    from cxrclip.model.loading import load_model
+    from tests.test_trainer import tiny_cfg
+
+    cfg = tiny_cfg(demo_data, tmp_path, "~model.image_encoder.normalize", epochs=1)
+    train(cfg)
+    loaded = load_model(tmp_path / "checkpoints" / "model-best.tar")
+    image = (np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)
+    training = build_transform(to_plain(cfg.transform)["valid"], image_normalization(to_plain(cfg.model.image_encoder)))
+    assert torch.equal(loaded.preprocess()(image), training(image))
+
+
+def test_a_batch_mixing_label_lists_is_reported_once(caplog):
+    from cxrclip.data.collate import ImageTextCollator
+
+    collate = ImageTextCollator(None)
+    items = [{"image": torch.zeros(3, 4, 4), "labels": torch.zeros(n)} for n in (13, 5)]
+    with caplog.at_level("WARNING"):
+        batch = collate(items)
+        collate(items)
+    assert "labels" not in batch
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "different label lists (label widths [5, 13])" in caplog.records[0].message

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 
 from cxrclip.exceptions import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class ImageTextCollator:
@@ -18,6 +21,7 @@ class ImageTextCollator:
         self.tokenizer = tokenizer
         self.text_max_length = text_max_length
         self.padding = padding
+        self.warned_mixed_labels = False
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(
@@ -27,8 +31,16 @@ class ImageTextCollator:
 
     def __call__(self, items: Sequence[dict]) -> dict:
         batch = {"images": torch.stack([it["image"] for it in items])}
-        if len({tuple(it["labels"].shape) for it in items}) == 1:  # datasets with other label lists: no labels
+        widths = {tuple(it["labels"].shape) for it in items}
+        if len(widths) == 1:
             batch["labels"] = torch.stack([it["labels"] for it in items])
+        elif not self.warned_mixed_labels:  # datasets with other label lists in one batch: said once, not silent
+            self.warned_mixed_labels = True
+            log.warning(
+                "a batch mixes datasets with different label lists (label widths %s): its label sets are left out, "
+                "so label-aware targets (loss.cxr_clip.targets) use the plain diagonal for such batches",
+                sorted(w[0] if w else 0 for w in widths),
+            )
         if "image_view" in items[0]:
             batch["image_views"] = torch.stack([it["image_view"] for it in items])
         for key, name, out in (("text", "texts", "text_tokens"), ("text2", "texts2", "text_tokens2")):

@@ -32,7 +32,7 @@ from cxrclip.model.checkpoint import (
     set_rng_state,
 )
 from cxrclip.model.clip import build_model
-from cxrclip.model.encoders import build_tokenizer
+from cxrclip.model.encoders import build_tokenizer, image_normalization
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ def autocast_settings(run: RunSettings, device: torch.device) -> tuple[bool, tor
 
 def load_split(cfg: DictConfig, group: str, train: bool, run: RunSettings, env: DistEnv) -> ConcatDataset:
     """Validate every CSV of a data group (all problems at once) and build its dataset."""
-    normalize = cfg.model.image_encoder.get("normalize", "huggingface")
-    transform = build_transform(to_plain(cfg.transform)["train" if train else "valid"], to_plain(normalize))
+    normalize = image_normalization(to_plain(cfg.model.image_encoder))
+    transform = build_transform(to_plain(cfg.transform)["train" if train else "valid"], normalize)
     datasets = []
     for dc in data_configs(cfg, group):
         records = load_imagetext_records(dc)

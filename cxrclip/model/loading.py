@@ -12,7 +12,7 @@ import torch
 
 from cxrclip.model.checkpoint import CheckpointError, load_checkpoint, plain_config
 from cxrclip.model.clip import CXRClip, build_model
-from cxrclip.model.encoders import build_tokenizer
+from cxrclip.model.encoders import build_tokenizer, image_normalization
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def upgrade_model_config(cfg: Mapping) -> dict:
     if image.get("source") == "torchvision" and image.get("name") == "resnet":
         image["name"] = "resnet50"
     if legacy:
-        image["normalize"] = "imagenet" if image.get("source") == "torchvision" else "huggingface"
+        image["normalize"] = image_normalization(image)
         if image.get("source") == "huggingface":
             image.setdefault("pooling", "first")
     for key in ("model_type", "gradient_checkpointing", "local_files_only"):

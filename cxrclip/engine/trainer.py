@@ -75,6 +75,7 @@ class RunSettings:
     checkpoint_dir: Path
     tensorboard_dir: Path
     overwrite: bool = False
+    log_every: int = 10
 
     @classmethod
     def from_cfg(cls, base: Mapping) -> RunSettings:
@@ -91,6 +92,7 @@ class RunSettings:
             checkpoint_dir=Path(base["output"]["checkpoint"]),
             tensorboard_dir=Path(base["output"]["tensorboard"]),
             overwrite=bool(base.get("overwrite", False)),
+            log_every=max(1, int(base.get("log_every", 10))),
         )
 
     def check_run_folder(self) -> None:
@@ -344,14 +346,20 @@ class Trainer:
             self.writer.add_scalar("train/temperature", 1.0 / float(self.model.scale.detach()), self.step)
 
     def train_epoch(self, stop: StopRequest) -> tuple[float, bool]:
-        """One epoch (or its rest, after a mid-epoch resume); returns (mean loss, stopped early)."""
+        """One epoch (or its rest, after a mid-epoch resume); returns (mean loss, stopped early).
+
+        The loop does not wait for the device on every step: the loss sum and the finite check stay on the
+        device and are read every ``base.log_every`` steps (and at the end), and with several processes the
+        stop flag is agreed on at the same points."""
         from tqdm import tqdm
 
         self.model.train()
         self.train_loader.sampler.set_epoch(self.epoch)
         epoch_batches = len(self.train_loader)  # the whole epoch's, before a resume skips the batches already done
         self.train_loader.sampler.set_epoch(self.epoch, skip=self.batches_done * self.train_loader.batch_size)
-        accum, total, count = self.run.grad_accum_steps, 0.0, 0
+        accum, count = self.run.grad_accum_steps, 0
+        total = torch.zeros((), device=self.env.device)
+        finite = torch.ones((), dtype=torch.bool, device=self.env.device)
         bar = tqdm(
             self.train_loader,
             desc=f"epoch {self.epoch + 1}/{self.total_epochs}",
@@ -364,24 +372,34 @@ class Trainer:
             sync = contextlib.nullcontext() if last_micro or not self.env.distributed else self.ddp.no_sync()
             with sync:
                 losses = self.forward_loss(batch)
-                if not torch.isfinite(losses["loss"]):
-                    raise FloatingPointError(
-                        f"non-finite loss ({float(losses['loss'])}) at epoch {self.epoch + 1}, step {self.step}; "
-                        f"stopping. The last good checkpoints in {self.run.checkpoint_dir} are kept. "
-                        "Try a lower learning rate, base.grad_clip_norm=1.0, or base.amp=false."
-                    )
+                finite &= torch.isfinite(losses["loss"].detach())
                 self.scaler.scale(losses["loss"] / accum).backward()
             self.batches_done += 1
             if last_micro:
                 self.optimizer_step()
-                self.log_step(losses)
-            total, count = total + float(losses["loss"].detach()), count + 1
-            bar.set_postfix(
-                loss=f"{float(losses['loss'].detach()):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}"
+            total += losses["loss"].detach().float()
+            count += 1
+            report = count % self.run.log_every == 0 or self.batches_done == epoch_batches
+            if report:
+                self.check_finite(finite)
+                if last_micro:
+                    self.log_step(losses)
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{float(total) / count:.4f}", lr=f"{lr:.2e}")
+            # one process: the flag is a plain bool, read every step; several: agreed (an all-reduce) when reporting
+            if (report or not self.env.distributed) and stop.agreed(self.env):
+                self.check_finite(finite)
+                return float(total) / max(count, 1), True
+        self.check_finite(finite)
+        return float(total) / max(count, 1), False
+
+    def check_finite(self, finite: torch.Tensor) -> None:
+        if not bool(finite):
+            raise FloatingPointError(
+                f"non-finite loss at epoch {self.epoch + 1} (by step {self.step}); stopping. The last good "
+                f"checkpoints in {self.run.checkpoint_dir} are kept. "
+                "Try a lower learning rate, base.grad_clip_norm=1.0, or base.amp=false."
             )
-            if stop.agreed(self.env):
-                return total / max(count, 1), True
-        return total / max(count, 1), False
 
     @torch.no_grad()
     def validate(self) -> float | None:

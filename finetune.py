@@ -5,8 +5,8 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from cxrclip.jobs import probe
 from cxrclip.errors import exit_on_user_error
+from cxrclip.jobs import probe
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="finetune_100")

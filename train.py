@@ -6,8 +6,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cxrclip.jobs import pretrain
 from cxrclip.errors import exit_on_user_error
+from cxrclip.jobs import pretrain
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -291,7 +291,7 @@ def test_the_page_in_chromium_shows_labels_and_a_heatmap_and_stays_local(live_se
             page.locator("#labels tbody tr").nth(12).wait_for(timeout=60_000)  # (the page's CSP forbids eval)
             assert page.locator("#labels tbody tr").count() == 13
             page.locator("#labels tbody tr", has_text="Pneumothorax").click()
-            page.locator("#heatmap").wait_for(state="visible", timeout=60_000)
+            page.locator('#heatmap[src^="data:image/png;base64,"]').wait_for(state="visible", timeout=60_000)
             assert page.get_attribute("#heatmap", "src").startswith("data:image/png;base64,")
             page.fill("#text", "there is a pneumothorax.")
             page.click("#query button")

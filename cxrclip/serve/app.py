@@ -10,6 +10,7 @@ once; predictions run in a bounded thread pool so the event loop keeps answering
 import base64
 import hmac
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -94,12 +95,10 @@ class Service:
     """The loaded model and what a request does with it (runs in worker threads)."""
 
     def __init__(self, settings: ServeSettings):
-        import torch
-
         from cxrclip.infer import Predictor
 
-        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, settings.workers)))
         self.settings = settings
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
         self.predictor = Predictor.create(
             settings.model_path, device=settings.device, text_encoder=settings.text_encoder
         )
@@ -122,7 +121,8 @@ class Service:
         result.pop("image")
         out = {"input": facts, **result}
         if texts:
-            out["texts"] = self.predictor.texts_similarity(tensor, texts)
+            with self._tokenizer_lock:
+                out["texts"] = self.predictor.texts_similarity(tensor, texts)
         if heatmap:
             gray, cam = self.predictor.heatmap(tensor, heatmap)
             out["heatmap"] = {"label": heatmap, "png": _data_url(png_bytes(overlay(gray, cam)))}
@@ -243,9 +243,12 @@ def create_app(settings: ServeSettings, service: Service | None = None):
 
 def serve(settings: ServeSettings) -> None:
     """Run the server until Ctrl-C."""
+    import torch
     import uvicorn
 
     settings.check()
+    # the worker threads share the cores: each prediction gets its share instead of all of them
+    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, settings.workers)))
     app = create_app(settings)
     print(f"cxrclip serve: http://{settings.host}:{settings.port}/  (API docs at /docs). {DISCLAIMER}", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)

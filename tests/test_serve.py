@@ -131,6 +131,12 @@ def test_a_dicom_without_pixels_and_an_unknown_heatmap_label(client, tmp_path, d
     assert client.post("/v1/predict").status_code == 422  # no file at all
 
 
+def test_uploads_up_to_the_cap_stay_in_memory(client):
+    from starlette.formparsers import MultiPartParser
+
+    assert MultiPartParser.spool_max_size >= 1024 * 1024 + 1  # the cap of these tests' server is 1 MB
+
+
 def test_decompression_bombs_are_refused(client):
     buffer = io.BytesIO()
     Image.new("L", (20000, 20000)).save(buffer, format="PNG")  # 400 Mpixel, a few hundred kB compressed

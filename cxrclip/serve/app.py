@@ -24,6 +24,7 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartParser
 
 from cxrclip.exceptions import ConfigError
 
@@ -141,6 +142,8 @@ def create_app(settings: ServeSettings, service: Service | None = None):
     service = service or Service(settings)
     limiter = anyio.CapacityLimiter(max(1, settings.workers))
     max_bytes = int(settings.max_upload_mb * 1024 * 1024)
+    # Starlette spools uploads over 1 MB to a temp file on disk; keep every accepted upload in memory instead
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, max_bytes + (1 << 20))
     app = FastAPI(title="cxrclip", version="1", description=DISCLAIMER)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
     p.add_argument("--epochs", type=int, default=6)
     add_data_args(p)
-    p.set_defaults(func=_demo, image_size=160)
+    p.set_defaults(func=_demo, image_size=224, n_train=600)  # the demo's budget: thin tubes need the pixels
 
     p = sub.add_parser("train", help="the train.py job: cxrclip train [hydra overrides]")
     p.add_argument("overrides", nargs="*")

@@ -34,10 +34,10 @@ def cpu_has_bf16() -> bool:
 def run_demo(
     out: str | Path,
     *,
-    n_train: int = 800,
+    n_train: int = 600,
     n_valid: int = 100,
     n_test: int = 200,
-    image_size: int = 160,
+    image_size: int = 224,
     epochs: int = 6,
     seed: int = 0,
     model: str = "clip_cpu_offline",

@@ -84,8 +84,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from cxrclip.eval.calibration import CalibrationError, CalibrationSettings
 
     with exit_on_user_error():
-        header = Path(args.data).read_text(encoding="utf-8").splitlines()[:1] if Path(args.data).is_file() else []
-        split = args.split or ("valid" if header and "text_label" in header[0].split(",") else "cls")
+        split = args.split or ("valid" if "text_label" in _csv_header(args.data) else "cls")
         rules = {}
         for item in args.label_rule or []:
             label, sep, rule = item.partition(":")
@@ -109,6 +108,17 @@ def _calibrate(args: argparse.Namespace) -> int:
         counts = f"{c.n_pos:4d} pos / {c.n_neg:4d} neg"
         print(f"  {name:<{width}}  threshold {c.threshold:.3f}  {c.rule:<16} {counts}  {state}")
     return 0
+
+
+def _csv_header(path: str) -> list[str]:
+    """A CSV's column names ([] when it cannot be read: the data check then says why)."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
 
 
 def _data_config(csv_path: str, split: str, args: argparse.Namespace) -> DataConfig:
@@ -174,10 +184,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hydra_job(config_name: str, run) -> Callable[[argparse.Namespace], int]:
-    """A subcommand that composes ``config_name`` with the given overrides and runs the job in-process."""
+def _hydra_job(config_name: str, target: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand that composes ``config_name`` with the given overrides and runs ``target`` (``module:function``,
+    imported when the subcommand runs) in-process."""
 
     def job(args: argparse.Namespace) -> int:
+        import importlib
+
         from cxrclip.config import compose
         from cxrclip.errors import exit_on_user_error
 
@@ -186,28 +199,11 @@ def _hydra_job(config_name: str, run) -> Callable[[argparse.Namespace], int]:
             name = config_name
             if overrides[:1] == ["--config-name"] and len(overrides) > 1:
                 name, overrides = overrides[1], overrides[2:]
-            run()(compose(name, overrides))
+            module, function = target.split(":")
+            getattr(importlib.import_module(module), function)(compose(name, overrides))
         return 0
 
     return job
-
-
-def _evaluate_job():
-    from cxrclip.eval.evaluate import evaluate
-
-    return evaluate
-
-
-def _probe_job():
-    from cxrclip.jobs import probe
-
-    return probe
-
-
-def _evaluate_probe_job():
-    from cxrclip.eval.finetune import evaluate_finetune
-
-    return evaluate_finetune
 
 
 def _infer(args: argparse.Namespace) -> int:
@@ -250,15 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="the evaluate_clip.py job: cxrclip evaluate test.checkpoint=CKPT [...]")
     p.add_argument("overrides", nargs="*")
-    p.set_defaults(func=_hydra_job("eval_clip", _evaluate_job))
+    p.set_defaults(func=_hydra_job("eval_clip", "cxrclip.eval.evaluate:evaluate"))
 
     p = sub.add_parser("finetune", help="the finetune.py job: [--config-name finetune_10] model.load_backbone_weights=")
     p.add_argument("overrides", nargs="*")
-    p.set_defaults(func=_hydra_job("finetune_100", _probe_job))
+    p.set_defaults(func=_hydra_job("finetune_100", "cxrclip.jobs:probe"))
 
     p = sub.add_parser("evaluate-finetune", help="the evaluate_finetune.py job: test.checkpoint=PROBE_CKPT [...]")
     p.add_argument("overrides", nargs="*")
-    p.set_defaults(func=_hydra_job("eval_finetune", _evaluate_probe_job))
+    p.set_defaults(func=_hydra_job("eval_finetune", "cxrclip.eval.finetune:evaluate_finetune"))
 
     p = sub.add_parser("infer", help="the inference.py job: cxrclip infer --model_path CKPT --image_path IMG")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -340,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return infer_main(argv[1:])
     if argv[:1] == ["finetune"]:  # Hydra's --config-name passes through too
-        return _hydra_job("finetune_100", _probe_job)(argparse.Namespace(overrides=argv[1:]))
+        return _hydra_job("finetune_100", "cxrclip.jobs:probe")(argparse.Namespace(overrides=argv[1:]))
     args = build_parser().parse_args(argv)
     if args.debug:
         import os

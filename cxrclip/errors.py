@@ -26,9 +26,10 @@ def debugging() -> bool:
 
 def message(e: BaseException) -> str:
     """The user-facing text of an error; OmegaConf's multi-line "missing value" becomes one line with a hint."""
-    full_key = getattr(e, "full_key", None)
-    if full_key and type(e).__name__ == "MissingMandatoryValue":
-        return f"{full_key} is not set; give it on the command line, e.g. {full_key}=/PATH"
+    from omegaconf.errors import MissingMandatoryValue
+
+    if isinstance(e, MissingMandatoryValue) and e.full_key:
+        return f"{e.full_key} is not set; give it on the command line, e.g. {e.full_key}=/PATH"
     return str(e)
 
 

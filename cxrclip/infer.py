@@ -103,26 +103,28 @@ class Predictor:
         probability, its threshold and rule, and the decision."""
         return self.predict_tensors(images, [self.transform(read_image(p)) for p in images], threshold)
 
-    def heatmap(self, tensor: torch.Tensor, label: str) -> tuple[np.ndarray, np.ndarray]:
-        """(the grayscale picture the model saw, Grad-CAM map in [0, 1]) for one preprocessed image and label."""
-        from cxrclip.explain import display_image, grad_cam
+    def picture(self, tensor: torch.Tensor) -> np.ndarray:
+        """The grayscale picture the model saw (a preprocessed image, un-normalized)."""
+        from cxrclip.explain import display_image
+
+        return display_image(tensor, self.transform.normalize.mean, self.transform.normalize.std)
+
+    def heatmap(self, tensor: torch.Tensor, label: str) -> np.ndarray:
+        """The Grad-CAM map in [0, 1] of one preprocessed image for one label."""
+        from cxrclip.explain import grad_cam
 
         if label not in self.label_names:
             raise InputError(f"heatmap: unknown label {label!r}; labels: {self.label_names}")
         j = self.label_names.index(label)
         direction = self.scorer.pos_emb[j] - self.scorer.neg_emb[j]
-        cam = grad_cam(self.loaded.model, tensor[None].to(self.device), direction, self.scorer.scale)
-        norm = self.transform.normalize
-        return display_image(tensor, norm.mean, norm.std), cam
+        return grad_cam(self.loaded.model, tensor[None].to(self.device), direction, self.scorer.scale)
 
-    def texts_similarity(self, tensor: torch.Tensor, texts: Sequence[str]) -> list[dict]:
-        """Free-text queries against one image: cosine similarity and the softmax over the queries."""
+    def texts_similarity(self, image_emb: torch.Tensor, texts: Sequence[str]) -> list[dict]:
+        """Free-text queries against one image's embedding: cosine similarity and the softmax over the queries."""
         from cxrclip.eval.zeroshot import embed_texts
 
-        with torch.no_grad():
-            emb = self.loaded.model.encode_image(tensor[None].to(self.device)).float().cpu()
         text_emb = embed_texts(self.loaded.model, self.loaded.tokenizer, list(texts), self.device)
-        sims = (emb @ text_emb.t())[0]
+        sims = text_emb @ image_emb.reshape(-1)
         probs = (sims * self.scorer.scale).softmax(-1)
         return [
             {"text": t, "similarity": round(float(s), 4), "probability": round(float(p), 4)}
@@ -130,13 +132,18 @@ class Predictor:
         ]
 
     @torch.no_grad()
+    def embed(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """L2-normalized image embeddings (on the CPU) of preprocessed images."""
+        return self.loaded.model.encode_image(torch.stack(list(tensors)).to(self.device)).float().cpu()
+
     def predict_tensors(
         self, images: Sequence[str | Path], tensors: Sequence[torch.Tensor], threshold=None
     ) -> list[dict]:
         """:meth:`predict` on images already read and preprocessed (``images`` names them)."""
-        if not tensors:
-            return []
-        emb = self.loaded.model.encode_image(torch.stack(list(tensors)).to(self.device)).float().cpu()
+        return self.predict_embeddings(images, self.embed(tensors), threshold) if tensors else []
+
+    def predict_embeddings(self, images: Sequence[str | Path], emb: torch.Tensor, threshold=None) -> list[dict]:
+        """:meth:`predict` on image embeddings."""
         sims = emb @ self.candidate_emb.t()
         probs = (sims * self.scorer.scale).softmax(dim=-1)
         logits = self.scorer.logits(emb)
@@ -303,8 +310,9 @@ def write_heatmaps(predictor: Predictor, results: Sequence[dict], folder: Path, 
         chosen = labels or [n for n, v in result["labels"].items() if v["present"]]
         if not chosen:
             chosen = [max(result["labels"], key=lambda n: result["labels"][n]["probability"])]
+        gray = predictor.picture(tensor)
         for label in chosen:
-            gray, cam = predictor.heatmap(tensor, label)
+            cam = predictor.heatmap(tensor, label)
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
             path = write_overlay(folder / f"{Path(result['image']).stem}.{slug}.png", gray, cam)
             print(f"heatmap: {path}", file=sys.stderr)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from cxrclip.exceptions import OutputError
 
+TEMP_SUFFIX = ".tmp"
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path`` in one step. A failure (a full disk, a
@@ -21,7 +23,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
@@ -37,6 +39,16 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def remove_stale_temp_files(path: str | Path) -> list[Path]:
+    """Delete the temp files that writes of ``path`` left when their process was killed (``kill -9``
+    mid-write); ``path`` itself is always whole. Call it only when no other process writes ``path``."""
+    path = Path(path)
+    stale = list(path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def _kept(path: Path) -> str:

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.special import logit
 from sklearn.metrics import roc_auc_score
 
-from cxrclip.eval.calibration import logit
 from cxrclip.eval.metrics import TIE_TOLERANCE, binary_metrics, merge_texts, multiclass_metrics, retrieval_metrics
 
 

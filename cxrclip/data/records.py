@@ -19,7 +19,8 @@ from cxrclip.paths import resolve_user_path
 DATA_TYPES = ("imagetext", "imagetext_eval", "image_classification")
 LABEL_FORMATS = ("list", "triplet")
 TEXT_SOURCES = ("labels", "report")
-BLANK_LABELS = ("error", "excluded", "negative")
+BLANK_MEANING = {"excluded": -1, "negative": 0}  # what a blank 0/1 cell means, when the data config says
+BLANK_LABELS = ("error", *BLANK_MEANING)
 LABEL_SOURCES = ("columns", "label_column", "none")
 EVAL_TEXTS = ("as_is", "findings", "impression", "longest", "concat")
 MAX_PROBLEMS_SHOWN = 30
@@ -344,7 +345,6 @@ def pick_eval_text(sections: Sequence[str], how: str) -> str:
 
 
 BLANK = object()  # a blank label cell: what it means is declared by the data config (``blank_labels``)
-BLANK_MEANING = {"excluded": -1, "negative": 0}
 
 
 def _label_value(cell: str) -> int | None | object:

@@ -33,7 +33,7 @@ def param_groups(
         groups.setdefault((decays, scale), []).append(p)
     out = []
     for (decays, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1])):
-        group = {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
         if lr is not None:
             group["lr"] = lr * scale
         out.append(group)

@@ -23,6 +23,7 @@ from cxrclip.data.transforms import build_transform
 from cxrclip.engine.dist import DistEnv, init_distributed, shutdown
 from cxrclip.engine.optim import build_optimizer, build_scheduler
 from cxrclip.exceptions import ConfigError, OutputError
+from cxrclip.io import remove_stale_temp_files
 from cxrclip.loss import build_loss
 from cxrclip.model.checkpoint import (
     load_checkpoint,
@@ -35,6 +36,7 @@ from cxrclip.model.clip import build_model
 from cxrclip.model.encoders import build_tokenizer, image_normalization
 
 log = logging.getLogger(__name__)
+CHECKPOINT_NAMES = ("model-last.tar", "model-best.tar")
 
 
 class EpochSampler(Sampler[int]):
@@ -99,8 +101,7 @@ class RunSettings:
         """A run never writes over another run's checkpoints unless told to (``base.resume`` / ``base.overwrite``)."""
         if self.resume or self.overwrite:
             return
-        found = [p.name for p in (self.checkpoint_dir / "model-last.tar", self.checkpoint_dir / "model-best.tar")]
-        found = [name for name in found if (self.checkpoint_dir / name).exists()]
+        found = [name for name in CHECKPOINT_NAMES if (self.checkpoint_dir / name).exists()]
         if found:
             raise OutputError(
                 f"{self.checkpoint_dir} already holds {' and '.join(found)} of another run; continue it with "
@@ -232,8 +233,8 @@ class Trainer:
         self.total_epochs = int(cfg.scheduler.config.total_epochs)
         self.run.check_run_folder()
         if env.is_main:  # temp files of saves interrupted by a kill -9 (the checkpoints themselves are whole)
-            for stale in self.run.checkpoint_dir.glob(".model-*.tar.*.tmp"):
-                stale.unlink(missing_ok=True)
+            for name in CHECKPOINT_NAMES:
+                remove_stale_temp_files(self.run.checkpoint_dir / name)
         torch.manual_seed(self.run.seed + env.rank)
         # data first (inside the task): a bad CSV stops the run before any model is built
         self.task = make_task(cfg, self.run, env)

@@ -75,8 +75,14 @@ def calibrate_checkpoint(
     device = default_device(str(device) if device else None)
     loader_cfg = dict(loader_cfg or {"batch_size": 32, "num_workers": 0})
     ckpt = load_checkpoint(checkpoint)
-    score = _probe_scorer if "probe" in ckpt else _clip_scorer
-    logits, labels = score(checkpoint, data, names, loader_cfg, device, text_encoder)
+    make_scorer = _probe_scorer if "probe" in ckpt else _clip_scorer
+    score = make_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder)
+    logits, labels = [], []
+    for dc in data:
+        records = load_records(dc)
+        logits.append(score(records, dc))
+        labels.append(label_matrix(records, names))
+    logits, labels = np.concatenate(logits), np.concatenate(labels)
     fitted_on = {
         "dataset": data[0].name,
         "path": str(data[0].csv_path),
@@ -102,32 +108,23 @@ def calibrate_checkpoint(
     return calibration
 
 
-def _clip_scorer(checkpoint, data, names, loader_cfg, device, text_encoder) -> tuple[np.ndarray, np.ndarray]:
+def _clip_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder):
+    """records → zero-shot logits of a CLIP checkpoint."""
     loaded = load_model(checkpoint, device=device, text_encoder=text_encoder)
-    logits, labels = [], []
-    for dc in data:
-        records = load_records(dc)
-        logits.append(zero_shot_logits(loaded, records, dc.prompts(), names, loader_cfg, device))
-        labels.append(label_matrix(records, names))
-    return np.concatenate(logits), np.concatenate(labels)
+    return lambda records, dc: zero_shot_logits(loaded, records, dc.prompts(), names, loader_cfg, device)
 
 
-def _probe_scorer(checkpoint, data, names, loader_cfg, device, text_encoder) -> tuple[np.ndarray, np.ndarray]:
+def _probe_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder):
+    """records → the logits of a linear-probe checkpoint."""
     from cxrclip.eval.evaluate import image_loader
     from cxrclip.eval.finetune import load_probe, probe_logits, probe_transform
 
-    probe, info = load_probe(Path(checkpoint))
-    transform = probe_transform(load_checkpoint(checkpoint))
+    probe, info = load_probe(Path(checkpoint), ckpt)
     if list(info["label_names"]) != names:
         raise CalibrationError(f"{checkpoint} was trained on labels {info['label_names']}, the data has {names}")
     probe.to(device)
-    logits, labels = [], []
-    for dc in data:
-        records = load_records(dc)
-        loader = image_loader(as_labeled(records), transform, loader_cfg)
-        logits.append(probe_logits(probe, loader, device))
-        labels.append(label_matrix(records, names))
-    return np.concatenate(logits), np.concatenate(labels)
+    transform = probe_transform(ckpt)
+    return lambda records, dc: probe_logits(probe, image_loader(as_labeled(records), transform, loader_cfg), device)
 
 
 def stored_calibration(checkpoint: Mapping, names: Sequence[str], fallback_threshold: float = 0.5) -> Calibration:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit as sigmoid  # noqa: F401 (the logistic function, used across eval)
 
 from cxrclip.exceptions import UserError
 from cxrclip.io import file_sha256
@@ -97,10 +98,6 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, rule: str) -> float:
     return float(t[np.argmax(score >= score.max() - 1e-12)])
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -500, 500)))
-
-
 def fit_platt(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """P(yes) = sigmoid(a · logit + b), fitted by (lightly regularized) logistic regression."""
     from sklearn.linear_model import LogisticRegression
@@ -129,6 +126,11 @@ class LabelCalibration:
     n_pos: int = 0
     n_neg: int = 0
     note: str = ""
+
+    @classmethod
+    def fallback(cls, threshold: float, note: str, n_pos: int = 0, n_neg: int = 0) -> LabelCalibration:
+        """No calibration: the model's own sigmoid and a fixed threshold, flagged by ``note``."""
+        return cls("none", {}, threshold, f"fixed={threshold:g}", n_pos, n_neg, note)
 
     @property
     def calibrated(self) -> bool:
@@ -204,8 +206,7 @@ class Calibration:
     @classmethod
     def uncalibrated(cls, names: Sequence[str], threshold: float = 0.5, note: str = "no calibration") -> Calibration:
         """The explicit fallback: the model's own sigmoid, a fixed threshold, every label flagged."""
-        fixed = LabelCalibration("none", {}, threshold, f"fixed={threshold:g}", note=note)
-        return cls({n: fixed for n in names})
+        return cls({n: LabelCalibration.fallback(threshold, note) for n in names})
 
     @property
     def is_fitted(self) -> bool:
@@ -213,9 +214,7 @@ class Calibration:
 
     def for_labels(self, names: Sequence[str], fallback_threshold: float = 0.5) -> Calibration:
         """The same calibration over ``names``; labels it does not know get the flagged fallback."""
-        missing = LabelCalibration(
-            "none", {}, fallback_threshold, f"fixed={fallback_threshold:g}", note="not in the calibration"
-        )
+        missing = LabelCalibration.fallback(fallback_threshold, "not in the calibration")
         labels = {n: self.labels.get(n, missing) for n in names}
         return Calibration(labels, self.fitted_on, self.prompts_sha256, self.created, self.version)
 
@@ -241,12 +240,11 @@ def fit_label(logits: np.ndarray, y: np.ndarray, rule: str, settings: Calibratio
     logits, y = np.asarray(logits, dtype=np.float64)[keep], y[keep].astype(np.int64)
     n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
     if n_pos < settings.min_positives or n_neg < settings.min_negatives:
-        t = settings.fallback_threshold
         note = (
             f"uncalibrated: {n_pos} positive / {n_neg} negative validation rows "
             f"(needs {settings.min_positives} / {settings.min_negatives})"
         )
-        return LabelCalibration("none", {}, t, f"fixed={t:g}", n_pos, n_neg, note)
+        return LabelCalibration.fallback(settings.fallback_threshold, note, n_pos, n_neg)
     method, note = settings.method, ""
     if method == "isotonic" and n_pos < settings.isotonic_min_positives:
         method, note = "platt", f"isotonic needs {settings.isotonic_min_positives} positives; Platt used"
@@ -277,32 +275,20 @@ def fit_calibration(
 
 
 # -- how good a probability is --------------------------------------------------------------------------
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """ECE: the row-weighted mean |observed rate − mean probability| over equal-width probability bins."""
+def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[tuple[float, float, int]]:
+    """(mean probability, observed rate, rows) of each non-empty equal-width probability bin."""
     y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
     which = np.minimum((p * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        rows = which == b
-        if rows.any():
-            total += rows.sum() * abs(y[rows].mean() - p[rows].mean())
-    return float(total / max(y.size, 1))
+    return [(float(p[which == b].mean()), float(y[which == b].mean()), int((which == b).sum()))
+            for b in range(bins) if (which == b).any()]  # fmt: skip
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """ECE: the row-weighted mean |observed rate − mean probability| over the reliability bins."""
+    return float(sum(n * abs(rate - mean) for mean, rate, n in reliability_bins(y, p, bins)) / max(np.size(y), 1))
 
 
 def brier_score(y: np.ndarray, p: np.ndarray) -> float:
-    return float(np.mean((np.asarray(p, dtype=np.float64) - np.asarray(y, dtype=np.float64)) ** 2))
+    from sklearn.metrics import brier_score_loss
 
-
-def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[tuple[float, float, int]]:
-    """(mean probability, observed rate, rows) of each non-empty bin, for the reliability diagram."""
-    which = np.minimum((np.asarray(p) * bins).astype(int), bins - 1)
-    return [
-        (float(p[which == b].mean()), float(y[which == b].mean()), int((which == b).sum()))
-        for b in range(bins)
-        if (which == b).any()
-    ]
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
-    return np.log(p) - np.log1p(-p)
+    return float(brier_score_loss(np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)))

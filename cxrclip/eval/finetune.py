@@ -18,8 +18,8 @@ from cxrclip.eval import report
 from cxrclip.eval.evaluate import checkpoint_paths, image_loader, label_metrics
 from cxrclip.eval.metrics import multiclass_metrics
 from cxrclip.exceptions import ConfigError
-from cxrclip.model.checkpoint import CheckpointError, load_checkpoint, plain_config
-from cxrclip.model.loading import default_device, load_image_encoder
+from cxrclip.model.checkpoint import CheckpointError, load_checkpoint
+from cxrclip.model.loading import default_device, load_image_encoder, stored_transform
 from cxrclip.model.probe import LinearProbe
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,12 @@ COLUMNS = (
 )
 
 
-def load_probe(path: Path) -> tuple[LinearProbe, dict]:
-    ckpt = load_checkpoint(path)
+def load_probe(path: Path, ckpt: dict | None = None) -> tuple[LinearProbe, dict]:
+    """A fine-tuned checkpoint's probe (``ckpt``: the file, when it is already loaded) and its ``probe`` facts."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(path)
     if "probe" not in ckpt:
         raise CheckpointError(f"{path} is not a fine-tuned checkpoint (made by finetune.py)")
-    encoder, _ = load_image_encoder(path)
+    encoder, _ = load_image_encoder(path, ckpt)
     probe = LinearProbe(encoder, len(ckpt["probe"]["label_names"]))
     head = {k.removeprefix("classifier."): v for k, v in ckpt["model"].items() if k.startswith("classifier.")}
     probe.classifier.load_state_dict(head, strict=True)
@@ -51,12 +52,7 @@ def probe_logits(probe: LinearProbe, loader: DataLoader, device: torch.device) -
 
 def probe_transform(ckpt: dict):
     """The probe run's deterministic (valid) transform with its encoder's normalization."""
-    config = plain_config(ckpt.get("config"))
-    steps = (config.get("transform") or {}).get("valid")
-    if not steps:
-        size = int(config.get("base", {}).get("image_size", 224))
-        steps = {"Resize": {"size": size}, "CenterCrop": {"size": size}}
-    return build_transform(steps, ckpt["probe"]["image_encoder"]["normalize"])
+    return stored_transform(ckpt.get("config") or {}, ckpt["probe"]["image_encoder"]["normalize"], ("valid",))
 
 
 def evaluate_finetune(cfg: DictConfig) -> dict[str, dict[str, dict]]:
@@ -67,8 +63,8 @@ def evaluate_finetune(cfg: DictConfig) -> dict[str, dict[str, dict]]:
     out_dir = Path(cfg.test.output_dir) if cfg.test.get("output_dir") else ckpts[0].parent
     everything: dict[str, dict[str, dict]] = {dc.name: {} for dc, _ in datasets}
     for ckpt in ckpts:
-        probe, info = load_probe(ckpt)
         ckpt_data = load_checkpoint(ckpt)
+        probe, info = load_probe(ckpt, ckpt_data)
         probe.to(device)
         for dc, records in datasets:
             if list(dc.label_names) != list(info["label_names"]):

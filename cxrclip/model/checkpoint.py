@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import collections
 import logging
 import pickle
 import random
-import typing
 from pathlib import Path
 
 import numpy as np
@@ -29,31 +27,11 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
 
 
 def _config_allowlist() -> list:
-    """The OmegaConf classes a published CXR-CLIP checkpoint's ``config`` may be pickled with: plain
-    containers and value nodes, no code. Only these are allowed in addition to tensors."""
-    from omegaconf import DictConfig, ListConfig
-    from omegaconf.base import ContainerMetadata, Metadata
-    from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
+    """The OmegaConf classes a published CXR-CLIP checkpoint's ``config`` may be pickled with, plus plain
+    builtins: allowed in addition to tensors by the weights-only reader."""
+    from cxrclip.model.safe_pickle import config_classes
 
-    return [
-        DictConfig,
-        ListConfig,
-        ContainerMetadata,
-        Metadata,
-        AnyNode,
-        StringNode,
-        IntegerNode,
-        FloatNode,
-        BooleanNode,
-        typing.Any,
-        dict,
-        list,
-        int,
-        float,
-        str,
-        bool,
-        collections.defaultdict,
-    ]
+    return [*config_classes(), dict, list, int, float, str, bool]
 
 
 def plain_config(config) -> dict:

@@ -35,25 +35,25 @@ class LoadedModel:
 
     @property
     def config(self) -> dict:
-        """The run config stored in the checkpoint, as plain data."""
-        return plain_config(self.checkpoint.get("config"))
+        """The run config stored in the checkpoint (plain data, as ``load_checkpoint`` returns it)."""
+        return self.checkpoint.get("config") or {}
 
     def preprocess(self, image_size: int | None = None):
-        """The run's deterministic test transform with the model's normalization. ``image_size`` (or a
-        checkpoint without stored transforms, like the published ones) gives Resize + CenterCrop."""
-        from cxrclip.data.transforms import build_transform
+        """The run's deterministic test transform with the model's normalization (see :func:`stored_transform`)."""
+        return stored_transform(self.config, self.normalize, ("test", "valid"), image_size)
 
-        transforms = self.config.get("transform") or {}
-        steps = transforms.get("test") or transforms.get("valid")
-        if image_size or not steps:
-            size = int(image_size or self.config.get("base", {}).get("image_size", 224))
-            steps = {"Resize": {"size": size}, "CenterCrop": {"size": size}}
-        return build_transform(steps, self.normalize)
 
-    @property
-    def calibration(self):
-        """The stored :class:`~cxrclip.eval.calibration.Calibration` as plain data, or None."""
-        return self.checkpoint.get("calibration")
+def stored_transform(config: Mapping, normalize, splits=("test", "valid"), image_size: int | None = None):
+    """The first of ``splits`` a run config stores under ``transform``, with ``normalize``. ``image_size`` (or a
+    config without stored transforms, like the published ones) gives Resize + CenterCrop at that size."""
+    from cxrclip.data.transforms import build_transform
+
+    transforms = config.get("transform") or {}
+    steps = next((transforms[s] for s in splits if transforms.get(s)), None)
+    if image_size or not steps:
+        size = int(image_size or config.get("base", {}).get("image_size", 224))
+        steps = {"Resize": {"size": size}, "CenterCrop": {"size": size}}
+    return build_transform(steps, normalize)
 
 
 def default_device(name: str | None = None) -> torch.device:
@@ -123,11 +123,12 @@ def load_model(
     return LoadedModel(model, model_cfg, tokenizer, ckpt, Path(path))
 
 
-def load_image_encoder(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """Only the image encoder of a CLIP checkpoint (no text model needed), loaded strictly; with its config."""
+def load_image_encoder(path: str | Path, ckpt: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """Only the image encoder of a CLIP checkpoint (no text model needed), loaded strictly; with its config.
+    ``ckpt``: the file's content, when it is already loaded."""
     from cxrclip.model.encoders import build_image_encoder
 
-    ckpt = load_checkpoint(path)
+    ckpt = ckpt if ckpt is not None else load_checkpoint(path)
     config = plain_config(ckpt.get("config"))
     if "probe" in ckpt:  # a fine-tuned checkpoint: its encoder config is recorded next to the weights
         image_cfg = dict(ckpt["probe"]["image_encoder"])

@@ -26,23 +26,29 @@ class RefusedGlobalError(pickle.UnpicklingError):
         super().__init__(f"refusing to load global {qualified_name!r}: not a tensor, container or OmegaConf config")
 
 
-@functools.cache
-def allowed_globals() -> dict[str, object]:
-    """Qualified name → object, for every global a checkpoint may name."""
+def config_classes() -> list:
+    """What a pickled OmegaConf config is made of (containers, value nodes, metadata, ``typing.Any``, the
+    resolver cache's ``defaultdict``): data, no code. Shared by the weights-only allowlist and this reader."""
     from omegaconf import DictConfig, ListConfig
     from omegaconf.base import ContainerMetadata, Metadata
     from omegaconf.nodes import AnyNode, BooleanNode, BytesNode, EnumNode, FloatNode, IntegerNode, PathNode, StringNode
+
+    return [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, BooleanNode, BytesNode, EnumNode,
+            FloatNode, IntegerNode, PathNode, StringNode, typing.Any, collections.defaultdict]  # fmt: skip
+
+
+def _qualified(obj) -> str:
+    return "typing.Any" if obj is typing.Any else f"{obj.__module__}.{obj.__qualname__}"
+
+
+@functools.cache
+def allowed_globals() -> dict[str, object]:
+    """Qualified name → object, for every global a checkpoint may name."""
     from torch._weights_only_unpickler import _get_allowed_globals
 
     allowed = dict(_get_allowed_globals())
-    for obj in (DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, BooleanNode, BytesNode, EnumNode,
-                FloatNode, IntegerNode, PathNode, StringNode):  # fmt: skip
-        allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
-    allowed |= {
-        "collections.defaultdict": collections.defaultdict,
-        "collections.OrderedDict": collections.OrderedDict,
-        "typing.Any": typing.Any,
-    }
+    allowed |= {_qualified(obj): obj for obj in config_classes()}
+    allowed["collections.OrderedDict"] = collections.OrderedDict
     allowed |= {f"builtins.{t.__name__}": t for t in (dict, list, tuple, set, frozenset, int, float, str, bool, bytes)}
     return allowed
 

@@ -118,21 +118,17 @@ class Service:
         except ImageReadError as e:
             raise ApiError(422, str(e)) from e
         tensor = self.predictor.transform(image)
-        result = self.predictor.predict_tensors([name], [tensor])[0]
+        emb = self.predictor.embed([tensor])  # once, for the labels and the free-text queries
+        result = self.predictor.predict_embeddings([name], emb)[0]
         result.pop("image")
-        out = {"input": facts, **result}
+        gray = self.predictor.picture(tensor)
+        out = {"input": facts, **result, "preview": _data_url(png_bytes(gray))}
         if texts:
             with self._tokenizer_lock:
-                out["texts"] = self.predictor.texts_similarity(tensor, texts)
+                out["texts"] = self.predictor.texts_similarity(emb[0], texts)
         if heatmap:
-            gray, cam = self.predictor.heatmap(tensor, heatmap)
+            cam = self.predictor.heatmap(tensor, heatmap)
             out["heatmap"] = {"label": heatmap, "png": _data_url(png_bytes(overlay(gray, cam)))}
-            out["preview"] = _data_url(png_bytes(gray))
-        else:
-            from cxrclip.explain import display_image
-
-            norm = self.predictor.transform.normalize
-            out["preview"] = _data_url(png_bytes(display_image(tensor, norm.mean, norm.std)))
         return out
 
 
@@ -203,9 +199,10 @@ def create_app(settings: ServeSettings, service: Service | None = None):
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    files = {p.name: p for p in STATIC.iterdir() if p.is_file()}  # the page's own files, listed once
+
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str):
-        files = {p.name: p for p in STATIC.iterdir() if p.is_file()}
         if name not in files:
             raise ApiError(404, f"no static file {name!r}")
         return FileResponse(files[name])
@@ -249,7 +246,6 @@ def serve(settings: ServeSettings) -> None:
     import torch
     import uvicorn
 
-    settings.check()
     # the worker threads share the cores: each prediction gets its share instead of all of them
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, settings.workers)))
     app = create_app(settings)

@@ -167,6 +167,31 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from cxrclip.bundle import Bundle, export_bundle
+    from cxrclip.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        labels = list(_label_names(args.labels)) if args.labels else None
+        path = export_bundle(
+            args.checkpoint,
+            args.out,
+            prompts=args.prompts,
+            labels=labels,
+            onnx=not args.no_onnx,
+            overwrite=args.overwrite,
+            text_encoder=args.text_encoder,
+        )
+        manifest = Bundle(path).manifest
+    sizes = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+    print(
+        f"wrote {path} ({sizes:.1f} MB): {len(manifest['labels'])} labels, "
+        f"image encoder {'ONNX + ' if 'image_encoder.onnx' in manifest['files'] else ''}safetensors; "
+        f"use it as --model_path for inference.py / cxrclip serve"
+    )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from cxrclip.demo import run_demo
     from cxrclip.errors import exit_on_user_error
@@ -298,6 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="the checkpoint to read (safely)")
     p.add_argument("--out", required=True, help="where to write the converted checkpoint")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser(
+        "export", help="write an inference bundle (safetensors/ONNX weights, prompt embeddings, calibration)"
+    )
+    p.add_argument("--checkpoint", required=True, help="a CLIP checkpoint (model-best.tar or published)")
+    p.add_argument("--out", required=True, help="the bundle folder to write")
+    p.add_argument("--prompts", help="prompt file (default: the one the checkpoint was trained with)")
+    p.add_argument("--labels", help="a text file with one label name per line (default: the training labels)")
+    p.add_argument("--no-onnx", action="store_true", help="PyTorch weights only (inference then imports torch)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--text-encoder", help="local folder of the text encoder (offline)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("demo-data", help="write a synthetic CGMH-style dataset (train/valid/test CSVs + images)")
     p.add_argument("out", help="output folder")

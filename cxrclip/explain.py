@@ -9,16 +9,21 @@ timm models: ``forward_features``, Swin/ViT: the last hidden tokens on their gri
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from cxrclip.model.clip import CXRClip
+if TYPE_CHECKING:
+    import torch
+
+    from cxrclip.model.clip import CXRClip
 
 
 def grad_cam(model: CXRClip, image: torch.Tensor, direction: torch.Tensor, scale: float) -> np.ndarray:
     """A (H, W) map in [0, 1] for one preprocessed image (1×3×H×W) and a target direction in embedding space."""
+    import torch
+    import torch.nn.functional as F
+
     encoder = model.image_encoder
     image = image.detach().clone().requires_grad_(True)  # a graph even when every weight is frozen
     with torch.enable_grad():
@@ -34,12 +39,13 @@ def grad_cam(model: CXRClip, image: torch.Tensor, direction: torch.Tensor, scale
     return (cam / peak).cpu().numpy() if peak > 0 else np.zeros(image.shape[-2:], dtype=np.float32)
 
 
-def display_image(tensor: torch.Tensor, mean, std) -> np.ndarray:
-    """A preprocessed 3×H×W tensor back to the grayscale uint8 picture the model saw."""
-    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    picture = (tensor.detach().cpu().float() * std + mean).mean(dim=0).clamp(0, 1)
-    return (picture.numpy() * 255).round().astype(np.uint8)
+def display_image(image, mean, std) -> np.ndarray:
+    """A preprocessed 3×H×W image (array or CPU tensor) back to the grayscale uint8 picture the model saw."""
+    x = np.asarray(image, dtype=np.float32)
+    m = np.asarray(mean, dtype=np.float32)[:, None, None]
+    s = np.asarray(std, dtype=np.float32)[:, None, None]
+    picture = np.clip((x * s + m).mean(axis=0), 0, 1)
+    return (picture * 255).round().astype(np.uint8)
 
 
 def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:

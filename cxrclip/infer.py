@@ -8,28 +8,23 @@ import io
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from cxrclip.data.images import ImageReadError, read_image
-from cxrclip.data.prompts import load_prompts
-from cxrclip.eval.calibrate import stored_calibration
 from cxrclip.eval.calibration import Calibration, sigmoid
-from cxrclip.eval.zeroshot import LabelScorer
 from cxrclip.exceptions import InputError
-from cxrclip.model.checkpoint import plain_config
-from cxrclip.model.loading import LoadedModel, default_device, load_model
-from cxrclip.paths import resolve_user_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
 DEFAULT_PROMPTS = "datasets/train_prompts_cgmh.json"
 
+if TYPE_CHECKING:
+    from cxrclip.model.loading import LoadedModel
 
-def _training_data_config(checkpoint: dict) -> dict:
-    config = plain_config(checkpoint.get("config"))
+
+def _training_data_config(config: Mapping) -> dict:
     for group in ("data_train", "data_valid", "data_test"):
         for dc in (config.get(group) or {}).values():
             if isinstance(dc, dict) and dc.get("label_names"):
@@ -37,51 +32,30 @@ def _training_data_config(checkpoint: dict) -> dict:
     return {}
 
 
-@dataclass
-class Predictor:
-    """A loaded model with its candidate and per-label embeddings computed once (warm calls reuse them),
-    and the checkpoint's calibration (per-label probability map and operating point)."""
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
-    loaded: LoadedModel
+
+def label_logits(image_emb: np.ndarray, pos: np.ndarray, neg: np.ndarray, scale: float) -> np.ndarray:
+    """The zero-shot score per image and label, ``scale · (cos(image, pos) − cos(image, neg))`` (float64)."""
+    image_emb = np.asarray(image_emb, dtype=np.float32)
+    return (image_emb @ pos.T - image_emb @ neg.T).astype(np.float64) * scale
+
+
+class PredictorBase:
+    """What every predictor does once it has embeddings: rank the candidates, score each label, apply the
+    calibration and the operating points. Subclasses provide ``transform`` (image array → model input),
+    ``embed`` (inputs → L2-normalized embeddings), ``heatmap``, ``texts_similarity`` and the fields below."""
+
+    label_names: list[str]
     candidates: list[str]
-    candidate_emb: torch.Tensor
-    scorer: LabelScorer
+    candidate_emb: np.ndarray  # candidates × dim, L2-normalized
+    pos_emb: np.ndarray  # labels × dim: each label's positive-prompt embedding
+    neg_emb: np.ndarray
+    scale: float
     calibration: Calibration
-    transform: object
-    device: torch.device
-
-    @property
-    def label_names(self) -> list[str]:
-        return self.scorer.names
-
-    @classmethod
-    def create(
-        cls,
-        model_path: str,
-        *,
-        prompts: str | None = None,
-        texts: str | None = None,
-        labels: Sequence[str] | None = None,
-        device: str | None = None,
-        image_size: int | None = None,
-        text_encoder: str | None = None,
-    ) -> Predictor:
-        from cxrclip.eval.zeroshot import embed_texts
-
-        dev = default_device(device)
-        loaded = load_model(model_path, device=dev, text_encoder=text_encoder)
-        data_cfg = _training_data_config(loaded.checkpoint)
-        bank = load_prompts(resolve_user_path(prompts or data_cfg.get("prompt_path") or DEFAULT_PROMPTS))
-        names = list(labels or data_cfg.get("label_names") or bank.labels)
-        bank.check_covers(names)
-        scorer = LabelScorer.create(loaded.model, loaded.tokenizer, bank, names, dev)
-        if texts:
-            candidates = read_texts(texts)
-            candidate_emb = embed_texts(loaded.model, loaded.tokenizer, candidates, dev)
-        else:  # one candidate per label: its positive sentences' mean embedding
-            candidates, candidate_emb = names, scorer.pos_emb
-        calibration = stored_calibration(loaded.checkpoint, names)
-        return cls(loaded, candidates, candidate_emb, scorer, calibration, loaded.preprocess(image_size), dev)
+    encoders: dict  # {"image_encoder": name, "text_encoder": name}
 
     def operating_points(self, threshold: float | Mapping[str, float] | None) -> tuple[np.ndarray, list[str]]:
         """Per label (threshold, rule): the calibration's, unless ``--threshold`` / ``--thresholds`` override."""
@@ -97,61 +71,30 @@ class Predictor:
             return np.array(values), rules
         return np.full(len(self.label_names), float(threshold)), [f"fixed={float(threshold):g}"] * len(self.label_names)
 
-    @torch.no_grad()
     def predict(self, images: Sequence[str | Path], threshold: float | Mapping[str, float] | None = None) -> list[dict]:
         """Per image: every candidate ranked (similarity, softmax probability); per label the calibrated
         probability, its threshold and rule, and the decision."""
         return self.predict_tensors(images, [self.transform(read_image(p)) for p in images], threshold)
 
-    def picture(self, tensor: torch.Tensor) -> np.ndarray:
-        """The grayscale picture the model saw (a preprocessed image, un-normalized)."""
-        from cxrclip.explain import display_image
-
-        return display_image(tensor, self.transform.normalize.mean, self.transform.normalize.std)
-
-    def heatmap(self, tensor: torch.Tensor, label: str) -> np.ndarray:
-        """The Grad-CAM map in [0, 1] of one preprocessed image for one label."""
-        from cxrclip.explain import grad_cam
-
-        if label not in self.label_names:
-            raise InputError(f"heatmap: unknown label {label!r}; labels: {self.label_names}")
-        j = self.label_names.index(label)
-        direction = self.scorer.pos_emb[j] - self.scorer.neg_emb[j]
-        return grad_cam(self.loaded.model, tensor[None].to(self.device), direction, self.scorer.scale)
-
-    def texts_similarity(self, image_emb: torch.Tensor, texts: Sequence[str]) -> list[dict]:
-        """Free-text queries against one image's embedding: cosine similarity and the softmax over the queries."""
-        from cxrclip.eval.zeroshot import embed_texts
-
-        text_emb = embed_texts(self.loaded.model, self.loaded.tokenizer, list(texts), self.device)
-        sims = text_emb @ image_emb.reshape(-1)
-        probs = (sims * self.scorer.scale).softmax(-1)
-        return [
-            {"text": t, "similarity": round(float(s), 4), "probability": round(float(p), 4)}
-            for t, s, p in zip(texts, sims, probs)
-        ]
-
-    @torch.no_grad()
-    def embed(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """L2-normalized image embeddings (on the CPU) of preprocessed images."""
-        return self.loaded.model.encode_image(torch.stack(list(tensors)).to(self.device)).float().cpu()
-
-    def predict_tensors(
-        self, images: Sequence[str | Path], tensors: Sequence[torch.Tensor], threshold=None
-    ) -> list[dict]:
+    def predict_tensors(self, images: Sequence[str | Path], tensors: Sequence, threshold=None) -> list[dict]:
         """:meth:`predict` on images already read and preprocessed (``images`` names them)."""
-        return self.predict_embeddings(images, self.embed(tensors), threshold) if tensors else []
+        return self.predict_embeddings(images, self.embed(tensors), threshold) if len(tensors) else []
 
-    def predict_embeddings(self, images: Sequence[str | Path], emb: torch.Tensor, threshold=None) -> list[dict]:
+    def logits(self, emb) -> np.ndarray:
+        """Zero-shot label logits of image embeddings."""
+        return label_logits(np.asarray(emb), self.pos_emb, self.neg_emb, self.scale)
+
+    def predict_embeddings(self, images: Sequence[str | Path], emb, threshold=None) -> list[dict]:
         """:meth:`predict` on image embeddings."""
-        sims = emb @ self.candidate_emb.t()
-        probs = (sims * self.scorer.scale).softmax(dim=-1)
-        logits = self.scorer.logits(emb)
+        emb = np.asarray(emb, dtype=np.float32)
+        sims = emb @ self.candidate_emb.T
+        probs = softmax(sims * np.float32(self.scale))
+        logits = self.logits(emb)
         yes, raw = self.calibration.probabilities(logits), sigmoid(logits)
         limits, rules = self.operating_points(threshold)
         results = []
         for i, path in enumerate(images):
-            order = sims[i].argsort(descending=True).tolist()
+            order = np.argsort(-sims[i], kind="stable")
             ranking = [
                 {
                     "text": self.candidates[j],
@@ -173,6 +116,108 @@ class Predictor:
             }
             results.append({"image": str(path), "ranking": ranking, "labels": labels})
         return results
+
+    def picture(self, image) -> np.ndarray:
+        """The grayscale picture the model saw (a preprocessed image, un-normalized)."""
+        from cxrclip.explain import display_image
+
+        return display_image(image, self.transform.mean, self.transform.std)
+
+    def similarities(self, image_emb, text_emb, texts: Sequence[str]) -> list[dict]:
+        """Free-text queries against one image's embedding: cosine similarity and the softmax over the queries."""
+        sims = np.asarray(text_emb, dtype=np.float32) @ np.asarray(image_emb, dtype=np.float32).reshape(-1)
+        probs = softmax(sims * np.float32(self.scale))
+        return [
+            {"text": t, "similarity": round(float(s), 4), "probability": round(float(p), 4)}
+            for t, s, p in zip(texts, sims, probs)
+        ]
+
+
+def label_bank(prompts: str | None, labels: Sequence[str] | None, config: Mapping):
+    """The prompt file (given, else the one the run trained with, else the CGMH default) and the label list."""
+    from cxrclip.data.prompts import load_prompts
+    from cxrclip.paths import resolve_user_path
+
+    data_cfg = _training_data_config(config)
+    bank = load_prompts(resolve_user_path(prompts or data_cfg.get("prompt_path") or DEFAULT_PROMPTS))
+    names = list(labels or data_cfg.get("label_names") or bank.labels)
+    bank.check_covers(names)
+    return bank, names
+
+
+class Predictor(PredictorBase):
+    """A loaded checkpoint with its candidate and per-label embeddings computed once (warm calls reuse them),
+    and the checkpoint's calibration (per-label probability map and operating point)."""
+
+    def __init__(self, loaded: LoadedModel, names, candidates, candidate_emb, scorer, calibration, transform, device):
+        self.loaded, self.device, self.transform, self.calibration = loaded, device, transform, calibration
+        self.label_names, self.candidates = list(names), list(candidates)
+        self.candidate_emb = candidate_emb.float().numpy()
+        self.pos_emb, self.neg_emb = scorer.pos_emb.float().numpy(), scorer.neg_emb.float().numpy()
+        self.scale = float(scorer.scale)
+        self.encoders = {k: loaded.model_config[k].get("name") for k in ("image_encoder", "text_encoder")}
+
+    @classmethod
+    def create(
+        cls,
+        model_path: str,
+        *,
+        prompts: str | None = None,
+        texts: str | None = None,
+        labels: Sequence[str] | None = None,
+        device: str | None = None,
+        image_size: int | None = None,
+        text_encoder: str | None = None,
+    ) -> PredictorBase:
+        """A predictor for a checkpoint, or (when ``model_path`` is an exported bundle) a :class:`BundlePredictor`."""
+        from cxrclip.bundle import BundlePredictor, is_bundle
+
+        if is_bundle(model_path):
+            if image_size:
+                raise InputError("a bundle keeps the preprocessing it was exported with; image_size cannot change")
+            return BundlePredictor.create(model_path, prompts=prompts, texts=texts, labels=labels, device=device)
+        from cxrclip.eval.calibrate import stored_calibration
+        from cxrclip.eval.zeroshot import LabelScorer, embed_texts
+        from cxrclip.model.loading import default_device, load_model
+
+        dev = default_device(device)
+        loaded = load_model(model_path, device=dev, text_encoder=text_encoder)
+        bank, names = label_bank(prompts, labels, loaded.config)
+        scorer = LabelScorer.create(loaded.model, loaded.tokenizer, bank, names, dev)
+        if texts:
+            candidates = read_texts(texts)
+            candidate_emb = embed_texts(loaded.model, loaded.tokenizer, candidates, dev)
+        else:  # one candidate per label: its positive sentences' mean embedding
+            candidates, candidate_emb = names, scorer.pos_emb
+        calibration = stored_calibration(loaded.checkpoint, names)
+        transform = loaded.preprocess(image_size)
+        return cls(loaded, names, candidates, candidate_emb, scorer, calibration, transform, dev)
+
+    def heatmap(self, tensor, label: str) -> np.ndarray:
+        """The Grad-CAM map in [0, 1] of one preprocessed image for one label."""
+        import torch
+
+        from cxrclip.explain import grad_cam
+
+        if label not in self.label_names:
+            raise InputError(f"heatmap: unknown label {label!r}; labels: {self.label_names}")
+        j = self.label_names.index(label)
+        direction = torch.from_numpy(self.pos_emb[j] - self.neg_emb[j])
+        return grad_cam(self.loaded.model, torch.as_tensor(tensor)[None].to(self.device), direction, self.scale)
+
+    def texts_similarity(self, image_emb, texts: Sequence[str]) -> list[dict]:
+        from cxrclip.eval.zeroshot import embed_texts
+
+        text_emb = embed_texts(self.loaded.model, self.loaded.tokenizer, list(texts), self.device)
+        return self.similarities(image_emb, text_emb.numpy(), texts)
+
+    def embed(self, tensors: Sequence) -> np.ndarray:
+        """L2-normalized image embeddings (float32, on the CPU) of preprocessed images."""
+        import torch
+
+        with torch.no_grad():
+            batch = torch.stack([torch.as_tensor(t) for t in tensors]).to(self.device)
+            return self.loaded.model.encode_image(batch).float().cpu().numpy()
 
 
 def read_texts(path: str) -> list[str]:

@@ -8,19 +8,19 @@ into the 3-channel float tensor the encoder expects, normalized with the mean/st
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
 
-import cv2
 import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from cxrclip.data.preprocess import (  # noqa: F401 (re-exported)
+    clahe,
+    resolve_normalization,
+    step_function,
+    to_chw,
+)
 from cxrclip.exceptions import ConfigError
-
-NAMED_NORMALIZATION = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "huggingface": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # the original's name for 0.5/0.5
-    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
 
 
 class CLAHE(torch.nn.Module):
@@ -35,9 +35,7 @@ class CLAHE(torch.nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.p < 1.0 and torch.rand(()) >= self.p:
             return image
-        clahe = cv2.createCLAHE(clipLimit=self.clip_limit, tileGridSize=self.tile_grid_size)
-        out = clahe.apply(np.ascontiguousarray(image[0].numpy()))
-        return torch.from_numpy(out)[None]
+        return torch.from_numpy(clahe(image[0].numpy(), self.clip_limit, self.tile_grid_size))[None]
 
 
 def _size(kwargs: dict) -> dict:
@@ -51,10 +49,20 @@ def _random_resized_crop(**kw) -> v2.Transform:
     return v2.RandomResizedCrop(antialias=True, **_size(kw))
 
 
-def _resize(**kw) -> v2.Transform:
-    # A square size keeps the original's behaviour (shorter side → size, then CenterCrop).
-    size = kw.pop("size")
-    return v2.Resize(size if isinstance(size, int) else list(size), antialias=True, **kw)
+class ArrayStep(torch.nn.Module):
+    """A deterministic step of :mod:`cxrclip.data.preprocess` on a 1×H×W uint8 tensor (the same code as the
+    torch-free inference bundle runs)."""
+
+    def __init__(self, name: str, **kwargs):
+        super().__init__()
+        self.name, self.kwargs = name, kwargs
+        self.fn = step_function(name, kwargs)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.fn(image[0].numpy()), copy=True))[None]
+
+    def extra_repr(self) -> str:
+        return f"{self.name}({self.kwargs})"
 
 
 def _color_jitter(**kw) -> v2.Transform:
@@ -67,8 +75,9 @@ def _color_jitter(**kw) -> v2.Transform:
 TRANSFORMS: dict[str, Callable[..., torch.nn.Module]] = {
     "RandomResizedCrop": _random_resized_crop,
     "ResizedCrop": _random_resized_crop,  # the original's default.yaml spelling
-    "Resize": _resize,
-    "CenterCrop": lambda **kw: v2.CenterCrop(**_size(kw)),
+    # A square size keeps the original's behaviour (shorter side → size, then CenterCrop).
+    "Resize": lambda **kw: ArrayStep("Resize", **kw),
+    "CenterCrop": lambda **kw: ArrayStep("CenterCrop", **kw),
     "CLAHE": CLAHE,
     "ColorJitter": _color_jitter,
     "RandomAffine": lambda **kw: v2.RandomAffine(**kw),
@@ -76,31 +85,19 @@ TRANSFORMS: dict[str, Callable[..., torch.nn.Module]] = {
 }
 
 
-def resolve_normalization(spec: str | Mapping) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``"imagenet"`` / ``"huggingface"`` or ``{mean: [...], std: [...]}`` → (mean, std)."""
-    if isinstance(spec, str):
-        if spec not in NAMED_NORMALIZATION:
-            raise ConfigError(f"unknown normalization {spec!r}; use one of {sorted(NAMED_NORMALIZATION)} or mean/std")
-        return NAMED_NORMALIZATION[spec]
-    mean, std = tuple(float(m) for m in spec["mean"]), tuple(float(s) for s in spec["std"])
-    if len(mean) != 3 or len(std) != 3:
-        raise ConfigError(f"normalization needs 3 means and 3 stds, got {mean} / {std}")
-    return mean, std
-
-
 class ImageTransform:
     """uint8 H×W array → normalized 3×S×S float tensor."""
 
     def __init__(self, steps: Sequence[torch.nn.Module], mean: Sequence[float], std: Sequence[float]):
         self.steps = v2.Compose(list(steps)) if steps else None
-        self.normalize = v2.Normalize(mean=list(mean), std=list(std))
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.normalize = SimpleNamespace(mean=self.mean, std=self.std)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(image))[None]
         if self.steps is not None:
             x = self.steps(x)
-        x = x.to(torch.float32).div_(255.0).expand(3, -1, -1)
-        return self.normalize(x)
+        return torch.from_numpy(to_chw(x[0].numpy(), self.mean, self.std))
 
 
 def build_transform(steps_config: Mapping | None, normalize: str | Mapping) -> ImageTransform:

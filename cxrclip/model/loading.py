@@ -43,17 +43,22 @@ class LoadedModel:
         return stored_transform(self.config, self.normalize, ("test", "valid"), image_size)
 
 
-def stored_transform(config: Mapping, normalize, splits=("test", "valid"), image_size: int | None = None):
-    """The first of ``splits`` a run config stores under ``transform``, with ``normalize``. ``image_size`` (or a
-    config without stored transforms, like the published ones) gives Resize + CenterCrop at that size."""
-    from cxrclip.data.transforms import build_transform
-
+def stored_steps(config: Mapping, splits=("test", "valid"), image_size: int | None = None) -> dict:
+    """The first of ``splits`` a run config stores under ``transform``. ``image_size`` (or a config without
+    stored transforms, like the published ones) gives Resize + CenterCrop at that size."""
     transforms = config.get("transform") or {}
     steps = next((transforms[s] for s in splits if transforms.get(s)), None)
     if image_size or not steps:
         size = int(image_size or config.get("base", {}).get("image_size", 224))
         steps = {"Resize": {"size": size}, "CenterCrop": {"size": size}}
-    return build_transform(steps, normalize)
+    return {name: dict(kw or {}) for name, kw in steps.items()}
+
+
+def stored_transform(config: Mapping, normalize, splits=("test", "valid"), image_size: int | None = None):
+    """:func:`stored_steps` built into a transform with ``normalize``."""
+    from cxrclip.data.transforms import build_transform
+
+    return build_transform(stored_steps(config, splits, image_size), normalize)
 
 
 def default_device(name: str | None = None) -> torch.device:

@@ -69,14 +69,14 @@ def model_card(predictor, path: str) -> dict:
     """What ``GET /v1/model`` says: name, checkpoint hash, labels, operating points, image size."""
     from cxrclip.io import file_sha256
 
-    loaded = predictor.loaded
     calibration = predictor.calibration
     size = int(predictor.transform(np.zeros((8, 8), np.uint8)).shape[-1])
+    bundle = getattr(predictor, "bundle", None)
     return {
         "name": Path(path).name,
-        "checkpoint_sha256": file_sha256(path),
-        "image_encoder": loaded.model_config["image_encoder"].get("name"),
-        "text_encoder": loaded.model_config["text_encoder"].get("name"),
+        "checkpoint_sha256": bundle.manifest["card"]["checkpoint_sha256"] if bundle else file_sha256(path),
+        **({"bundle_sha256": file_sha256(bundle.path / "bundle.json"), "backend": predictor.backend} if bundle else {}),
+        **predictor.encoders,
         "image_size": size,
         "labels": predictor.label_names,
         "operating_points": {

@@ -1,0 +1,398 @@
+"""The inference bundle: what single-image inference needs from a checkpoint, and nothing else.
+
+``cxrclip export --checkpoint CKPT --out BUNDLE`` writes a folder::
+
+    bundle.json                 labels, prompts, preprocessing, calibration, model card, file hashes
+    image_encoder.onnx          image → L2-normalized embedding (the encoder, its projection, the normalization)
+    image_encoder.safetensors   the same weights for PyTorch (heatmaps, or where ONNX Runtime is missing)
+    prompts.safetensors         each label's positive/negative prompt embeddings (projected, normalized)
+    text_encoder.safetensors    the text tower, loaded only for free-text queries
+    text/                       its tokenizer and architecture config (no weights)
+
+Predicting with a bundle imports neither torch nor transformers: preprocessing is NumPy/Pillow
+(:mod:`cxrclip.data.preprocess`, the same functions the checkpoint's transform runs) and the image encoder runs
+in ONNX Runtime. Every file's SHA-256 is recorded in ``bundle.json`` and checked before it is used, so a changed
+or half-copied weight file is refused, not run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cxrclip.exceptions import InputError, OutputError, UserError
+from cxrclip.infer import PredictorBase, label_bank, read_texts
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MANIFEST = "bundle.json"
+ONNX_FILE = "image_encoder.onnx"
+IMAGE_WEIGHTS = "image_encoder.safetensors"
+TEXT_WEIGHTS = "text_encoder.safetensors"
+PROMPT_FILE = "prompts.safetensors"
+TEXT_FOLDER = "text"
+IMAGE_PREFIXES = ("image_encoder.", "image_projection.", "logit_scale")
+UTC = datetime.timezone.utc
+ONNX_TOLERANCE = 1e-4  # largest |ONNX − PyTorch| embedding difference accepted at export
+
+
+class BundleError(UserError, ValueError):
+    """A bundle that is missing, of another format, or whose files do not match their recorded hashes."""
+
+
+def is_bundle(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Bundle:
+    """An exported bundle, opened: the manifest read, each file hash-checked when it is first read."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not is_bundle(self.path):
+            raise BundleError(f"{self.path} is not an inference bundle (no {MANIFEST}); make one with `cxrclip export`")
+        try:
+            self.manifest = json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"{self.path / MANIFEST}: not readable JSON ({e})") from e
+        if self.manifest.get("format") != FORMAT:
+            raise BundleError(
+                f"{self.path}: bundle format {self.manifest.get('format')!r}, this cxrclip reads format {FORMAT}"
+            )
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest.get("files", {})
+
+    def read(self, name: str) -> bytes:
+        """A file's bytes, after checking them against the SHA-256 the manifest records."""
+        expected = self.manifest.get("files", {}).get(name)
+        if expected is None:
+            raise BundleError(f"{self.path}: the bundle has no {name}")
+        try:
+            data = (self.path / name).read_bytes()
+        except OSError as e:
+            raise BundleError(f"{self.path / name}: cannot read ({e})") from e
+        if _sha256(data) != expected:
+            raise BundleError(
+                f"{self.path / name}: its SHA-256 does not match the one {MANIFEST} records (the file was changed "
+                "or only partly copied); nothing was run. Export the bundle again from its checkpoint."
+            )
+        return data
+
+    def arrays(self, name: str) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load
+
+        return load(self.read(name))
+
+    def check_text_folder(self) -> Path:
+        folder = self.path / TEXT_FOLDER
+        for name, digest in self.manifest.get("text_files", {}).items():
+            if not (folder / name).is_file() or _sha256((folder / name).read_bytes()) != digest:
+                raise BundleError(f"{folder / name}: missing or changed since export; export the bundle again")
+        return folder
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
+
+    def preprocess(self):
+        from cxrclip.data.preprocess import Preprocess
+
+        spec = self.manifest["preprocess"]
+        return Preprocess(spec["steps"], {"mean": spec["mean"], "std": spec["std"]})
+
+    def calibration(self):
+        from cxrclip.eval.calibration import Calibration
+
+        return Calibration.from_dict(self.manifest["calibration"]).for_labels(self.labels)
+
+    def torch_model(self, with_text: bool = False, device="cpu"):
+        """The CLIP model rebuilt in PyTorch from the bundle's weights (the image side; the text side too when
+        ``with_text``), loaded strictly."""
+        import torch
+
+        from cxrclip.model.clip import CXRClip, build_projection
+        from cxrclip.model.encoders import build_image_encoder
+        from cxrclip.model.loading import architecture_only
+
+        cfg = architecture_only(self.manifest["model"], text_encoder=str(self.check_text_folder()))
+        state = {k: torch.from_numpy(v.copy()) for k, v in self.arrays(IMAGE_WEIGHTS).items()}
+        if with_text:
+            from cxrclip.model.clip import build_model
+
+            model = build_model(cfg)
+            state.update({k: torch.from_numpy(v.copy()) for k, v in self.arrays(TEXT_WEIGHTS).items()})
+        else:  # the image side only: no transformers import
+            model = torch.nn.Module()
+            model.image_encoder = build_image_encoder(cfg["image_encoder"])
+            model.image_projection = build_projection(cfg.get("projection_head"), model.image_encoder.out_dim)
+            model.logit_scale = torch.nn.Parameter(torch.zeros(()))
+            model.encode_image = lambda x: CXRClip.encode_image(model, x)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BundleError(
+                f"{self.path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        return model.to(device).eval()
+
+
+class BundlePredictor(PredictorBase):
+    """Inference from a bundle: ONNX Runtime for the image encoder (PyTorch when ``device`` is given or the bundle
+    has no ONNX file), the stored prompt embeddings; the text tower only for free-text candidates/queries."""
+
+    def __init__(self, bundle: Bundle, device: str | None = None):
+        self.bundle, self.device = bundle, device
+        self.label_names = bundle.labels
+        self.transform = bundle.preprocess()
+        self.calibration = bundle.calibration()
+        prompts = bundle.arrays(PROMPT_FILE)
+        self.pos_emb, self.neg_emb = prompts["pos"], prompts["neg"]
+        self.scale = float(bundle.manifest["scale"])
+        self.candidates, self.candidate_emb = list(self.label_names), self.pos_emb
+        self.encoders = {k: bundle.manifest["model"][k].get("name") for k in ("image_encoder", "text_encoder")}
+        self._session = self._torch = self._text = None
+        if device is None and bundle.has(ONNX_FILE) and _onnxruntime() is not None:
+            ort = _onnxruntime()
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            self._session = ort.InferenceSession(bundle.read(ONNX_FILE), options, providers=["CPUExecutionProvider"])
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        prompts: str | None = None,
+        texts: str | None = None,
+        labels: Sequence[str] | None = None,
+        device: str | None = None,
+    ) -> BundlePredictor:
+        predictor = cls(Bundle(path), device)
+        if labels and list(labels) != predictor.label_names:
+            raise InputError(f"a bundle predicts the labels it was exported with: {predictor.label_names}")
+        if prompts:
+            predictor.use_prompts(prompts)
+        if texts:
+            candidates = read_texts(texts)
+            predictor.candidates, predictor.candidate_emb = candidates, predictor.embed_texts(candidates)
+        return predictor
+
+    @property
+    def backend(self) -> str:
+        return "onnxruntime" if self._session is not None else "torch"
+
+    def use_prompts(self, prompts: str) -> None:
+        """Label embeddings from another prompt file (needs the text tower)."""
+        from cxrclip.eval.zeroshot import label_prompts
+
+        bank, names = label_bank(prompts, self.label_names, {})
+        pos, neg = label_prompts(bank, names)
+        self.pos_emb, self.neg_emb = (np.stack([_unit_mean(self.embed_texts(g)) for g in kind]) for kind in (pos, neg))
+        self.candidate_emb = self.pos_emb
+
+    def torch_model(self, with_text: bool = False):
+        if self._torch is None or (with_text and not hasattr(self._torch, "text_encoder")):
+            self._torch = self.bundle.torch_model(with_text=with_text, device=self.device or "cpu")
+        return self._torch
+
+    def embed(self, tensors: Sequence) -> np.ndarray:
+        batch = np.stack([np.asarray(t, dtype=np.float32) for t in tensors])
+        if self._session is not None:
+            return self._session.run(None, {"image": batch})[0]
+        import torch
+
+        with torch.no_grad():
+            model = self.torch_model()
+            return model.encode_image(torch.from_numpy(batch).to(self.device or "cpu")).float().cpu().numpy()
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        from cxrclip.eval.zeroshot import embed_texts
+        from cxrclip.model.encoders import build_tokenizer
+
+        if self._text is None:
+            folder = str(self.bundle.check_text_folder())
+            self._text = build_tokenizer({"pretrained_model_name_or_path": folder})
+        model = self.torch_model(with_text=True)
+        return embed_texts(model, self._text, list(texts), next(model.parameters()).device).numpy()
+
+    def texts_similarity(self, image_emb, texts: Sequence[str]) -> list[dict]:
+        return self.similarities(image_emb, self.embed_texts(texts), texts)
+
+    def heatmap(self, array, label: str) -> np.ndarray:
+        import torch
+
+        from cxrclip.explain import grad_cam
+
+        if label not in self.label_names:
+            raise InputError(f"heatmap: unknown label {label!r}; labels: {self.label_names}")
+        j = self.label_names.index(label)
+        direction = torch.from_numpy(self.pos_emb[j] - self.neg_emb[j])
+        model = self.torch_model()
+        x = torch.from_numpy(np.asarray(array, dtype=np.float32))[None].to(self.device or "cpu")
+        return grad_cam(model, x, direction, self.scale)
+
+
+def _unit_mean(emb: np.ndarray) -> np.ndarray:
+    mean = emb.mean(0)
+    return mean / np.linalg.norm(mean)
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def _card(loaded, checkpoint: Path, calibration) -> dict:
+    from cxrclip.io import file_sha256
+
+    config = loaded.config
+    data = {
+        group: {name: dc.get("data_path") for name, dc in (config.get(group) or {}).items() if isinstance(dc, dict)}
+        for group in ("data_train", "data_valid")
+    }
+    return {
+        "checkpoint": str(checkpoint.resolve()),
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "checkpoint_modified": datetime.datetime.fromtimestamp(checkpoint.stat().st_mtime, UTC).isoformat(),
+        "epoch": loaded.checkpoint.get("epoch"),
+        "training_data": data,
+        "calibrated_on": calibration.fitted_on or None,
+        "exported": datetime.datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _export_onnx(model, size: int, path: Path) -> float:
+    """The image side as ONNX (dynamic batch); returns the largest difference from PyTorch on two random images."""
+    import warnings
+
+    import torch
+
+    class ImageEmbedder(torch.nn.Module):
+        def __init__(self, clip):
+            super().__init__()
+            self.image_encoder, self.image_projection = clip.image_encoder, clip.image_projection
+
+        def forward(self, image):
+            return torch.nn.functional.normalize(self.image_projection(self.image_encoder(image)).float(), dim=-1)
+
+    module = ImageEmbedder(model).eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    try:
+        import onnx  # noqa: F401 (torch.onnx needs it)
+    except ImportError as e:
+        raise BundleError("exporting ONNX needs the onnx package (pip install onnx), or pass --no-onnx") from e
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (x,),
+            str(path),
+            dynamo=False,
+            input_names=["image"],
+            output_names=["embedding"],
+            dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}},
+            opset_version=17,
+        )
+    ort = _onnxruntime()
+    if ort is None:
+        return float("nan")
+    with torch.no_grad():
+        expected = module(x).numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    return float(np.abs(got - expected).max())
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    prompts: str | None = None,
+    labels: Sequence[str] | None = None,
+    onnx: bool = True,
+    overwrite: bool = False,
+    text_encoder: str | None = None,
+) -> Path:
+    """Write the bundle of ``checkpoint`` to the folder ``out`` (built beside it, then moved into place)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cxrclip.infer import Predictor
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    predictor = Predictor.create(
+        str(checkpoint), prompts=prompts, labels=labels, device="cpu", text_encoder=text_encoder
+    )
+    loaded = predictor.loaded
+    state = loaded.model.state_dict()
+    image_state = {k: v.contiguous() for k, v in state.items() if k.startswith(IMAGE_PREFIXES)}
+    text_state = {k: v.contiguous() for k, v in state.items() if not k.startswith(IMAGE_PREFIXES)}
+    size = int(predictor.transform(np.zeros((8, 8), np.uint8)).shape[-1])
+    from cxrclip.data.preprocess import Preprocess, resolve_normalization
+    from cxrclip.model.loading import stored_steps
+
+    steps = stored_steps(loaded.config)
+    Preprocess(steps, loaded.normalize)  # a test transform that cannot run without torch fails here, first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        save_file(image_state, str(tmp / IMAGE_WEIGHTS))
+        save_file(text_state, str(tmp / TEXT_WEIGHTS))
+        pos, neg = torch.from_numpy(predictor.pos_emb), torch.from_numpy(predictor.neg_emb)
+        save_file({"pos": pos.contiguous(), "neg": neg.contiguous()}, str(tmp / PROMPT_FILE))
+        loaded.tokenizer.save_pretrained(str(tmp / TEXT_FOLDER))
+        loaded.model.text_encoder.text_encoder.config.save_pretrained(str(tmp / TEXT_FOLDER))
+        onnx_error = _export_onnx(loaded.model, size, tmp / ONNX_FILE) if onnx else None
+        if onnx_error is not None and onnx_error > ONNX_TOLERANCE:
+            raise BundleError(f"the ONNX image encoder differs from PyTorch by {onnx_error:.2e}; export with --no-onnx")
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        text_files = sorted(p.name for p in (tmp / TEXT_FOLDER).iterdir())
+        mean, std = resolve_normalization(loaded.normalize)
+        bank, names = label_bank(prompts, predictor.label_names, loaded.config)
+        manifest = {
+            "format": FORMAT,
+            "kind": "cxrclip inference bundle",
+            "labels": predictor.label_names,
+            "prompts": {n: {"pos": list(bank[n].pos), "neg": list(bank[n].neg)} for n in names},
+            "preprocess": {"steps": steps, "mean": list(mean), "std": list(std), "size": size},
+            "scale": predictor.scale,
+            "embedding_dim": int(pos.shape[1]),
+            "model": loaded.model_config,
+            "calibration": predictor.calibration.to_dict(),
+            "card": _card(loaded, checkpoint, predictor.calibration),
+            "onnx_max_abs_difference": onnx_error,
+            "files": {name: _sha256((tmp / name).read_bytes()) for name in files},
+            "text_files": {name: _sha256((tmp / TEXT_FOLDER / name).read_bytes()) for name in text_files},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+        from cxrclip.io import _umask
+
+        for f in [tmp, *tmp.rglob("*")]:  # mkdtemp made them private; give them the usual modes
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~_umask())
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,118 @@
+"""The deterministic test-time steps (Resize, CenterCrop, CLAHE, normalization) in NumPy, Pillow and OpenCV only.
+
+Training, evaluation and inference from a checkpoint run these same functions (wrapped as transform steps in
+:mod:`cxrclip.data.transforms`), and so does the inference bundle, which must start without importing torch:
+one implementation, so a bundle sees exactly the pixels its checkpoint saw. Resize is Pillow's antialiased
+bilinear filter (the one torchvision's antialiased resize was ported from); sizes and crop anchors follow
+torchvision's rules (shorter side to ``size``; crop offset ``round((H - h) / 2)``; zero padding when smaller).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+
+import numpy as np
+from PIL import Image
+
+from cxrclip.exceptions import ConfigError
+
+NAMED_NORMALIZATION = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "huggingface": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # the original's name for 0.5/0.5
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+DETERMINISTIC_STEPS = ("Resize", "CenterCrop", "CLAHE")
+
+
+def resolve_normalization(spec: str | Mapping) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``"imagenet"`` / ``"huggingface"`` or ``{mean: [...], std: [...]}`` → (mean, std)."""
+    if isinstance(spec, str):
+        if spec not in NAMED_NORMALIZATION:
+            raise ConfigError(f"unknown normalization {spec!r}; use one of {sorted(NAMED_NORMALIZATION)} or mean/std")
+        return NAMED_NORMALIZATION[spec]
+    mean, std = tuple(float(m) for m in spec["mean"]), tuple(float(s) for s in spec["std"])
+    if len(mean) != 3 or len(std) != 3:
+        raise ConfigError(f"normalization needs 3 means and 3 stds, got {mean} / {std}")
+    return mean, std
+
+
+def resized_shape(height: int, width: int, size: int | Sequence[int]) -> tuple[int, int]:
+    """(H, W) after Resize: an int sends the shorter side to ``size`` (torchvision's rule), a pair is (H, W)."""
+    if not isinstance(size, int):
+        if len(size) == 1:
+            size = int(size[0])
+        else:
+            return int(size[0]), int(size[1])
+    short, long = sorted((height, width))
+    new_long = int(size * long / short)
+    return (new_long, size) if width <= height else (size, new_long)
+
+
+def resize(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """Antialiased bilinear resize (Pillow) of an H×W uint8 image."""
+    h, w = resized_shape(*image.shape[-2:], size)
+    if (h, w) == image.shape[-2:]:
+        return image
+    return np.array(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BILINEAR))
+
+
+def center_crop(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """The central crop, zero-padded first where the image is smaller (torchvision's rule)."""
+    ch, cw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+    h, w = image.shape[-2:]
+    if ch > h or cw > w:
+        top, left = max(ch - h, 0) // 2, max(cw - w, 0) // 2
+        bottom, right = (max(ch - h, 0) + 1) // 2, (max(cw - w, 0) + 1) // 2
+        image = np.pad(image, ((top, bottom), (left, right)))
+        h, w = image.shape
+    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    return image[top : top + ch, left : left + cw]
+
+
+def clahe(image: np.ndarray, clip_limit: float = 4.0, tile_grid_size: Sequence[int] = (8, 8)) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalization (OpenCV) of an H×W uint8 image."""
+    import cv2
+
+    op = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=tuple(int(t) for t in tile_grid_size))
+    return op.apply(np.ascontiguousarray(image))
+
+
+def to_chw(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """H×W uint8 → 3×H×W float32 in [0, 1], then ``(x − mean) / std`` per channel."""
+    x = image.astype(np.float32) / np.float32(255.0)
+    m = np.asarray(mean, dtype=np.float32)[:, None, None]
+    s = np.asarray(std, dtype=np.float32)[:, None, None]
+    return (x[None] - m) / s
+
+
+def step_function(name: str, kwargs: Mapping | None):
+    """One deterministic step as a function of an H×W uint8 array; a ConfigError for anything else."""
+    kw = dict(kwargs or {})
+    if name == "Resize":
+        size = kw.pop("size")
+        extra = sorted(k for k in kw if k != "antialias")
+        if extra:
+            raise ConfigError(f"Resize: unsupported option(s) {extra}; give size only")
+        return partial(resize, size=size)
+    if name == "CenterCrop":
+        return partial(center_crop, size=kw["size"])
+    if name == "CLAHE":
+        if float(kw.pop("p", 1.0)) < 1.0:
+            raise ConfigError("CLAHE with p < 1 is random; a test transform needs p: 1")
+        return partial(clahe, **kw)
+    raise ConfigError(f"{name} is not a deterministic test-time step ({', '.join(DETERMINISTIC_STEPS)})")
+
+
+class Preprocess:
+    """A test transform without torch: H×W uint8 array → 3×S×S float32 array."""
+
+    def __init__(self, steps: Mapping | None, normalize: str | Mapping):
+        self.config = {name: dict(kw or {}) for name, kw in (steps or {}).items()}
+        self.functions = [step_function(name, kw) for name, kw in self.config.items()]
+        self.mean, self.std = resolve_normalization(normalize)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        for fn in self.functions:
+            image = fn(image)
+        return to_chw(image, self.mean, self.std)

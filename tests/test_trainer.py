@@ -228,3 +228,31 @@ def test_gradient_accumulation_and_clipping(demo_data, tmp_path):
     result = train(tiny_cfg(demo_data, tmp_path, "base.grad_accum_steps=2", "base.grad_clip_norm=0.5"))
     assert result["step"] == 4
     assert load_checkpoint(tmp_path / "checkpoints/model-last.tar")["scheduler"]["last_epoch"] == 4
+
+
+def test_channels_last_trains_the_same_and_compile_keeps_the_checkpoint_keys(demo_data, tmp_path):
+    from cxrclip.engine.dist import DistEnv
+    from cxrclip.engine.trainer import Trainer
+
+    losses = {}
+    for layout in ("false", "true"):
+        torch.manual_seed(0)
+        trainer = Trainer(tiny_cfg(demo_data, tmp_path / layout, f"base.channels_last={layout}"), DistEnv())
+        conv = next(m for m in trainer.model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == (layout == "true")
+        batch = next(iter(trainer.train_loader))
+        losses[layout] = float(trainer.forward_loss(batch)["loss"].detach())
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+
+    trainer = Trainer(tiny_cfg(demo_data, tmp_path / "compiled", "base.compile=true"), DistEnv())
+    plain = build_model(to_plain(trainer.cfg.model))
+    assert list(trainer.model.state_dict()) == list(plain.state_dict())  # no `_orig_mod.` prefixes
+    assert trainer.model.image_encoder._compiled_call_impl is not None
+
+
+def test_fused_adamw_from_the_config(demo_data, tmp_path):
+    from cxrclip.engine.dist import DistEnv
+    from cxrclip.engine.trainer import Trainer
+
+    trainer = Trainer(tiny_cfg(demo_data, tmp_path, "+optimizer.config.fused=true"), DistEnv())
+    assert trainer.optimizer.defaults["fused"] is True

@@ -44,29 +44,30 @@ def retrieval_metrics(
 
     ``text_emb`` holds the unique texts; ``gt[i]`` is image i's text. A rank is 1 + the number of
     candidates scoring higher than the correct one (by more than ``TIE_TOLERANCE``); text→image uses
-    the best-scoring matching image. One pass over the image×text similarity, in row chunks of about
-    1 GiB each by default.
+    the best-scoring matching image. One pass over the image×text similarity in ``chunk``×``chunk`` tiles
+    (16 MB each by default: they stay in the L3 cache, so both comparison passes over a tile cost little
+    next to its matrix product); memory is one tile, whatever N is.
     """
-    n_text = text_emb.shape[0]
-    if chunk is None:  # ~1 GiB of similarities per chunk: few, large matrix products
-        chunk = max(256, min(image_emb.shape[0], (1 << 28) // max(n_text, 1)))
-    correct = (image_emb * text_emb[gt]).sum(dim=1)  # each image vs its own text
-    best = torch.full((n_text,), -torch.inf, dtype=correct.dtype).scatter_reduce(0, gt, correct, "amax")
-    i2t = torch.empty(image_emb.shape[0], dtype=torch.long)
-    above = torch.zeros(n_text, dtype=torch.long)
+    chunk = chunk or 2048
+    correct = torch.cat(  # each image vs its own text, in chunks (no N×dim copy of the texts)
+        [(image_emb[r : r + chunk] * text_emb[gt[r : r + chunk]]).sum(dim=1) for r in range(0, len(gt), chunk)]
+    )
+    best = torch.full((text_emb.shape[0],), -torch.inf, dtype=correct.dtype).scatter_reduce(0, gt, correct, "amax")
+    i2t = torch.ones(image_emb.shape[0], dtype=torch.int32)
+    above = torch.ones(text_emb.shape[0], dtype=torch.int32)
     row_limit, col_limit = correct + TIE_TOLERANCE, best + TIE_TOLERANCE
-    mask = torch.empty(0, dtype=torch.bool)
-    for start in range(0, image_emb.shape[0], chunk):
-        sim = image_emb[start : start + chunk] @ text_emb.t()
-        if mask.shape != sim.shape:
-            mask = torch.empty(sim.shape, dtype=torch.bool)
-        # comparisons into one reused buffer, counted as uint8 → int32: ~3× less than `(sim > x).sum()`
-        torch.gt(sim, col_limit[None, :], out=mask)
-        above += mask.view(torch.uint8).sum(dim=0, dtype=torch.int32)
-        torch.gt(sim, row_limit[start : start + chunk, None], out=mask)
-        i2t[start : start + chunk] = 1 + mask.view(torch.uint8).sum(dim=1, dtype=torch.int32)
+    buffer = torch.empty(chunk * chunk, dtype=torch.bool)  # comparisons land here, counted as uint8 → int32
+    for r in range(0, image_emb.shape[0], chunk):
+        rows = image_emb[r : r + chunk]
+        for c in range(0, text_emb.shape[0], chunk):
+            sim = rows @ text_emb[c : c + chunk].t()
+            mask = buffer[: sim.numel()].view(sim.shape)
+            torch.gt(sim, col_limit[None, c : c + chunk], out=mask)
+            above[c : c + chunk] += mask.view(torch.uint8).sum(dim=0, dtype=torch.int32)
+            torch.gt(sim, row_limit[r : r + chunk, None], out=mask)
+            i2t[r : r + chunk] += mask.view(torch.uint8).sum(dim=1, dtype=torch.int32)
     present = torch.isfinite(best)  # texts that some image has
-    return {"retrieval_i2t": _summary(i2t, ks), "retrieval_t2i": _summary(1 + above[present], ks)}
+    return {"retrieval_i2t": _summary(i2t.long(), ks), "retrieval_t2i": _summary(above[present].long(), ks)}
 
 
 def delong_covariance(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

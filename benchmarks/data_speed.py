@@ -22,6 +22,7 @@ def loader_rows(data: Path, workers: list[int], batches: int, batch_size: int, i
     from cxrclip.config import compose
     from cxrclip.engine.dist import DistEnv
     from cxrclip.engine.trainer import RunSettings, clip_task, make_loader
+    from cxrclip.spec import LoaderSpec, RunSpec
 
     rows = []
     for w in workers:
@@ -38,16 +39,10 @@ def loader_rows(data: Path, workers: list[int], batches: int, batch_size: int, i
                 "transform=clahe",
             ],
         )
-        run = RunSettings.from_cfg(cfg.base)
-        task = clip_task(cfg, run, DistEnv())
-        loader_cfg = {
-            "batch_size": batch_size,
-            "num_workers": w,
-            "shuffle": True,
-            "drop_last": True,
-            "prefetch_factor": 4,
-        }
-        loader = make_loader(task.train_set, loader_cfg, task.collate, DistEnv(), 0)
+        spec = RunSpec.from_config(cfg)
+        task = clip_task(spec, RunSettings.from_cfg(spec.base), DistEnv())
+        loader_spec = LoaderSpec(batch_size, shuffle=True, num_workers=w, drop_last=True, prefetch_factor=4 if w else None)
+        loader = make_loader(task.train_set, loader_spec, task.collate, DistEnv(), 0)
         it = iter(loader)
         next(it)  # worker start-up is not throughput
         start = time.perf_counter()

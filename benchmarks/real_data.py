@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -136,79 +138,181 @@ def untrained_checkpoint(args, data: Path, out: Path, names) -> Path:
     return save_checkpoint(out / "untrained.tar", {"model": model.state_dict(), "config": plain, "epoch": 0})
 
 
+def test_labels(data: Path, names) -> np.ndarray:
+    with (data / "test.csv").open(newline="", encoding="utf-8") as f:
+        return np.array([[int(row[n]) for n in names] for row in csv.DictReader(f)])
+
+
+def test_images(data: Path) -> list[Path]:
+    with (data / "test.csv").open(newline="", encoding="utf-8") as f:
+        return [data / ast.literal_eval(row["image"])[0] for row in csv.DictReader(f)]
+
+
+def zero_shot_logits(ckpt: Path, data: Path, names) -> np.ndarray:
+    """Test-set zero-shot logits (images × labels) of a checkpoint: its stored test transform, the data's prompts."""
+    from cxrclip.data.images import read_image
+    from cxrclip.infer import Predictor
+
+    predictor = Predictor.create(str(ckpt), prompts=str(data / "prompts.json"), labels=names, device="cpu")
+    images = test_images(data)
+    emb = np.concatenate(
+        [
+            predictor.embed([predictor.transform(read_image(p)) for p in images[i : i + 32]])
+            for i in range(0, len(images), 32)
+        ]
+    )
+    return predictor.logits(emb)
+
+
+def per_label(y: np.ndarray, scores: np.ndarray, names) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    from cxrclip.eval.metrics import auroc_ci
+
+    out = {}
+    for j, n in enumerate(names):
+        if 0 < y[:, j].sum() < len(y):
+            out[n] = {
+                "AUROC": float(roc_auc_score(y[:, j], scores[:, j])),
+                "CI95": list(auroc_ci(y[:, j], scores[:, j])),
+            }
+    return out
+
+
+def paired_bootstrap(y: np.ndarray, a: list[np.ndarray], b: list[np.ndarray], cols: list[int], n_boot: int = 2000):
+    """95 % interval of mean-over-seeds [avg AUROC over ``cols`` of b − of a], resampling test images (paired:
+    one resample serves every model, so correlation between them and between labels is kept)."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    diffs = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        yy = y[idx]
+        if any(yy[:, j].min() == yy[:, j].max() for j in cols):
+            continue
+
+        def avg(s, idx=idx, yy=yy):
+            return np.mean([roc_auc_score(yy[:, j], s[idx, j]) for j in cols])
+
+        diffs.append(np.mean([avg(sb) - avg(sa) for sa, sb in zip(a, b)]))
+    return [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]
+
+
+def mean_sd(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}"
+
+
+def run_seed(args, data: Path, names, out: Path) -> dict:
+    from cxrclip.config import compose
+    from cxrclip.engine.trainer import train
+
+    out.mkdir(parents=True, exist_ok=True)
+    untrained = untrained_checkpoint(args, data, out / "untrained", names)
+    result = {"seed": args.seed, "logits": {"untrained": zero_shot_logits(untrained, data, names)}}
+    start = time.perf_counter()
+    train(with_labels(compose("train", [*base_overrides(data, args, out / "trained"), "base.overwrite=true"]), names))
+    result["train_seconds"] = round(time.perf_counter() - start, 1)
+    trained = out / "trained" / "checkpoints" / "model-best.tar"
+    result["logits"]["trained"] = zero_shot_logits(trained, data, names)
+    result["probes"] = {}
+    if not args.skip_probe:
+        result["probes"]["ImageNet encoder"] = probe(untrained, data, names, args, out / "probe_untrained")
+        result["probes"]["pre-trained encoder"] = probe(trained, data, names, args, out / "probe_trained")
+    return result
+
+
+def report(results: list[dict], y: np.ndarray, names, args) -> dict:
+    counts = {n: (int(y[:, j].sum()), int(len(y) - y[:, j].sum())) for j, n in enumerate(names)}
+    headline = [n for n in names if min(counts[n]) >= args.min_count]
+    cols = [names.index(n) for n in headline]
+    aurocs = {k: [per_label(y, r["logits"][k], names) for r in results] for k in ("untrained", "trained")}
+    probes = {k: [r["probes"][k] for r in results] for k in (results[0]["probes"] if results else {})}
+
+    def cell(kind, n):
+        runs = aurocs[kind]
+        values = [r[n]["AUROC"] for r in runs if n in r]
+        lo = np.mean([r[n]["CI95"][0] for r in runs if n in r]) if values else None
+        hi = np.mean([r[n]["CI95"][1] for r in runs if n in r]) if values else None
+        return f"{mean_sd(values)} [{lo:.2f}, {hi:.2f}]" if values else "–"
+
+    def probe_cell(kind, n):
+        return mean_sd([(p.get(n) or {}).get("AUROC") for p in probes[kind]])
+
+    header = ["label (pos/neg)", "zero-shot untrained", "zero-shot trained", *[f"probe, {k}" for k in probes]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group, members in (("headline", headline), ("apart", [n for n in names if n not in headline])):
+        for n in members:
+            row = [f"{n} ({counts[n][0]}/{counts[n][1]})", cell("untrained", n), cell("trained", n)]
+            lines.append("| " + " | ".join(row + [probe_cell(k, n) for k in probes]) + " |")
+        if group == "headline":
+            avg = {k: [np.mean([r[n]["AUROC"] for n in headline]) for r in aurocs[k]] for k in aurocs}
+            pavg = {k: [np.mean([p[n]["AUROC"] for n in headline]) for p in probes[k]] for k in probes}
+            row = [f"**average of these {len(headline)}**", mean_sd(avg["untrained"]), mean_sd(avg["trained"])]
+            lines.append("| " + " | ".join(row + [mean_sd(v) for v in pavg.values()]) + " |")
+    untrained = [r["logits"]["untrained"] for r in results]
+    trained = [r["logits"]["trained"] for r in results]
+    diff = float(np.mean([np.mean([r[n]["AUROC"] for n in headline]) for r in aurocs["trained"]])) - float(
+        np.mean([np.mean([r[n]["AUROC"] for n in headline]) for r in aurocs["untrained"]])
+    )
+    ci = paired_bootstrap(y, untrained, trained, cols) if cols else [None, None]
+    lines.append("")
+    lines.append(
+        f"trained − untrained, average AUROC over {headline}: {diff:+.3f}, 95 % paired-bootstrap interval "
+        f"[{ci[0]:+.3f}, {ci[1]:+.3f}] ({len(results)} seed(s); test images resampled)"
+    )
+    print("\n".join(lines))
+    summary = {
+        "benchmark": "real_data",
+        "seeds": [r["seed"] for r in results],
+        "overrides": args.override,
+        "epochs": args.epochs,
+        "image_size": args.image_size,
+        "lr": args.lr,
+        "targets": args.targets,
+        "headline_labels": headline,
+        "difference": round(diff, 4),
+        "difference_ci95": ci,
+        "train_seconds": [r["train_seconds"] for r in results],
+        "zero_shot": {k: {n: [r[n]["AUROC"] if n in r else None for r in v] for n in names} for k, v in aurocs.items()},
+        "probe": {k: {n: [(p.get(n) or {}).get("AUROC") for p in v] for n in names} for k, v in probes.items()},
+    }
+    print(json.dumps(summary))
+    return summary
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--out", default="real_data_out")
     p.add_argument("--model", default="clip_cpu_offline")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--probe-epochs", type=int, default=15)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--num-negs", type=int, default=2)
     p.add_argument("--targets", default="diagonal")
     p.add_argument("--bf16", default="true")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument(
+        "--min-count", type=int, default=10, help="headline labels: ≥ this many test positives and negatives"
+    )
     p.add_argument("--skip-probe", action="store_true")
-    p.add_argument("override", nargs="*", help="extra Hydra overrides for training")
+    p.add_argument("override", nargs="*", help="extra Hydra overrides for training (the recipe under test)")
     args = p.parse_args()
-    from cxrclip.config import compose
-    from cxrclip.engine.trainer import train
-
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     names = json.loads((data / "labels.json").read_text())
-    start = time.perf_counter()
-    rows = {
-        "untrained": zero_shot(
-            untrained_checkpoint(args, data, out / "untrained", names), data, names, args.image_size, out / "untrained"
-        )
-    }
-    t0 = time.perf_counter()
-    train(with_labels(compose("train", base_overrides(data, args, out / "trained")), names))
-    train_s = time.perf_counter() - t0
-    trained = out / "trained" / "checkpoints" / "model-best.tar"
-    rows["trained"] = zero_shot(trained, data, names, args.image_size, out / "trained")
-    probes = {}
-    if not args.skip_probe:
-        probes["probe (untrained encoder)"] = probe(
-            out / "untrained" / "untrained.tar", data, names, args, out / "probe_untrained"
-        )
-        probes["probe (trained encoder)"] = probe(trained, data, names, args, out / "probe_trained")
-    header = ["label", *[f"zero-shot {k}" for k in rows], *probes]
-    print("| " + " | ".join(header) + " |")
-    print("|" + " --- |" * len(header))
-
-    def cell(d, name):
-        v = d.get(name, {})
-        return "–" if not isinstance(v, dict) or v.get("AUROC") is None else f"{v['AUROC']:.3f}"
-
-    for name in [*names, "AUROC(Avg)"]:
-        if name == "AUROC(Avg)":
-            vals = [f"{r['zeroshot_binary']['AUROC(Avg)']:.3f}" for r in rows.values()]
-            vals += [f"{pr['AUROC(Avg)']:.3f}" for pr in probes.values()]
-        else:
-            vals = [cell(r["zeroshot_binary"], name) for r in rows.values()] + [
-                cell(pr, name) for pr in probes.values()
-            ]
-        print(f"| {name} | " + " | ".join(vals) + " |")
-    for k, r in rows.items():
-        print(f"retrieval {k}: i2t {json.dumps(r.get('retrieval_i2t'))} t2i {json.dumps(r.get('retrieval_t2i'))}")
-    print(
-        json.dumps(
-            {
-                "benchmark": "real_data",
-                "train_seconds": round(train_s, 1),
-                "total_seconds": round(time.perf_counter() - start, 1),
-                "epochs": args.epochs,
-                "image_size": args.image_size,
-                "lr": args.lr,
-                "targets": args.targets,
-                "zero_shot": {k: r["zeroshot_binary"]["AUROC(Avg)"] for k, r in rows.items()},
-                "probe": {k: pr["AUROC(Avg)"] for k, pr in probes.items()},
-            }
-        )
-    )
+    results = []
+    for seed in args.seeds:
+        args.seed = seed
+        results.append(run_seed(args, data, names, out / f"seed{seed}"))
+        np.savez(out / f"seed{seed}" / "logits.npz", **results[-1]["logits"])
+    summary = report(results, test_labels(data, names), names, args)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

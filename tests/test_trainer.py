@@ -245,7 +245,7 @@ def test_channels_last_trains_the_same_and_compile_keeps_the_checkpoint_keys(dem
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
 
     trainer = Trainer(tiny_cfg(demo_data, tmp_path / "compiled", "base.compile=true"), DistEnv())
-    plain = build_model(to_plain(trainer.cfg.model))
+    plain = build_model(trainer.spec.model)
     assert list(trainer.model.state_dict()) == list(plain.state_dict())  # no `_orig_mod.` prefixes
     assert trainer.model.image_encoder._compiled_call_impl is not None
 

@@ -7,7 +7,6 @@ import logging
 from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset
 
-from cxrclip.config import data_configs, to_plain
 from cxrclip.data.collate import ImageTextCollator
 from cxrclip.data.dataset import LabeledImageDataset
 from cxrclip.data.records import load_labeled_records, stratified_subset, summarize
@@ -17,27 +16,28 @@ from cxrclip.engine.trainer import RunSettings, Task, train
 from cxrclip.exceptions import ConfigError
 from cxrclip.model.loading import load_image_encoder
 from cxrclip.model.probe import LinearProbe, MaskedBCELoss
+from cxrclip.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
 
-def _label_names(cfg: DictConfig, group: str) -> tuple[str, ...]:
-    names = {dc.label_names for dc in data_configs(cfg, group)}
+def _label_names(spec: RunSpec, group: str) -> tuple[str, ...]:
+    names = {dc.label_names for dc in spec.data.get(group, ())}
     if len(names) != 1:
         raise ConfigError(f"every {group} dataset of a probe must have the same label_names, got {names}")
     return names.pop()
 
 
-def probe_task(cfg: DictConfig, run: RunSettings, env: DistEnv) -> Task:
+def probe_task(spec: RunSpec, run: RunSettings, env: DistEnv) -> Task:
     """Classification data (image + one 0/1 column per label), a frozen (or not) encoder, masked BCE."""
-    backbone = cfg.model.get("load_backbone_weights")
+    backbone = spec.model.get("load_backbone_weights")
     if not backbone:
         raise ConfigError("set model.load_backbone_weights=/PATH/model-best.tar (a CXR-CLIP checkpoint)")
-    names = _label_names(cfg, "data_train")
+    names = _label_names(spec, "data_train")
     records = {}
     for group in ("data_train", "data_valid"):
         rows = []
-        for dc in data_configs(cfg, group):
+        for dc in spec.data.get(group, ()):
             part = load_labeled_records(dc, need_text=False)
             if group == "data_train":
                 part = stratified_subset(part, dc.data_frac, run.seed)
@@ -48,28 +48,27 @@ def probe_task(cfg: DictConfig, run: RunSettings, env: DistEnv) -> Task:
     # the encoder's config (and so its normalization) comes from the checkpoint, read once here
     encoder, image_cfg = load_image_encoder(backbone)
     normalize = image_cfg["normalize"]
-    transforms = to_plain(cfg.transform)
-    train_set = LabeledImageDataset(records["data_train"], build_transform(transforms["train"], normalize))
+    train_set = LabeledImageDataset(records["data_train"], build_transform(spec.transform_steps("train"), normalize))
     valid_set = (
-        LabeledImageDataset(records["data_valid"], build_transform(transforms["valid"], normalize))
+        LabeledImageDataset(records["data_valid"], build_transform(spec.transform_steps("valid"), normalize))
         if records["data_valid"]
         else None
     )
-    freeze = bool(cfg.model.get("freeze_backbone_weights", True))
+    freeze = bool(spec.model.get("freeze_backbone_weights", True))
     extra = {
         "probe": {"image_encoder": image_cfg, "label_names": list(names), "freeze": freeze, "backbone": str(backbone)}
     }
-    loss_cfg = to_plain(cfg.loss).get("classification", {})
+    loss_options = spec.loss.get("classification", {})
     return Task(
         ConcatDataset([train_set]),
         valid_set,
         ImageTextCollator(None),
         lambda: LinearProbe(encoder, len(names), freeze=freeze),
-        MaskedBCELoss(**loss_cfg),
+        MaskedBCELoss(**loss_options),
         lambda: extra,
     )
 
 
-def finetune(cfg: DictConfig) -> dict:
+def finetune(cfg: DictConfig | RunSpec) -> dict:
     """Train a linear probe from a composed ``finetune_10`` / ``finetune_100`` config."""
     return train(cfg, probe_task)

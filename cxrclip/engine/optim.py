@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cxrclip.exceptions import ConfigError
+from cxrclip.spec import OptimizerSpec, ScheduleSpec
 
 
 def param_groups(
@@ -40,22 +41,18 @@ def param_groups(
     return out
 
 
-def build_optimizer(model: nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
-    options = dict(cfg.get("config", {}))
-    options = {k: float(v) if isinstance(v, str) else v for k, v in options.items()}
+def build_optimizer(model: nn.Module, spec: OptimizerSpec | Mapping) -> torch.optim.Optimizer:
+    """AdamW or SGD over :func:`param_groups` (``spec``: an ``optimizer`` section, typed or plain)."""
+    spec = spec if isinstance(spec, OptimizerSpec) else OptimizerSpec.from_mapping(spec)
+    options = dict(spec.options)
     groups = param_groups(
-        model,
-        float(options.pop("weight_decay", 0.0)),
-        cfg.get("no_decay", ("bias", "norm")),
-        lr=options.get("lr"),
-        lr_scale=cfg.get("lr_scale"),
+        model, float(options.pop("weight_decay", 0.0)), spec.no_decay, lr=options.get("lr"), lr_scale=spec.lr_scale
     )
-    name = cfg["name"]
-    if name == "adamw":
+    if spec.name == "adamw":
         return torch.optim.AdamW(groups, **options)
-    if name == "sgd":
+    if spec.name == "sgd":
         return torch.optim.SGD(groups, **options)
-    raise ConfigError(f"optimizer.name must be adamw or sgd, got {name!r}")
+    raise ConfigError(f"optimizer.name must be adamw or sgd, got {spec.name!r}")
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -70,13 +67,13 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping, steps_per_epoch: int):
-    """``scheduler.config.total_epochs`` / ``warmup_epochs`` turned into steps (nothing written back)."""
-    name = cfg.get("name", "cosine")
-    if name == "constant":
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: ScheduleSpec | Mapping, steps_per_epoch: int):
+    """``total_epochs`` / ``warmup_epochs`` turned into steps (nothing written back)."""
+    spec = spec if isinstance(spec, ScheduleSpec) else ScheduleSpec.from_mapping(spec)
+    if spec.name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    if name != "cosine":
-        raise ConfigError(f"scheduler.name must be cosine or constant, got {name!r}")
-    total = int(cfg["config"]["total_epochs"]) * steps_per_epoch
-    warmup = int(float(cfg["config"].get("warmup_epochs", 0)) * steps_per_epoch)
+    if spec.name != "cosine":
+        raise ConfigError(f"scheduler.name must be cosine or constant, got {spec.name!r}")
+    total = spec.total_epochs * steps_per_epoch
+    warmup = int(spec.warmup_epochs * steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))

@@ -15,7 +15,6 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from cxrclip.config import data_configs, to_plain
 from cxrclip.data.collate import ImageTextCollator
 from cxrclip.data.dataset import ImageTextDataset
 from cxrclip.data.records import load_imagetext_records, summarize
@@ -33,7 +32,8 @@ from cxrclip.model.checkpoint import (
     set_rng_state,
 )
 from cxrclip.model.clip import build_model
-from cxrclip.model.encoders import build_tokenizer, image_normalization
+from cxrclip.model.encoders import build_tokenizer
+from cxrclip.spec import LoaderSpec, RunSpec
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAMES = ("model-last.tar", "model-best.tar")
@@ -127,12 +127,11 @@ def autocast_settings(run: RunSettings, device: torch.device) -> tuple[bool, tor
     return False, torch.float32, False
 
 
-def load_split(cfg: DictConfig, group: str, train: bool, run: RunSettings, env: DistEnv) -> ConcatDataset:
+def load_split(spec: RunSpec, group: str, train: bool, run: RunSettings, env: DistEnv) -> ConcatDataset:
     """Validate every CSV of a data group (all problems at once) and build its dataset."""
-    normalize = image_normalization(to_plain(cfg.model.image_encoder))
-    transform = build_transform(to_plain(cfg.transform)["train" if train else "valid"], normalize)
+    transform = build_transform(spec.transform_steps("train" if train else "valid"), spec.normalize)
     datasets = []
-    for dc in data_configs(cfg, group):
+    for dc in spec.data.get(group, ()):
         records = load_imagetext_records(dc)
         if train and dc.data_frac < 1.0:
             keep = torch.randperm(len(records), generator=torch.Generator().manual_seed(run.seed))
@@ -150,23 +149,19 @@ def load_split(cfg: DictConfig, group: str, train: bool, run: RunSettings, env: 
     return ConcatDataset(datasets)
 
 
-def make_loader(dataset, cfg: Mapping, collate, env: DistEnv, seed: int) -> DataLoader:
-    batch_size = int(cfg["batch_size"])
-    if batch_size % env.world_size:
-        raise ConfigError(f"batch_size {batch_size} is not divisible by the {env.world_size} processes")
-    sampler = EpochSampler(
-        len(dataset), shuffle=bool(cfg.get("shuffle", False)), seed=seed, rank=env.rank, world=env.world_size
-    )
-    workers = int(cfg.get("num_workers", 0))
+def make_loader(dataset, loader: LoaderSpec, collate, env: DistEnv, seed: int) -> DataLoader:
+    if loader.batch_size % env.world_size:
+        raise ConfigError(f"batch_size {loader.batch_size} is not divisible by the {env.world_size} processes")
+    sampler = EpochSampler(len(dataset), shuffle=loader.shuffle, seed=seed, rank=env.rank, world=env.world_size)
     return DataLoader(
         dataset,
-        batch_size=batch_size // env.world_size,
+        batch_size=loader.batch_size // env.world_size,
         sampler=sampler,
-        num_workers=workers,
+        num_workers=loader.num_workers,
         collate_fn=collate,
-        drop_last=bool(cfg.get("drop_last", False)),
-        pin_memory=bool(cfg.get("pin_memory", False)) and env.device.type == "cuda",
-        prefetch_factor=cfg.get("prefetch_factor") if workers > 0 else None,
+        drop_last=loader.drop_last,
+        pin_memory=loader.pin_memory and env.device.type == "cuda",
+        prefetch_factor=loader.prefetch_factor,
         persistent_workers=False,
     )
 
@@ -236,46 +231,48 @@ class Task:
     checkpoint_extra: Callable[[], dict] = dict
 
 
-def clip_task(cfg: DictConfig, run: RunSettings, env: DistEnv) -> Task:
+def clip_task(spec: RunSpec, run: RunSettings, env: DistEnv) -> Task:
     """CXR-CLIP pre-training on image–text data."""
-    train_set = load_split(cfg, "data_train", True, run, env)
-    valid_set = load_split(cfg, "data_valid", False, run, env) if cfg.get("data_valid") else None
-    collate = ImageTextCollator(build_tokenizer(cfg.tokenizer), int(cfg.base.text_max_length))
-    return Task(train_set, valid_set, collate, lambda: build_model(to_plain(cfg.model)), build_loss(to_plain(cfg.loss)))
+    train_set = load_split(spec, "data_train", True, run, env)
+    valid_set = load_split(spec, "data_valid", False, run, env) if spec.data.get("data_valid") else None
+    collate = ImageTextCollator(build_tokenizer(spec.tokenizer), spec.text_max_length)
+    return Task(train_set, valid_set, collate, lambda: build_model(spec.model), build_loss(spec.loss))
 
 
 class Trainer:
     """Holds what a run needs; ``fit()`` runs the epochs. Built by ``train(cfg)``."""
 
-    def __init__(self, cfg: DictConfig, env: DistEnv, make_task: Callable[..., Task] = clip_task):
-        self.cfg, self.env = cfg, env
-        self.run = RunSettings.from_cfg(cfg.base)
-        self.total_epochs = int(cfg.scheduler.config.total_epochs)
+    def __init__(self, spec: RunSpec | DictConfig, env: DistEnv, make_task: Callable[..., Task] = clip_task):
+        self.spec = spec if isinstance(spec, RunSpec) else RunSpec.from_config(spec)
+        self.env = env
+        self.run = RunSettings.from_cfg(self.spec.base)
+        self.total_epochs = self.spec.schedule.total_epochs
         self.run.check_run_folder()
         if env.is_main:  # temp files of saves interrupted by a kill -9 (the checkpoints themselves are whole)
             for name in CHECKPOINT_NAMES:
                 remove_stale_temp_files(self.run.checkpoint_dir / name)
         torch.manual_seed(self.run.seed + env.rank)
         # data first (inside the task): a bad CSV stops the run before any model is built
-        self.task = make_task(cfg, self.run, env)
+        self.task = make_task(self.spec, self.run, env)
         self.train_set, self.valid_set = self.task.train_set, self.task.valid_set
-        self.train_loader = make_loader(self.train_set, cfg.dataloader.train, self.task.collate, env, self.run.seed)
+        loaders = {split: self.spec.loader(split) for split in ("train", "valid")}
+        self.train_loader = make_loader(self.train_set, loaders["train"], self.task.collate, env, self.run.seed)
         self.valid_loader = (
-            make_loader(self.valid_set, cfg.dataloader.valid, self.task.collate, env, self.run.seed)
+            make_loader(self.valid_set, loaders["valid"], self.task.collate, env, self.run.seed)
             if self.valid_set is not None
             else None
         )
         if len(self.train_loader) == 0:
             raise ConfigError(
                 f"{len(self.train_set)} training rows give no full batch of "
-                f"{cfg.dataloader.train.batch_size}; lower dataloader.train.batch_size"
+                f"{loaders['train'].batch_size}; lower dataloader.train.batch_size"
             )
         self.model = self.task.build_model().to(env.device)
         speed_up_image_encoder(self.model, self.run)
         self.loss_fn = self.task.loss_fn
-        self.optimizer = build_optimizer(self.model, to_plain(cfg.optimizer))
+        self.optimizer = build_optimizer(self.model, self.spec.optimizer)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / self.run.grad_accum_steps)
-        self.scheduler = build_scheduler(self.optimizer, to_plain(cfg.scheduler), self.steps_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, self.spec.schedule, self.steps_per_epoch)
         self.autocast, self.amp_dtype, use_scaler = autocast_settings(self.run, env.device)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=use_scaler)
         self.ddp = (
@@ -308,7 +305,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "config": to_plain(self.cfg),
+            "config": self.spec.plain,
             "epoch": self.epoch,
             "batches_done": self.batches_done,
             "step": self.step,
@@ -488,13 +485,14 @@ class Trainer:
         self.writer.flush()
 
 
-def train(cfg: DictConfig, make_task: Callable[..., Task] = clip_task) -> dict:
-    """Run a training job from a composed config; returns the final metrics."""
+def train(cfg: DictConfig | RunSpec, make_task: Callable[..., Task] = clip_task) -> dict:
+    """Run a training job from a composed config (read once into a :class:`RunSpec`); returns the final metrics."""
+    spec = cfg if isinstance(cfg, RunSpec) else RunSpec.from_config(cfg)
     env = init_distributed()
     try:
-        trainer = Trainer(cfg, env, make_task)
-        if cfg.base.get("resume"):
-            trainer.resume(str(cfg.base.resume))
+        trainer = Trainer(spec, env, make_task)
+        if trainer.run.resume:
+            trainer.resume(str(trainer.run.resume))
         result = trainer.fit()
         if trainer.writer is not None:
             trainer.writer.close()

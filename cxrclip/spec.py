@@ -1,0 +1,193 @@
+"""The run spec: the Hydra config read once, at the edge, into typed settings that the trainer, the evaluators and
+inference read instead of the raw config.
+
+``RunSpec.from_config(cfg)`` checks and converts every section a job uses (run settings, data configs, model with a
+required normalization, loaders, optimizer, schedule, test settings); a missing or malformed value fails here,
+before any data is read, with the key's name.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxrclip.exceptions import ConfigError
+
+
+def _section(config: Mapping, key: str) -> dict:
+    value = config.get(key)
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """One ``dataloader.<split>`` section."""
+
+    batch_size: int
+    shuffle: bool = False
+    num_workers: int = 0
+    drop_last: bool = False
+    pin_memory: bool = False
+    prefetch_factor: int | None = None
+
+    @classmethod
+    def from_mapping(cls, section: Mapping, where: str) -> LoaderSpec:
+        if "batch_size" not in section:
+            raise ConfigError(f"{where}.batch_size is not set")
+        workers = int(section.get("num_workers") or 0)
+        prefetch = section.get("prefetch_factor")
+        return cls(
+            batch_size=int(section["batch_size"]),
+            shuffle=bool(section.get("shuffle", False)),
+            num_workers=workers,
+            drop_last=bool(section.get("drop_last", False)),
+            pin_memory=bool(section.get("pin_memory", False)),
+            prefetch_factor=int(prefetch) if prefetch is not None and workers > 0 else None,
+        )
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """``optimizer``: the name, the torch options (lr, weight_decay, betas, fused ...), what gets no weight decay,
+    and learning-rate multipliers per module prefix."""
+
+    name: str
+    options: dict
+    no_decay: tuple[str, ...] = ("bias", "norm")
+    lr_scale: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, section: Mapping) -> OptimizerSpec:
+        options = {k: float(v) if isinstance(v, str) else v for k, v in dict(section.get("config") or {}).items()}
+        if isinstance(options.get("betas"), list):
+            options["betas"] = tuple(options["betas"])
+        return cls(
+            name=str(section.get("name", "adamw")),
+            options=options,
+            no_decay=tuple(section.get("no_decay") or ("bias", "norm")),
+            lr_scale={str(k): float(v) for k, v in dict(section.get("lr_scale") or {}).items()},
+        )
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """``scheduler``: cosine (with linear warm-up) or constant, in epochs."""
+
+    name: str
+    total_epochs: int
+    warmup_epochs: float = 0.0
+
+    @classmethod
+    def from_mapping(cls, section: Mapping) -> ScheduleSpec:
+        options = dict(section.get("config") or {})
+        if "total_epochs" not in options:
+            raise ConfigError("scheduler.config.total_epochs is not set")
+        return cls(
+            name=str(section.get("name", "cosine")),
+            total_epochs=int(options["total_epochs"]),
+            warmup_epochs=float(options.get("warmup_epochs", 0) or 0),
+        )
+
+
+@dataclass(frozen=True)
+class TestSpec:
+    """``test``: what evaluation reads."""
+
+    checkpoint: str | None
+    output_dir: Path | None = None
+    seed: int = 1234
+    auroc_ci: str = "delong"
+    text_encoder: str | None = None
+    image_encoder: str | None = None
+
+    @classmethod
+    def from_mapping(cls, section: Mapping) -> TestSpec:
+        return cls(
+            checkpoint=section.get("checkpoint"),
+            output_dir=Path(section["output_dir"]) if section.get("output_dir") else None,
+            seed=int(section.get("seed", 1234)),
+            auroc_ci=str(section.get("auroc_ci", "delong")),
+            text_encoder=section.get("text_encoder"),
+            image_encoder=section.get("image_encoder"),
+        )
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a job reads from its config, typed. ``plain`` is the resolved config as checkpoints store it."""
+
+    plain: dict
+    image_size: int
+    text_max_length: int
+    model: dict
+    tokenizer: dict
+    transforms: dict
+    loaders: dict
+    loss: dict
+    optimizer: OptimizerSpec | None
+    schedule: ScheduleSpec | None
+    test: TestSpec | None
+    calibration: dict
+    data: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg) -> RunSpec:
+        """From a composed Hydra config (a ``DictConfig``) or its plain-dict form."""
+        from cxrclip.config import to_plain
+        from cxrclip.data.records import DataConfig
+
+        plain = to_plain(cfg) if not isinstance(cfg, dict) else copy.deepcopy(cfg)
+        base = _section(plain, "base")
+        model = _section(plain, "model")
+        if model.get("image_encoder"):
+            from cxrclip.model.encoders import image_normalization
+
+            model["image_encoder"] = {
+                **model["image_encoder"],
+                "normalize": image_normalization(model["image_encoder"]),
+            }
+        loaders = {
+            split: LoaderSpec.from_mapping(section, f"dataloader.{split}")
+            for split, section in _section(plain, "dataloader").items()
+            if isinstance(section, Mapping)
+        }
+        data = {
+            group: tuple(DataConfig.from_mapping(k, v) for k, v in _section(plain, group).items())
+            for group in ("data_train", "data_valid", "data_test")
+            if plain.get(group)
+        }
+        return cls(
+            plain=plain,
+            image_size=int(base.get("image_size", 224)),
+            text_max_length=int(base.get("text_max_length", 256)),
+            model=model,
+            tokenizer=_section(plain, "tokenizer"),
+            transforms=_section(plain, "transform"),
+            loaders=loaders,
+            loss=_section(plain, "loss"),
+            optimizer=OptimizerSpec.from_mapping(plain["optimizer"]) if plain.get("optimizer") else None,
+            schedule=ScheduleSpec.from_mapping(plain["scheduler"]) if plain.get("scheduler") else None,
+            test=TestSpec.from_mapping(plain["test"]) if plain.get("test") else None,
+            calibration=_section(plain, "calibration"),
+            data=data,
+        )
+
+    @property
+    def base(self) -> dict:
+        return _section(self.plain, "base")
+
+    def loader(self, split: str) -> LoaderSpec:
+        if split not in self.loaders:
+            raise ConfigError(f"dataloader.{split} is not configured")
+        return self.loaders[split]
+
+    def transform_steps(self, split: str) -> dict:
+        if split not in self.transforms:
+            raise ConfigError(f"transform.{split} is not configured")
+        return dict(self.transforms[split] or {})
+
+    @property
+    def normalize(self):
+        return self.model["image_encoder"]["normalize"]

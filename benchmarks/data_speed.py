@@ -41,7 +41,8 @@ def loader_rows(data: Path, workers: list[int], batches: int, batch_size: int, i
         )
         spec = RunSpec.from_config(cfg)
         task = clip_task(spec, RunSettings.from_cfg(spec.base), DistEnv())
-        loader_spec = LoaderSpec(batch_size, shuffle=True, num_workers=w, drop_last=True, prefetch_factor=4 if w else None)
+        prefetch = 4 if w else None
+        loader_spec = LoaderSpec(batch_size, shuffle=True, num_workers=w, drop_last=True, prefetch_factor=prefetch)
         loader = make_loader(task.train_set, loader_spec, task.collate, DistEnv(), 0)
         it = iter(loader)
         next(it)  # worker start-up is not throughput

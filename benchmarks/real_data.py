@@ -219,8 +219,9 @@ def run_seed(args, data: Path, names, out: Path) -> dict:
     trained = out / "trained" / "checkpoints" / "model-best.tar"
     result["logits"]["trained"] = zero_shot_logits(trained, data, names)
     result["probes"] = {}
-    if not args.skip_probe:
+    if args.probes in ("both", "imagenet"):
         result["probes"]["ImageNet encoder"] = probe(untrained, data, names, args, out / "probe_untrained")
+    if args.probes in ("both", "trained"):
         result["probes"]["pre-trained encoder"] = probe(trained, data, names, args, out / "probe_trained")
     return result
 
@@ -300,7 +301,8 @@ def main() -> None:
     p.add_argument(
         "--min-count", type=int, default=10, help="headline labels: ≥ this many test positives and negatives"
     )
-    p.add_argument("--skip-probe", action="store_true")
+    p.add_argument("--probes", choices=["both", "trained", "imagenet", "none"], default="both",
+                   help="linear probes on the ImageNet (untrained) and/or the pre-trained encoder")  # fmt: skip
     p.add_argument("override", nargs="*", help="extra Hydra overrides for training (the recipe under test)")
     args = p.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out).resolve()

@@ -78,7 +78,7 @@ def main() -> None:
     args = p.parse_args()
     data = args.data
     if data is None:
-        from cxrclip.data.synthetic import generate_demo_data
+        from cxrclip.synthetic import generate_demo_data
 
         data = tempfile.mkdtemp()
         generate_demo_data(data, n_train=400, n_valid=64, n_test=1)

@@ -70,10 +70,10 @@ def embed_row(data: Path, preset: str, n: int, image_size: int, batch_size: int)
     from cxrclip.data.collate import ImageTextCollator
     from cxrclip.data.dataset import LabeledImageDataset
     from cxrclip.data.records import DataConfig, load_labeled_records
-    from cxrclip.data.synthetic import CGMH_LABELS
     from cxrclip.data.transforms import build_transform
     from cxrclip.eval.zeroshot import embed_images
     from cxrclip.model.clip import build_model
+    from cxrclip.synthetic import CGMH_LABELS
 
     cfg = compose("train", [f"model={preset}"])
     model = build_model(to_plain(cfg.model)).eval()
@@ -103,7 +103,7 @@ def main() -> None:
     args = p.parse_args()
     data = Path(args.data) if args.data else None
     if data is None:
-        from cxrclip.data.synthetic import generate_demo_data
+        from cxrclip.synthetic import generate_demo_data
 
         data = Path(tempfile.mkdtemp())
         generate_demo_data(

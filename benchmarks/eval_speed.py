@@ -160,7 +160,7 @@ def main() -> None:
         if image is None:
             import tempfile
 
-            from cxrclip.data.synthetic import generate_demo_data
+            from cxrclip.synthetic import generate_demo_data
 
             folder = Path(tempfile.mkdtemp())
             generate_demo_data(folder, n_train=1, n_valid=1, n_test=1)

@@ -198,7 +198,7 @@ def main() -> int:
         return 2
     import torch
 
-    from cxrclip.data.synthetic import generate_demo_data
+    from cxrclip.synthetic import generate_demo_data
 
     cuda = torch.cuda.is_available()
     data = Path(tempfile.mkdtemp())

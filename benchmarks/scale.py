@@ -63,7 +63,7 @@ def embed_rows(pool: Path, sizes: list[int], model: str) -> list[dict]:
     config = OmegaConf.to_container(cfg, resolve=True)
     net = build_model(config["model"]).eval()
     transform = stored_transform(config, config["model"]["image_encoder"]["normalize"])
-    from cxrclip.data.synthetic import CGMH_LABELS, DEFAULT_PROMPTS
+    from cxrclip.synthetic import CGMH_LABELS, DEFAULT_PROMPTS
 
     dc = DataConfig("pool", "imagetext", str(pool / "train.csv"), CGMH_LABELS, prompt_path=str(DEFAULT_PROMPTS))
     records = as_labeled(load_records(dc))
@@ -88,7 +88,7 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=1000, help="distinct images the rows point at")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from cxrclip.data.synthetic import generate_demo_data
+    from cxrclip.synthetic import generate_demo_data
 
     work = Path(tempfile.mkdtemp(prefix="scale_"))
     start = time.perf_counter()

@@ -128,17 +128,17 @@ class Bundle:
         from cxrclip.model.encoders import build_image_encoder
         from cxrclip.model.loading import architecture_only
 
-        cfg = architecture_only(self.manifest["model"], text_encoder=str(self.check_text_folder()))
+        arch = architecture_only(self.manifest["model"], text_encoder=str(self.check_text_folder()))
         state = {k: torch.from_numpy(v.copy()) for k, v in self.arrays(IMAGE_WEIGHTS).items()}
         if with_text:
             from cxrclip.model.clip import build_model
 
-            model = build_model(cfg)
+            model = build_model(arch)
             state.update({k: torch.from_numpy(v.copy()) for k, v in self.arrays(TEXT_WEIGHTS).items()})
         else:  # the image side only: no transformers import
             model = torch.nn.Module()
-            model.image_encoder = build_image_encoder(cfg["image_encoder"])
-            model.image_projection = build_projection(cfg.get("projection_head"), model.image_encoder.out_dim)
+            model.image_encoder = build_image_encoder(arch["image_encoder"])
+            model.image_projection = build_projection(arch.get("projection_head"), model.image_encoder.out_dim)
             model.logit_scale = torch.nn.Parameter(torch.zeros(()))
             model.encode_image = lambda x: CXRClip.encode_image(model, x)
         missing, unexpected = model.load_state_dict(state, strict=False)

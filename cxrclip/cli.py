@@ -12,22 +12,20 @@ from pathlib import Path
 
 from cxrclip.data.prompts import PromptFileError
 from cxrclip.data.records import DataConfig, DataValidationError, load_records, summarize
-from cxrclip.data.synthetic import CGMH_LABELS, DEFAULT_PROMPTS, NORMAL_SENTENCE, generate_demo_data
 from cxrclip.exceptions import ConfigError
+from cxrclip.synthetic import CGMH_LABELS, DEFAULT_PROMPTS, NORMAL_SENTENCE, generate_demo_data
 
 SPLIT_TYPES = {"train": "imagetext", "valid": "imagetext", "test": "imagetext_eval", "cls": "image_classification"}
 
 
+def _data_size(args: argparse.Namespace) -> dict:
+    """The synthetic data's size options (``add_data_args``) as keyword arguments."""
+    return {k: getattr(args, k) for k in ("n_train", "n_valid", "n_test", "image_size", "seed")}
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    paths = generate_demo_data(
-        args.out,
-        n_train=args.n_train,
-        n_valid=args.n_valid,
-        n_test=args.n_test,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
+    paths = generate_demo_data(args.out, **_data_size(args))
     print(f"wrote synthetic CGMH-style data in {time.perf_counter() - start:.1f} s:")
     for split, path in paths.items():
         print(f"  {split:5s} {path}")
@@ -197,15 +195,7 @@ def _demo(args: argparse.Namespace) -> int:
     from cxrclip.errors import exit_on_user_error
 
     with exit_on_user_error():
-        run_demo(
-            args.out,
-            n_train=args.n_train,
-            n_valid=args.n_valid,
-            n_test=args.n_test,
-            seed=args.seed,
-            image_size=args.image_size,
-            epochs=args.epochs,
-        )
+        run_demo(args.out, **_data_size(args), epochs=args.epochs)
     return 0
 
 
@@ -238,13 +228,26 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import os
-    import subprocess
+    """``train.py``'s job in this process, under Hydra's own entry point (run folder, logging, ``--multirun``)."""
+    import hydra
 
-    from cxrclip.paths import PROJECT_ROOT
+    from cxrclip.errors import exit_on_user_error
+    from cxrclip.jobs import pretrain
+    from cxrclip.paths import CONFIG_DIR
 
-    # train.py owns Hydra's run folder and logging; the subcommand is the same job
-    return subprocess.call([sys.executable, str(PROJECT_ROOT / "train.py"), *args.overrides], env=os.environ)
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+    def main(cfg) -> None:
+        logging.getLogger("cxrclip").setLevel(logging.INFO)
+        with exit_on_user_error():
+            pretrain(cfg)
+
+    argv = sys.argv
+    sys.argv = ["cxrclip-train", *args.overrides]
+    try:
+        main()
+    finally:
+        sys.argv = argv
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

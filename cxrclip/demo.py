@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from cxrclip.config import compose, data_configs
-from cxrclip.data.synthetic import generate_demo_data
+from cxrclip.synthetic import generate_demo_data
 
 log = logging.getLogger(__name__)
 

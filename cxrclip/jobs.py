@@ -8,13 +8,16 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig
 
+from cxrclip.spec import RunSpec
 
-def _then_calibrate(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict:
+
+def _then_calibrate(cfg: DictConfig, run: Callable[[RunSpec], dict]) -> dict:
     from cxrclip.eval.calibrate import calibrate_after_training
 
-    result = run(cfg)
+    spec = RunSpec.from_config(cfg)  # the config is read once, here
+    result = run(spec)
     if int(os.environ.get("RANK", "0")) == 0:  # one process calibrates; the others are done
-        calibration = calibrate_after_training(cfg, result)
+        calibration = calibrate_after_training(spec, result)
         result = {**result, "calibrated": calibration is not None}
     return result
 

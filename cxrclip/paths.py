@@ -68,3 +68,17 @@ def launch_dir() -> Path:
     except (ImportError, ValueError):
         pass
     return Path.cwd()
+
+
+def config_labels(name: str = "cgmh") -> tuple[str, ...]:
+    """The label list of ``configs/labels/<name>.yaml`` (its ``names``)."""
+    import yaml
+
+    path = CONFIG_DIR / "labels" / f"{name}.yaml"
+    try:
+        names = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("names")
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read the label list {path}: {e}") from e
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{path}: expected `names:` with a list of label names")
+    return tuple(names)

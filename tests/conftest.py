@@ -5,7 +5,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from cxrclip.data.synthetic import generate_demo_data  # noqa: E402
+from cxrclip.synthetic import generate_demo_data  # noqa: E402
 
 
 @pytest.fixture(scope="session")

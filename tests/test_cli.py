@@ -48,3 +48,20 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys, minilm_tokenizer):
     (entry,) = saved.values()
     assert entry["zeroshot_binary"]["AUROC(Avg)"] == result["auroc_avg"]
     assert (tmp_path / "run" / "checkpoints" / "model-best.tar").is_file()
+
+
+def test_cxrclip_train_runs_in_process_and_sweeps_seeds(tmp_path, demo_data, minilm_tokenizer, monkeypatch):
+    """`cxrclip train` is train.py's job in this process (Hydra's run folder), and `--multirun` sweeps a seed axis."""
+    from cxrclip.cli import main
+    from cxrclip.model.checkpoint import load_checkpoint
+    from tests.test_trainer import tiny_overrides
+
+    monkeypatch.chdir(tmp_path)
+    overrides = [*tiny_overrides(demo_data, tmp_path, epochs=1), "calibration.enabled=false"]
+    assert main(["train", *overrides, f"hydra.run.dir={tmp_path / 'single'}"]) == 0
+    assert load_checkpoint(tmp_path / "single" / "checkpoints" / "model-best.tar")["epoch"] == 1
+    sweep = ["--multirun", "base.seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    sweep.append("hydra.sweep.subdir=seed${base.seed}")
+    assert main(["train", *overrides, *sweep]) == 0
+    seeds = [load_checkpoint(tmp_path / "sweep" / f"seed{s}" / "checkpoints" / "model-last.tar") for s in (1, 2)]
+    assert [c["config"]["base"]["seed"] for c in seeds] == [1, 2]

@@ -6,8 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from cxrclip.config import compose, data_configs
-from cxrclip.data.synthetic import CGMH_LABELS
 from cxrclip.paths import CONFIG_DIR
+from cxrclip.synthetic import CGMH_LABELS
 
 TOP = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())

@@ -4,8 +4,8 @@ from torch.utils.data import DataLoader
 from cxrclip.data.collate import ImageTextCollator
 from cxrclip.data.dataset import ImageTextDataset, LabeledImageDataset
 from cxrclip.data.records import DataConfig, load_imagetext_records, load_labeled_records
-from cxrclip.data.synthetic import CGMH_LABELS, DEFAULT_PROMPTS
 from cxrclip.data.transforms import build_transform
+from cxrclip.synthetic import CGMH_LABELS, DEFAULT_PROMPTS
 
 TRAIN_STEPS = {"RandomResizedCrop": {"size": 32, "scale": [0.8, 1.0]}, "CLAHE": {"clip_limit": 4.0}}
 EVAL_STEPS = {"Resize": {"size": 32}, "CenterCrop": {"size": 32}}

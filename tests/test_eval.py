@@ -215,7 +215,7 @@ def test_a_pickle_with_code_is_not_executed(tmp_path, capsys):
 
 
 def test_per_label_thresholds_file_decides_yes_no(demo_data, tiny_ckpt, tmp_path, capsys):
-    from cxrclip.data.synthetic import CGMH_LABELS
+    from cxrclip.synthetic import CGMH_LABELS
 
     image = sorted((demo_data / "images").glob("test_*.png"))[0]
     thresholds = {name: (0.0 if i % 2 else 1.01) for i, name in enumerate(CGMH_LABELS)}

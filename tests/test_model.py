@@ -105,18 +105,21 @@ def test_a_frozen_text_tower_does_not_change_and_stays_in_eval_mode():
 
 @pytest.mark.parametrize("preset", ["clip_resnet_clinical", "clip_swin_clinical", "clip_cpu_offline", "clip_tiny"])
 @pytest.mark.parametrize("drop_normalize", [False, True])
-def test_evaluation_and_inference_normalize_as_training_did(preset, drop_normalize):
-    """The normalization resolved from a stored config equals the one training used, also when the model
-    config leaves ``normalize`` out (torchvision encoders then get ImageNet statistics in both places)."""
+def test_evaluation_and_inference_normalize_as_training_did(preset, drop_normalize, tmp_path):
+    """The normalization the trainer's spec uses equals the one resolved from the checkpoint's stored config
+    (a save/load round trip), also when the model config leaves ``normalize`` out (torchvision encoders then get
+    ImageNet statistics in both places)."""
     from cxrclip.data.transforms import resolve_normalization
-    from cxrclip.model.encoders import image_normalization
+    from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint
     from cxrclip.model.loading import upgrade_model_config
+    from cxrclip.spec import RunSpec
 
-    overrides = [f"model={preset}"] + (["~model.image_encoder.normalize"] if drop_normalize else [])
-    model_cfg = to_plain(compose("train", overrides).model)
-    trained_with = resolve_normalization(image_normalization(model_cfg["image_encoder"]))
-    loaded_with = resolve_normalization(upgrade_model_config(model_cfg)["image_encoder"]["normalize"])
-    assert trained_with == loaded_with
+    overrides = [f"model={preset}", "base.output.checkpoint=/x", "base.output.tensorboard=/x"]
+    overrides += ["~model.image_encoder.normalize"] if drop_normalize else []
+    spec = RunSpec.from_config(compose("train", overrides))
+    stored = load_checkpoint(save_checkpoint(tmp_path / "c.tar", {"model": {}, "config": spec.plain}))["config"]
+    loaded_with = resolve_normalization(upgrade_model_config(stored["model"])["image_encoder"]["normalize"])
+    assert resolve_normalization(spec.normalize) == loaded_with
 
 
 def test_a_checkpoint_without_normalize_preprocesses_as_training(demo_data, tmp_path):

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from cxrclip.data.prompts import PromptBank, PromptFileError, generate_report, load_prompts
-from cxrclip.data.synthetic import CGMH_LABELS, DEFAULT_PROMPTS
+from cxrclip.synthetic import CGMH_LABELS, DEFAULT_PROMPTS
 
 BANK = PromptBank.from_dict(
     {

@@ -12,7 +12,7 @@ from cxrclip.data.records import (
     parse_list_cell,
     summarize,
 )
-from cxrclip.data.synthetic import CGMH_LABELS, DEFAULT_PROMPTS
+from cxrclip.synthetic import CGMH_LABELS, DEFAULT_PROMPTS
 
 
 def train_cfg(csv, **kw):

@@ -2,9 +2,10 @@ import hashlib
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from cxrclip.data.records import DataConfig, load_imagetext_records, load_labeled_records
-from cxrclip.data.synthetic import CGMH_LABELS, DEFAULT_PROMPTS, Patient, generate_demo_data, render
+from cxrclip.synthetic import CGMH_LABELS, DEFAULT_PROMPTS, Patient, generate_demo_data, render
 
 
 def digest(folder):
@@ -72,3 +73,21 @@ def test_pneumothorax_darkens_one_side():
     s = 128
     changed = pixels_changed("Pneumothorax", side=1, size=s)
     assert changed[:, s // 2 + 5 :].sum() > 5 * changed[:, : s // 2 - 5].sum()
+
+
+def test_the_label_list_comes_from_the_config_and_each_label_has_a_drawer(tmp_path):
+    import csv
+
+    from cxrclip.exceptions import ConfigError
+    from cxrclip.paths import config_labels
+    from cxrclip.synthetic import CGMH_LABELS, DRAWERS, generate_demo_data
+
+    assert CGMH_LABELS == config_labels("cgmh") and len(CGMH_LABELS) == 13
+    assert set(CGMH_LABELS) == set(DRAWERS)
+    subset = ["Pneumothorax", "Foreign body"]
+    generate_demo_data(tmp_path, n_train=4, n_valid=1, n_test=20, image_size=48, label_names=subset)
+    with (tmp_path / "test.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["image", *subset, "text"] and any(r["Pneumothorax"] == "1" for r in rows)
+    with pytest.raises(ConfigError, match="cannot draw \\['Atelectasis'\\]"):
+        generate_demo_data(tmp_path / "x", n_train=1, label_names=["Atelectasis"])

@@ -138,17 +138,15 @@ def stored_calibration(checkpoint: Mapping, names: Sequence[str], fallback_thres
 
 def calibrate_after_training(cfg, result: Mapping) -> Calibration | None:
     """The end of ``train.py``: calibrate ``model-best.tar`` on the validation split (``calibration`` config)."""
-    from omegaconf import OmegaConf
+    from cxrclip.spec import RunSpec
 
-    from cxrclip.config import data_configs
-
-    settings = CalibrationSettings.from_mapping(OmegaConf.to_container(cfg.get("calibration") or {}, resolve=True))
-    best = Path(cfg.base.output.checkpoint) / "model-best.tar"
-    data = [dc for dc in data_configs(cfg, "data_valid") if usable(dc)]
+    spec = cfg if isinstance(cfg, RunSpec) else RunSpec.from_config(cfg)
+    settings = CalibrationSettings.from_mapping(spec.calibration)
+    best = Path(spec.base["output"]["checkpoint"]) / "model-best.tar"
+    data = [dc for dc in spec.data.get("data_valid", ()) if usable(dc)]
     if not settings.enabled or result.get("stopped") or not best.is_file():
         return None
     if not data:
         log.warning("no labelled validation data: %s stays uncalibrated (see `cxrclip calibrate`)", best)
         return None
-    loader = OmegaConf.to_container(cfg.dataloader.valid, resolve=True)
-    return calibrate_checkpoint(best, data, settings, loader_cfg=loader)
+    return calibrate_checkpoint(best, data, settings, loader_cfg=spec.loader("valid"))

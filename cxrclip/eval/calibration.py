@@ -159,12 +159,13 @@ class CalibrationSettings:
     fallback_threshold: float = 0.5
 
     @classmethod
-    def from_mapping(cls, cfg: Mapping | None) -> CalibrationSettings:
-        cfg = dict(cfg or {})
-        unknown = set(cfg) - {f for f in cls.__dataclass_fields__}
+    def from_mapping(cls, section: Mapping | None) -> CalibrationSettings:
+        """From the ``calibration`` config section (plain data)."""
+        section = dict(section or {})
+        unknown = set(section) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise CalibrationError(f"calibration: unknown keys {sorted(unknown)}")
-        settings = cls(**{**cfg, "rules": dict(cfg.get("rules") or {})})
+        settings = cls(**{**section, "rules": dict(section.get("rules") or {})})
         if settings.method not in METHODS:
             raise CalibrationError(f"calibration.method must be one of {METHODS}, got {settings.method!r}")
         for rule in [settings.rule, *settings.rules.values()]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import glob
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,6 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from torch.utils.data import DataLoader
 
-from cxrclip.config import data_configs, to_plain
 from cxrclip.data.collate import ImageTextCollator
 from cxrclip.data.dataset import LabeledImageDataset
 from cxrclip.data.records import DataConfig, LabeledRecord, load_labeled_records
@@ -26,6 +26,7 @@ from cxrclip.eval.zeroshot import LabelScorer, embed_images, embed_texts
 from cxrclip.model.checkpoint import CheckpointError
 from cxrclip.model.loading import LoadedModel, default_device, load_model
 from cxrclip.paths import resolve_user_path
+from cxrclip.spec import LoaderSpec, RunSpec, TestSpec
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +49,25 @@ def checkpoint_paths(spec) -> list[Path]:
     return paths
 
 
-def image_loader(records: Sequence[LabeledRecord], transform, loader_cfg) -> DataLoader:
+def image_loader(records: Sequence[LabeledRecord], transform, loader: LoaderSpec | Mapping) -> DataLoader:
     """Batches of test images and labels in dataset order. Texts are not tokenized here: the distinct texts
     are embedded once, separately."""
-    workers = int(loader_cfg.get("num_workers", 0))
+    loader = loader if isinstance(loader, LoaderSpec) else LoaderSpec.from_mapping(loader, "dataloader")
     return DataLoader(
         LabeledImageDataset(records, transform),
-        batch_size=int(loader_cfg["batch_size"]),
-        num_workers=workers,
+        batch_size=loader.batch_size,
+        num_workers=loader.num_workers,
         collate_fn=ImageTextCollator(None),
-        prefetch_factor=loader_cfg.get("prefetch_factor") if workers else None,
+        prefetch_factor=loader.prefetch_factor,
     )
 
 
 def evaluate_one(
-    loaded: LoadedModel, dc: DataConfig, records: Sequence[LabeledRecord], cfg: DictConfig, device: torch.device
+    loaded: LoadedModel, dc: DataConfig, records: Sequence[LabeledRecord], spec: RunSpec, device: torch.device
 ) -> tuple[dict, dict]:
     """Metrics of one checkpoint on one dataset, plus the arrays the plots need."""
-    transform = build_transform(to_plain(cfg.transform)["test"], loaded.normalize)
-    loader = image_loader(records, transform, cfg.dataloader.test)
+    transform = build_transform(spec.transform_steps("test"), loaded.normalize)
+    loader = image_loader(records, transform, spec.loader("test"))
     model = loaded.model
     image_emb = embed_images(model, loader, device, desc=f"{dc.name} images")
     labels = np.array([r.labels for r in records], dtype=np.int64)
@@ -75,7 +76,7 @@ def evaluate_one(
     if dc.prompt_path and dc.label_names:
         scorer = LabelScorer.create(model, loaded.tokenizer, dc.prompts(), dc.label_names, device)
         logits = scorer.logits(image_emb)
-        results["zeroshot_binary"], calibration = label_metrics(logits, labels, dc, loaded.checkpoint, cfg.test)
+        results["zeroshot_binary"], calibration = label_metrics(logits, labels, dc, loaded.checkpoint, spec.test)
         multi = multiclass_metrics((image_emb @ scorer.pos_emb.t()).numpy(), labels, dc.label_names)
         if multi is not None:
             results["zeroshot_multiclass"] = multi
@@ -89,12 +90,12 @@ def evaluate_one(
 
 
 def label_metrics(
-    logits: np.ndarray, labels: np.ndarray, dc: DataConfig, checkpoint: dict, test_cfg
+    logits: np.ndarray, labels: np.ndarray, dc: DataConfig, checkpoint: dict, test: TestSpec
 ) -> tuple[dict, Calibration]:
     """Per-label metrics at the checkpoint's stored operating points (or flagged fixed ones), and where
     those operating points came from."""
     calibration = stored_calibration(checkpoint, dc.label_names)
-    binary = binary_metrics(logits, labels, dc.label_names, calibration, ci=str(test_cfg.get("auroc_ci", "delong")))
+    binary = binary_metrics(logits, labels, dc.label_names, calibration, ci=test.auroc_ci)
     binary["calibration"] = calibration_facts(calibration, dc)
     return binary, calibration
 
@@ -122,25 +123,45 @@ def _slug(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)
 
 
-def evaluate(cfg: DictConfig) -> dict[str, dict[str, dict]]:
+@dataclass
+class EvaluationRun:
+    """What every evaluation job starts from: the typed spec, the checkpoints, the test datasets (validated and
+    read up front, so a bad CSV fails before any model loads), the device and the output folder."""
+
+    spec: RunSpec
+    checkpoints: list[Path]
+    datasets: list[tuple[DataConfig, list[LabeledRecord]]]
+    device: torch.device
+    out_dir: Path
+
+    @classmethod
+    def create(cls, cfg: DictConfig | RunSpec, need_text) -> EvaluationRun:
+        """``need_text(dc)``: whether a dataset's rows must carry a text."""
+        spec = cfg if isinstance(cfg, RunSpec) else RunSpec.from_config(cfg)
+        torch.manual_seed(spec.test.seed)
+        ckpts = checkpoint_paths(spec.test.checkpoint)
+        datasets = [(dc, load_labeled_records(dc, need_text=need_text(dc))) for dc in spec.data.get("data_test", ())]
+        return cls(spec, ckpts, datasets, default_device(), spec.test.output_dir or ckpts[0].parent)
+
+    def write(self, everything: dict[str, dict[str, dict]], **table) -> None:
+        """``results-<dataset>.json`` (merged with earlier runs) and ``.md`` for each dataset."""
+        for name, results in everything.items():
+            path = report.write_json_merged(self.out_dir / f"results-{name}.json", results)
+            report.atomic_write_text(self.out_dir / f"results-{name}.md", report.markdown_table(name, results, **table))
+            log.info("wrote %s", path)
+
+
+def evaluate(cfg: DictConfig | RunSpec) -> dict[str, dict[str, dict]]:
     """Evaluate every checkpoint on every ``data_test`` dataset; write JSON, markdown and plots."""
-    torch.manual_seed(int(cfg.test.get("seed", 1234)))
-    ckpts = checkpoint_paths(cfg.test.checkpoint)
-    datasets = [
-        (dc, load_labeled_records(dc, need_text=dc.data_type == "imagetext_eval"))
-        for dc in data_configs(cfg, "data_test")
-    ]
-    device = default_device()
-    out_dir = Path(cfg.test.output_dir) if cfg.test.get("output_dir") else ckpts[0].parent
-    everything: dict[str, dict[str, dict]] = {dc.name: {} for dc, _ in datasets}
-    for ckpt in ckpts:
-        loaded = load_model(
-            ckpt, device=device, text_encoder=cfg.test.get("text_encoder"), image_encoder=cfg.test.get("image_encoder")
-        )
-        for dc, records in datasets:
-            results, arrays = evaluate_one(loaded, dc, records, cfg, device)
+    job = EvaluationRun.create(cfg, lambda dc: dc.data_type == "imagetext_eval")
+    test = job.spec.test
+    everything: dict[str, dict[str, dict]] = {dc.name: {} for dc, _ in job.datasets}
+    for ckpt in job.checkpoints:
+        loaded = load_model(ckpt, device=job.device, text_encoder=test.text_encoder, image_encoder=test.image_encoder)
+        for dc, records in job.datasets:
+            results, arrays = evaluate_one(loaded, dc, records, job.spec, job.device)
             everything[dc.name][str(ckpt)] = results
-            _plots(out_dir, dc, ckpt, results, arrays)
+            _plots(job.out_dir, dc, ckpt, results, arrays)
             summary = results.get("zeroshot_binary", {}).get("AUROC(Avg)")
             recall = results.get("retrieval_i2t", {}).get("Recall@5")
             log.info(
@@ -150,10 +171,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, dict]]:
                 "–" if summary is None else f"{summary:.3f}",
                 "–" if recall is None else f"{recall:.3f}",
             )
-    for name, results in everything.items():
-        path = report.write_json_merged(out_dir / f"results-{name}.json", results)
-        report.atomic_write_text(out_dir / f"results-{name}.md", report.markdown_table(name, results))
-        log.info("wrote %s", path)
+    job.write(everything)
     return everything
 
 

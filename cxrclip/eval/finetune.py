@@ -11,16 +11,14 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cxrclip.config import data_configs, to_plain
-from cxrclip.data.records import load_labeled_records
 from cxrclip.data.transforms import build_transform
-from cxrclip.eval import report
-from cxrclip.eval.evaluate import checkpoint_paths, image_loader, label_metrics
+from cxrclip.eval.evaluate import EvaluationRun, image_loader, label_metrics
 from cxrclip.eval.metrics import multiclass_metrics
 from cxrclip.exceptions import ConfigError
 from cxrclip.model.checkpoint import CheckpointError, load_checkpoint
-from cxrclip.model.loading import default_device, load_image_encoder, stored_transform
+from cxrclip.model.loading import load_image_encoder, stored_transform
 from cxrclip.model.probe import LinearProbe
+from cxrclip.spec import RunSpec
 
 log = logging.getLogger(__name__)
 COLUMNS = (
@@ -55,34 +53,29 @@ def probe_transform(ckpt: dict):
     return stored_transform(ckpt.get("config") or {}, ckpt["probe"]["image_encoder"]["normalize"], ("valid",))
 
 
-def evaluate_finetune(cfg: DictConfig) -> dict[str, dict[str, dict]]:
+def evaluate_finetune(cfg: DictConfig | RunSpec) -> dict[str, dict[str, dict]]:
     """Every checkpoint on every ``data_test`` dataset → ``results-<dataset>.json`` and ``.md``."""
-    ckpts = checkpoint_paths(cfg.test.checkpoint)
-    datasets = [(dc, load_labeled_records(dc, need_text=False)) for dc in data_configs(cfg, "data_test")]
-    device = default_device()
-    out_dir = Path(cfg.test.output_dir) if cfg.test.get("output_dir") else ckpts[0].parent
-    everything: dict[str, dict[str, dict]] = {dc.name: {} for dc, _ in datasets}
-    for ckpt in ckpts:
+    job = EvaluationRun.create(cfg, lambda dc: False)
+    everything: dict[str, dict[str, dict]] = {dc.name: {} for dc, _ in job.datasets}
+    for ckpt in job.checkpoints:
         ckpt_data = load_checkpoint(ckpt)
         probe, info = load_probe(ckpt, ckpt_data)
-        probe.to(device)
-        for dc, records in datasets:
+        probe.to(job.device)
+        for dc, records in job.datasets:
             if list(dc.label_names) != list(info["label_names"]):
                 raise ConfigError(
                     f"{dc.name}: label_names {list(dc.label_names)} differ from the ones {ckpt.name} "
                     f"was trained on {info['label_names']}"
                 )
-            transform = build_transform(to_plain(cfg.transform)["test"], info["image_encoder"]["normalize"])
-            logits = probe_logits(probe, image_loader(records, transform, cfg.dataloader.test), device)
+            transform = build_transform(job.spec.transform_steps("test"), info["image_encoder"]["normalize"])
+            loader = image_loader(records, transform, job.spec.loader("test"))
+            logits = probe_logits(probe, loader, job.device)
             labels = np.array([r.labels for r in records])
-            result = {"multilabel_classification": label_metrics(logits, labels, dc, ckpt_data, cfg.test)[0]}
+            result = {"multilabel_classification": label_metrics(logits, labels, dc, ckpt_data, job.spec.test)[0]}
             multi = multiclass_metrics(logits, labels, dc.label_names) if len(dc.label_names) > 1 else None
             if multi is not None:
                 result["multiclass_classification"] = multi
             everything[dc.name][str(ckpt)] = result
             log.info("%s on %s: AUROC(Avg) %s", ckpt.name, dc.name, result["multilabel_classification"]["AUROC(Avg)"])
-    for name, results in everything.items():
-        report.write_json_merged(out_dir / f"results-{name}.json", results)
-        table = report.markdown_table(name, results, best_by=COLUMNS[0], columns=COLUMNS)
-        report.atomic_write_text(out_dir / f"results-{name}.md", table)
+    job.write(everything, best_by=COLUMNS[0], columns=COLUMNS)
     return everything

@@ -20,24 +20,11 @@ import cv2
 import numpy as np
 
 from cxrclip.data.prompts import PromptBank, load_prompts
+from cxrclip.exceptions import ConfigError
 from cxrclip.io import atomic_write_bytes, atomic_write_text
-from cxrclip.paths import PROJECT_ROOT
+from cxrclip.paths import PROJECT_ROOT, config_labels
 
-CGMH_LABELS = (
-    "Endotracheal tube in place",
-    "Endotracheal tube malposition",
-    "Pigtail in place",
-    "Pigtail malpositon",
-    "Chest tube in place",
-    "Chest tube malposition",
-    "NG tube in place",
-    "NG tube malposition",
-    "Central venous catheter in place",
-    "Pneumothorax",
-    "Subcutaneous emphysema",
-    "Pneumomediastinum",
-    "Foreign body",
-)
+CGMH_LABELS = config_labels("cgmh")  # configs/labels/cgmh.yaml: the one list of the 13 labels
 DEFAULT_PROMPTS = PROJECT_ROOT / "datasets" / "train_prompts_cgmh.json"
 NORMAL_SENTENCE = "no tubes, lines or air leaks are seen."
 
@@ -65,7 +52,7 @@ class Patient:
     seed: int = 0
 
 
-def sample_patient(rng: np.random.Generator) -> Patient:
+def sample_patient(rng: np.random.Generator, label_names: Sequence[str] = CGMH_LABELS) -> Patient:
     labels = []
     for device, p in DEVICES:
         if rng.random() < p:
@@ -73,7 +60,7 @@ def sample_patient(rng: np.random.Generator) -> Patient:
                 f"{device} in place" if rng.random() < 0.6 else MALPOSITION.get(device, f"{device} malposition")
             )
     labels += [name for name, p in FINDINGS if rng.random() < p]
-    labels = [n for n in CGMH_LABELS if n in labels]  # canonical order
+    labels = [n for n in label_names if n in labels]  # the list's order (draws are the same whatever the list)
     side = {n: int(rng.choice([-1, 1])) for n in labels}
     variant = {n: int(rng.integers(0, 2)) for n in labels}
     return Patient(
@@ -213,63 +200,106 @@ def _pneumothorax(c: Canvas, pt: Patient, rng, markings: np.ndarray) -> np.ndarr
     return markings
 
 
+@dataclass
+class Layers:
+    """What label drawers paint on: radiopaque devices, extra lucency, and the lung markings (erasable)."""
+
+    dev: np.ndarray
+    air: np.ndarray
+    markings: np.ndarray
+
+
+def _ett_in_place(c: Canvas, pt: Patient, rng, layers: Layers) -> None:
+    _tube(c, layers.dev, [(0.5, -0.02), (0.5, 0.12), (0.5, rng.uniform(0.21, 0.26))], 0.011)
+
+
+def _ett_malposition(c: Canvas, pt: Patient, rng, layers: Layers) -> None:
+    if pt.variant["Endotracheal tube malposition"]:  # right main bronchus
+        _tube(c, layers.dev, [(0.5, -0.02), (0.5, 0.25), (0.46, 0.33), (0.41, 0.38)], 0.011)
+    else:  # too high, above the thoracic inlet
+        _tube(c, layers.dev, [(0.5, -0.02), (0.5, rng.uniform(0.11, 0.15))], 0.011)
+
+
+def _ng_in_place(c: Canvas, pt: Patient, rng, layers: Layers) -> None:
+    _tube(c, layers.dev, [(0.51, -0.02), (0.51, 0.3), (0.53, 0.62), (0.6, 0.78), (0.67, 0.83)], 0.006)
+
+
+def _ng_malposition(c: Canvas, pt: Patient, rng, layers: Layers) -> None:
+    if pt.variant["NG tube malposition"]:  # coiled in the esophagus
+        _tube(c, layers.dev, [(0.51, -0.02), (0.51, 0.3), (0.52, 0.42)], 0.006)
+        c.ellipse(layers.dev, (0.52, 0.46), (0.035, 0.04), 1.0, thickness=c.px(0.006))
+    else:  # down the right bronchus into the lung
+        _tube(c, layers.dev, [(0.51, -0.02), (0.5, 0.28), (0.42, 0.38), (0.33, 0.6)], 0.006)
+
+
+def _cvc(c: Canvas, pt: Patient, rng, layers: Layers) -> None:
+    _tube(c, layers.dev, [(0.12, 0.13), (0.3, 0.16), (0.44, 0.2), (0.46, rng.uniform(0.3, 0.34))], 0.005)
+
+
+def _subcutaneous_emphysema(c: Canvas, pt: Patient, rng, layers: Layers) -> None:
+    side = pt.side["Subcutaneous emphysema"]
+    for _ in range(int(rng.integers(14, 24))):
+        x = 0.5 + side * rng.uniform(0.37, 0.45)
+        y = rng.uniform(0.12, 0.7)
+        ang = rng.uniform(-0.5, 0.5) + math.pi / 2
+        ln = rng.uniform(0.02, 0.06)
+        c.path(layers.air, [(x, y), (x + math.cos(ang) * ln * 0.3, y + math.sin(ang) * ln)], 1.0, 0.01)
+
+
+def _pneumomediastinum(c: Canvas, pt: Patient, rng, layers: Layers) -> None:
+    for side in (-1, 1):
+        bottom = 0.5 + side * (0.09 if side < 0 else 0.2)
+        points = [(0.5 + side * 0.06, 0.12), (0.5 + side * 0.075, 0.35), (bottom, 0.6)]
+        c.path(layers.air, _spline(points), 1.0, 0.007)
+
+
+def _foreign_body(c: Canvas, pt: Patient, rng, layers: Layers) -> None:
+    x, y = rng.uniform(0.25, 0.75), rng.uniform(0.2, 0.7)
+    if pt.variant["Foreign body"]:
+        c.ellipse(layers.dev, (x, y), (0.045, 0.045), 1.0)  # coin
+    else:
+        ang = rng.uniform(0, math.pi)
+        c.path(layers.dev, [(x, y), (x + 0.07 * math.cos(ang), y + 0.07 * math.sin(ang))], 1.0, 0.012)  # pin
+
+
+def _pneumothorax_layer(c: Canvas, pt: Patient, rng, layers: Layers) -> None:
+    layers.markings = _pneumothorax(c, pt, rng, layers.markings)
+
+
+def _drain(device: str, width: float):
+    def draw(c: Canvas, pt: Patient, rng, layers: Layers) -> None:
+        _draw_drain(c, layers.dev, pt, device, width, set(pt.labels), rng)
+
+    return draw
+
+
+# label → how it looks, in drawing order (the order fixes the random draws: same seed, same pixels). A label list
+# (configs/labels/*.yaml) may use any of these; a label without a drawer cannot be generated.
+DRAWERS = {
+    "Pneumothorax": _pneumothorax_layer,
+    "Endotracheal tube in place": _ett_in_place,
+    "Endotracheal tube malposition": _ett_malposition,
+    "NG tube in place": _ng_in_place,
+    "NG tube malposition": _ng_malposition,
+    "Central venous catheter in place": _cvc,
+    "Chest tube in place": _drain("Chest tube", 0.014),
+    "Chest tube malposition": _drain("Chest tube", 0.014),
+    "Pigtail in place": _drain("Pigtail", 0.006),
+    "Pigtail malpositon": _drain("Pigtail", 0.006),
+    "Subcutaneous emphysema": _subcutaneous_emphysema,
+    "Pneumomediastinum": _pneumomediastinum,
+    "Foreign body": _foreign_body,
+}
+
+
 def _draw_labels(c: Canvas, pt: Patient, rng: np.random.Generator, markings: np.ndarray) -> np.ndarray:
-    dev = np.zeros_like(c.img)  # radiopaque devices
-    air = np.zeros_like(c.img)  # extra lucency
-    labels = set(pt.labels)
-    if "Pneumothorax" in labels:
-        markings = _pneumothorax(c, pt, rng, markings)
-    if "Endotracheal tube in place" in labels:
-        _tube(c, dev, [(0.5, -0.02), (0.5, 0.12), (0.5, rng.uniform(0.21, 0.26))], 0.011)
-    if "Endotracheal tube malposition" in labels:
-        if pt.variant["Endotracheal tube malposition"]:  # right main bronchus
-            _tube(c, dev, [(0.5, -0.02), (0.5, 0.25), (0.46, 0.33), (0.41, 0.38)], 0.011)
-        else:  # too high, above the thoracic inlet
-            _tube(c, dev, [(0.5, -0.02), (0.5, rng.uniform(0.11, 0.15))], 0.011)
-    if "NG tube in place" in labels:
-        _tube(c, dev, [(0.51, -0.02), (0.51, 0.3), (0.53, 0.62), (0.6, 0.78), (0.67, 0.83)], 0.006)
-    if "NG tube malposition" in labels:
-        if pt.variant["NG tube malposition"]:  # coiled in the esophagus
-            _tube(c, dev, [(0.51, -0.02), (0.51, 0.3), (0.52, 0.42)], 0.006)
-            c.ellipse(dev, (0.52, 0.46), (0.035, 0.04), 1.0, thickness=c.px(0.006))
-        else:  # down the right bronchus into the lung
-            _tube(c, dev, [(0.51, -0.02), (0.5, 0.28), (0.42, 0.38), (0.33, 0.6)], 0.006)
-    if "Central venous catheter in place" in labels:
-        _tube(c, dev, [(0.12, 0.13), (0.3, 0.16), (0.44, 0.2), (0.46, rng.uniform(0.3, 0.34))], 0.005)
-    for device, width in (("Chest tube", 0.014), ("Pigtail", 0.006)):
-        _draw_drain(c, dev, pt, device, width, labels, rng)
-    if "Subcutaneous emphysema" in labels:
-        side = pt.side["Subcutaneous emphysema"]
-        for _ in range(int(rng.integers(14, 24))):
-            x = 0.5 + side * rng.uniform(0.37, 0.45)
-            y = rng.uniform(0.12, 0.7)
-            ang = rng.uniform(-0.5, 0.5) + math.pi / 2
-            ln = rng.uniform(0.02, 0.06)
-            c.path(air, [(x, y), (x + math.cos(ang) * ln * 0.3, y + math.sin(ang) * ln)], 1.0, 0.01)
-    if "Pneumomediastinum" in labels:
-        for side in (-1, 1):
-            c.path(
-                air,
-                _spline(
-                    [
-                        (0.5 + side * 0.06, 0.12),
-                        (0.5 + side * 0.075, 0.35),
-                        (0.5 + side * (0.09 if side < 0 else 0.2), 0.6),
-                    ]
-                ),
-                1.0,
-                0.007,
-            )
-    if "Foreign body" in labels:
-        x, y = rng.uniform(0.25, 0.75), rng.uniform(0.2, 0.7)
-        if pt.variant["Foreign body"]:
-            c.ellipse(dev, (x, y), (0.045, 0.045), 1.0)  # coin
-        else:
-            ang = rng.uniform(0, math.pi)
-            c.path(dev, [(x, y), (x + 0.07 * math.cos(ang), y + 0.07 * math.sin(ang))], 1.0, 0.012)  # pin
-    c.img -= 55.0 * np.clip(air, 0, 1)
-    c.img += 18.0 * markings
-    return dev
+    layers = Layers(np.zeros_like(c.img), np.zeros_like(c.img), markings)
+    for name, draw in DRAWERS.items():
+        if name in pt.labels:
+            draw(c, pt, rng, layers)
+    c.img -= 55.0 * np.clip(layers.air, 0, 1)
+    c.img += 18.0 * layers.markings
+    return layers.dev
 
 
 def _draw_drain(c: Canvas, layer, pt: Patient, device: str, width: float, labels: set, rng) -> None:
@@ -346,18 +376,23 @@ def generate_demo_data(
     seed: int = 0,
     second_view_frac: float = 0.2,
     prompt_path: str | Path = DEFAULT_PROMPTS,
+    label_names: Sequence[str] = CGMH_LABELS,
 ) -> dict[str, Path]:
-    """Write ``train.csv``, ``valid.csv``, ``test.csv`` and ``images/`` under ``out``; return the CSV paths."""
+    """Write ``train.csv``, ``valid.csv``, ``test.csv`` and ``images/`` under ``out``; return the CSV paths.
+    ``label_names`` (default: configs/labels/cgmh.yaml) may be any subset of the labels in :data:`DRAWERS`."""
+    unknown = [n for n in label_names if n not in DRAWERS]
+    if unknown:
+        raise ConfigError(f"the synthetic generator cannot draw {unknown}; it draws {list(DRAWERS)}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     bank = load_prompts(prompt_path)
-    bank.check_covers(CGMH_LABELS)
+    bank.check_covers(label_names)
     written = {}
     for split_index, (split, n) in enumerate((("train", n_train), ("valid", n_valid), ("test", n_test))):
         rng = np.random.default_rng([seed, split_index])
         rows = []
         for i in range(n):
-            pt = sample_patient(rng)
+            pt = sample_patient(rng, label_names)
             views = 2 if split == "train" and rng.random() < second_view_frac else 1
             names = []
             for v in range(views):
@@ -365,9 +400,9 @@ def generate_demo_data(
                 atomic_write_bytes(out / name, _png(render(pt, v, image_size)))
                 names.append(name)
             if split == "test":
-                rows.append([str(names), *(int(n in pt.labels) for n in CGMH_LABELS), _sentence(pt.labels, bank, rng)])
+                rows.append([str(names), *(int(n in pt.labels) for n in label_names), _sentence(pt.labels, bank, rng)])
             else:
                 rows.append([str(names), str(pt.labels)])
-        header = ["image", *CGMH_LABELS, "text"] if split == "test" else ["image", "text_label"]
+        header = ["image", *label_names, "text"] if split == "test" else ["image", "text_label"]
         written[split] = atomic_write_text(out / f"{split}.csv", _csv_text(header, rows))
     return written

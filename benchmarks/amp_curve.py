@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--model", default="clip_cpu_offline")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--image-size", type=int, default=160)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--data", help="folder with train.csv/valid.csv (default: synthetic)")
     args = p.parse_args()
     data = args.data
@@ -82,11 +82,24 @@ def main() -> None:
 
         data = tempfile.mkdtemp()
         generate_demo_data(data, n_train=400, n_valid=64, n_test=1)
-    rows = [curve(data, args.model, amp, args.steps, args.image_size, args.seed) for amp in ("fp32", "bf16")]
+    rows = [
+        {**curve(data, args.model, amp, args.steps, args.image_size, seed), "seed": seed}
+        for seed in args.seeds
+        for amp in ("fp32", "bf16")
+    ]
     for r in rows:
         print(
-            f"{r['amp']:5s} {r['seconds']:7.1f} s  mean loss of last 10 steps {r['mean_last_10']:.4f}  "
-            f"valid loss {r['valid_loss']:.4f}"
+            f"seed {r['seed']} {r['amp']:5s} {r['seconds']:7.1f} s  mean loss of last 10 steps "
+            f"{r['mean_last_10']:.4f}  valid loss {r['valid_loss']:.4f}"
+        )
+    # is bf16 within the seed-to-seed spread of fp32? (the seed changes the initialization and the data order)
+    for key in ("mean_last_10", "valid_loss"):
+        by = {amp: [r[key] for r in rows if r["amp"] == amp] for amp in ("fp32", "bf16")}
+        gaps = [abs(b - f) for f, b in zip(by["fp32"], by["bf16"])]
+        spread = max(by["fp32"]) - min(by["fp32"])
+        print(
+            f"{key}: fp32 {by['fp32']} (spread {spread:.4f}); bf16 {by['bf16']}; "
+            f"largest same-seed |bf16 - fp32| {max(gaps):.4f} -> {'within' if max(gaps) <= spread else 'outside'}"
         )
     for r in rows:
         print(json.dumps(r))

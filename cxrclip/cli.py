@@ -375,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         from cxrclip.infer import main as infer_main
 
         return infer_main(argv[1:])
+    if argv[:1] == ["train"]:  # Hydra's own flags (--multirun, --cfg job, ...) pass through untouched
+        return _train(argparse.Namespace(overrides=argv[1:]))
     if argv[:1] == ["finetune"]:  # Hydra's --config-name passes through too
         return _hydra_job("finetune_100", "cxrclip.jobs:probe")(argparse.Namespace(overrides=argv[1:]))
     args = build_parser().parse_args(argv)

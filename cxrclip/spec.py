@@ -92,7 +92,7 @@ class ScheduleSpec:
 
 
 @dataclass(frozen=True)
-class TestSpec:
+class EvalSpec:
     """``test``: what evaluation reads."""
 
     checkpoint: str | None
@@ -103,7 +103,7 @@ class TestSpec:
     image_encoder: str | None = None
 
     @classmethod
-    def from_mapping(cls, section: Mapping) -> TestSpec:
+    def from_mapping(cls, section: Mapping) -> EvalSpec:
         return cls(
             checkpoint=section.get("checkpoint"),
             output_dir=Path(section["output_dir"]) if section.get("output_dir") else None,
@@ -128,7 +128,7 @@ class RunSpec:
     loss: dict
     optimizer: OptimizerSpec | None
     schedule: ScheduleSpec | None
-    test: TestSpec | None
+    test: EvalSpec | None
     calibration: dict
     data: dict = field(default_factory=dict)
 
@@ -169,7 +169,7 @@ class RunSpec:
             loss=_section(plain, "loss"),
             optimizer=OptimizerSpec.from_mapping(plain["optimizer"]) if plain.get("optimizer") else None,
             schedule=ScheduleSpec.from_mapping(plain["scheduler"]) if plain.get("scheduler") else None,
-            test=TestSpec.from_mapping(plain["test"]) if plain.get("test") else None,
+            test=EvalSpec.from_mapping(plain["test"]) if plain.get("test") else None,
             calibration=_section(plain, "calibration"),
             data=data,
         )

@@ -60,8 +60,7 @@ def test_cxrclip_train_runs_in_process_and_sweeps_seeds(tmp_path, demo_data, min
     overrides = [*tiny_overrides(demo_data, tmp_path, epochs=1), "calibration.enabled=false"]
     assert main(["train", *overrides, f"hydra.run.dir={tmp_path / 'single'}"]) == 0
     assert load_checkpoint(tmp_path / "single" / "checkpoints" / "model-best.tar")["epoch"] == 1
-    sweep = ["--multirun", "base.seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    sweep.append("hydra.sweep.subdir=seed${base.seed}")
-    assert main(["train", *overrides, *sweep]) == 0
+    sweep = ["base.seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.sweep.subdir=seed${base.seed}"]
+    assert main(["train", "--multirun", *overrides, *sweep]) == 0
     seeds = [load_checkpoint(tmp_path / "sweep" / f"seed{s}" / "checkpoints" / "model-last.tar") for s in (1, 2)]
     assert [c["config"]["base"]["seed"] for c in seeds] == [1, 2]

@@ -19,7 +19,7 @@ def options(group):
 
 
 def resolve(cfg):
-    """Resolve everything but ``base.output`` (its ${hydra:run.dir} needs a running app)."""
+    """Resolve everything but ``base.output`` (its ${hydra:runtime.output_dir} needs a running app)."""
     OmegaConf.set_struct(cfg, False)
     cfg.get("base", {}).pop("output", None)
     return OmegaConf.to_container(cfg, resolve=True)

@@ -8,7 +8,7 @@ import pytest
 
 from cxrclip.config import compose, to_plain
 from cxrclip.exceptions import ConfigError
-from cxrclip.spec import LoaderSpec, OptimizerSpec, RunSpec, ScheduleSpec, TestSpec
+from cxrclip.spec import EvalSpec, LoaderSpec, OptimizerSpec, RunSpec, ScheduleSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW_READ = re.compile(r"\bcfg\s*(\.|\[)")
@@ -36,7 +36,7 @@ def test_the_spec_of_each_job_config_is_typed():
     assert train.normalize == "imagenet"  # clip_resnet_clinical (torchvision) states it
     assert train.plain["base"]["image_size"] == 224  # what checkpoints store, unchanged
     evaluation = RunSpec.from_config(compose("eval_clip", ["test.checkpoint=/x.tar"]))
-    assert isinstance(evaluation.test, TestSpec) and evaluation.test.checkpoint == "/x.tar"
+    assert isinstance(evaluation.test, EvalSpec) and evaluation.test.checkpoint == "/x.tar"
     assert evaluation.test.auroc_ci == "delong" and evaluation.test.output_dir is None
     assert evaluation.optimizer is None and evaluation.transform_steps("test")["Resize"] == {"size": 224}
 

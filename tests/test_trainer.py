@@ -256,3 +256,26 @@ def test_fused_adamw_from_the_config(demo_data, tmp_path):
 
     trainer = Trainer(tiny_cfg(demo_data, tmp_path, "+optimizer.config.fused=true"), DistEnv())
     assert trainer.optimizer.defaults["fused"] is True
+
+
+def test_bf16_autocast_keeps_normalization_similarities_and_loss_in_fp32(demo_data, tmp_path):
+    """Under CPU bf16 autocast the encoders run in bf16, but the embeddings are normalized in fp32 and the loss
+    (and the similarity logits inside it) runs outside autocast, in fp32."""
+    from cxrclip.engine.dist import DistEnv
+    from cxrclip.engine.trainer import Trainer
+
+    trainer = Trainer(tiny_cfg(demo_data, tmp_path, "base.amp=true", "base.amp_dtype=bf16"), DistEnv())
+    assert trainer.autocast and trainer.amp_dtype == torch.bfloat16
+    seen = {}
+    loss_fn = trainer.loss_fn
+
+    def probe(out, batch):
+        seen["autocast"] = torch.is_autocast_enabled("cpu")
+        seen["dtypes"] = {k: v.dtype for k, v in out.items()}
+        return loss_fn(out, batch)
+
+    trainer.loss_fn = probe
+    losses = trainer.forward_loss(next(iter(trainer.train_loader)))
+    assert seen["autocast"] is False
+    assert set(seen["dtypes"].values()) == {torch.float32}
+    assert losses["loss"].dtype == torch.float32 and torch.isfinite(losses["loss"])

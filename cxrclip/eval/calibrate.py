@@ -15,6 +15,7 @@ from cxrclip.eval.calibration import Calibration, CalibrationError, CalibrationS
 from cxrclip.eval.zeroshot import LabelScorer, embed_images
 from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint
 from cxrclip.model.loading import LoadedModel, default_device, load_model
+from cxrclip.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,12 @@ def as_labeled(records: Sequence) -> list[LabeledRecord]:
 
 
 def zero_shot_logits(
-    loaded: LoadedModel, records: Sequence, bank, names: Sequence[str], loader_cfg: Mapping, device: torch.device
+    loaded: LoadedModel,
+    records: Sequence,
+    bank,
+    names: Sequence[str],
+    loader_cfg: LoaderSpec | Mapping,
+    device: torch.device,
 ) -> np.ndarray:
     """Zero-shot label logits of every row's first image, preprocessed as the run's test transform."""
     from cxrclip.eval.evaluate import image_loader
@@ -59,7 +65,7 @@ def calibrate_checkpoint(
     settings: CalibrationSettings,
     *,
     out: str | Path | None = None,
-    loader_cfg: Mapping | None = None,
+    loader_cfg: LoaderSpec | Mapping | None = None,
     device: str | torch.device | None = None,
     text_encoder: str | None = None,
 ) -> Calibration:
@@ -73,7 +79,7 @@ def calibrate_checkpoint(
     if any(list(dc.label_names) != names for dc in data):
         raise CalibrationError("every calibration dataset must have the same label_names")
     device = default_device(str(device) if device else None)
-    loader_cfg = dict(loader_cfg or {"batch_size": 32, "num_workers": 0})
+    loader_cfg = loader_cfg or LoaderSpec(batch_size=32)
     ckpt = load_checkpoint(checkpoint)
     make_scorer = _probe_scorer if "probe" in ckpt else _clip_scorer
     score = make_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder)

@@ -26,7 +26,7 @@ from cxrclip.eval.zeroshot import LabelScorer, embed_images, embed_texts
 from cxrclip.model.checkpoint import CheckpointError
 from cxrclip.model.loading import LoadedModel, default_device, load_model
 from cxrclip.paths import resolve_user_path
-from cxrclip.spec import LoaderSpec, RunSpec, TestSpec
+from cxrclip.spec import EvalSpec, LoaderSpec, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def evaluate_one(
 
 
 def label_metrics(
-    logits: np.ndarray, labels: np.ndarray, dc: DataConfig, checkpoint: dict, test: TestSpec
+    logits: np.ndarray, labels: np.ndarray, dc: DataConfig, checkpoint: dict, test: EvalSpec
 ) -> tuple[dict, Calibration]:
     """Per-label metrics at the checkpoint's stored operating points (or flagged fixed ones), and where
     those operating points came from."""

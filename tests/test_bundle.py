@@ -171,3 +171,28 @@ def test_serve_accepts_a_bundle(bundle, demo_data):
     image = sorted((demo_data / "images").glob("test_*.png"))[0]
     reply = client.post("/v1/predict", files={"file": (image.name, image.read_bytes(), "image/png")})
     assert reply.status_code == 200 and set(reply.json()["labels"]) == set(card["labels"])
+
+
+def test_evaluation_accepts_a_bundle_and_agrees_with_its_checkpoint(bundle, calibrated, demo_data, tmp_path):
+    from cxrclip.config import compose
+    from cxrclip.eval.evaluate import evaluate
+
+    def run(model_path, out):
+        cfg = compose(
+            "eval_clip",
+            [
+                f"test.checkpoint={model_path}",
+                f"data_test.cgmh.data_path={demo_data / 'test.csv'}",
+                "base.image_size=32",
+                "dataloader=dataloader_cpu",
+                "dataloader.test.num_workers=0",
+                f"test.output_dir={out}",
+            ],
+        )
+        return evaluate(cfg)["cgmh"][str(model_path)]
+
+    got, want = run(bundle, tmp_path / "b"), run(calibrated, tmp_path / "c")
+    for name, entry in want["zeroshot_binary"].items():
+        if isinstance(entry, dict) and entry.get("AUROC") is not None:
+            assert got["zeroshot_binary"][name]["AUROC"] == pytest.approx(entry["AUROC"], abs=1e-6), name
+    assert got["retrieval_i2t"] == pytest.approx(want["retrieval_i2t"], abs=1e-6)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from cxrclip.config import compose, to_plain
+from cxrclip.data.preprocess import NAMED_NORMALIZATION, resolve_normalization
 from cxrclip.exceptions import ConfigError
 from cxrclip.spec import EvalSpec, LoaderSpec, OptimizerSpec, RunSpec, ScheduleSpec
 
@@ -33,7 +34,7 @@ def test_the_spec_of_each_job_config_is_typed():
     assert train.optimizer.lr_scale == {"image_encoder": 1.0, "text_encoder": 1.0}
     assert isinstance(train.schedule, ScheduleSpec) and train.schedule.total_epochs == 15
     assert [dc.name for dc in train.data["data_train"]] == ["cgmh"] and train.test is None
-    assert train.normalize == "imagenet"  # clip_resnet_clinical (torchvision) states it
+    assert resolve_normalization(train.normalize) == NAMED_NORMALIZATION["imagenet"]  # clip_resnet_clinical states it
     assert train.plain["base"]["image_size"] == 224  # what checkpoints store, unchanged
     evaluation = RunSpec.from_config(compose("eval_clip", ["test.checkpoint=/x.tar"]))
     assert isinstance(evaluation.test, EvalSpec) and evaluation.test.checkpoint == "/x.tar"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import glob
 import logging
 import re
@@ -13,7 +14,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from cxrclip.bundle import is_bundle
 from cxrclip.data.collate import ImageTextCollator
 from cxrclip.data.dataset import LabeledImageDataset
 from cxrclip.data.records import DataConfig, LabeledRecord, load_labeled_records
@@ -32,18 +35,20 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_paths(spec) -> list[Path]:
-    """A file, a glob, a folder (its ``*.tar``) or a list of those → sorted checkpoint files."""
+    """A file, a glob, a folder (its ``*.tar``), an inference bundle, or a list of those → checkpoints/bundles."""
     specs = list(spec) if isinstance(spec, (list, tuple, ListConfig)) else [spec]
     paths: list[Path] = []
     for s in specs:
         p = resolve_user_path(str(s))
-        if p.is_dir():
+        if is_bundle(p):
+            paths.append(p)
+        elif p.is_dir():
             paths += sorted(p.glob("*.tar"))
         elif any(ch in str(s) for ch in "*?["):
             paths += sorted(Path(m) for m in glob.glob(str(p)))
         else:
             paths.append(p)
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [str(p) for p in paths if not (p.is_file() or is_bundle(p))]
     if not paths or missing:
         raise CheckpointError(f"no checkpoint found for test.checkpoint={spec!r}" + (f": {missing}" if missing else ""))
     return paths
@@ -62,28 +67,76 @@ def image_loader(records: Sequence[LabeledRecord], transform, loader: LoaderSpec
     )
 
 
+class CheckpointModel:
+    """What evaluation needs from a loaded checkpoint: the test transform, image / label / text embeddings, and the
+    stored state (for the calibration)."""
+
+    def __init__(self, loaded: LoadedModel, spec: RunSpec, device: torch.device):
+        self.loaded, self.device, self.stored = loaded, device, loaded.checkpoint
+        self.transform = build_transform(spec.transform_steps("test"), loaded.normalize)
+
+    def images(self, loader: DataLoader, desc: str) -> torch.Tensor:
+        return embed_images(self.loaded.model, loader, self.device, desc=desc)
+
+    def labels(self, dc: DataConfig) -> LabelScorer:
+        return LabelScorer.create(self.loaded.model, self.loaded.tokenizer, dc.prompts(), dc.label_names, self.device)
+
+    def texts(self, texts: Sequence[str], dc: DataConfig) -> torch.Tensor:
+        return embed_texts(self.loaded.model, self.loaded.tokenizer, texts, self.device, max_length=dc.text_max_length)
+
+
+class BundleModel:
+    """The same for an inference bundle: its own preprocessing and stored prompt embeddings (re-embedded with its
+    text tower when the data's prompt file or labels differ), its ONNX image encoder, its calibration."""
+
+    def __init__(self, path: Path):
+        from cxrclip.bundle import BundlePredictor
+
+        self.predictor = BundlePredictor.create(path)
+        self.stored = {"calibration": self.predictor.bundle.manifest["calibration"]}
+        self.transform = lambda image: torch.from_numpy(self.predictor.transform(image))
+
+    def images(self, loader: DataLoader, desc: str) -> torch.Tensor:
+        batches = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+        return torch.cat([torch.from_numpy(self.predictor.embed(b["images"].numpy())) for b in batches])
+
+    def labels(self, dc: DataConfig) -> LabelScorer:
+        p = self.predictor
+        if list(dc.label_names) != p.label_names or p.bundle.manifest["prompts"] != _prompt_record(dc):
+            p = copy.copy(p)
+            p.label_names = list(dc.label_names)
+            p.use_prompts(str(dc.prompts_file))
+        return LabelScorer(list(dc.label_names), torch.from_numpy(p.pos_emb), torch.from_numpy(p.neg_emb), p.scale)
+
+    def texts(self, texts: Sequence[str], dc: DataConfig) -> torch.Tensor:
+        return torch.from_numpy(self.predictor.embed_texts(texts))
+
+
+def _prompt_record(dc: DataConfig) -> dict:
+    bank = dc.prompts()
+    return {n: {"pos": list(bank[n].pos), "neg": list(bank[n].neg)} for n in dc.label_names}
+
+
 def evaluate_one(
-    loaded: LoadedModel, dc: DataConfig, records: Sequence[LabeledRecord], spec: RunSpec, device: torch.device
+    model: CheckpointModel | BundleModel, dc: DataConfig, records: Sequence[LabeledRecord], spec: RunSpec
 ) -> tuple[dict, dict]:
-    """Metrics of one checkpoint on one dataset, plus the arrays the plots need."""
-    transform = build_transform(spec.transform_steps("test"), loaded.normalize)
-    loader = image_loader(records, transform, spec.loader("test"))
-    model = loaded.model
-    image_emb = embed_images(model, loader, device, desc=f"{dc.name} images")
+    """Metrics of one checkpoint (or bundle) on one dataset, plus the arrays the plots need."""
+    loader = image_loader(records, model.transform, spec.loader("test"))
+    image_emb = model.images(loader, f"{dc.name} images")
     labels = np.array([r.labels for r in records], dtype=np.int64)
     results: dict = {"n_images": len(records)}
     arrays: dict = {"labels": labels}
     if dc.prompt_path and dc.label_names:
-        scorer = LabelScorer.create(model, loaded.tokenizer, dc.prompts(), dc.label_names, device)
+        scorer = model.labels(dc)
         logits = scorer.logits(image_emb)
-        results["zeroshot_binary"], calibration = label_metrics(logits, labels, dc, loaded.checkpoint, spec.test)
+        results["zeroshot_binary"], calibration = label_metrics(logits, labels, dc, model.stored, spec.test)
         multi = multiclass_metrics((image_emb @ scorer.pos_emb.t()).numpy(), labels, dc.label_names)
         if multi is not None:
             results["zeroshot_multiclass"] = multi
         arrays.update(probs=calibration.probabilities(logits), raw_probs=sigmoid(logits))
     if all(r.text for r in records):  # image-text sets; classification sets have no texts to retrieve
         texts, gt = merge_texts([r.text for r in records])
-        text_emb = embed_texts(model, loaded.tokenizer, texts, device, max_length=dc.text_max_length)
+        text_emb = model.texts(texts, dc)
         results.update(retrieval_metrics(image_emb, text_emb, gt))
         results["n_texts_unique"] = len(texts)
     return results, arrays
@@ -157,9 +210,15 @@ def evaluate(cfg: DictConfig | RunSpec) -> dict[str, dict[str, dict]]:
     test = job.spec.test
     everything: dict[str, dict[str, dict]] = {dc.name: {} for dc, _ in job.datasets}
     for ckpt in job.checkpoints:
-        loaded = load_model(ckpt, device=job.device, text_encoder=test.text_encoder, image_encoder=test.image_encoder)
+        if is_bundle(ckpt):
+            model = BundleModel(ckpt)
+        else:
+            loaded = load_model(
+                ckpt, device=job.device, text_encoder=test.text_encoder, image_encoder=test.image_encoder
+            )
+            model = CheckpointModel(loaded, job.spec, job.device)
         for dc, records in job.datasets:
-            results, arrays = evaluate_one(loaded, dc, records, job.spec, job.device)
+            results, arrays = evaluate_one(model, dc, records, job.spec)
             everything[dc.name][str(ckpt)] = results
             _plots(job.out_dir, dc, ckpt, results, arrays)
             summary = results.get("zeroshot_binary", {}).get("AUROC(Avg)")

@@ -15,6 +15,7 @@ import numpy as np
 
 from cxrclip.data.images import ImageReadError, read_image
 from cxrclip.eval.calibration import Calibration, sigmoid
+from cxrclip.eval.scores import label_logits, softmax
 from cxrclip.exceptions import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
@@ -30,17 +31,6 @@ def _training_data_config(config: Mapping) -> dict:
             if isinstance(dc, dict) and dc.get("label_names"):
                 return dc
     return {}
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def label_logits(image_emb: np.ndarray, pos: np.ndarray, neg: np.ndarray, scale: float) -> np.ndarray:
-    """The zero-shot score per image and label, ``scale · (cos(image, pos) − cos(image, neg))`` (float64)."""
-    image_emb = np.asarray(image_emb, dtype=np.float32)
-    return (image_emb @ pos.T - image_emb @ neg.T).astype(np.float64) * scale
 
 
 class PredictorBase:

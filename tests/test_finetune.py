@@ -175,3 +175,10 @@ def test_cxrclip_finetune_and_evaluate_finetune_subcommands_run_in_process(demo_
             "base.image_size=32", "dataloader.test.num_workers=0", f"test.output_dir={tmp_path}"]  # fmt: skip
     assert main(argv) == 0
     assert (tmp_path / "results-cgmh_cls.json").is_file()
+
+
+def test_a_probe_keeps_the_last_partial_batch(demo_data, clip_ckpt, tmp_path):
+    """12 rows with batch 256: one (partial) batch per epoch, not 'no full batch' (contrastive pre-training, whose
+    in-batch negatives need full batches, still drops it)."""
+    finetune(probe_cfg(demo_data, clip_ckpt, tmp_path, "dataloader.train.batch_size=256", name="finetune_100"))
+    assert load_checkpoint(tmp_path / "checkpoints/model-last.tar")["step"] == 2  # 2 epochs × 1 batch

@@ -66,6 +66,7 @@ def probe_task(spec: RunSpec, run: RunSettings, env: DistEnv) -> Task:
         lambda: LinearProbe(encoder, len(names), freeze=freeze),
         MaskedBCELoss(**loss_options),
         lambda: extra,
+        keep_partial_batch=True,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -229,6 +230,7 @@ class Task:
     build_model: Callable[[], torch.nn.Module]
     loss_fn: torch.nn.Module
     checkpoint_extra: Callable[[], dict] = dict
+    keep_partial_batch: bool = False  # a probe has no in-batch negatives: the last, smaller batch is kept
 
 
 def clip_task(spec: RunSpec, run: RunSettings, env: DistEnv) -> Task:
@@ -256,6 +258,8 @@ class Trainer:
         self.task = make_task(self.spec, self.run, env)
         self.train_set, self.valid_set = self.task.train_set, self.task.valid_set
         loaders = {split: self.spec.loader(split) for split in ("train", "valid")}
+        if self.task.keep_partial_batch:
+            loaders["train"] = dataclasses.replace(loaders["train"], drop_last=False)
         self.train_loader = make_loader(self.train_set, loaders["train"], self.task.collate, env, self.run.seed)
         self.valid_loader = (
             make_loader(self.valid_set, loaders["valid"], self.task.collate, env, self.run.seed)

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from cxrclip.data.collate import ImageTextCollator
 from cxrclip.data.prompts import PromptBank
+from cxrclip.eval.scores import label_logits
 from cxrclip.model.clip import CXRClip
 
 
@@ -53,12 +54,6 @@ def class_embeddings(model: CXRClip, tokenizer, groups: Sequence[Sequence[str]],
     return F.normalize(torch.stack([chunk.mean(0) for chunk in emb.split(sizes)]), dim=-1)
 
 
-def binary_logits(image_emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:
-    """The zero-shot score per image and label: ``scale · (cos(image, pos) − cos(image, neg))``.
-    Its sigmoid is the softmax over (positive, negative) prompts, the model's uncalibrated P(yes)."""
-    return (image_emb @ pos.t() - image_emb @ neg.t()).double() * scale
-
-
 @dataclass
 class LabelScorer:
     """Each label's positive and negative prompt embeddings, computed once, and the model's scale."""
@@ -76,4 +71,4 @@ class LabelScorer:
         return cls(list(names), pos_emb, neg_emb, float(model.scale.detach()))
 
     def logits(self, image_emb: torch.Tensor) -> np.ndarray:
-        return binary_logits(image_emb.float().cpu(), self.pos_emb, self.neg_emb, self.scale).numpy()
+        return label_logits(image_emb.float().cpu().numpy(), self.pos_emb.numpy(), self.neg_emb.numpy(), self.scale)

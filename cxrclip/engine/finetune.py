@@ -66,7 +66,7 @@ def probe_task(spec: RunSpec, run: RunSettings, env: DistEnv) -> Task:
         lambda: LinearProbe(encoder, len(names), freeze=freeze),
         MaskedBCELoss(**loss_options),
         lambda: extra,
-        keep_partial_batch=True,
+        keep_partial_batch=freeze,  # a frozen encoder (eval-mode BatchNorm) takes any batch size; a trained one not 1
     )
 
 

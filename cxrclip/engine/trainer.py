@@ -230,7 +230,7 @@ class Task:
     build_model: Callable[[], torch.nn.Module]
     loss_fn: torch.nn.Module
     checkpoint_extra: Callable[[], dict] = dict
-    keep_partial_batch: bool = False  # a probe has no in-batch negatives: the last, smaller batch is kept
+    keep_partial_batch: bool = False  # a linear probe has no in-batch negatives: its last, smaller batch is kept
 
 
 def clip_task(spec: RunSpec, run: RunSettings, env: DistEnv) -> Task:

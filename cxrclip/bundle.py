@@ -196,11 +196,13 @@ class BundlePredictor(PredictorBase):
 
     def use_prompts(self, prompts: str) -> None:
         """Label embeddings from another prompt file (needs the text tower)."""
-        from cxrclip.eval.zeroshot import label_prompts
+        from cxrclip.eval.zeroshot import class_embeddings, label_prompts
 
         bank, names = label_bank(prompts, self.label_names, {})
-        pos, neg = label_prompts(bank, names)
-        self.pos_emb, self.neg_emb = (np.stack([_unit_mean(self.embed_texts(g)) for g in kind]) for kind in (pos, neg))
+        model, tokenizer, device = self.text_tower()
+        self.pos_emb, self.neg_emb = (
+            class_embeddings(model, tokenizer, groups, device).numpy() for groups in label_prompts(bank, names)
+        )
         self.candidate_emb = self.pos_emb
 
     def torch_model(self, with_text: bool = False):
@@ -218,15 +220,21 @@ class BundlePredictor(PredictorBase):
             model = self.torch_model()
             return model.encode_image(torch.from_numpy(batch).to(self.device or "cpu")).float().cpu().numpy()
 
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        from cxrclip.eval.zeroshot import embed_texts
+    def text_tower(self):
+        """(model with its text side, tokenizer, device), loaded on first use."""
         from cxrclip.model.encoders import build_tokenizer
 
         if self._text is None:
             folder = str(self.bundle.check_text_folder())
             self._text = build_tokenizer({"pretrained_model_name_or_path": folder})
         model = self.torch_model(with_text=True)
-        return embed_texts(model, self._text, list(texts), next(model.parameters()).device).numpy()
+        return model, self._text, next(model.parameters()).device
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        from cxrclip.eval.zeroshot import embed_texts
+
+        model, tokenizer, device = self.text_tower()
+        return embed_texts(model, tokenizer, list(texts), device).numpy()
 
     def texts_similarity(self, image_emb, texts: Sequence[str]) -> list[dict]:
         return self.similarities(image_emb, self.embed_texts(texts), texts)
@@ -243,11 +251,6 @@ class BundlePredictor(PredictorBase):
         model = self.torch_model()
         x = torch.from_numpy(np.asarray(array, dtype=np.float32))[None].to(self.device or "cpu")
         return grad_cam(model, x, direction, self.scale)
-
-
-def _unit_mean(emb: np.ndarray) -> np.ndarray:
-    mean = emb.mean(0)
-    return mean / np.linalg.norm(mean)
 
 
 def _onnxruntime():

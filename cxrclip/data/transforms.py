@@ -8,7 +8,6 @@ into the 3-channel float tensor the encoder expects, normalized with the mean/st
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -91,7 +90,6 @@ class ImageTransform:
     def __init__(self, steps: Sequence[torch.nn.Module], mean: Sequence[float], std: Sequence[float]):
         self.steps = v2.Compose(list(steps)) if steps else None
         self.mean, self.std = tuple(mean), tuple(std)
-        self.normalize = SimpleNamespace(mean=self.mean, std=self.std)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(image))[None]

@@ -74,15 +74,58 @@ def zero_shot(ckpt: Path, data: Path, names, image_size: int, out: Path) -> dict
 
 
 def cls_csv(src: Path, names, dst: Path) -> Path:
-    """text_label rows → one 0/1 column per label (the probe's format); image paths made absolute."""
+    """text_label rows → one 1/0/-1 column per label (the probe's format; -1 = unknown, left out of its loss);
+    image paths made absolute. A ``[[pos], [neg], [unc]]`` triplet cell gives -1 for its uncertain labels."""
     with src.open() as f, dst.open("w", newline="") as g:
         writer = csv.writer(g)
         writer.writerow(["image", *names])
         for row in csv.DictReader(f):
-            labels = set(ast.literal_eval(row["text_label"]))
+            cell = ast.literal_eval(row["text_label"])
+            triplet = len(cell) == 3 and all(isinstance(c, list) for c in cell)
+            positives, unknown = (set(cell[0]), set(cell[2])) if triplet else (set(cell), set())
             images = [str(src.parent / p) for p in ast.literal_eval(row["image"])]
-            writer.writerow([str(images), *(int(n in labels) for n in names)])
+            writer.writerow([str(images), *(1 if n in positives else -1 if n in unknown else 0 for n in names)])
     return dst
+
+
+TUBE = "Endotracheal tube"
+
+
+def unknown_tube_data(data: Path, out: Path) -> Path:
+    """A copy of ``data`` whose train/valid rows carry ``Endotracheal tube`` as *unknown* where the source's
+    intubation field is blank (metadata.csv ``intubation_present_raw``), instead of the set's 0.
+
+    Rows are written as ``[[pos], [neg], [unc]]`` triplets: an unknown tube is never drawn as a "no endotracheal
+    tube" sentence, and the prompt copy has no ``unc`` sentence for the tube, so such captions say nothing about it;
+    the probes leave it out of their loss. Test labels are untouched (the benchmark scores the set as published)."""
+    out.mkdir(parents=True, exist_ok=True)
+    field = {}
+    with (data / "metadata.csv").open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            field[row["image"]] = row["intubation_present_raw"].strip()
+    for split in ("train", "valid"):
+        with (
+            (data / f"{split}.csv").open(newline="", encoding="utf-8") as f,
+            (out / f"{split}.csv").open("w", newline="", encoding="utf-8") as g,
+        ):
+            writer = csv.writer(g)
+            writer.writerow(["image", "text_label"])
+            for row in csv.DictReader(f):
+                images = [str(data / p) for p in ast.literal_eval(row["image"])]
+                positives = list(ast.literal_eval(row["text_label"]))
+                blank = field[ast.literal_eval(row["image"])[0]] == "" and TUBE not in positives
+                unc = [TUBE] if blank else []
+                neg = [TUBE] if TUBE not in positives and not blank else []
+                writer.writerow([str(images), str([positives, neg, unc])])
+    prompts = json.loads((data / "prompts.json").read_text(encoding="utf-8"))
+    prompts[TUBE]["unc"] = []
+    (out / "prompts.json").write_text(json.dumps(prompts, indent=1), encoding="utf-8")
+    for name in ("test.csv", "labels.json"):
+        text = (data / name).read_text(encoding="utf-8")
+        (out / name).write_text(text, encoding="utf-8")
+    if not (out / "images").exists():
+        (out / "images").symlink_to(data / "images")
+    return out
 
 
 def probe(ckpt: Path, data: Path, names, args, out: Path) -> dict:
@@ -274,6 +317,7 @@ def report(results: list[dict], y: np.ndarray, names, args) -> dict:
         "image_size": args.image_size,
         "lr": args.lr,
         "targets": args.targets,
+        "unknown_tube": args.unknown_tube,
         "headline_labels": headline,
         "difference": round(diff, 4),
         "difference_ci95": ci,
@@ -303,11 +347,23 @@ def main() -> None:
     )
     p.add_argument("--probes", choices=["both", "trained", "imagenet", "none"], default="both",
                    help="linear probes on the ImageNet (untrained) and/or the pre-trained encoder")  # fmt: skip
+    p.add_argument(
+        "--unknown-tube",
+        action="store_true",
+        help="train on a copy where a blank source intubation field is 'unknown', not 0 (see unknown_tube_data)",
+    )
     p.add_argument("override", nargs="*", help="extra Hydra overrides for training (the recipe under test)")
     args = p.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     names = json.loads((data / "labels.json").read_text())
+    if args.unknown_tube:
+        data = unknown_tube_data(data, out / "data")
+        args.override = [
+            *args.override,
+            "data_train.cgmh.label_format=triplet",
+            "data_valid.cgmh.label_format=triplet",
+        ]
     results = []
     for seed in args.seeds:
         args.seed = seed

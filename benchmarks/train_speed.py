@@ -79,7 +79,7 @@ def run_one(args: argparse.Namespace) -> dict:
         trainer.optimizer_step()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-            tokens.append(batch["text_tokens"]["input_ids"].shape[1])
+            tokens.append(batch.tokens["input_ids"].shape[1])
         elif i == 0:
             compile_s = time.perf_counter() - start  # the first step: includes compilation with --compile
     seconds = sum(times)
@@ -121,10 +121,11 @@ def encoder_floor(trainer, batch, steps: int, text: bool = False) -> float:
     model, run = trainer.model, trainer.run
     prefixes = ("image_encoder.", "image_projection.") + (("text_encoder.", "text_projection.") if text else ())
     params = [p for n, p in model.named_parameters() if n.startswith(prefixes) and p.requires_grad]
-    texts = [batch[k] for k in ("text_tokens", "text_tokens2") if k in batch] if text else []
+    texts = [t for t in (batch.tokens, batch.tokens2) if t is not None] if text else []
     opt = torch.optim.AdamW(params, lr=1e-6, fused=bool(trainer.optimizer.defaults.get("fused")))
     fmt = torch.channels_last if run.channels_last else torch.contiguous_format
-    images = torch.cat([batch["images"], batch.get("image_views", batch["images"])]).contiguous(memory_format=fmt)
+    views = batch.image_views if batch.image_views is not None else batch.images
+    images = torch.cat([batch.images, views]).contiguous(memory_format=fmt)
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()

@@ -43,13 +43,14 @@ def test_training_batch_has_two_views_two_texts_and_labels(demo_data, minilm_tok
     ds = dataset(demo_data, "train", train=True, num_negs=2)
     loader = DataLoader(ds, batch_size=6, collate_fn=ImageTextCollator(minilm_tokenizer), num_workers=0)
     batch = next(iter(loader))
-    assert batch["images"].shape == batch["image_views"].shape == (6, 3, 32, 32)
-    assert batch["text_tokens"]["input_ids"].shape[0] == batch["text_tokens2"]["input_ids"].shape[0] == 6
-    assert batch["labels"].shape == (6, 13)
+    assert batch.images.shape == batch.image_views.shape == (6, 3, 32, 32)
+    assert batch.tokens["input_ids"].shape[0] == batch.tokens2["input_ids"].shape[0] == 6
+    assert batch.labels.shape == batch.label_mask.shape == (6, 13) and batch.label_mask.all()
+    assert batch.label_names == tuple(CGMH_LABELS)
     for i in range(6):
-        positives = [n for n, v in zip(CGMH_LABELS, batch["labels"][i]) if v]
+        positives = [n for n, v in zip(CGMH_LABELS, batch.labels[i]) if v]
         assert positives == list(ds.records[i].positives)
-    assert batch["texts"] != batch["texts2"]  # independent draws (with 2 negatives each)
+    assert batch.texts != batch.texts2  # independent draws (with 2 negatives each)
 
 
 def test_rows_with_two_images_use_two_different_images(demo_data):

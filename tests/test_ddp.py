@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from cxrclip.data.batch import Batch
 from cxrclip.loss import CXRClipLoss
 
 B, GLOBAL = 4, 8
@@ -42,7 +43,14 @@ LABELS = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 0], [1, 0], [0, 1], [0, 0], [
 
 
 def loss_and_grads(model, batch, labels=LABELS, targets="diagonal"):
-    out = CXRClipLoss(label_smoothing=0.1, targets=targets)(model(*batch), {"labels": labels})
+    out = CXRClipLoss(label_smoothing=0.1, targets=targets)(
+        model(*batch),
+        Batch(
+            images=torch.empty(len(labels), 0),
+            labels=labels.float(),
+            label_mask=torch.ones(labels.shape, dtype=torch.bool),
+        ),
+    )
     out["loss"].backward()
     return float(out["loss"].detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -58,7 +58,7 @@ def test_mimic_reports_views_and_text_augment(tmp_path):
     assert shuffled  # sentence shuffling really shuffles
     assert "Augmented plain." in texts
     batch = ImageTextCollator(None)([ds[0], ds[1]])
-    assert batch["images"].shape == (2, 3, 16, 16) and batch["labels"].shape == (2, 0)
+    assert batch.images.shape == (2, 3, 16, 16) and batch.labels.shape == (2, 0)
 
 
 def test_chexpert_triplets_use_unc_sentences(tmp_path):
@@ -126,7 +126,7 @@ def test_classification_formats(tmp_path):
     records = load_labeled_records(dc, need_text=False)
     assert [r.labels for r in records] == [(1,), (0,)]
     ds = LabeledImageDataset(records, build_transform(EVAL, "imagenet"))
-    assert ImageTextCollator(None)([ds[0], ds[1]])["labels"].tolist() == [[1.0], [0.0]]
+    assert ImageTextCollator(None)([ds[0], ds[1]]).labels.tolist() == [[1.0], [0.0]]
     names = data_config("data_train", "vindr_cxr", tmp_path / "r.csv", "finetune_10").label_names
     header = ",".join(["image", "image_id", *names, "Other diseases", "No finding"])
     values = ",".join(["a.png", "x", *(["1"] + ["0"] * (len(names) - 1)), "1", "0"])
@@ -140,7 +140,7 @@ def test_classification_formats(tmp_path):
 def test_label_set_targets_leave_report_rows_on_the_diagonal():
     from cxrclip.loss.targets import label_set_targets
 
-    labels = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, -1.0], [-1.0, -1.0]])
-    t = label_set_targets(labels)
+    labels = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    t = label_set_targets(labels, known=torch.tensor([True, True, False, False]))  # rows 2, 3: free-text reports
     torch.testing.assert_close(t[2:], torch.eye(4)[2:])
     assert t[0, 1] == 0.5

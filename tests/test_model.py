@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cxrclip.config import compose, to_plain
+from cxrclip.data.batch import Batch
 from cxrclip.model.clip import build_model
 from cxrclip.model.encoders import HuggingfaceTextEncoder, ModelNotFoundError, build_text_encoder
 from cxrclip.paths import resolve_package_path
@@ -91,7 +92,7 @@ def test_a_frozen_text_tower_does_not_change_and_stays_in_eval_mode():
     optimizer = build_optimizer(model, to_plain(cfg.optimizer))
     tokens = {"input_ids": torch.tensor([[101, 2054, 102], [101, 2003, 102]]), "attention_mask": torch.ones(2, 3)}
     for _ in range(2):
-        out = model({"images": torch.randn(2, 3, 32, 32), "text_tokens": tokens})
+        out = model(Batch(images=torch.randn(2, 3, 32, 32), tokens=tokens))
         (out["logit_scale"] * out["image_embeddings"] @ out["text_embeddings"].t()).diagonal().sum().neg().backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -137,16 +138,3 @@ def test_a_checkpoint_without_normalize_preprocesses_as_training(demo_data, tmp_
     image = (np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)
     training = build_transform(to_plain(cfg.transform)["valid"], image_normalization(to_plain(cfg.model.image_encoder)))
     assert torch.equal(loaded.preprocess()(image), training(image))
-
-
-def test_a_batch_mixing_label_lists_is_reported_once(caplog):
-    from cxrclip.data.collate import ImageTextCollator
-
-    collate = ImageTextCollator(None)
-    items = [{"image": torch.zeros(3, 4, 4), "labels": torch.zeros(n)} for n in (13, 5)]
-    with caplog.at_level("WARNING"):
-        batch = collate(items)
-        collate(items)
-    assert "labels" not in batch
-    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
-    assert "different label lists (label widths [5, 13])" in caplog.records[0].message

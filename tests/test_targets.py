@@ -2,8 +2,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cxrclip.data.batch import Batch
 from cxrclip.loss import CXRClipLoss
 from cxrclip.loss.targets import contrastive_targets, label_set_targets, soft_jaccard_targets
+
+
+def labelled(labels, known=None):
+    """A batch carrying only label sets (the loss reads nothing else of it)."""
+    labels = torch.as_tensor(labels).float()
+    mask = torch.ones(labels.shape, dtype=torch.bool)
+    if known is not None:
+        mask[~torch.as_tensor(known)] = False
+    return Batch(images=torch.empty(len(labels), 0), labels=labels, label_mask=mask)
 
 
 def outputs(n=4, seed=0):
@@ -22,8 +32,8 @@ def outputs(n=4, seed=0):
 def test_distinct_disjoint_label_sets_give_exactly_the_plain_loss(kind):
     labels = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]])
     out = outputs()
-    plain = CXRClipLoss(label_smoothing=0.1)(out, {"labels": labels})
-    aware = CXRClipLoss(label_smoothing=0.1, targets=kind)(out, {"labels": labels})
+    plain = CXRClipLoss(label_smoothing=0.1)(out, labelled(labels))
+    aware = CXRClipLoss(label_smoothing=0.1, targets=kind)(out, labelled(labels))
     assert float(aware["loss"]) == float(plain["loss"])
 
 
@@ -69,7 +79,7 @@ def test_duplicates_are_pulled_together_not_pushed_apart():
             "text_embeddings2": txt,
             "logit_scale": torch.tensor(10.0, dtype=torch.float64),
         }
-        CXRClipLoss(targets=kind)(out, {"labels": labels})["loss"].backward()
+        CXRClipLoss(targets=kind)(out, labelled(labels))["loss"].backward()
         moved = F.normalize(img.detach() - 0.05 * img.grad, dim=-1)
         return float(moved[0] @ moved[1])
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cxrclip.config import compose, to_plain
+from cxrclip.data.batch import Batch
 from cxrclip.data.records import DataValidationError
 from cxrclip.engine import trainer as trainer_mod
 from cxrclip.engine.trainer import EpochSampler, train
@@ -76,12 +77,12 @@ def test_every_trainable_parameter_gets_a_gradient(demo_data, tmp_path):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
     t = trainer_mod.build_tokenizer(cfg.tokenizer)
     tok = lambda texts: dict(t(texts, padding="longest", return_tensors="pt"))  # noqa: E731
-    batch = {
-        "images": torch.randn(4, 3, 32, 32),
-        "image_views": torch.randn(4, 3, 32, 32),
-        "text_tokens": tok(["a b", "c", "d e f", "g"]),
-        "text_tokens2": tok(["x", "y z", "w", "v u"]),
-    }
+    batch = Batch(
+        images=torch.randn(4, 3, 32, 32),
+        image_views=torch.randn(4, 3, 32, 32),
+        tokens=tok(["a b", "c", "d e f", "g"]),
+        tokens2=tok(["x", "y z", "w", "v u"]),
+    )
     CXRClipLoss()(model(batch))["loss"].backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name

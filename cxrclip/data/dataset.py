@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from cxrclip.data.batch import labels_from_values
 from cxrclip.data.images import ImageReadError, read_image
 from cxrclip.data.prompts import PromptBank, generate_report
 from cxrclip.data.records import DataConfig, ImageTextRecord, LabeledRecord
@@ -39,6 +40,16 @@ def multi_hot(positives: Sequence[str], label_names: Sequence[str]) -> torch.Ten
     for p in positives:
         out[index[p]] = 1.0
     return out
+
+
+def label_set(record: ImageTextRecord, label_names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training row's (0/1 labels, known-mask): positives 1, the rest 0, uncertain labels unknown; a free-text
+    report row has no label set (all unknown)."""
+    labels = multi_hot(record.positives, label_names)
+    if not record.has_label_set:
+        return labels, torch.zeros(len(label_names), dtype=torch.bool)
+    uncertain = set(record.uncertain) - set(record.positives)
+    return labels, torch.tensor([n not in uncertain for n in label_names], dtype=torch.bool)
 
 
 class ImageTextDataset(Dataset):
@@ -118,32 +129,39 @@ class ImageTextDataset(Dataset):
                 break
             except ImageReadError as e:
                 self.guard.record(e)
+        labels, mask = label_set(record, self.cfg.label_names)
         return {
             "image": image,
             "image_view": image_view,
             "text": self._report(record, rng),
             "text2": self._report(record, rng),
-            # a free-text report has no label set: -1 tells label-aware losses to use the diagonal for it
-            "labels": multi_hot(record.positives, self.cfg.label_names)
-            if record.has_label_set
-            else torch.full((len(self.cfg.label_names),), -1.0),
+            "labels": labels,
+            "label_mask": mask,
+            "label_names": self.cfg.label_names,
         }
 
 
 class LabeledImageDataset(Dataset):
-    """Test / classification rows: one image (the first), the label vector (-1 = uncertain) and the text."""
+    """Test / classification rows: one image (the first), the labels with their known-mask (an uncertain or
+    excluded label, -1 in the record, is unknown) and the text."""
 
-    def __init__(self, records: Sequence[LabeledRecord], transform: ImageTransform):
+    def __init__(
+        self, records: Sequence[LabeledRecord], transform: ImageTransform, label_names: Sequence[str] | None = None
+    ):
         self.records, self.transform = list(records), transform
+        self.label_names = None if label_names is None else tuple(label_names)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
+        labels, mask = labels_from_values(record.labels)
         return {
             "image": self.transform(read_image(record.images[0])),
-            "labels": torch.tensor(record.labels, dtype=torch.float32),
+            "labels": labels,
+            "label_mask": mask,
+            "label_names": self.label_names,
             "text": record.text,
             "index": index,
         }

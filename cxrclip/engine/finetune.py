@@ -48,9 +48,11 @@ def probe_task(spec: RunSpec, run: RunSettings, env: DistEnv) -> Task:
     # the encoder's config (and so its normalization) comes from the checkpoint, read once here
     encoder, image_cfg = load_image_encoder(backbone)
     normalize = image_cfg["normalize"]
-    train_set = LabeledImageDataset(records["data_train"], build_transform(spec.transform_steps("train"), normalize))
+    train_set = LabeledImageDataset(
+        records["data_train"], build_transform(spec.transform_steps("train"), normalize), names
+    )
     valid_set = (
-        LabeledImageDataset(records["data_valid"], build_transform(spec.transform_steps("valid"), normalize))
+        LabeledImageDataset(records["data_valid"], build_transform(spec.transform_steps("valid"), normalize), names)
         if records["data_valid"]
         else None
     )
@@ -62,7 +64,7 @@ def probe_task(spec: RunSpec, run: RunSettings, env: DistEnv) -> Task:
     return Task(
         ConcatDataset([train_set]),
         valid_set,
-        ImageTextCollator(None),
+        ImageTextCollator(None, label_names=names),
         lambda: LinearProbe(encoder, len(names), freeze=freeze),
         MaskedBCELoss(**loss_options),
         lambda: extra,

@@ -16,7 +16,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from cxrclip.data.collate import ImageTextCollator
+from cxrclip.data.batch import Batch
+from cxrclip.data.collate import ImageTextCollator, union_label_names
 from cxrclip.data.dataset import ImageTextDataset
 from cxrclip.data.records import load_imagetext_records, summarize
 from cxrclip.data.transforms import build_transform
@@ -167,17 +168,6 @@ def make_loader(dataset, loader: LoaderSpec, collate, env: DistEnv, seed: int) -
     )
 
 
-def to_device(batch, device: torch.device, channels_last: bool = False):
-    """Tensors onto ``device``; with ``channels_last``, image batches (4-D) in that memory format."""
-    if isinstance(batch, torch.Tensor):
-        if channels_last and batch.ndim == 4:
-            return batch.to(device, memory_format=torch.channels_last, non_blocking=True)
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
-    return batch
-
-
 def speed_up_image_encoder(model: torch.nn.Module, run: RunSettings) -> None:
     """``base.channels_last``: the image encoder's weights (and its inputs) in NHWC, the layout oneDNN and cuDNN
     convolutions prefer. ``base.compile``: the image encoder compiled by TorchInductor in place (its state-dict keys
@@ -233,11 +223,28 @@ class Task:
     keep_partial_batch: bool = False  # a linear probe has no in-batch negatives: its last, smaller batch is kept
 
 
+def run_label_names(spec: RunSpec, env: DistEnv) -> tuple[str, ...]:
+    """The union of the run's datasets' label lists: every batch's labels are aligned onto it by name."""
+    configs = [dc for group in ("data_train", "data_valid") for dc in spec.data.get(group, ())]
+    lists = [dc.label_names for dc in configs]
+    names = union_label_names(lists)
+    if len(set(lists)) > 1 and env.is_main:
+        log.warning(
+            "the datasets have different label lists (%s): labels are aligned by name over their union of %d; a "
+            "label a dataset does not have is unknown for its rows (label-aware targets compare positives)",
+            "; ".join(f"{dc.name}: {len(dc.label_names)}" for dc in configs),
+            len(names),
+        )
+    return names
+
+
 def clip_task(spec: RunSpec, run: RunSettings, env: DistEnv) -> Task:
     """CXR-CLIP pre-training on image–text data."""
     train_set = load_split(spec, "data_train", True, run, env)
     valid_set = load_split(spec, "data_valid", False, run, env) if spec.data.get("data_valid") else None
-    collate = ImageTextCollator(build_tokenizer(spec.tokenizer), spec.text_max_length)
+    collate = ImageTextCollator(
+        build_tokenizer(spec.tokenizer), spec.text_max_length, label_names=run_label_names(spec, env)
+    )
     return Task(train_set, valid_set, collate, lambda: build_model(spec.model), build_loss(spec.loss))
 
 
@@ -343,9 +350,9 @@ class Trainer:
         log.info("resumed from %s at epoch %d (+%d batches), step %d", path, self.epoch, self.batches_done, self.step)
 
     # -- loops -------------------------------------------------------------------------------------
-    def forward_loss(self, batch: Mapping) -> dict[str, torch.Tensor]:
+    def forward_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         with torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.autocast):
-            batch = to_device(batch, self.env.device, self.run.channels_last)
+            batch = batch.to(self.env.device, self.run.channels_last)
             out = self.ddp(batch)
         return self.loss_fn(out, batch)
 
@@ -433,7 +440,7 @@ class Trainer:
         total = torch.zeros(2, device=self.env.device)
         for batch in self.valid_loader:
             with torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.autocast):
-                batch = to_device(batch, self.env.device)
+                batch = batch.to(self.env.device)
                 out = self.model(batch)
             total += torch.stack([self.loss_fn(out, batch)["loss"].float(), torch.ones((), device=self.env.device)])
         total = self.env.all_mean(total)

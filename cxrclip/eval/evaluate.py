@@ -98,7 +98,7 @@ class BundleModel:
 
     def images(self, loader: DataLoader, desc: str) -> torch.Tensor:
         batches = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-        return torch.cat([torch.from_numpy(self.predictor.embed(b["images"].numpy())) for b in batches])
+        return torch.cat([torch.from_numpy(self.predictor.embed(b.images.numpy())) for b in batches])
 
     def labels(self, dc: DataConfig) -> LabelScorer:
         p = self.predictor

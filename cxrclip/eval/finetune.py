@@ -44,7 +44,7 @@ def load_probe(path: Path, ckpt: dict | None = None) -> tuple[LinearProbe, dict]
 @torch.no_grad()
 def probe_logits(probe: LinearProbe, loader: DataLoader, device: torch.device) -> np.ndarray:
     """The probe's per-label logits (rows × labels), float64."""
-    out = [probe({"images": b["images"].to(device)})["logits"].float().cpu() for b in tqdm(loader, leave=False)]
+    out = [probe(b.to(device))["logits"].float().cpu() for b in tqdm(loader, leave=False)]
     return torch.cat(out).double().numpy()
 
 

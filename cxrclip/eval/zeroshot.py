@@ -22,7 +22,7 @@ def embed_images(model: CXRClip, loader: DataLoader, device: torch.device, desc:
     """L2-normalized image embeddings, in dataset order, as float32 on the CPU."""
     out = []
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        out.append(model.encode_image(batch["images"].to(device)).float().cpu())
+        out.append(model.encode_image(batch.images.to(device)).float().cpu())
     return torch.cat(out)
 
 

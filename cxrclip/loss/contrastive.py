@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrclip.data.batch import Batch
 from cxrclip.exceptions import ConfigError
 from cxrclip.loss.distributed import gather_with_grad
 from cxrclip.loss.targets import contrastive_targets
@@ -37,7 +38,7 @@ class ClipLoss(nn.Module):
         super().__init__()
         self.label_smoothing, self.loss_ratio = label_smoothing, loss_ratio
 
-    def forward(self, out: Mapping[str, torch.Tensor], batch: Mapping | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, out: Mapping[str, torch.Tensor], batch: Batch | None = None) -> dict[str, torch.Tensor]:
         img = gather_with_grad(out["image_embeddings"])
         txt = gather_with_grad(out["text_embeddings"])
         clip = symmetric_ce(img, txt, out["logit_scale"], self.label_smoothing)
@@ -61,17 +62,21 @@ class CXRClipLoss(nn.Module):
         self.loss_ratio, self.targets = loss_ratio, targets
         contrastive_targets(targets, None, 0, "cpu")  # validates the name
 
-    def forward(self, out: Mapping[str, torch.Tensor], batch: Mapping | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, out: Mapping[str, torch.Tensor], batch: Batch | None = None) -> dict[str, torch.Tensor]:
         scale, ls = out["logit_scale"], self.label_smoothing
         images = [gather_with_grad(out["image_embeddings"]), gather_with_grad(out["image_view_embeddings"])]
         texts = [gather_with_grad(out["text_embeddings"]), gather_with_grad(out["text_embeddings2"])]
-        labels = batch.get("labels") if batch is not None and self.targets != "diagonal" else None
-        target = contrastive_targets(
-            self.targets,
-            None if labels is None else gather_with_grad(labels.float()),
-            images[0].shape[0],
-            images[0].device,
-        )
+        labels = batch.labels if batch is not None and self.targets != "diagonal" else None
+        target = None
+        if labels is not None:
+            known = batch.has_label_set
+            target = contrastive_targets(
+                self.targets,
+                gather_with_grad(labels.float()),
+                images[0].shape[0],
+                images[0].device,
+                known=gather_with_grad(known.float()).bool(),
+            )
         clip = sum(symmetric_ce(i, t, scale, ls, target) for i in images for t in texts) / 4
         icl = symmetric_ce(images[0], images[1], scale, ls, target)
         tcl = symmetric_ce(texts[0], texts[1], scale, ls, target)

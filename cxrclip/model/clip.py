@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrclip.data.batch import Batch
 from cxrclip.exceptions import ConfigError
 from cxrclip.model.encoders import build_image_encoder, build_text_encoder
 
@@ -100,18 +101,17 @@ class CXRClip(nn.Module):
     def encode_text(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return F.normalize(self.text_projection(self.text_encoder(tokens)).float(), dim=-1)
 
-    def forward(self, batch: Mapping) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Embeddings of every image view and text sample present in the batch, and the logit scale."""
         out = {"logit_scale": self.scale}
-        images = batch["images"]
-        if "image_views" in batch:  # one pass over both views: better batching, one BN statistic
-            both = self.encode_image(torch.cat([images, batch["image_views"]]))
+        if batch.image_views is not None:  # one pass over both views: better batching, one BN statistic
+            both = self.encode_image(torch.cat([batch.images, batch.image_views]))
             out["image_embeddings"], out["image_view_embeddings"] = both.chunk(2)
         else:
-            out["image_embeddings"] = self.encode_image(images)
-        out["text_embeddings"] = self.encode_text(batch["text_tokens"])
-        if "text_tokens2" in batch:
-            out["text_embeddings2"] = self.encode_text(batch["text_tokens2"])
+            out["image_embeddings"] = self.encode_image(batch.images)
+        out["text_embeddings"] = self.encode_text(batch.tokens)
+        if batch.tokens2 is not None:
+            out["text_embeddings2"] = self.encode_text(batch.tokens2)
         return out
 
 

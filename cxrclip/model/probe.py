@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrclip.data.batch import Batch
 from cxrclip.exceptions import ConfigError
 
 
@@ -29,14 +30,14 @@ class LinearProbe(nn.Module):
             self.image_encoder.eval()
         return self
 
-    def forward(self, batch: Mapping) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
-            features = self.image_encoder(batch["images"])
+            features = self.image_encoder(batch.images)
         return {"logits": self.classifier(features.float())}
 
 
 class MaskedBCELoss(nn.Module):
-    """Binary cross-entropy per label; entries labelled -1 (uncertain) are left out."""
+    """Binary cross-entropy per label; unknown entries (``label_mask`` False: uncertain, excluded) are left out."""
 
     def __init__(self, loss_ratio: float = 1.0, loss_type: str = "bce"):
         super().__init__()
@@ -44,9 +45,9 @@ class MaskedBCELoss(nn.Module):
             raise ConfigError("loss.classification.loss_type must be bce")
         self.loss_ratio = loss_ratio
 
-    def forward(self, out: Mapping[str, torch.Tensor], batch: Mapping) -> dict[str, torch.Tensor]:
-        logits, labels = out["logits"].float(), batch["labels"].float()
-        mask = (labels >= 0).float()
-        loss = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0), weight=mask, reduction="sum")
+    def forward(self, out: Mapping[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        logits, labels = out["logits"].float(), batch.labels.float()
+        mask = batch.label_mask.float()
+        loss = F.binary_cross_entropy_with_logits(logits, labels, weight=mask, reduction="sum")
         loss = loss / mask.sum().clamp(min=1)
         return {"loss": self.loss_ratio * loss, "bce": loss.detach()}

@@ -69,7 +69,8 @@ def embed_row(data: Path, preset: str, n: int, image_size: int, batch_size: int)
     from cxrclip.config import compose, to_plain
     from cxrclip.data.collate import ImageTextCollator
     from cxrclip.data.dataset import LabeledImageDataset
-    from cxrclip.data.records import DataConfig, load_labeled_records
+    from cxrclip.data.records import load_labeled_records
+    from cxrclip.data.schema import DataConfig
     from cxrclip.data.transforms import build_transform
     from cxrclip.eval.zeroshot import embed_images
     from cxrclip.model.clip import build_model

@@ -149,7 +149,7 @@ def embed_and_infer(data: Path, device: str, n_images: int, batch: int) -> dict:
     import torch
 
     from cxrclip.config import compose, to_plain
-    from cxrclip.data.records import LabeledRecord
+    from cxrclip.data.schema import LabeledRecord
     from cxrclip.eval.evaluate import image_loader
     from cxrclip.eval.zeroshot import embed_images
     from cxrclip.infer import Predictor

@@ -52,7 +52,8 @@ def embed_rows(pool: Path, sizes: list[int], model: str) -> list[dict]:
     from train_speed import MODELS
 
     from cxrclip.config import compose
-    from cxrclip.data.records import DataConfig, load_records
+    from cxrclip.data.records import load_records
+    from cxrclip.data.schema import DataConfig
     from cxrclip.eval.calibrate import as_labeled
     from cxrclip.eval.evaluate import image_loader
     from cxrclip.eval.zeroshot import embed_images

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cxrclip.data.prompts import PromptFileError
-from cxrclip.data.records import DataConfig, DataValidationError, load_records, summarize
+from cxrclip.data.records import load_records, summarize
+from cxrclip.data.schema import DataConfig, DataValidationError
 from cxrclip.exceptions import ConfigError
 from cxrclip.synthetic import CGMH_LABELS, DEFAULT_PROMPTS, NORMAL_SENTENCE, generate_demo_data
 
@@ -64,7 +65,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _decode_all(records, csv_path: Path) -> None:
     from cxrclip.data.images import ImageReadError, read_image
-    from cxrclip.data.records import Problems
+    from cxrclip.data.schema import Problems
 
     problems = Problems(str(csv_path))
     for r in records:

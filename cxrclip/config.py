@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from cxrclip.data.records import DataConfig
+from cxrclip.data.schema import DataConfig
 from cxrclip.paths import CONFIG_DIR
 
 

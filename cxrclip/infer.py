@@ -238,7 +238,8 @@ def list_images(image_path: str) -> list[Path]:
 
 
 def _csv_images(p: Path) -> list[Path]:
-    from cxrclip.data.records import csv_line, parse_list_cell
+    from cxrclip.data.cells import parse_list_cell
+    from cxrclip.data.schema import csv_line
 
     try:
         with p.open(newline="", encoding="utf-8") as f:

@@ -136,7 +136,7 @@ class RunSpec:
     def from_config(cls, cfg) -> RunSpec:
         """From a composed Hydra config (a ``DictConfig``) or its plain-dict form."""
         from cxrclip.config import to_plain
-        from cxrclip.data.records import DataConfig
+        from cxrclip.data.schema import DataConfig
 
         plain = to_plain(cfg) if not isinstance(cfg, dict) else copy.deepcopy(cfg)
         base = _section(plain, "base")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cxrclip.data.batch import Batch, labels_from_values
 from cxrclip.data.collate import ImageTextCollator, union_label_names
 from cxrclip.data.dataset import label_set
-from cxrclip.data.records import DataConfig, ImageTextRecord
+from cxrclip.data.schema import DataConfig, ImageTextRecord
 from cxrclip.engine.trainer import run_label_names
 from cxrclip.loss import CXRClipLoss
 from cxrclip.loss.targets import contrastive_targets

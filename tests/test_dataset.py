@@ -3,7 +3,8 @@ from torch.utils.data import DataLoader
 
 from cxrclip.data.collate import ImageTextCollator
 from cxrclip.data.dataset import ImageTextDataset, LabeledImageDataset
-from cxrclip.data.records import DataConfig, load_imagetext_records, load_labeled_records
+from cxrclip.data.records import load_imagetext_records, load_labeled_records
+from cxrclip.data.schema import DataConfig
 from cxrclip.data.transforms import build_transform
 from cxrclip.synthetic import CGMH_LABELS, DEFAULT_PROMPTS
 

@@ -135,7 +135,8 @@ def test_deep_validation_names_the_csv_line(tmp_path, capsys):
 
 
 def test_a_blank_label_cell_is_an_error_unless_the_config_says_what_it_means(demo_data, tmp_path):
-    from cxrclip.data.records import DataConfig, DataValidationError, load_labeled_records
+    from cxrclip.data.records import load_labeled_records
+    from cxrclip.data.schema import DataConfig, DataValidationError
 
     lines = (demo_data / "test.csv").read_text().splitlines()
     header = lines[0].split(",")

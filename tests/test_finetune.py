@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from cxrclip.config import compose
-from cxrclip.data.records import LabeledRecord, stratified_subset
+from cxrclip.data.records import stratified_subset
+from cxrclip.data.schema import LabeledRecord
 from cxrclip.engine.finetune import finetune
 from cxrclip.eval.finetune import evaluate_finetune
 from cxrclip.model.checkpoint import load_checkpoint
@@ -47,6 +48,23 @@ def test_stratified_subset_is_deterministic_and_keeps_rare_labels():
     assert sum(r.labels[1] for r in a) == 1 and sum(r.labels[2] for r in a) == 1
     assert stratified_subset(rows, 0.1, seed=2) != a
     assert stratified_subset(rows, 1.0, seed=1) == rows
+
+
+def test_data_frac_means_the_same_stratified_subset_for_training_rows():
+    """Pre-training rows (label names, free-text reports) are subset by the same rule as classification rows."""
+    from pathlib import Path
+
+    from cxrclip.data.schema import ImageTextRecord
+
+    img = (Path("x.png"),)
+    rows = [ImageTextRecord(i, img, positives=("A",) if i < 90 else ("B",) if i < 99 else ()) for i in range(100)]
+    rows += [ImageTextRecord(100 + i, img, texts=("a report.",)) for i in range(20)]
+    as_labels = [LabeledRecord(r.line, img, (int("A" in r.positives), int("B" in r.positives))) for r in rows]
+    a = stratified_subset(rows, 0.1, seed=1)
+    assert [r.line for r in a] == [r.line for r in stratified_subset(as_labels, 0.1, seed=1)]
+    assert (
+        len(a) == 9 + 1 + 2 and sum(r.positives == ("B",) for r in a) == 1
+    )  # A 90→9, B 9→1, none 21→2: round(), ≥ 1 each
 
 
 def test_frozen_probe_changes_only_the_head(demo_data, clip_ckpt, tmp_path):

@@ -4,14 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrclip.data.records import (
-    DataConfig,
-    DataValidationError,
-    load_imagetext_records,
-    load_labeled_records,
-    parse_list_cell,
-    summarize,
-)
+from cxrclip.data.cells import parse_list_cell
+from cxrclip.data.records import load_imagetext_records, load_labeled_records, summarize
+from cxrclip.data.schema import DataConfig, DataValidationError
 from cxrclip.synthetic import CGMH_LABELS, DEFAULT_PROMPTS
 
 

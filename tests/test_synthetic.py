@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrclip.data.records import DataConfig, load_imagetext_records, load_labeled_records
+from cxrclip.data.records import load_imagetext_records, load_labeled_records
+from cxrclip.data.schema import DataConfig
 from cxrclip.synthetic import CGMH_LABELS, DEFAULT_PROMPTS, Patient, generate_demo_data, render
 
 

@@ -9,7 +9,7 @@ import torch
 
 from cxrclip.config import compose, to_plain
 from cxrclip.data.batch import Batch
-from cxrclip.data.records import DataValidationError
+from cxrclip.data.schema import DataValidationError
 from cxrclip.engine import trainer as trainer_mod
 from cxrclip.engine.trainer import EpochSampler, train
 from cxrclip.loss import CXRClipLoss

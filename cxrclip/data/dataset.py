@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from cxrclip.data.batch import labels_from_values
 from cxrclip.data.images import ImageReadError, read_image
 from cxrclip.data.prompts import PromptBank, generate_report
-from cxrclip.data.records import DataConfig, ImageTextRecord, LabeledRecord
+from cxrclip.data.schema import DataConfig, ImageTextRecord, LabeledRecord
 from cxrclip.data.transforms import ImageTransform
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from cxrclip.data.batch import Batch
 from cxrclip.data.collate import ImageTextCollator, union_label_names
 from cxrclip.data.dataset import ImageTextDataset
-from cxrclip.data.records import load_imagetext_records, summarize
+from cxrclip.data.records import load_imagetext_records, stratified_subset, summarize
 from cxrclip.data.transforms import build_transform
 from cxrclip.engine.dist import DistEnv, init_distributed, shutdown
 from cxrclip.engine.optim import build_optimizer, build_scheduler
@@ -135,9 +135,8 @@ def load_split(spec: RunSpec, group: str, train: bool, run: RunSettings, env: Di
     datasets = []
     for dc in spec.data.get(group, ()):
         records = load_imagetext_records(dc)
-        if train and dc.data_frac < 1.0:
-            keep = torch.randperm(len(records), generator=torch.Generator().manual_seed(run.seed))
-            records = [records[i] for i in sorted(keep[: max(1, int(len(records) * dc.data_frac))].tolist())]
+        if train:
+            records = stratified_subset(records, dc.data_frac, run.seed)
         if env.is_main:
             s = summarize(dc, records)
             log.info("%s %s: %d rows, %d images (%s)", group, dc.name, s["rows"], s["images"], s["csv"])

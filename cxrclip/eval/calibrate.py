@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxrclip.data.records import DataConfig, ImageTextRecord, LabeledRecord, load_records
+from cxrclip.data.records import load_records
+from cxrclip.data.schema import DataConfig, ImageTextRecord, LabeledRecord
 from cxrclip.eval.calibration import Calibration, CalibrationError, CalibrationSettings, file_sha256, fit_calibration
 from cxrclip.eval.zeroshot import LabelScorer, embed_images
 from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint

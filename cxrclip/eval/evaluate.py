@@ -19,7 +19,8 @@ from tqdm import tqdm
 from cxrclip.bundle import is_bundle
 from cxrclip.data.collate import ImageTextCollator
 from cxrclip.data.dataset import LabeledImageDataset
-from cxrclip.data.records import DataConfig, LabeledRecord, load_labeled_records
+from cxrclip.data.records import load_labeled_records
+from cxrclip.data.schema import DataConfig, LabeledRecord
 from cxrclip.data.transforms import build_transform
 from cxrclip.eval import report
 from cxrclip.eval.calibrate import stored_calibration

@@ -21,7 +21,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def loader_rows(data: Path, workers: list[int], batches: int, batch_size: int, image_size: int) -> list[dict]:
     from cxrclip.config import compose
     from cxrclip.engine.dist import DistEnv
-    from cxrclip.engine.trainer import RunSettings, clip_task, make_loader
+    from cxrclip.engine.loader import make_loader
+    from cxrclip.engine.settings import RunSettings
+    from cxrclip.engine.tasks import clip_task
     from cxrclip.spec import LoaderSpec, RunSpec
 
     rows = []

@@ -11,7 +11,7 @@ from cxrclip.data.batch import Batch, labels_from_values
 from cxrclip.data.collate import ImageTextCollator, union_label_names
 from cxrclip.data.dataset import label_set
 from cxrclip.data.schema import DataConfig, ImageTextRecord
-from cxrclip.engine.trainer import run_label_names
+from cxrclip.engine.tasks import run_label_names
 from cxrclip.loss import CXRClipLoss
 from cxrclip.loss.targets import contrastive_targets
 from cxrclip.model.probe import MaskedBCELoss

@@ -11,10 +11,12 @@ from cxrclip.config import compose, to_plain
 from cxrclip.data.batch import Batch
 from cxrclip.data.schema import DataValidationError
 from cxrclip.engine import trainer as trainer_mod
-from cxrclip.engine.trainer import EpochSampler, train
+from cxrclip.engine.loader import EpochSampler
+from cxrclip.engine.trainer import train
 from cxrclip.loss import CXRClipLoss
 from cxrclip.model.checkpoint import load_checkpoint
 from cxrclip.model.clip import build_model
+from cxrclip.model.encoders import build_tokenizer
 from cxrclip.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.usefixtures("minilm_tokenizer")  # clip_tiny uses MiniLM's vocabulary
@@ -75,7 +77,7 @@ def test_every_trainable_parameter_gets_a_gradient(demo_data, tmp_path):
     for m in model.modules():  # timm zero-inits each block's last BN gamma, which blocks gradients at init
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-    t = trainer_mod.build_tokenizer(cfg.tokenizer)
+    t = build_tokenizer(cfg.tokenizer)
     tok = lambda texts: dict(t(texts, padding="longest", return_tensors="pt"))  # noqa: E731
     batch = Batch(
         images=torch.randn(4, 3, 32, 32),
@@ -159,7 +161,9 @@ def test_bad_data_stops_before_the_model_is_built(demo_data, tmp_path, monkeypat
     def no_model(*a, **k):
         raise AssertionError("the model must not be built when the data is bad")
 
-    monkeypatch.setattr(trainer_mod, "build_model", no_model)
+    from cxrclip.engine import tasks
+
+    monkeypatch.setattr(tasks, "build_model", no_model)
     (tmp_path / "bad.csv").write_text("image,text_label\nnope.png,\"['Nope']\"\n")
     with pytest.raises(DataValidationError, match=r"bad.csv:2: image file not found"):
         train(tiny_cfg(demo_data, tmp_path, f"data_train.cgmh.data_path={tmp_path / 'bad.csv'}"))

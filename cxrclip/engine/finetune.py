@@ -12,7 +12,9 @@ from cxrclip.data.dataset import LabeledImageDataset
 from cxrclip.data.records import load_labeled_records, stratified_subset, summarize
 from cxrclip.data.transforms import build_transform
 from cxrclip.engine.dist import DistEnv
-from cxrclip.engine.trainer import RunSettings, Task, train
+from cxrclip.engine.settings import RunSettings
+from cxrclip.engine.tasks import Task
+from cxrclip.engine.trainer import train
 from cxrclip.exceptions import ConfigError
 from cxrclip.model.loading import load_image_encoder
 from cxrclip.model.probe import LinearProbe, MaskedBCELoss

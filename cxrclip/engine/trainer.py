@@ -8,24 +8,19 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Mapping
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from cxrclip.data.batch import Batch
-from cxrclip.data.collate import ImageTextCollator, union_label_names
-from cxrclip.data.dataset import ImageTextDataset
-from cxrclip.data.records import load_imagetext_records, stratified_subset, summarize
-from cxrclip.data.transforms import build_transform
 from cxrclip.engine.dist import DistEnv, init_distributed, shutdown
+from cxrclip.engine.loader import make_loader
 from cxrclip.engine.optim import build_optimizer, build_scheduler
-from cxrclip.exceptions import ConfigError, OutputError
+from cxrclip.engine.settings import CHECKPOINT_NAMES, RunSettings, autocast_settings
+from cxrclip.engine.tasks import Task, clip_task
+from cxrclip.exceptions import ConfigError
 from cxrclip.io import remove_stale_temp_files
-from cxrclip.loss import build_loss
 from cxrclip.model.checkpoint import (
     load_checkpoint,
     require_training_state,
@@ -33,138 +28,9 @@ from cxrclip.model.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from cxrclip.model.clip import build_model
-from cxrclip.model.encoders import build_tokenizer
-from cxrclip.spec import LoaderSpec, RunSpec
+from cxrclip.spec import RunSpec
 
 log = logging.getLogger(__name__)
-CHECKPOINT_NAMES = ("model-last.tar", "model-best.tar")
-
-
-class EpochSampler(Sampler[int]):
-    """This rank's indices for one epoch: a permutation fixed by (seed, epoch), split across ranks
-    (padded so every rank has the same count), optionally starting ``skip`` indices in (resume)."""
-
-    def __init__(self, size: int, *, shuffle: bool, seed: int, rank: int = 0, world: int = 1):
-        self.size, self.shuffle, self.seed, self.rank, self.world = size, shuffle, seed, rank, world
-        self.epoch, self.skip = 0, 0
-        self.per_rank = math.ceil(size / world)
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        else:
-            order = list(range(self.size))
-        order += order[: self.per_rank * self.world - self.size]
-        return iter(order[self.rank :: self.world][self.skip :])
-
-    def __len__(self) -> int:
-        return self.per_rank - self.skip
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """``base`` section, typed. Derived values (per-rank batch, steps) live elsewhere, never in the config."""
-
-    seed: int
-    amp: bool
-    amp_dtype: str
-    resume: str | None
-    grad_accum_steps: int
-    grad_clip_norm: float | None
-    max_decode_failure_frac: float
-    checkpoint_dir: Path
-    tensorboard_dir: Path
-    overwrite: bool = False
-    log_every: int = 10
-    channels_last: bool = False
-    compile: bool = False
-
-    @classmethod
-    def from_cfg(cls, base: Mapping) -> RunSettings:
-        if base.get("amp_dtype", "fp16") not in ("fp16", "bf16"):
-            raise ConfigError("base.amp_dtype must be fp16 or bf16")
-        return cls(
-            seed=int(base.get("seed", 1234)),
-            amp=bool(base.get("amp", False)),
-            amp_dtype=base.get("amp_dtype", "fp16"),
-            resume=base.get("resume"),
-            grad_accum_steps=int(base.get("grad_accum_steps", 1)),
-            grad_clip_norm=base.get("grad_clip_norm"),
-            max_decode_failure_frac=float(base.get("max_decode_failure_frac", 0.01)),
-            checkpoint_dir=Path(base["output"]["checkpoint"]),
-            tensorboard_dir=Path(base["output"]["tensorboard"]),
-            overwrite=bool(base.get("overwrite", False)),
-            log_every=max(1, int(base.get("log_every", 10))),
-            channels_last=bool(base.get("channels_last", False)),
-            compile=bool(base.get("compile", False)),
-        )
-
-    def check_run_folder(self) -> None:
-        """A run never writes over another run's checkpoints unless told to (``base.resume`` / ``base.overwrite``)."""
-        if self.resume or self.overwrite:
-            return
-        found = [name for name in CHECKPOINT_NAMES if (self.checkpoint_dir / name).exists()]
-        if found:
-            raise OutputError(
-                f"{self.checkpoint_dir} already holds {' and '.join(found)} of another run; continue it with "
-                f"base.resume={self.checkpoint_dir / 'model-last.tar'}, pick another hydra.run.dir, "
-                "or replace it with base.overwrite=true"
-            )
-
-
-def autocast_settings(run: RunSettings, device: torch.device) -> tuple[bool, torch.dtype, bool]:
-    """(enabled, dtype, needs a grad scaler). CPU autocast only in bf16 (fp16 on CPU is slow)."""
-    if not run.amp:
-        return False, torch.float32, False
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if run.amp_dtype == "bf16" else torch.float16
-        return True, dtype, dtype == torch.float16
-    if run.amp_dtype == "bf16":
-        return True, torch.bfloat16, False
-    log.info("base.amp with fp16 is CUDA-only; training in fp32 on CPU (use base.amp_dtype=bf16 for CPU AMP)")
-    return False, torch.float32, False
-
-
-def load_split(spec: RunSpec, group: str, train: bool, run: RunSettings, env: DistEnv) -> ConcatDataset:
-    """Validate every CSV of a data group (all problems at once) and build its dataset."""
-    transform = build_transform(spec.transform_steps("train" if train else "valid"), spec.normalize)
-    datasets = []
-    for dc in spec.data.get(group, ()):
-        records = load_imagetext_records(dc)
-        if train:
-            records = stratified_subset(records, dc.data_frac, run.seed)
-        if env.is_main:
-            s = summarize(dc, records)
-            log.info("%s %s: %d rows, %d images (%s)", group, dc.name, s["rows"], s["images"], s["csv"])
-        datasets.append(
-            ImageTextDataset(
-                records, dc, dc.prompts(), transform, train=train, max_decode_failure_frac=run.max_decode_failure_frac
-            )
-        )
-    if not datasets:
-        raise ConfigError(f"no {group} dataset configured")
-    return ConcatDataset(datasets)
-
-
-def make_loader(dataset, loader: LoaderSpec, collate, env: DistEnv, seed: int) -> DataLoader:
-    if loader.batch_size % env.world_size:
-        raise ConfigError(f"batch_size {loader.batch_size} is not divisible by the {env.world_size} processes")
-    sampler = EpochSampler(len(dataset), shuffle=loader.shuffle, seed=seed, rank=env.rank, world=env.world_size)
-    return DataLoader(
-        dataset,
-        batch_size=loader.batch_size // env.world_size,
-        sampler=sampler,
-        num_workers=loader.num_workers,
-        collate_fn=collate,
-        drop_last=loader.drop_last,
-        pin_memory=loader.pin_memory and env.device.type == "cuda",
-        prefetch_factor=loader.prefetch_factor,
-        persistent_workers=False,
-    )
 
 
 def speed_up_image_encoder(model: torch.nn.Module, run: RunSettings) -> None:
@@ -206,45 +72,6 @@ class StopRequest:
             return self.requested
         flag = torch.tensor([float(self.requested)], device=env.device)
         return bool(env.all_mean(flag).item() > 0)
-
-
-@dataclass
-class Task:
-    """What differs between pre-training and probing: the data, how to build the model, the loss,
-    and what the checkpoint must carry besides the config."""
-
-    train_set: Dataset
-    valid_set: Dataset | None
-    collate: Callable
-    build_model: Callable[[], torch.nn.Module]
-    loss_fn: torch.nn.Module
-    checkpoint_extra: Callable[[], dict] = dict
-    keep_partial_batch: bool = False  # a linear probe has no in-batch negatives: its last, smaller batch is kept
-
-
-def run_label_names(spec: RunSpec, env: DistEnv) -> tuple[str, ...]:
-    """The union of the run's datasets' label lists: every batch's labels are aligned onto it by name."""
-    configs = [dc for group in ("data_train", "data_valid") for dc in spec.data.get(group, ())]
-    lists = [dc.label_names for dc in configs]
-    names = union_label_names(lists)
-    if len(set(lists)) > 1 and env.is_main:
-        log.warning(
-            "the datasets have different label lists (%s): labels are aligned by name over their union of %d; a "
-            "label a dataset does not have is unknown for its rows (label-aware targets compare positives)",
-            "; ".join(f"{dc.name}: {len(dc.label_names)}" for dc in configs),
-            len(names),
-        )
-    return names
-
-
-def clip_task(spec: RunSpec, run: RunSettings, env: DistEnv) -> Task:
-    """CXR-CLIP pre-training on image–text data."""
-    train_set = load_split(spec, "data_train", True, run, env)
-    valid_set = load_split(spec, "data_valid", False, run, env) if spec.data.get("data_valid") else None
-    collate = ImageTextCollator(
-        build_tokenizer(spec.tokenizer), spec.text_max_length, label_names=run_label_names(spec, env)
-    )
-    return Task(train_set, valid_set, collate, lambda: build_model(spec.model), build_loss(spec.loss))
 
 
 class Trainer:

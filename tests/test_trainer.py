@@ -100,8 +100,9 @@ def test_train_writes_checkpoints_with_the_original_keys(demo_data, tmp_path):
     assert any((tmp_path / "tb").iterdir())
 
 
-def test_resume_after_an_epoch_equals_an_uninterrupted_run(demo_data, tmp_path, monkeypatch):
-    train(tiny_cfg(demo_data, tmp_path / "full", epochs=3))
+@pytest.mark.parametrize("extra", [[], ["base.ema_decay=0.9"]], ids=["plain", "ema"])
+def test_resume_after_an_epoch_equals_an_uninterrupted_run(demo_data, tmp_path, monkeypatch, extra):
+    train(tiny_cfg(demo_data, tmp_path / "full", *extra, epochs=3))
     saved = trainer_mod.Trainer.save
 
     def save_and_keep_epoch_1(self, name, *args):
@@ -110,13 +111,46 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(demo_data, tmp_path, 
             shutil.copy(self.run.checkpoint_dir / name, tmp_path / "epoch1.tar")
 
     monkeypatch.setattr(trainer_mod.Trainer, "save", save_and_keep_epoch_1)
-    train(tiny_cfg(demo_data, tmp_path / "first", epochs=3))
+    train(tiny_cfg(demo_data, tmp_path / "first", *extra, epochs=3))
     monkeypatch.undo()
-    result = train(tiny_cfg(demo_data, tmp_path / "resumed", f"base.resume={tmp_path / 'epoch1.tar'}", epochs=3))
+    resume = f"base.resume={tmp_path / 'epoch1.tar'}"
+    result = train(tiny_cfg(demo_data, tmp_path / "resumed", resume, *extra, epochs=3))
     assert result["epoch"] == 3
-    assert_same_weights(
-        weights(tmp_path / "resumed/checkpoints/model-last.tar"), weights(tmp_path / "full/checkpoints/model-last.tar")
-    )
+    resumed = load_checkpoint(tmp_path / "resumed/checkpoints/model-last.tar")
+    full = load_checkpoint(tmp_path / "full/checkpoints/model-last.tar")
+    assert_same_weights(resumed["model"], full["model"])  # with EMA: the average, and below the raw weights
+    assert ("train_model" in full) == bool(extra)
+    if extra:
+        assert_same_weights(resumed["train_model"], full["train_model"])
+
+
+def test_ema_weights_are_what_gets_saved_and_evaluated(demo_data, tmp_path, monkeypatch):
+    from cxrclip.model.loading import load_model
+
+    decay, raw = 0.7, []
+    original = trainer_mod.Trainer.optimizer_step
+
+    def step_and_record(self):
+        original(self)
+        raw.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+
+    monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", step_and_record)
+    train(tiny_cfg(demo_data, tmp_path, f"base.ema_decay={decay}", "base.ema_warmup=false"))
+    last = load_checkpoint(tmp_path / "checkpoints/model-last.tar")
+    # by hand: the first update copies the weights, then ema ← d·ema + (1 − d)·w (integer buffers are copied)
+    ema = dict(raw[0])
+    for w in raw[1:]:
+        ema = {k: decay * ema[k] + (1 - decay) * v if v.is_floating_point() else v for k, v in w.items()}
+    assert len(raw) == 6 and last["ema_decay"] == decay
+    for k, v in ema.items():
+        torch.testing.assert_close(last["model"][k], v, rtol=0, atol=1e-6)
+    assert_same_weights(last["train_model"], raw[-1])
+    moved = [k for k, v in raw[-1].items() if v.is_floating_point() and not torch.allclose(v, last["model"][k])]
+    assert moved  # the average really differs from the last weights
+    best = load_checkpoint(tmp_path / "checkpoints/model-best.tar")
+    assert_same_weights(load_model(tmp_path / "checkpoints/model-best.tar").model.state_dict(), best["model"])
+    with pytest.raises(ValueError, match="ema_decay must be between 0 and 1"):
+        train(tiny_cfg(demo_data, tmp_path / "bad", "base.ema_decay=1.5"))
 
 
 def test_sigterm_mid_epoch_saves_and_resume_finishes_the_epoch(demo_data, tmp_path, monkeypatch):

@@ -74,6 +74,17 @@ class StopRequest:
         return bool(env.all_mean(flag).item() > 0)
 
 
+def make_ema(model: torch.nn.Module, run: RunSettings):
+    """``base.ema_decay``: timm's ``ModelEmaV3`` (weights and float buffers), updated after every optimizer step;
+    its first update copies the weights, and with ``base.ema_warmup`` the decay rises as 1 − (1 + step)^(−2/3)
+    up to ``ema_decay``."""
+    if run.ema_decay is None:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=run.ema_decay, use_warmup=run.ema_warmup)
+
+
 class Trainer:
     """Holds what a run needs; ``fit()`` runs the epochs. Built by ``train(cfg)``."""
 
@@ -105,6 +116,7 @@ class Trainer:
                 f"{loaders['train'].batch_size}; lower dataloader.train.batch_size"
             )
         self.model = self.task.build_model().to(env.device)
+        self.ema = make_ema(self.model, self.run)
         speed_up_image_encoder(self.model, self.run)
         self.loss_fn = self.task.loss_fn
         self.optimizer = build_optimizer(self.model, self.spec.optimizer)
@@ -135,10 +147,17 @@ class Trainer:
                 self.amp_dtype if self.autocast else "off",
             )
 
+    @property
+    def evaluated_model(self) -> torch.nn.Module:
+        """The weights that are validated, saved as ``model`` and so evaluated later: the EMA when it is on."""
+        return self.model if self.ema is None else self.ema.module
+
     # -- checkpoints -------------------------------------------------------------------------------
     def state(self, train_loss: float, val_loss: float | None) -> dict:
+        ema = {} if self.ema is None else {"train_model": self.model.state_dict(), "ema_decay": self.run.ema_decay}
         return {
-            "model": self.model.state_dict(),
+            "model": self.evaluated_model.state_dict(),
+            **ema,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -163,7 +182,13 @@ class Trainer:
     def resume(self, path: str) -> None:
         ckpt = load_checkpoint(path)
         require_training_state(ckpt, path)
-        self.model.load_state_dict(ckpt["model"], strict=True)
+        self.model.load_state_dict(ckpt.get("train_model", ckpt["model"]), strict=True)
+        if self.ema is not None:
+            if "train_model" not in ckpt:
+                log.warning("%s was saved without an EMA: the EMA starts from its weights", path)
+            self.ema.module.load_state_dict(ckpt["model"], strict=True)
+        elif "train_model" in ckpt:
+            log.warning("%s was trained with base.ema_decay; resuming without it continues from its raw weights", path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -191,6 +216,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
 
     def log_step(self, losses: Mapping[str, torch.Tensor]) -> None:
         if self.writer is None:
@@ -262,12 +289,12 @@ class Trainer:
         """Mean validation loss (deterministic prompts and views), averaged over processes."""
         if self.valid_loader is None:
             return None
-        self.model.eval()
+        model = self.evaluated_model.eval()
         total = torch.zeros(2, device=self.env.device)
         for batch in self.valid_loader:
             with torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.autocast):
                 batch = batch.to(self.env.device)
-                out = self.model(batch)
+                out = model(batch)
             total += torch.stack([self.loss_fn(out, batch)["loss"].float(), torch.ones((), device=self.env.device)])
         total = self.env.all_mean(total)
         return float(total[0] / total[1])

@@ -91,6 +91,23 @@ def cls_csv(src: Path, names, dst: Path) -> Path:
 TUBE = "Endotracheal tube"
 
 
+def notes_csv(data: Path, out: Path) -> Path:
+    """The training split's real clinical notes (metadata.csv ``note``) as a second caption source: one report row per
+    training image that has a note (a report row has no label set: label-aware targets keep it on the diagonal)."""
+    notes = {}
+    with (data / "metadata.csv").open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["split"] == "train" and row["note"].strip():
+                notes[row["image"]] = row["note"].strip()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as g:
+        writer = csv.writer(g)
+        writer.writerow(["image", "text"])
+        for image, note in sorted(notes.items()):
+            writer.writerow([str([str(data / image)]), note])
+    return out
+
+
 def unknown_tube_data(data: Path, out: Path) -> Path:
     """A copy of ``data`` whose train/valid rows carry ``Endotracheal tube`` as *unknown* where the source's
     intubation field is blank (metadata.csv ``intubation_present_raw``), instead of the set's 0.
@@ -318,6 +335,7 @@ def report(results: list[dict], y: np.ndarray, names, args) -> dict:
         "lr": args.lr,
         "targets": args.targets,
         "unknown_tube": args.unknown_tube,
+        "notes": args.notes,
         "headline_labels": headline,
         "difference": round(diff, 4),
         "difference_ci95": ci,
@@ -352,6 +370,11 @@ def main() -> None:
         action="store_true",
         help="train on a copy where a blank source intubation field is 'unknown', not 0 (see unknown_tube_data)",
     )
+    p.add_argument(
+        "--notes",
+        action="store_true",
+        help="add the training images' clinical notes (metadata.csv) as a second training dataset of report captions",
+    )
     p.add_argument("override", nargs="*", help="extra Hydra overrides for training (the recipe under test)")
     args = p.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
@@ -364,6 +387,13 @@ def main() -> None:
             "data_train.cgmh.label_format=triplet",
             "data_valid.cgmh.label_format=triplet",
         ]
+    if args.notes:
+        notes = notes_csv(Path(args.data).resolve(), out / "notes_train.csv")
+        spec = (
+            f"{{name:notes,data_type:imagetext,data_path:'{notes}',text_source:report,"
+            f"label_names:{json.dumps(names)},image_size:{args.image_size}}}"
+        )
+        args.override = [*args.override, f"+data_train.notes={spec}"]
     results = []
     for seed in args.seeds:
         args.seed = seed

@@ -60,6 +60,14 @@ def test_mixed_lists_with_names_and_no_run_list_are_aligned_over_the_batch(caplo
     assert "aligned by name over their union of 4" in caplog.records[0].message
 
 
+def test_equal_widths_with_different_names_are_aligned_not_stacked():
+    c = ("Foreign body", "Pneumothorax")  # two labels, like B, but other ones
+    batch = ImageTextCollator(None)([item(B, [1, 0]), item(c, [0, 1])])
+    assert batch.label_names == B + c and batch.labels.tolist() == [[1, 0, 0, 0], [0, 0, 0, 1]]
+    with pytest.raises(ValueError, match=r"labels \['Pleural effusion'\] of a dataset are not in the run's"):
+        ImageTextCollator(None, label_names=A)([item(A, [1, 0, 0]), item(B, [0, 1])])
+
+
 def test_run_label_names_is_the_union_and_warns_when_lists_differ(caplog):
     dc = lambda name, names: DataConfig(name=name, data_type="imagetext", data_path="x.csv", label_names=names)  # noqa: E731
     spec = SimpleNamespace(data={"data_train": [dc("a", A), dc("b", B)], "data_valid": [dc("v", A)]})

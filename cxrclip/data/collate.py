@@ -55,26 +55,29 @@ class ImageTextCollator:
         labels = torch.zeros(len(items), len(names))
         mask = torch.zeros(len(items), len(names), dtype=torch.bool)
         for i, it in enumerate(items):
+            missing = [n for n in it["label_names"] if n not in column]
+            if missing:
+                raise ConfigError(f"labels {missing} of a dataset are not in the run's label list {list(names)}")
             index = [column[n] for n in it["label_names"]]
             labels[i, index] = it["labels"].float()
             mask[i, index] = it["label_mask"]
         return labels, mask
 
     def _labels(self, items: Sequence[dict]):
+        """(labels, label_mask, label_names) of a batch; all None when it has no labels to carry."""
         if "labels" not in items[0]:
             return None, None, None
         own = [it.get("label_names") for it in items]
-        if self.label_names is not None and all(n is not None for n in own):
-            if all(n == self.label_names for n in own):
-                names = self.label_names
-            else:
-                return (*self._aligned(items, self.label_names), self.label_names)
+        if all(n is not None for n in own):
+            names = self.label_names
+            if names is None:  # no run-wide list given: this batch's own list, or the union of several
+                names = own[0] if len(set(own)) == 1 else union_label_names(own)
+                if len(set(own)) > 1:
+                    self._say_mixed(items, names)
+            if any(n != names for n in own):
+                return (*self._aligned(items, names), names)
         elif len({tuple(it["labels"].shape) for it in items}) == 1:
-            names = own[0] if len(set(own)) == 1 else None
-        elif all(n is not None for n in own):  # no run-wide list given: align over this batch's union
-            names = union_label_names(own)
-            self._say_mixed(items, names)
-            return (*self._aligned(items, names), names)
+            names = None  # unnamed labels of one width: stacked as they are
         else:
             self._say_mixed(items, None)
             return None, None, None

@@ -191,6 +191,26 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_data, tmp_path, 
     assert load_checkpoint(tmp_path / "checkpoints/model-last.tar")["epoch"] == 1
 
 
+def test_a_report_dataset_beside_a_label_dataset_trains_without_a_prompt_file(demo_data, tmp_path, caplog):
+    """Label captions plus free-text reports in one run (label-aware targets): the report rows need no prompt
+    file, carry no label set, and the report dataset's own (shorter) label list is aligned onto the run's."""
+    import csv
+
+    with (demo_data / "train.csv").open() as f, (tmp_path / "reports.csv").open("w", newline="") as g:
+        writer = csv.writer(g)
+        writer.writerow(["image", "text"])
+        for i, row in enumerate(csv.DictReader(f)):
+            images = [str(demo_data / p) for p in eval(row["image"])]  # noqa: S307 - our own test CSV
+            writer.writerow([str(images), f"Report {i}: portable chest radiograph."])
+    path = tmp_path / "reports.csv"
+    report = f"+data_train.reports={{name:reports,data_type:imagetext,data_path:'{path}',text_source:report,"
+    report += "label_names:[Pneumothorax]}"
+    with caplog.at_level("WARNING"):
+        result = train(tiny_cfg(demo_data, tmp_path, report, "loss.cxr_clip.targets=label_set"))
+    assert result["epoch"] == 2 and result["step"] == 12  # 24 label rows + 24 report rows, batches of 8
+    assert any("different label lists (cgmh: 13; reports: 1; cgmh: 13)" in r.message for r in caplog.records)
+
+
 def test_bad_data_stops_before_the_model_is_built(demo_data, tmp_path, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("the model must not be built when the data is bad")

@@ -39,8 +39,9 @@ class RunSettings:
     def from_cfg(cls, base: Mapping) -> RunSettings:
         if base.get("amp_dtype", "fp16") not in ("fp16", "bf16"):
             raise ConfigError("base.amp_dtype must be fp16 or bf16")
-        if base.get("ema_decay") not in (None, 0) and not 0 < float(base["ema_decay"]) < 1:
-            raise ConfigError(f"base.ema_decay must be between 0 and 1 (e.g. 0.999) or null, got {base['ema_decay']}")
+        ema_decay = None if base.get("ema_decay") in (None, 0) else float(base["ema_decay"])
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ConfigError(f"base.ema_decay must be between 0 and 1 (e.g. 0.999) or null, got {ema_decay}")
         return cls(
             seed=int(base.get("seed", 1234)),
             amp=bool(base.get("amp", False)),
@@ -55,7 +56,7 @@ class RunSettings:
             log_every=max(1, int(base.get("log_every", 10))),
             channels_last=bool(base.get("channels_last", False)),
             compile=bool(base.get("compile", False)),
-            ema_decay=None if base.get("ema_decay") in (None, 0) else float(base["ema_decay"]),
+            ema_decay=ema_decay,
             ema_warmup=bool(base.get("ema_warmup", True)),
         )
 

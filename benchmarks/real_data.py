@@ -375,6 +375,18 @@ def main() -> None:
         action="store_true",
         help="add the training images' clinical notes (metadata.csv) as a second training dataset of report captions",
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the seeds' logits.npz already in --out (e.g. with --take)",
+    )
+    p.add_argument(
+        "--take",
+        action="append",
+        default=[],
+        metavar="LABEL=RUN",
+        help="score LABEL with another run's logits (same seeds; its untrained model too): a model per label family",
+    )
     p.add_argument("override", nargs="*", help="extra Hydra overrides for training (the recipe under test)")
     args = p.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
@@ -397,10 +409,23 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         args.seed = seed
-        results.append(run_seed(args, data, names, out / f"seed{seed}"))
-        np.savez(out / f"seed{seed}" / "logits.npz", **results[-1]["logits"])
+        if args.report_only:
+            logits = dict(np.load(out / f"seed{seed}" / "logits.npz"))
+            results.append({"seed": seed, "logits": logits, "probes": {}, "train_seconds": None})
+        else:
+            results.append(run_seed(args, data, names, out / f"seed{seed}"))
+            np.savez(out / f"seed{seed}" / "logits.npz", **results[-1]["logits"])
+    for take in args.take:
+        label, run = take.split("=", 1)
+        for r in results:
+            other = np.load(Path(run) / f"seed{r['seed']}" / "logits.npz")
+            for kind in r["logits"]:
+                r["logits"][kind] = r["logits"][kind].copy()
+                r["logits"][kind][:, names.index(label)] = other[kind][:, names.index(label)]
     summary = report(results, test_labels(data, names), names, args)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["taken"] = args.take
+    name = "summary-report.json" if args.report_only or args.take else "summary.json"  # a run's own stays
+    (out / name).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

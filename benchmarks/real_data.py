@@ -286,6 +286,34 @@ def run_seed(args, data: Path, names, out: Path) -> dict:
     return result
 
 
+def untrained_spread(args, data: Path, names, out: Path) -> dict:
+    """The untrained model's zero-shot AUROC over many seeds: its projection heads are random, so each seed's
+    "before" is one draw; this shows how far a 3-seed baseline can sit from its expectation."""
+    y = test_labels(data, names)
+    counts = {n: min(int(y[:, j].sum()), int(len(y) - y[:, j].sum())) for j, n in enumerate(names)}
+    headline = [n for n in names if counts[n] >= args.min_count]
+    per_seed = {}
+    for seed in args.seeds:
+        args.seed = seed
+        scores = per_label(y, zero_shot_logits(untrained_checkpoint(args, data, out / f"untrained{seed}", names),
+                                               data, names), names)  # fmt: skip
+        per_seed[seed] = {n: scores[n]["AUROC"] for n in headline}
+        print(f"seed {seed}: " + ", ".join(f"{n} {v:.3f}" for n, v in per_seed[seed].items()), flush=True)
+    avg = [float(np.mean(list(v.values()))) for v in per_seed.values()]
+    summary = {
+        "benchmark": "real_data untrained spread",
+        "overrides": args.override,
+        "image_size": args.image_size,
+        "headline_labels": headline,
+        "per_seed": per_seed,
+        "headline_average": {"mean": float(np.mean(avg)), "sd": float(np.std(avg, ddof=1)), "n": len(avg)},
+        "per_label_mean": {n: float(np.mean([v[n] for v in per_seed.values()])) for n in headline},
+    }
+    print(f"untrained headline average over {len(avg)} seeds: {mean_sd(avg)}")
+    print(json.dumps(summary))
+    return summary
+
+
 def report(results: list[dict], y: np.ndarray, names, args) -> dict:
     counts = {n: (int(y[:, j].sum()), int(len(y) - y[:, j].sum())) for j, n in enumerate(names)}
     headline = [n for n in names if min(counts[n]) >= args.min_count]
@@ -387,6 +415,11 @@ def main() -> None:
         metavar="LABEL=RUN",
         help="score LABEL with another run's logits (same seeds; its untrained model too): a model per label family",
     )
+    p.add_argument(
+        "--untrained-only",
+        action="store_true",
+        help="train nothing: the untrained model's zero-shot AUROCs over --seeds (how much the baseline varies)",
+    )
     p.add_argument("override", nargs="*", help="extra Hydra overrides for training (the recipe under test)")
     args = p.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
@@ -406,6 +439,10 @@ def main() -> None:
             f"label_names:{json.dumps(names)},image_size:{args.image_size}}}"
         )
         args.override = [*args.override, f"+data_train.notes={spec}"]
+    if args.untrained_only:
+        summary = untrained_spread(args, data, names, out)
+        (out / "summary-untrained.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return
     results = []
     for seed in args.seeds:
         args.seed = seed

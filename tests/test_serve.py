@@ -200,33 +200,31 @@ def test_grad_cam_finds_what_drives_the_score_on_a_known_model():
     assert cam[:16, 40:56].mean() > 0.5 and cam[32:, :32].max() == 0.0
 
 
-@pytest.mark.parametrize(("preset", "scales"), [("resnet", None), ("timm", None), ("swin", None),
-                                                ("resnet", (1.0, 0.5)), ("timm", (0.75, 1.0))])  # fmt: skip
-def test_every_encoder_exposes_a_feature_map_consistent_with_its_forward(preset, scales):
+@pytest.mark.parametrize("preset", ["resnet", "timm", "swin"])
+def test_every_encoder_exposes_a_feature_map_consistent_with_its_forward(preset):
     from cxrclip.explain import grad_cam
     from cxrclip.model.clip import CXRClip
     from cxrclip.model.encoders import HuggingfaceImageEncoder, TimmImageEncoder, TorchvisionResNet
 
     torch.manual_seed(0)
     if preset == "resnet":
-        encoder = TorchvisionResNet("resnet18", pretrained=False, scales=scales)
+        encoder = TorchvisionResNet("resnet18", pretrained=False)
     elif preset == "timm":
-        encoder = TimmImageEncoder("efficientnet_lite0", pretrained=False, scales=scales)
+        encoder = TimmImageEncoder("efficientnet_lite0", pretrained=False)
     else:
         from transformers import SwinConfig, SwinModel
 
         encoder = HuggingfaceImageEncoder.__new__(HuggingfaceImageEncoder)
         torch.nn.Module.__init__(encoder)
-        encoder.pooling, encoder.scales = "first", (1.0,)
+        encoder.pooling = "first"
         encoder.image_encoder = SwinModel(SwinConfig(image_size=64, embed_dim=16, depths=[1, 1], num_heads=[2, 2]))
-        encoder.feature_dim = encoder.image_encoder.config.hidden_size
+        encoder.out_dim = encoder.image_encoder.config.hidden_size
     encoder.eval()
     images = torch.randn(2, 3, 64, 64)
     activations, pooled, to_map = encoder.cam_features(images)
     grid = to_map(activations)
     assert grid.ndim == 4 and grid.shape[0] == 2 and grid.shape[2] == grid.shape[3] >= 2
     torch.testing.assert_close(pooled, encoder(images))
-    assert pooled.shape == (2, encoder.out_dim) and encoder.out_dim == encoder.feature_dim * len(encoder.scales)
     text = torch.nn.Linear(1, 1)
     text.out_dim = 1
     model = CXRClip(encoder, text, {"name": "linear", "proj_dim": 8}).eval()

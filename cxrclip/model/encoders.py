@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cxrclip.exceptions import ConfigError, UserError
@@ -91,77 +90,15 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def check_scales(scales) -> tuple[float, ...]:
-    """``image_encoder.scales`` as a tuple; ``None`` means one pass at the input size."""
-    if scales is None:
-        return (1.0,)
-    if isinstance(scales, (int, float)) or not len(scales):
-        raise ConfigError(f"model.image_encoder.scales must be a list of size factors like [1.0, 0.7], got {scales!r}")
-    out = []
-    for s in scales:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.1 <= float(s) <= 2.0:
-            raise ConfigError(f"model.image_encoder.scales: {s!r} is not a size factor between 0.1 and 2")
-        out.append(float(s))
-    if len(set(out)) != len(out):
-        raise ConfigError(f"model.image_encoder.scales lists a factor twice: {list(scales)}")
-    return tuple(out)
-
-
-def rescale(images: torch.Tensor, scale: float) -> torch.Tensor:
-    """Images resized by ``scale`` (bilinear; no anti-aliasing, so the ONNX export matches PyTorch)."""
-    if scale == 1.0:
-        return images
-    h, w = images.shape[-2:]
-    size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-
-
-class ImageEncoder(nn.Module):
-    """What every image encoder shares: ``features(images)`` is one pass at the size given (``feature_dim``
-    wide); ``forward`` runs it once per entry of ``scales`` (size factors of the input) and concatenates, so
-    ``out_dim = feature_dim × len(scales)``. With ``scales=[1.0, 0.7]`` and 320 px input, the projection sees
-    the backbone's features at 320 px (thin lines, tubes) and at 224 px (diffuse opacities, what ImageNet
-    features were trained at) side by side; the weights are shared, so nothing is added but compute. The
-    backbone must accept every rescaled size (CNNs do; a ViT's position table does not stretch)."""
-
-    feature_dim: int
-
-    def __init__(self, scales=None):
-        super().__init__()
-        self.scales = check_scales(scales)
-
-    @property
-    def out_dim(self) -> int:
-        return self.feature_dim * len(self.scales)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def cam_features_at(self, images: torch.Tensor):
-        raise NotImplementedError
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.scales == (1.0,):
-            return self.features(images)
-        return torch.cat([self.features(rescale(images, s)) for s in self.scales], dim=1)
-
-    def cam_features(self, images: torch.Tensor):
-        """(activations, pooled features, activations → B×C×h×w) for Grad-CAM: the activations of the first
-        scale, the pooled features of every scale (what the projection takes)."""
-        activations, pooled, to_map = self.cam_features_at(rescale(images, self.scales[0]))
-        rest = [self.features(rescale(images, s)) for s in self.scales[1:]]
-        return activations, torch.cat([pooled, *rest], dim=1) if rest else pooled, to_map
-
-
-class TimmImageEncoder(ImageEncoder):
+class TimmImageEncoder(nn.Module):
     """Any timm backbone; features are its pooled output (``num_classes=0``)."""
 
-    def __init__(self, name: str, pretrained: bool = False, weights: str | None = None, scales=None):
-        super().__init__(scales)
+    def __init__(self, name: str, pretrained: bool = False, weights: str | None = None):
+        super().__init__()
         import timm
 
         self.model = timm.create_model(name, pretrained=False, num_classes=0)
-        self.feature_dim = self.model.num_features
+        self.out_dim = self.model.num_features
         if pretrained:
             if not weights:
                 raise ModelNotFoundError(
@@ -177,20 +114,20 @@ class TimmImageEncoder(ImageEncoder):
         else:
             load_by_order(self.model, source, f"image encoder {name}")
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def cam_features_at(self, images: torch.Tensor):
+    def cam_features(self, images: torch.Tensor):
         """(last spatial feature map, pooled features, map view): what Grad-CAM differentiates."""
         fmap = self.model.forward_features(images)
         return fmap, self.model.forward_head(fmap, pre_logits=True), _identity
 
 
-class TorchvisionResNet(ImageEncoder):
+class TorchvisionResNet(nn.Module):
     """torchvision ResNet without its classifier; pooled 2048-d features for ResNet-50."""
 
-    def __init__(self, name: str = "resnet50", pretrained: bool = True, weights: str | None = None, scales=None):
-        super().__init__(scales)
+    def __init__(self, name: str = "resnet50", pretrained: bool = True, weights: str | None = None):
+        super().__init__()
         import torchvision
 
         name = "resnet50" if name == "resnet" else name  # the original's config says "resnet"
@@ -198,7 +135,7 @@ class TorchvisionResNet(ImageEncoder):
         if builder is None or not name.startswith(("resnet", "resnext", "wide_resnet")):
             raise ConfigError(f"unsupported torchvision image encoder {name!r}; use a ResNet")
         self.resnet = builder(weights=None)
-        self.feature_dim = self.resnet.fc.in_features
+        self.out_dim = self.resnet.fc.in_features
         self.resnet.fc = nn.Identity()
         if pretrained:
             sd = load_state_dict_file(weights) if weights else self._download(name, torchvision)
@@ -217,10 +154,10 @@ class TorchvisionResNet(ImageEncoder):
                 "model.image_encoder.weights=/path/to/that.pth"
             ) from e
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.resnet(images)
 
-    def cam_features_at(self, images: torch.Tensor):
+    def cam_features(self, images: torch.Tensor):
         """(layer4's feature map, pooled features, map view): what Grad-CAM differentiates."""
         r = self.resnet
         x = r.maxpool(r.relu(r.bn1(r.conv1(images))))
@@ -228,10 +165,9 @@ class TorchvisionResNet(ImageEncoder):
         return fmap, torch.flatten(r.avgpool(fmap), 1), _identity
 
 
-class HuggingfaceImageEncoder(ImageEncoder):
+class HuggingfaceImageEncoder(nn.Module):
     """A transformers vision model (Swin, ViT). ``pooling``: ``first`` (token 0, what the published
-    CXR-CLIP Swin checkpoints were trained with) or ``mean`` (average of all tokens). One scale only: these
-    models fix their input size when built (position tables, attention windows)."""
+    CXR-CLIP Swin checkpoints were trained with) or ``mean`` (average of all tokens)."""
 
     def __init__(self, name: str, pretrained: bool = True, pooling: str = "first", cache_dir: str | None = None):
         super().__init__()
@@ -248,15 +184,15 @@ class HuggingfaceImageEncoder(ImageEncoder):
                 self.image_encoder = AutoModel.from_config(AutoConfig.from_pretrained(name, cache_dir=cache_dir))
         except OSError as e:
             raise model_missing_error(name, "image encoder", e) from e
-        self.feature_dim = self.image_encoder.config.hidden_size
+        self.out_dim = self.image_encoder.config.hidden_size
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self._pool(self.image_encoder(pixel_values=images).last_hidden_state)
 
     def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden[:, 0] if self.pooling == "first" else hidden.mean(dim=1)
 
-    def cam_features_at(self, images: torch.Tensor):
+    def cam_features(self, images: torch.Tensor):
         """(last hidden tokens, pooled features, tokens → B×C×h×w grid): Swin's tokens form a square grid;
         a ViT's follow its class token."""
         hidden = self.image_encoder(pixel_values=images).last_hidden_state
@@ -317,17 +253,11 @@ class HuggingfaceTextEncoder(nn.Module):
 def build_image_encoder(cfg: Mapping) -> nn.Module:
     source, name = cfg["source"], cfg["name"]
     pretrained = bool(cfg.get("pretrained", False))
-    scales = check_scales(cfg.get("scales"))
     if source == "timm":
-        return TimmImageEncoder(name, pretrained, cfg.get("weights"), scales)
+        return TimmImageEncoder(name, pretrained, cfg.get("weights"))
     if source == "torchvision":
-        return TorchvisionResNet(name, pretrained, cfg.get("weights"), scales)
+        return TorchvisionResNet(name, pretrained, cfg.get("weights"))
     if source == "huggingface":
-        if scales != (1.0,):
-            raise ConfigError(
-                "model.image_encoder.scales needs a convolutional encoder (timm or torchvision): "
-                f"transformers vision models such as {name!r} fix their input size when built"
-            )
         return HuggingfaceImageEncoder(name, pretrained, cfg.get("pooling", "first"), cfg.get("cache_dir"))
     raise ConfigError(f"image_encoder.source must be timm, torchvision or huggingface, got {source!r}")
 

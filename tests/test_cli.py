@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from cxrclip.cli import main
 
 
@@ -64,3 +66,13 @@ def test_cxrclip_train_runs_in_process_and_sweeps_seeds(tmp_path, demo_data, min
     assert main(["train", "--multirun", *overrides, *sweep]) == 0
     seeds = [load_checkpoint(tmp_path / "sweep" / f"seed{s}" / "checkpoints" / "model-last.tar") for s in (1, 2)]
     assert [c["config"]["base"]["seed"] for c in seeds] == [1, 2]
+    # the small-data recipe is one override; a value given on the command line (32 px here) still wins
+    assert main(["train", "+recipe=small_data", *overrides, f"hydra.run.dir={tmp_path / 'recipe'}"]) == 0
+    ckpt = load_checkpoint(tmp_path / "recipe" / "checkpoints" / "model-last.tar")
+    cfg = ckpt["config"]
+    assert cfg["model"]["freeze"] == ["image_encoder", "text_encoder"] and cfg["base"]["ema_decay"] == 0.99
+    assert cfg["base"]["image_size"] == 32 and cfg["loss"]["cxr_clip"]["targets"] == "label_set"
+    ema, raw = ckpt["model"], ckpt["train_model"]  # the average is what is saved; the raw weights for resume
+    towers = [k for k in raw if k.startswith(("image_encoder.", "text_encoder."))]
+    assert towers and all(torch.equal(ema[k], raw[k]) for k in towers)  # locked: nothing to average
+    assert not torch.equal(ema["image_projection.projection.weight"], raw["image_projection.projection.weight"])

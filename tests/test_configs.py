@@ -115,3 +115,19 @@ def test_label_list_comes_from_config():
     cfg = compose("train", ["labels.names=[A,B]"])
     (dc,) = data_configs(cfg, "data_train")
     assert dc.label_names == ("A", "B")
+
+
+def test_the_small_data_recipe_locks_the_towers_and_sets_what_it_says(minilm_tokenizer):
+    from cxrclip.config import to_plain
+    from cxrclip.model.clip import build_model
+
+    cfg = compose("train", ["+recipe=small_data", "model=clip_tiny", "base.seed=7"])
+    assert cfg.base.image_size == 288 and cfg.base.ema_decay == 0.99 and cfg.base.seed == 7
+    assert cfg.optimizer.config.lr == 1e-3 and cfg.loss.cxr_clip.targets == "label_set"
+    assert cfg.data_train.cgmh.image_size == 288  # the data follows base.image_size
+    assert cfg.transform.test.Resize.size == 288
+    model = build_model(to_plain(cfg.model))
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"image_projection", "text_projection", "logit_scale"}
+    later = compose("train", ["+recipe=small_data", "base.image_size=224"])  # a command-line value still wins
+    assert later.base.image_size == 224

@@ -2,6 +2,8 @@
 untrained model (ImageNet + MiniLM) vs the trained one, and a linear probe on each frozen image encoder.
 
     python benchmarks/real_data.py --data ../shared/data/cxr_real_dev --epochs 20 --out /tmp/real
+    python benchmarks/real_data.py --data ../shared/data/cxr_real_dev --out /tmp/rd --epochs 10 --probes none \
+        --unknown-tube --seeds 1 2 3 -- +recipe=small_data      # Hydra overrides last, after `--`
 
 DIR needs train.csv / valid.csv (image, text_label), test.csv (image, one 0/1 column per label, text),
 prompts.json and labels.json (the label list). Prints a markdown table and JSON lines.

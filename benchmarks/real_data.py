@@ -3,7 +3,7 @@ untrained model (ImageNet + MiniLM) vs the trained one, and a linear probe on ea
 
     python benchmarks/real_data.py --data ../shared/data/cxr_real_dev --epochs 20 --out /tmp/real
     python benchmarks/real_data.py --data ../shared/data/cxr_real_dev --out /tmp/rd --epochs 10 --probes none \
-        --unknown-tube --seeds 1 2 3 -- +recipe=small_data      # Hydra overrides last, after `--`
+        --unknown-tube --recipe small_data --seeds 1 2 3 -- base.ema_decay=0.999   # Hydra overrides after `--`
 
 DIR needs train.csv / valid.csv (image, text_label), test.csv (image, one 0/1 column per label, text),
 prompts.json and labels.json (the label list). Prints a markdown table and JSON lines.
@@ -362,6 +362,7 @@ def report(results: list[dict], y: np.ndarray, names, args) -> dict:
         "overrides": args.override,
         "epochs": args.epochs,
         "image_size": args.image_size,
+        "recipe": args.recipe,
         "lr": args.lr,
         "targets": args.targets,
         "unknown_tube": args.unknown_tube,
@@ -377,6 +378,25 @@ def report(results: list[dict], y: np.ndarray, names, args) -> dict:
     return summary
 
 
+def apply_recipe(args) -> None:
+    """Fill --image-size / --lr / --targets from ``--recipe`` (they are passed to training as overrides, which
+    would otherwise beat the recipe's values) or from the plain defaults; the recipe goes first in the overrides."""
+    defaults = {"image_size": 224, "lr": 1e-4, "targets": "diagonal"}
+    if args.recipe:
+        from cxrclip.config import compose
+
+        cfg = compose("train", [f"+recipe={args.recipe}"])
+        defaults = {
+            "image_size": int(cfg.base.image_size),
+            "lr": float(cfg.optimizer.config.lr),
+            "targets": str(cfg.loss.cxr_clip.targets),
+        }
+        args.override = [f"+recipe={args.recipe}", *args.override]
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
@@ -384,10 +404,11 @@ def main() -> None:
     p.add_argument("--model", default="clip_cpu_offline")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--probe-epochs", type=int, default=15)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--recipe", help="a configs/recipe/ preset (e.g. small_data); it sets the three below")
+    p.add_argument("--image-size", type=int, help="default: the recipe's, else 224")
+    p.add_argument("--lr", type=float, help="default: the recipe's, else 1e-4")
     p.add_argument("--num-negs", type=int, default=2)
-    p.add_argument("--targets", default="diagonal")
+    p.add_argument("--targets", help="default: the recipe's, else diagonal")
     p.add_argument("--bf16", default="true")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument(
@@ -424,6 +445,7 @@ def main() -> None:
     )
     p.add_argument("override", nargs="*", help="extra Hydra overrides for training (the recipe under test)")
     args = p.parse_args()
+    apply_recipe(args)
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     names = json.loads((data / "labels.json").read_text())

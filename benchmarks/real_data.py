@@ -288,12 +288,22 @@ def run_seed(args, data: Path, names, out: Path) -> dict:
     return result
 
 
+def label_counts(y: np.ndarray, names) -> dict:
+    """Per label its (positives, negatives) in the test split."""
+    return {n: (int(y[:, j].sum()), int(len(y) - y[:, j].sum())) for j, n in enumerate(names)}
+
+
+def headline_labels(y: np.ndarray, names, min_count: int) -> list:
+    """The labels with at least ``min_count`` test positives and negatives (the rest are reported apart)."""
+    counts = label_counts(y, names)
+    return [n for n in names if min(counts[n]) >= min_count]
+
+
 def untrained_spread(args, data: Path, names, out: Path) -> dict:
     """The untrained model's zero-shot AUROC over many seeds: its projection heads are random, so each seed's
     "before" is one draw; this shows how far a 3-seed baseline can sit from its expectation."""
     y = test_labels(data, names)
-    counts = {n: min(int(y[:, j].sum()), int(len(y) - y[:, j].sum())) for j, n in enumerate(names)}
-    headline = [n for n in names if counts[n] >= args.min_count]
+    headline = headline_labels(y, names, args.min_count)
     per_seed = {}
     for seed in args.seeds:
         args.seed = seed
@@ -317,8 +327,8 @@ def untrained_spread(args, data: Path, names, out: Path) -> dict:
 
 
 def report(results: list[dict], y: np.ndarray, names, args) -> dict:
-    counts = {n: (int(y[:, j].sum()), int(len(y) - y[:, j].sum())) for j, n in enumerate(names)}
-    headline = [n for n in names if min(counts[n]) >= args.min_count]
+    counts = label_counts(y, names)
+    headline = headline_labels(y, names, args.min_count)
     cols = [names.index(n) for n in headline]
     aurocs = {k: [per_label(y, r["logits"][k], names) for r in results] for k in ("untrained", "trained")}
     probes = {k: [r["probes"][k] for r in results] for k in (results[0]["probes"] if results else {})}
@@ -477,7 +487,9 @@ def main() -> None:
             results.append(run_seed(args, data, names, out / f"seed{seed}"))
             np.savez(out / f"seed{seed}" / "logits.npz", **results[-1]["logits"])
     for take in args.take:
-        label, run = take.split("=", 1)
+        label, _, run = take.partition("=")
+        if label not in names or not run:
+            p.error(f"--take {take!r}: expected LABEL=RUN with LABEL one of {names}")
         for r in results:
             other = np.load(Path(run) / f"seed{r['seed']}" / "logits.npz")
             for kind in r["logits"]:

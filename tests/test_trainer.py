@@ -196,11 +196,13 @@ def test_a_report_dataset_beside_a_label_dataset_trains_without_a_prompt_file(de
     file, carry no label set, and the report dataset's own (shorter) label list is aligned onto the run's."""
     import csv
 
+    from cxrclip.data.cells import literal_list
+
     with (demo_data / "train.csv").open() as f, (tmp_path / "reports.csv").open("w", newline="") as g:
         writer = csv.writer(g)
         writer.writerow(["image", "text"])
         for i, row in enumerate(csv.DictReader(f)):
-            images = [str(demo_data / p) for p in eval(row["image"])]  # noqa: S307 - our own test CSV
+            images = [str(demo_data / p) for p in literal_list(row["image"])]
             writer.writerow([str(images), f"Report {i}: portable chest radiograph."])
     path = tmp_path / "reports.csv"
     report = f"+data_train.reports={{name:reports,data_type:imagetext,data_path:'{path}',text_source:report,"

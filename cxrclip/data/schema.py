@@ -113,6 +113,11 @@ class DataConfig:
         bank.check_covers(self.label_names)
         return bank
 
+    def caption_prompts(self) -> PromptBank:
+        """The sentences training captions are drawn from: the prompt file for a label dataset; none for a report
+        dataset (``text_source: report``), whose captions are its own texts and which needs no prompt file."""
+        return self.prompts() if self.text_source == "labels" else PromptBank(labels={}, path="<reports>")
+
 
 @dataclass(frozen=True)
 class ImageTextRecord:

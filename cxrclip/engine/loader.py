@@ -11,7 +11,6 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
 from cxrclip.data.dataset import ImageTextDataset
-from cxrclip.data.prompts import PromptBank
 from cxrclip.data.records import load_imagetext_records, stratified_subset, summarize
 from cxrclip.data.transforms import build_transform
 from cxrclip.engine.dist import DistEnv
@@ -57,11 +56,14 @@ def load_split(spec: RunSpec, group: str, train: bool, run: RunSettings, env: Di
         if env.is_main:
             s = summarize(dc, records)
             log.info("%s %s: %d rows, %d images (%s)", group, dc.name, s["rows"], s["images"], s["csv"])
-        # a report dataset's captions are its own texts: it needs no prompt file
-        prompts = dc.prompts() if dc.text_source == "labels" else PromptBank(labels={}, path="<reports>")
         datasets.append(
             ImageTextDataset(
-                records, dc, prompts, transform, train=train, max_decode_failure_frac=run.max_decode_failure_frac
+                records,
+                dc,
+                dc.caption_prompts(),
+                transform,
+                train=train,
+                max_decode_failure_frac=run.max_decode_failure_frac,
             )
         )
     if not datasets:

@@ -299,29 +299,50 @@ def headline_labels(y: np.ndarray, names, min_count: int) -> list:
     return [n for n in names if min(counts[n]) >= min_count]
 
 
+def spread(per_seed: dict, headline: list) -> dict:
+    """Per-seed headline AUROCs ({seed: {label: AUROC}}) with their average's mean ± sd and each label's mean."""
+    avg = [float(np.mean(list(v.values()))) for v in per_seed.values()]
+    return {
+        "per_seed": per_seed,
+        "headline_average": {
+            "mean": float(np.mean(avg)),
+            "sd": float(np.std(avg, ddof=1)) if len(avg) > 1 else 0.0,
+            "n": len(avg),
+        },
+        "per_label_mean": {n: float(np.mean([v[n] for v in per_seed.values()])) for n in headline},
+    }
+
+
 def untrained_spread(args, data: Path, names, out: Path) -> dict:
     """The untrained model's zero-shot AUROC over many seeds: its projection heads are random, so each seed's
-    "before" is one draw; this shows how far a 3-seed baseline can sit from its expectation."""
+    "before" is one draw; this shows how far a 3-seed baseline can sit from its expectation. With
+    ``--probes imagenet`` also a linear probe on the same (ImageNet) encoder per seed: what a supervised read-out of
+    the features a locked-encoder recipe keeps can reach, the ceiling its zero-shot head works under."""
     y = test_labels(data, names)
     headline = headline_labels(y, names, args.min_count)
-    per_seed = {}
+    per_seed, probes = {}, {}
     for seed in args.seeds:
         args.seed = seed
-        scores = per_label(y, zero_shot_logits(untrained_checkpoint(args, data, out / f"untrained{seed}", names),
-                                               data, names), names)  # fmt: skip
+        ckpt = untrained_checkpoint(args, data, out / f"untrained{seed}", names)
+        scores = per_label(y, zero_shot_logits(ckpt, data, names), names)
         per_seed[seed] = {n: scores[n]["AUROC"] for n in headline}
         print(f"seed {seed}: " + ", ".join(f"{n} {v:.3f}" for n, v in per_seed[seed].items()), flush=True)
-    avg = [float(np.mean(list(v.values()))) for v in per_seed.values()]
+        if args.probes == "imagenet":
+            result = probe(ckpt, data, names, args, out / f"probe{seed}")
+            probes[seed] = {n: result[n]["AUROC"] for n in headline}
+            print(f"seed {seed} ImageNet probe: " + ", ".join(f"{n} {v:.3f}" for n, v in probes[seed].items()),
+                  flush=True)  # fmt: skip
     summary = {
         "benchmark": "real_data untrained spread",
         "overrides": args.override,
         "image_size": args.image_size,
         "headline_labels": headline,
-        "per_seed": per_seed,
-        "headline_average": {"mean": float(np.mean(avg)), "sd": float(np.std(avg, ddof=1)), "n": len(avg)},
-        "per_label_mean": {n: float(np.mean([v[n] for v in per_seed.values()])) for n in headline},
+        **spread(per_seed, headline),
     }
-    print(f"untrained headline average over {len(avg)} seeds: {mean_sd(avg)}")
+    print(f"untrained headline average over {len(per_seed)} seeds: {summary['headline_average']}")
+    if probes:
+        summary["imagenet_probe"] = spread(probes, headline)
+        print(f"ImageNet-encoder probe headline average: {summary['imagenet_probe']['headline_average']}")
     print(json.dumps(summary))
     return summary
 
@@ -424,8 +445,9 @@ def main() -> None:
     p.add_argument(
         "--min-count", type=int, default=10, help="headline labels: ≥ this many test positives and negatives"
     )
-    p.add_argument("--probes", choices=["both", "trained", "imagenet", "none"], default="both",
-                   help="linear probes on the ImageNet (untrained) and/or the pre-trained encoder")  # fmt: skip
+    p.add_argument("--probes", choices=["both", "trained", "imagenet", "none"],
+                   help="linear probes on the ImageNet (untrained) and/or the pre-trained encoder (default: both; "
+                        "with --untrained-only: none, or imagenet)")  # fmt: skip
     p.add_argument(
         "--unknown-tube",
         action="store_true",
@@ -455,6 +477,10 @@ def main() -> None:
     )
     p.add_argument("override", nargs="*", help="extra Hydra overrides for training (the recipe under test)")
     args = p.parse_args()
+    if args.probes is None:
+        args.probes = "none" if args.untrained_only else "both"
+    elif args.untrained_only and args.probes not in ("none", "imagenet"):
+        p.error("--untrained-only trains nothing: --probes can only be none or imagenet")
     apply_recipe(args)
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

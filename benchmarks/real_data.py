@@ -169,6 +169,7 @@ def probe(ckpt: Path, data: Path, names, args, out: Path) -> dict:
             f"base.output.checkpoint={out}/checkpoints",
             f"base.output.tensorboard={out}/tb",
             f"base.seed={args.seed}",
+            "base.overwrite=true",  # a rerun into the same --out replaces its probe
         ],
     )
     finetune(with_labels(cfg, names))
@@ -304,11 +305,8 @@ def spread(per_seed: dict, headline: list) -> dict:
     avg = [float(np.mean(list(v.values()))) for v in per_seed.values()]
     return {
         "per_seed": per_seed,
-        "headline_average": {
-            "mean": float(np.mean(avg)),
-            "sd": float(np.std(avg, ddof=1)) if len(avg) > 1 else 0.0,
-            "n": len(avg),
-        },
+        "headline_average": {"mean": float(np.mean(avg)), "sd": float(np.std(avg, ddof=1)) if len(avg) > 1 else 0.0},
+        "per_seed_average": avg,
         "per_label_mean": {n: float(np.mean([v[n] for v in per_seed.values()])) for n in headline},
     }
 
@@ -339,10 +337,10 @@ def untrained_spread(args, data: Path, names, out: Path) -> dict:
         "headline_labels": headline,
         **spread(per_seed, headline),
     }
-    print(f"untrained headline average over {len(per_seed)} seeds: {summary['headline_average']}")
+    print(f"untrained zero-shot headline average, {len(per_seed)} seeds: {mean_sd(summary['per_seed_average'])}")
     if probes:
         summary["imagenet_probe"] = spread(probes, headline)
-        print(f"ImageNet-encoder probe headline average: {summary['imagenet_probe']['headline_average']}")
+        print(f"ImageNet-encoder probe headline average: {mean_sd(summary['imagenet_probe']['per_seed_average'])}")
     print(json.dumps(summary))
     return summary
 

@@ -223,3 +223,17 @@ def test_per_label_thresholds_file_decides_yes_no(demo_data, tiny_ckpt, tmp_path
     infer_json(tiny_ckpt, image, "--thresholds", str(tmp_path / "t.json"))
     labels = json.loads(capsys.readouterr().out)["labels"]
     assert [labels[n]["present"] for n in CGMH_LABELS] == [bool(i % 2) for i in range(13)]
+
+
+def test_a_label_subset_scores_those_labels_exactly_as_the_full_list(demo_data, tiny_ckpt, tmp_path):
+    """A model per label family (USER_GUIDE, small data) evaluates each model on its own labels with
+    ``labels.names``: the test CSV's other label columns are ignored and each label's score is unchanged."""
+    full = evaluate(eval_cfg(demo_data, tiny_ckpt, tmp_path / "full"))["cgmh"][str(tiny_ckpt)]["zeroshot_binary"]
+    subset = ["Endotracheal tube in place", "Pneumothorax"]
+    names = "labels.names=[" + ",".join(f"'{n}'" for n in subset) + "]"
+    part = evaluate(eval_cfg(demo_data, tiny_ckpt, tmp_path / "part", names))["cgmh"][str(tiny_ckpt)]
+    zb = part["zeroshot_binary"]
+    assert {k for k, v in zb.items() if isinstance(v, dict) and "AUROC" in v} == set(subset)
+    for n in subset:
+        assert zb[n]["AUROC"] == pytest.approx(full[n]["AUROC"], abs=1e-12)
+    assert zb["AUROC(Avg)"] == pytest.approx(np.mean([full[n]["AUROC"] for n in subset]), abs=1e-12)

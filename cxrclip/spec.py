@@ -119,7 +119,7 @@ class RunSpec:
     """Everything a job reads from its config, typed. ``plain`` is the resolved config as checkpoints store it."""
 
     plain: dict
-    image_size: int
+    image_size: int | None  # None only in an evaluation config: each checkpoint's own test transform
     text_max_length: int
     model: dict
     tokenizer: dict
@@ -160,7 +160,7 @@ class RunSpec:
         }
         return cls(
             plain=plain,
-            image_size=int(base.get("image_size", 224)),
+            image_size=None if base.get("image_size", 224) is None else int(base.get("image_size", 224)),
             text_max_length=int(base.get("text_max_length", 256)),
             model=model,
             tokenizer=_section(plain, "tokenizer"),
@@ -187,6 +187,17 @@ class RunSpec:
         if split not in self.transforms:
             raise ConfigError(f"transform.{split} is not configured")
         return dict(self.transforms[split] or {})
+
+    def eval_transform(self, checkpoint_config: Mapping, normalize, splits=("test", "valid")):
+        """How evaluation preprocesses a checkpoint's images: with ``base.image_size`` null (the evaluation configs'
+        default) the checkpoint's own stored test transform, the size it was trained, validated and calibrated at
+        (a `+recipe=small_data` run is 288 px); with a number, this config's ``transform.test`` at that size."""
+        from cxrclip.data.transforms import build_transform
+        from cxrclip.model.loading import stored_transform
+
+        if self.image_size is None:
+            return stored_transform(checkpoint_config, normalize, splits)
+        return build_transform(self.transform_steps("test"), normalize)
 
     @property
     def normalize(self):

@@ -237,3 +237,25 @@ def test_a_label_subset_scores_those_labels_exactly_as_the_full_list(demo_data, 
     for n in subset:
         assert zb[n]["AUROC"] == pytest.approx(full[n]["AUROC"], abs=1e-12)
     assert zb["AUROC(Avg)"] == pytest.approx(np.mean([full[n]["AUROC"] for n in subset]), abs=1e-12)
+
+
+@pytest.mark.parametrize("size, expected", [(None, 32), (48, 48)])
+def test_evaluation_uses_the_checkpoints_own_size_unless_told(demo_data, tiny_ckpt, size, expected):
+    """The evaluation configs leave ``base.image_size`` null: a checkpoint is evaluated at the size it was trained,
+    validated and calibrated at (32 px here, 288 for ``+recipe=small_data``), not at a default 224; a number
+    evaluates every checkpoint at that size."""
+    import csv as csv_module
+
+    from cxrclip.data.cells import literal_list
+    from cxrclip.data.images import read_image
+    from cxrclip.eval.evaluate import CheckpointModel
+    from cxrclip.spec import RunSpec
+
+    extra = [f"base.image_size={size}"] if size else []
+    cfg = compose("eval_clip", [f"test.checkpoint={tiny_ckpt}", f"data_test.cgmh.data_path={demo_data}", *extra])
+    assert cfg.base.image_size == size
+    model = CheckpointModel(load_model(tiny_ckpt), RunSpec.from_config(cfg), torch.device("cpu"))
+    with (demo_data / "test.csv").open(newline="") as f:
+        first = next(csv_module.DictReader(f))["image"]
+    image = read_image(demo_data / literal_list(first)[0])
+    assert tuple(model.transform(image).shape[-2:]) == (expected, expected)

@@ -21,7 +21,6 @@ from cxrclip.data.collate import ImageTextCollator
 from cxrclip.data.dataset import LabeledImageDataset
 from cxrclip.data.records import load_labeled_records
 from cxrclip.data.schema import DataConfig, LabeledRecord
-from cxrclip.data.transforms import build_transform
 from cxrclip.eval import report
 from cxrclip.eval.calibrate import stored_calibration
 from cxrclip.eval.calibration import Calibration, file_sha256, sigmoid
@@ -74,7 +73,7 @@ class CheckpointModel:
 
     def __init__(self, loaded: LoadedModel, spec: RunSpec, device: torch.device):
         self.loaded, self.device, self.stored = loaded, device, loaded.checkpoint
-        self.transform = build_transform(spec.transform_steps("test"), loaded.normalize)
+        self.transform = spec.eval_transform(loaded.config, loaded.normalize)
 
     def images(self, loader: DataLoader, desc: str) -> torch.Tensor:
         return embed_images(self.loaded.model, loader, self.device, desc=desc)

@@ -11,7 +11,6 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cxrclip.data.transforms import build_transform
 from cxrclip.eval.evaluate import EvaluationRun, image_loader, label_metrics
 from cxrclip.eval.metrics import multiclass_metrics
 from cxrclip.exceptions import ConfigError
@@ -67,7 +66,8 @@ def evaluate_finetune(cfg: DictConfig | RunSpec) -> dict[str, dict[str, dict]]:
                     f"{dc.name}: label_names {list(dc.label_names)} differ from the ones {ckpt.name} "
                     f"was trained on {info['label_names']}"
                 )
-            transform = build_transform(job.spec.transform_steps("test"), info["image_encoder"]["normalize"])
+            transform = job.spec.eval_transform(ckpt_data.get("config") or {}, info["image_encoder"]["normalize"],
+                                                ("valid",))  # fmt: skip
             loader = image_loader(records, transform, job.spec.loader("test"))
             logits = probe_logits(probe, loader, job.device)
             labels = np.array([r.labels for r in records])

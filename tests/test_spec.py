@@ -39,7 +39,9 @@ def test_the_spec_of_each_job_config_is_typed():
     evaluation = RunSpec.from_config(compose("eval_clip", ["test.checkpoint=/x.tar"]))
     assert isinstance(evaluation.test, EvalSpec) and evaluation.test.checkpoint == "/x.tar"
     assert evaluation.test.auroc_ci == "delong" and evaluation.test.output_dir is None
-    assert evaluation.optimizer is None and evaluation.transform_steps("test")["Resize"] == {"size": 224}
+    assert evaluation.optimizer is None and evaluation.image_size is None  # each checkpoint's own test transform
+    sized = RunSpec.from_config(compose("eval_clip", ["test.checkpoint=/x.tar", "base.image_size=288"]))
+    assert sized.image_size == 288 and sized.transform_steps("test")["Resize"] == {"size": 288}
 
 
 def test_a_missing_or_bad_value_names_its_key():

@@ -153,6 +153,8 @@ class RunSpec:
             for split, section in _section(plain, "dataloader").items()
             if isinstance(section, Mapping)
         }
+        if base.get("image_size", 224) is None and plain.get("optimizer"):
+            raise ConfigError("base.image_size is null: a training job needs a size (null is for evaluation only)")
         data = {
             group: tuple(DataConfig.from_mapping(k, v) for k, v in _section(plain, group).items())
             for group in ("data_train", "data_valid", "data_test")

@@ -42,6 +42,9 @@ def test_the_spec_of_each_job_config_is_typed():
     assert evaluation.optimizer is None and evaluation.image_size is None  # each checkpoint's own test transform
     sized = RunSpec.from_config(compose("eval_clip", ["test.checkpoint=/x.tar", "base.image_size=288"]))
     assert sized.image_size == 288 and sized.transform_steps("test")["Resize"] == {"size": 288}
+    with pytest.raises(ConfigError, match="base.image_size is null"):  # training needs a size
+        RunSpec.from_config(compose("train", ["base.output.checkpoint=/x", "base.output.tensorboard=/x",
+                                              "base.image_size=null"]))  # fmt: skip
 
 
 def test_a_missing_or_bad_value_names_its_key():

@@ -311,6 +311,10 @@ def spread(per_seed: dict, headline: list) -> dict:
     }
 
 
+def aurocs_line(aurocs: dict) -> str:
+    return ", ".join(f"{n} {v:.3f}" for n, v in aurocs.items())
+
+
 def untrained_spread(args, data: Path, names, out: Path) -> dict:
     """The untrained model's zero-shot AUROC over many seeds: its projection heads are random, so each seed's
     "before" is one draw; this shows how far a 3-seed baseline can sit from its expectation. With
@@ -325,12 +329,11 @@ def untrained_spread(args, data: Path, names, out: Path) -> dict:
         ckpt = untrained_checkpoint(args, data, out / f"untrained{seed}", names)
         scores = per_label(y, zero_shot_logits(ckpt, data, names), names)
         per_seed[seed] = {n: scores[n]["AUROC"] for n in headline}
-        print(f"seed {seed}: " + ", ".join(f"{n} {v:.3f}" for n, v in per_seed[seed].items()), flush=True)
+        print(f"seed {seed}: {aurocs_line(per_seed[seed])}", flush=True)
         if args.probes == "imagenet":
             result = probe(ckpt, data, names, args, out / f"probe{seed}")
             probes[seed] = {n: result[n]["AUROC"] for n in headline}
-            print(f"seed {seed} ImageNet probe: " + ", ".join(f"{n} {v:.3f}" for n, v in probes[seed].items()),
-                  flush=True)  # fmt: skip
+            print(f"seed {seed} ImageNet probe: {aurocs_line(probes[seed])}", flush=True)
     summary = {
         "benchmark": "real_data untrained spread",
         "overrides": args.override,

@@ -153,7 +153,8 @@ class RunSpec:
             for split, section in _section(plain, "dataloader").items()
             if isinstance(section, Mapping)
         }
-        if base.get("image_size", 224) is None and plain.get("optimizer"):
+        image_size = base.get("image_size", 224)
+        if image_size is None and plain.get("optimizer"):
             raise ConfigError("base.image_size is null: a training job needs a size (null is for evaluation only)")
         data = {
             group: tuple(DataConfig.from_mapping(k, v) for k, v in _section(plain, group).items())
@@ -162,7 +163,7 @@ class RunSpec:
         }
         return cls(
             plain=plain,
-            image_size=None if base.get("image_size", 224) is None else int(base.get("image_size", 224)),
+            image_size=None if image_size is None else int(image_size),
             text_max_length=int(base.get("text_max_length", 256)),
             model=model,
             tokenizer=_section(plain, "tokenizer"),

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrclip.exceptions import InputError, OutputError, UserError
+from cxrclip.gate import stored_gate
 from cxrclip.infer import PredictorBase, label_bank, read_texts
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class BundlePredictor(PredictorBase):
     """Inference from a bundle: ONNX Runtime for the image encoder (PyTorch when ``device`` is given or the bundle
     has no ONNX file), the stored prompt embeddings; the text tower only for free-text candidates/queries."""
 
-    def __init__(self, bundle: Bundle, device: str | None = None):
+    def __init__(self, bundle: Bundle, device: str | None = None, gate: bool = True):
         self.bundle, self.device = bundle, device
         self.label_names = bundle.labels
         self.transform = bundle.preprocess()
@@ -163,6 +164,8 @@ class BundlePredictor(PredictorBase):
         self.scale = float(bundle.manifest["scale"])
         self.candidates, self.candidate_emb = list(self.label_names), self.pos_emb
         self.encoders = {k: bundle.manifest["model"][k].get("name") for k in ("image_encoder", "text_encoder")}
+        dim = self.pos_emb.shape[1]
+        self.gate = stored_gate(bundle.manifest.get("gate"), dim, enforced=gate, where=str(bundle.path))
         self._session = self._torch = self._text = None
         if device is None and bundle.has(ONNX_FILE) and _onnxruntime() is not None:
             ort = _onnxruntime()
@@ -179,8 +182,9 @@ class BundlePredictor(PredictorBase):
         texts: str | None = None,
         labels: Sequence[str] | None = None,
         device: str | None = None,
+        gate: bool = True,
     ) -> BundlePredictor:
-        predictor = cls(Bundle(path), device)
+        predictor = cls(Bundle(path), device, gate)
         if labels and list(labels) != predictor.label_names:
             raise InputError(f"a bundle predicts the labels it was exported with: {predictor.label_names}")
         if prompts:
@@ -382,6 +386,7 @@ def export_bundle(
             "embedding_dim": int(pos.shape[1]),
             "model": loaded.model_config,
             "calibration": predictor.calibration.to_dict(),
+            "gate": loaded.checkpoint.get("gate"),  # the input gate (cxrclip fit-gate); None: not fitted
             "card": _card(loaded, checkpoint, predictor.calibration),
             "onnx_max_abs_difference": onnx_error,
             "files": {name: _sha256((tmp / name).read_bytes()) for name in files},

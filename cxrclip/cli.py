@@ -151,8 +151,32 @@ def _serve(args: argparse.Namespace) -> int:
             cors_origins=tuple(args.cors_origin or ()),
             device=args.device,
             text_encoder=args.text_encoder,
+            gate=not args.no_gate,
         )
         serve(settings)
+    return 0
+
+
+def _fit_gate(args: argparse.Namespace) -> int:
+    from cxrclip.errors import exit_on_user_error
+    from cxrclip.fit_gate import fit_gate_checkpoint, summary_lines
+
+    with exit_on_user_error():
+        gate = fit_gate_checkpoint(
+            args.checkpoint,
+            args.frontal,
+            args.other or [],
+            out=args.out,
+            valid_frac=args.valid,
+            target_frr=args.target_frr,
+            generated=args.generated,
+            seed=args.seed,
+            device=args.device,
+            text_encoder=args.text_encoder,
+        )
+    print(f"input gate stored in {args.out or args.checkpoint}:")
+    for line in summary_lines(gate):
+        print("  " + line)
     return 0
 
 
@@ -308,6 +332,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", help="local folder of the text encoder (offline)")
     p.set_defaults(func=_calibrate)
 
+    p = sub.add_parser(
+        "fit-gate", help="fit the input gate (frontal chest radiograph or not) and store it in the checkpoint"
+    )
+    p.add_argument("--checkpoint", required=True, help="the CLIP checkpoint whose image embedding the gate reads")
+    p.add_argument("--frontal", action="append", required=True, help="frontal chest films: a folder or a CSV (image)")
+    p.add_argument(
+        "--other",
+        action="append",
+        help="images that are not: a CSV (image, kind, patient_id) or a folder (sub-folder name = kind, e.g. lateral/)",
+    )
+    p.add_argument("--generated", type=int, default=100, help="add N generated negatives (noise, rotated, inverted)")
+    p.add_argument("--target-frr", type=float, default=0.01, help="false refusals of frontal films allowed (0.01)")
+    p.add_argument("--valid", type=float, default=0.3, help="share held out (whole patients) to choose the threshold")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the checkpoint with its gate here (default: rewrite --checkpoint atomically)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--text-encoder", help="local folder of the text encoder (offline)")
+    p.set_defaults(func=_fit_gate)
+
     p = sub.add_parser("serve", help="a local web page and REST API over a checkpoint (FastAPI + uvicorn)")
     p.add_argument("--model_path", "--model-path", required=True, help="a model-best.tar or published .tar")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
@@ -319,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", help="allow this web origin to call the API (default: none)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--text-encoder", help="local folder of the text encoder (offline)")
+    p.add_argument("--no-gate", action="store_true", help="show labels even for inputs the gate refuses (recorded)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(

@@ -17,6 +17,7 @@ from cxrclip.data.images import ImageReadError, read_image
 from cxrclip.eval.calibration import Calibration, sigmoid
 from cxrclip.eval.scores import label_logits, softmax
 from cxrclip.exceptions import InputError
+from cxrclip.gate import InputGate, Precheck, precheck, stored_gate
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
 DEFAULT_PROMPTS = "datasets/train_prompts_cgmh.json"
@@ -45,6 +46,7 @@ class PredictorBase:
     neg_emb: np.ndarray
     scale: float
     calibration: Calibration
+    gate: InputGate  # asked before any label is scored (cxrclip/gate.py)
     encoders: dict  # {"image_encoder": name, "text_encoder": name}
 
     def operating_points(self, threshold: float | Mapping[str, float] | None) -> tuple[np.ndarray, list[str]]:
@@ -62,28 +64,42 @@ class PredictorBase:
         return np.full(len(self.label_names), float(threshold)), [f"fixed={float(threshold):g}"] * len(self.label_names)
 
     def predict(self, images: Sequence[str | Path], threshold: float | Mapping[str, float] | None = None) -> list[dict]:
-        """Per image: every candidate ranked (similarity, softmax probability); per label the calibrated
-        probability, its threshold and rule, and the decision."""
-        return self.predict_tensors(images, [self.transform(read_image(p)) for p in images], threshold)
+        """Per image: the input gate's verdict; for an image it lets through, every candidate ranked (similarity,
+        softmax probability) and per label the calibrated probability, its threshold and rule, and the decision.
+        A refused image gets its reason and no probability."""
+        arrays, facts = [], []
+        for path in images:
+            facts.append({})
+            arrays.append(read_image(path, facts[-1]))
+        return self.predict_arrays(images, arrays, facts, threshold)
 
-    def predict_tensors(self, images: Sequence[str | Path], tensors: Sequence, threshold=None) -> list[dict]:
-        """:meth:`predict` on images already read and preprocessed (``images`` names them)."""
-        return self.predict_embeddings(images, self.embed(tensors), threshold) if len(tensors) else []
+    def predict_arrays(self, images: Sequence, arrays: Sequence[np.ndarray], facts=None, threshold=None) -> list[dict]:
+        """:meth:`predict` on images already read (``images`` names them; ``facts``: what reading each found,
+        for the gate's DICOM stage)."""
+        if not len(arrays):
+            return []
+        checks = [precheck(a, f) for a, f in zip(arrays, facts or [None] * len(arrays))]
+        return self.predict_embeddings(images, self.embed([self.transform(a) for a in arrays]), checks, threshold)
 
     def logits(self, emb) -> np.ndarray:
         """Zero-shot label logits of image embeddings."""
         return label_logits(np.asarray(emb), self.pos_emb, self.neg_emb, self.scale)
 
-    def predict_embeddings(self, images: Sequence[str | Path], emb, threshold=None) -> list[dict]:
-        """:meth:`predict` on image embeddings."""
+    def predict_embeddings(self, images: Sequence, emb, checks: Sequence[Precheck], threshold=None) -> list[dict]:
+        """:meth:`predict` on image embeddings and the prechecks of their images (:func:`cxrclip.gate.precheck`)."""
         emb = np.asarray(emb, dtype=np.float32)
+        verdicts = self.gate.verdicts(emb, checks)
         sims = emb @ self.candidate_emb.T
         probs = softmax(sims * np.float32(self.scale))
         logits = self.logits(emb)
         yes, raw = self.calibration.probabilities(logits), sigmoid(logits)
         limits, rules = self.operating_points(threshold)
         results = []
-        for i, path in enumerate(images):
+        for i, (path, verdict) in enumerate(zip(images, verdicts)):
+            if not verdict.analysed:  # no probability of any kind leaves for a refused input
+                refusal = {"analysed": False, "reason": verdict.reason, "gate": verdict.to_dict()}
+                results.append({"image": str(path), **refusal})
+                continue
             order = np.argsort(-sims[i], kind="stable")
             ranking = [
                 {
@@ -104,7 +120,9 @@ class PredictorBase:
                 }
                 for j, n in enumerate(self.label_names)
             }
-            results.append({"image": str(path), "ranking": ranking, "labels": labels})
+            results.append(
+                {"image": str(path), "analysed": True, "gate": verdict.to_dict(), "ranking": ranking, "labels": labels}
+            )
         return results
 
     def picture(self, image) -> np.ndarray:
@@ -139,13 +157,17 @@ class Predictor(PredictorBase):
     """A loaded checkpoint with its candidate and per-label embeddings computed once (warm calls reuse them),
     and the checkpoint's calibration (per-label probability map and operating point)."""
 
-    def __init__(self, loaded: LoadedModel, names, candidates, candidate_emb, scorer, calibration, transform, device):
+    def __init__(
+        self, loaded: LoadedModel, names, candidates, candidate_emb, scorer, calibration, transform, device, gate=True
+    ):
         self.loaded, self.device, self.transform, self.calibration = loaded, device, transform, calibration
         self.label_names, self.candidates = list(names), list(candidates)
         self.candidate_emb = candidate_emb.float().numpy()
         self.pos_emb, self.neg_emb = scorer.pos_emb.float().numpy(), scorer.neg_emb.float().numpy()
         self.scale = float(scorer.scale)
         self.encoders = {k: loaded.model_config[k].get("name") for k in ("image_encoder", "text_encoder")}
+        dim = self.pos_emb.shape[1]
+        self.gate = stored_gate(loaded.checkpoint.get("gate"), dim, enforced=gate, where=str(loaded.path))
 
     @classmethod
     def create(
@@ -158,14 +180,18 @@ class Predictor(PredictorBase):
         device: str | None = None,
         image_size: int | None = None,
         text_encoder: str | None = None,
+        gate: bool = True,
     ) -> PredictorBase:
-        """A predictor for a checkpoint, or (when ``model_path`` is an exported bundle) a :class:`BundlePredictor`."""
+        """A predictor for a checkpoint, or (when ``model_path`` is an exported bundle) a :class:`BundlePredictor`.
+        ``gate=False`` (``--no-gate``): the input gate's verdicts are recorded but do not hide the labels."""
         from cxrclip.bundle import BundlePredictor, is_bundle
 
         if is_bundle(model_path):
             if image_size:
                 raise InputError("a bundle keeps the preprocessing it was exported with; image_size cannot change")
-            return BundlePredictor.create(model_path, prompts=prompts, texts=texts, labels=labels, device=device)
+            return BundlePredictor.create(
+                model_path, prompts=prompts, texts=texts, labels=labels, device=device, gate=gate
+            )
         from cxrclip.eval.calibrate import stored_calibration
         from cxrclip.eval.zeroshot import LabelScorer, embed_texts
         from cxrclip.model.loading import default_device, load_model
@@ -181,7 +207,7 @@ class Predictor(PredictorBase):
             candidates, candidate_emb = names, scorer.pos_emb
         calibration = stored_calibration(loaded.checkpoint, names)
         transform = loaded.preprocess(image_size)
-        return cls(loaded, names, candidates, candidate_emb, scorer, calibration, transform, dev)
+        return cls(loaded, names, candidates, candidate_emb, scorer, calibration, transform, dev, gate)
 
     def heatmap(self, tensor, label: str) -> np.ndarray:
         """The Grad-CAM map in [0, 1] of one preprocessed image for one label."""
@@ -258,7 +284,20 @@ def _csv_images(p: Path) -> list[Path]:
 
 
 def format_table(result: dict, top: int) -> str:
-    lines = [f"image: {result['image']}", "", f"{'rank':>4}  {'prob':>6}  {'sim':>7}  candidate"]
+    gate = result.get("gate") or {}
+    lines = [f"image: {result['image']}", ""]
+    if not result.get("analysed", True):
+        return "\n".join(
+            lines
+            + [
+                f"NOT ANALYSED: {result['reason']}",
+                "(this model answers frontal chest radiographs only: no label probability is shown for this input;",
+                " --no-gate shows them anyway, recorded in the output)",
+            ]
+        )
+    if gate.get("reason"):
+        lines += [f"WARNING --no-gate: the input gate would refuse this image: {gate['reason']}", ""]
+    lines.append(f"{'rank':>4}  {'prob':>6}  {'sim':>7}  candidate")
     for k, r in enumerate(result["ranking"][:top], 1):
         lines.append(f"{k:>4}  {r['probability']:6.3f}  {r['similarity']:7.4f}  {r['text']}")
     width = max(len(n) for n in result["labels"])
@@ -274,6 +313,8 @@ def format_table(result: dict, top: int) -> str:
     lines += ["", f"{n_yes} of {len(result['labels'])} labels called YES."]
     if flagged:
         lines.append("(uncalibrated: the probability is the model's raw score and the threshold a fixed default.)")
+    if gate.get("stage") == "none":
+        lines.append("(input gate: no image gate fitted for this model; `cxrclip fit-gate` fits one.)")
     return "\n".join(lines)
 
 
@@ -281,20 +322,28 @@ CSV_FIELDS = (("", "probability"), (":threshold", "threshold"), (":rule", "rule"
 
 
 def to_csv(results: Sequence[dict], failed: Sequence[tuple[Path, str]] = (), names: Sequence[str] = ()) -> str:
-    """One row per image: the top candidate, then per label its probability, threshold, rule and decision;
+    """One row per image: whether the gate let it through (``analysed``, ``reason``, ``gate_score``), the top
+    candidate, then per label its probability, threshold, rule and decision (blank for a refused image);
     images that could not be read keep their row, with the reason in ``error``."""
-    names = list(results[0]["labels"]) if results else list(names)
+    names = next((list(r["labels"]) for r in results if "labels" in r), list(names))
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     per_label = [f"{n}{suffix}" for n in names for suffix, _ in CSV_FIELDS]
-    writer.writerow(["image", "top_candidate", "top_probability", *per_label, "findings", "error"])
+    head = ["image", "analysed", "reason", "gate_score", "top_candidate", "top_probability"]
+    writer.writerow([*head, *per_label, "findings", "error"])
     for r in results:
+        gate = r.get("gate") or {}
+        head = [r["image"], "yes" if r.get("analysed", True) else "no", gate.get("reason") or "", gate.get("score", "")]
+        if "labels" not in r:
+            writer.writerow([*head, "", "", *([""] * len(per_label)), "", ""])
+            continue
         cells = [r["labels"][n][key] for n in names for _, key in CSV_FIELDS]
         cells = ["YES" if c is True else "no" if c is False else c for c in cells]
         findings = "; ".join(n for n in names if r["labels"][n]["present"])
-        writer.writerow([r["image"], r["ranking"][0]["text"], r["ranking"][0]["probability"], *cells, findings, ""])
+        top = r["ranking"][0]
+        writer.writerow([*head, top["text"], top["probability"], *cells, findings, ""])
     for path, error in failed:
-        writer.writerow([str(path), "", "", *([""] * len(per_label)), "", error])
+        writer.writerow([str(path), "no", "", "", "", "", *([""] * len(per_label)), "", error])
     return out.getvalue()
 
 
@@ -316,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", "--batch-size", type=int, default=32)
     p.add_argument("--heatmap", metavar="DIR", help="write Grad-CAM overlays (PNG) of each image's YES labels here")
     p.add_argument("--heatmap-label", action="append", help="the label(s) to draw (default: those called YES)")
+    p.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="show the labels even for an input the gate refuses (lateral, CT, not a radiograph); recorded in output",
+    )
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
@@ -324,24 +378,30 @@ def predict_files(predictor: Predictor, images: Sequence[Path], threshold, batch
     """Predictions for the readable images, and (path, error) for the others: one bad file never stops a batch."""
     results, failed = [], []
     for start in range(0, len(images), batch_size):
-        ok, tensors = [], []
+        ok, arrays, facts = [], [], []
         for path in images[start : start + batch_size]:
+            found: dict = {}
             try:
-                tensors.append(predictor.transform(read_image(path)))
-                ok.append(path)
+                arrays.append(read_image(path, found))
             except ImageReadError as e:
                 failed.append((path, str(e)))
-        results += predictor.predict_tensors(ok, tensors, threshold)
+                continue
+            ok.append(path)
+            facts.append(found)
+        results += predictor.predict_arrays(ok, arrays, facts, threshold)
     return results, failed
 
 
 def write_heatmaps(predictor: Predictor, results: Sequence[dict], folder: Path, labels: Sequence[str] | None) -> None:
-    """``<image stem>.<label>.png`` overlays: the given labels, else each image's YES labels (else its top one)."""
+    """``<image stem>.<label>.png`` overlays: the given labels, else each image's YES labels (else its top one);
+    none for an image the gate refused."""
     import re
 
     from cxrclip.explain import write_overlay
 
     for result in results:
+        if "labels" not in result:
+            continue
         tensor = predictor.transform(read_image(result["image"]))
         chosen = labels or [n for n, v in result["labels"].items() if v["present"]]
         if not chosen:
@@ -379,9 +439,15 @@ def main(argv: list[str] | None = None) -> int:
         if single:
             read_image(images[0])  # a bad file fails here, in one line, before the model is loaded
         predictor = Predictor.create(
-            args.model_path, prompts=args.prompts, texts=args.texts, device=args.device, text_encoder=args.text_encoder
+            args.model_path,
+            prompts=args.prompts,
+            texts=args.texts,
+            device=args.device,
+            text_encoder=args.text_encoder,
+            gate=not args.no_gate,
         )
         results, failed = predict_files(predictor, images, threshold, args.batch_size)
+        refused = [r for r in results if not r["analysed"]]
         if args.heatmap:
             write_heatmaps(predictor, results, Path(args.heatmap), args.heatmap_label)
         if single:
@@ -396,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
 
         atomic_write_text(target, to_csv(results, failed, predictor.label_names))
         print(f"wrote {len(results)} predictions to {target}", file=sys.stderr)
+        if refused:
+            print(f"{len(refused)} image(s) not analysed by the input gate (reason in the CSV)", file=sys.stderr)
         for _, error in failed:
             print(f"error: {error}", file=sys.stderr)
         if failed:

@@ -13,6 +13,13 @@ from PIL import Image
 from cxrclip.exceptions import UserError
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
+# the attributes the input gate (cxrclip/gate.py) reads, as facts of a DICOM input
+GATE_ATTRIBUTES = {
+    "body_part": "BodyPartExamined",
+    "view_position": "ViewPosition",
+    "image_laterality": "ImageLaterality",
+    "presentation_intent": "PresentationIntentType",
+}
 
 
 class ImageReadError(UserError, OSError):
@@ -57,6 +64,7 @@ def read_dicom(path, facts: dict | None = None) -> np.ndarray:
             photometric_interpretation=photometric or None,
             bits_stored=int(getattr(ds, "BitsStored", 0) or 0) or None,
             modality=str(getattr(ds, "Modality", "")) or None,
+            **{key: str(getattr(ds, attr, "") or "").strip() or None for key, attr in GATE_ATTRIBUTES.items()},
         )
     if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
         pixels = pixels[0]  # multi-frame: the first frame
@@ -78,14 +86,17 @@ def _warn(facts: dict | None, text: str) -> None:
         facts.setdefault("warnings", []).append(text)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Any supported file → a 2-D grayscale uint8 array."""
+def read_image(path: str | Path, facts: dict | None = None) -> np.ndarray:
+    """Any supported file → a 2-D grayscale uint8 array; ``facts`` (a dict) collects what was found (format,
+    DICOM attributes, warnings)."""
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"image not found: {path}")
     if is_dicom(path):
-        return read_dicom(path)
-    return _read_pil(path, str(path))
+        return read_dicom(path, facts)
+    if facts is not None:
+        facts.setdefault("format", None)
+    return _read_pil(path, str(path), facts)
 
 
 def _read_pil(source, name: str, facts: dict | None = None) -> np.ndarray:

@@ -49,6 +49,7 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ()
     device: str | None = None
     text_encoder: str | None = None
+    gate: bool = True  # False (--no-gate): a refused input still gets its labels, with the gate's verdict beside them
 
     def check(self) -> None:
         local = self.host in ("127.0.0.1", "localhost", "::1")
@@ -84,6 +85,7 @@ def model_card(predictor, path: str) -> dict:
             for n, c in calibration.labels.items()
         },
         "calibrated_on": calibration.fitted_on or None,
+        "gate": predictor.gate.describe(),
         "disclaimer": DISCLAIMER,
     }
 
@@ -101,13 +103,14 @@ class Service:
         self.settings = settings
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
         self.predictor = Predictor.create(
-            settings.model_path, device=settings.device, text_encoder=settings.text_encoder
+            settings.model_path, device=settings.device, text_encoder=settings.text_encoder, gate=settings.gate
         )
         self.card = model_card(self.predictor, settings.model_path)
 
     def predict(self, data: bytes, name: str, heatmap: str | None, texts: Sequence[str]) -> dict:
         from cxrclip.data.images import ImageReadError, UnsupportedImageError, decode_image_bytes
         from cxrclip.explain import overlay, png_bytes
+        from cxrclip.gate import precheck
 
         if heatmap and heatmap not in self.predictor.label_names:
             raise ApiError(422, f"heatmap: unknown label {heatmap!r}")
@@ -118,11 +121,13 @@ class Service:
         except ImageReadError as e:
             raise ApiError(422, str(e)) from e
         tensor = self.predictor.transform(image)
-        emb = self.predictor.embed([tensor])  # once, for the labels and the free-text queries
-        result = self.predictor.predict_embeddings([name], emb)[0]
+        emb = self.predictor.embed([tensor])  # once, for the gate, the labels and the free-text queries
+        result = self.predictor.predict_embeddings([name], emb, [precheck(image, facts)])[0]
         result.pop("image")
         gray = self.predictor.picture(tensor)
         out = {"input": facts, **result, "preview": _data_url(png_bytes(gray))}
+        if not result["analysed"]:  # refused by the input gate: no label, free-text or heatmap answer
+            return out
         if texts:
             with self._tokenizer_lock:
                 out["texts"] = self.predictor.texts_similarity(emb[0], texts)

@@ -31,7 +31,9 @@ async function loadModel() {
   try {
     const m = await call("/v1/model");
     $("model").textContent = `${m.name} · ${m.labels.length} findings · image ${m.image_size}px` +
-      (m.calibrated_on ? " · calibrated on " + m.calibrated_on.dataset : " · not calibrated");
+      (m.calibrated_on ? " · calibrated on " + m.calibrated_on.dataset : " · not calibrated") +
+      (m.gate && m.gate.fitted ? "" : " · no input gate fitted") +
+      (m.gate && !m.gate.enforced ? " · input gate OFF (--no-gate)" : "");
   } catch (e) {
     $("model").textContent = "model: " + e.message;
   }
@@ -101,7 +103,19 @@ async function predict(file) {
     $("figure").hidden = false;
     $("caption").textContent = file.name;
     showFacts(out.input);
+    if (!out.analysed) { // the input gate refused it: a banner, never bars
+      $("results").hidden = true;
+      $("refused-reason").textContent = out.reason;
+      $("refused").hidden = false;
+      status("not analysed: " + out.reason, true);
+      return;
+    }
+    $("refused").hidden = true;
     showLabels(out.labels);
+    if (out.gate && out.gate.reason) {
+      status("--no-gate: the input gate would refuse this image (" + out.gate.reason + ")", true);
+      return;
+    }
     const yes = Object.values(out.labels).filter((v) => v.present).length;
     status(`${yes} of ${Object.keys(out.labels).length} findings called YES (${out.seconds} s)`);
   } catch (e) {

@@ -1,0 +1,443 @@
+"""The input gate: only a frontal chest radiograph gets an answer.
+
+A model trained on frontal chest films answers a lateral film, a CT slice or a photograph with probabilities
+that look as calibrated as any other; they are noise. Every path that predicts (``inference.py``, ``cxrclip
+serve``, the bundle) asks the gate first, in three steps, and an input it refuses gets a reason and no label
+probability:
+
+1. **DICOM attributes** (when the input is DICOM): Modality (CR/DX/DR), BodyPartExamined, ViewPosition (PA/AP),
+   Presentation Intent. A value that rules the input out refuses it; a missing or unknown one is written down
+   and left to the image stage, never taken as a pass.
+2. **The pixels**: a blank or constant image is unreadable.
+3. **The image itself**: :class:`ImageGate`, a multinomial logistic regression over the model's own image
+   embedding (frontal vs lateral / CT / not a radiograph / ...), fitted by ``cxrclip fit-gate``. Its score is
+   1 − P(frontal); the threshold is chosen on validation frontal films for a target false-refusal rate (1 %).
+
+Scoring is NumPy only (the bundle predicts without torch); fitting uses scikit-learn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from cxrclip.exceptions import UserError
+
+FRONTAL = "frontal"
+FORMAT = 1
+REASONS = {
+    "lateral": "lateral view",
+    "ct": "CT or other cross-sectional image",
+    "not_radiograph": "not a radiograph",
+    "rotated": "rotated film (not upright)",
+    "inverted": "inverted (negative) image",
+    "unreadable": "unreadable image",
+}
+ACCEPTED_MODALITIES = ("CR", "DX", "DR")  # DR is not a DICOM term, but some systems write it
+FRONTAL_VIEWS = ("PA", "AP")
+VIEW_KINDS = {"LL": "lateral", "RL": "lateral", "LAT": "lateral", "LATERAL": "lateral", "LLD": "lateral decubitus",
+              "RLD": "lateral decubitus", "LLO": "oblique", "RLO": "oblique", "OBL": "oblique"}  # fmt: skip
+CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "TORSO")
+OTHER_PARTS = ("ABDOMEN", "PELVIS", "SKULL", "HEAD", "BRAIN", "HAND", "FOOT", "KNEE", "ANKLE", "HIP", "SHOULDER",
+               "ELBOW", "WRIST", "SPINE", "NECK", "LEG", "ARM", "EXTREMITY", "BREAST", "FINGER", "FEMUR", "TIBIA",
+               "HUMERUS", "FOREARM", "JAW", "SINUS", "DENTAL", "TEETH", "HEART")  # fmt: skip
+MIN_CONTRAST = 2.0  # grey-level standard deviation under which an image is taken as blank
+
+
+class GateError(UserError, ValueError):
+    """Gate data that cannot be fitted or a stored gate that cannot be read."""
+
+
+def describe(kind: str) -> str:
+    return REASONS.get(kind, kind.replace("_", " "))
+
+
+@dataclass(frozen=True)
+class Precheck:
+    """What the DICOM attributes and the pixels say before the model looks: a refusal (``kind`` and ``reason``)
+    or nothing against, with ``notes`` on what was checked and what was missing."""
+
+    kind: str | None = None
+    reason: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def refused(self) -> bool:
+        return self.kind is not None
+
+
+def dicom_check(facts: Mapping | None) -> Precheck:
+    """Stage 1 from the attributes :func:`cxrclip.data.images.read_dicom` collected (``facts``); no facts or a
+    non-DICOM input: nothing against it, the image stage decides."""
+    if not facts or facts.get("format") != "DICOM":
+        return Precheck()
+    notes: list[str] = []
+
+    def value(key: str) -> str:
+        return str(facts.get(key) or "").strip().upper()
+
+    modality = value("modality")
+    if not modality:
+        notes.append("Modality missing: the image stage decides")
+    elif modality not in ACCEPTED_MODALITIES:
+        kind = "ct" if modality in ("CT", "MR", "PT", "NM") else "not_radiograph"
+        return Precheck(kind, f"DICOM Modality {modality}, not a radiograph (CR/DX)", tuple(notes))
+    else:
+        notes.append(f"Modality {modality}")
+    part = value("body_part")
+    if not part:
+        notes.append("BodyPartExamined missing: the image stage decides")
+    elif any(p in part for p in CHEST_PARTS):
+        notes.append(f"BodyPartExamined {part}")
+    elif any(p in part for p in OTHER_PARTS):
+        return Precheck("not_chest", f"DICOM BodyPartExamined {part}, not the chest", tuple(notes))
+    else:
+        notes.append(f"BodyPartExamined {part} not recognised: the image stage decides")
+    view = value("view_position")
+    first = view.replace("_", " ").split(" ")[0] if view else ""
+    if not view:
+        notes.append("ViewPosition missing: the image stage decides")
+    elif first in FRONTAL_VIEWS:
+        notes.append(f"ViewPosition {view}")
+    elif first in VIEW_KINDS or view in VIEW_KINDS:
+        kind = VIEW_KINDS.get(first) or VIEW_KINDS[view]
+        return Precheck("lateral" if kind == "lateral" else kind.replace(" ", "_"),
+                        f"DICOM ViewPosition {view}: {kind} view", tuple(notes))  # fmt: skip
+    else:
+        notes.append(f"ViewPosition {view} not recognised: the image stage decides")
+    if value("presentation_intent") == "FOR PROCESSING":
+        return Precheck("unprocessed", "DICOM Presentation Intent FOR PROCESSING: a raw detector image", tuple(notes))
+    laterality = value("image_laterality")
+    if laterality in ("L", "R"):
+        notes.append(f"ImageLaterality {laterality} (one side imaged): the image stage decides")
+    return Precheck(notes=tuple(notes))
+
+
+def pixel_check(image: np.ndarray) -> Precheck:
+    """Stage 2: a blank or constant image (a failed export, a black frame) is unreadable."""
+    image = np.asarray(image)
+    if image.ndim != 2 or min(image.shape) < 8:
+        return Precheck("unreadable", f"unreadable image: shape {tuple(image.shape)}")
+    spread = float(image[:: max(1, image.shape[0] // 256), :: max(1, image.shape[1] // 256)].std())
+    if spread < MIN_CONTRAST:
+        return Precheck("unreadable", f"unreadable image: blank (grey-level spread {spread:.1f})")
+    return Precheck()
+
+
+def precheck(image: np.ndarray, facts: Mapping | None = None) -> Precheck:
+    """Stages 1 and 2 together: the first refusal, else the DICOM stage's notes."""
+    dicom = dicom_check(facts)
+    if dicom.refused:
+        return dicom
+    pixels = pixel_check(image)
+    return Precheck(pixels.kind, pixels.reason, dicom.notes) if pixels.refused else dicom
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class ImageGate:
+    """Stage 3: frontal chest radiograph vs the other kinds, over the model's L2-normalized image embedding.
+    ``coef`` (kinds × dim) and ``intercept`` already hold the standardization; ``score`` = 1 − P(frontal);
+    an image is refused when its score is above ``threshold``."""
+
+    kinds: tuple[str, ...]
+    coef: np.ndarray
+    intercept: np.ndarray
+    threshold: float
+    target_frr: float
+    evidence: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if FRONTAL not in self.kinds or len(self.kinds) < 2:
+            raise GateError(f"a gate needs the kind {FRONTAL!r} and at least one other, got {list(self.kinds)}")
+        if self.coef.shape != (len(self.kinds), self.coef.shape[1]) or self.intercept.shape != (len(self.kinds),):
+            raise GateError(f"gate weights of shape {self.coef.shape} / {self.intercept.shape} for kinds {self.kinds}")
+
+    @property
+    def dim(self) -> int:
+        return int(self.coef.shape[1])
+
+    def probabilities(self, emb) -> np.ndarray:
+        """Images × kinds: P(kind | embedding)."""
+        emb = np.asarray(emb, dtype=np.float64)
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise GateError(f"the gate was fitted on {self.dim}-d embeddings, got {emb.shape}: refit it for this model")
+        return _softmax(emb @ self.coef.T + self.intercept)
+
+    def scores(self, emb) -> tuple[np.ndarray, list[str]]:
+        """Per image: 1 − P(frontal), and the most likely kind other than frontal."""
+        probs = self.probabilities(emb)
+        j = self.kinds.index(FRONTAL)
+        others = probs.copy()
+        others[:, j] = -1.0
+        return 1.0 - probs[:, j], [self.kinds[k] for k in others.argmax(axis=1)]
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "kinds": list(self.kinds),
+            "coef": self.coef.astype(float).tolist(),
+            "intercept": self.intercept.astype(float).tolist(),
+            "threshold": float(self.threshold),
+            "target_frr": float(self.target_frr),
+            "evidence": self.evidence,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ImageGate:
+        if data.get("format") != FORMAT:
+            raise GateError(f"stored gate format {data.get('format')!r}; this cxrclip reads format {FORMAT}")
+        try:
+            return cls(
+                tuple(data["kinds"]),
+                np.asarray(data["coef"], dtype=np.float64),
+                np.asarray(data["intercept"], dtype=np.float64),
+                float(data["threshold"]),
+                float(data["target_frr"]),
+                dict(data.get("evidence") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise GateError(f"the stored gate cannot be read ({e}); fit it again with `cxrclip fit-gate`") from e
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's answer for one input: ``analysed`` (labels are shown) or refused with ``reason``."""
+
+    analysed: bool
+    kind: str
+    reason: str | None
+    stage: str  # "dicom", "pixels", "image", or "none" (no image gate fitted and nothing against)
+    score: float | None = None
+    threshold: float | None = None
+    enforced: bool = True
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["notes"] = list(self.notes)
+        if self.score is not None:
+            out["score"] = round(self.score, 4)
+        if not self.enforced:
+            out["note"] = "--no-gate: labels shown although the gate would refuse this input" if self.reason else ""
+        return out
+
+
+NO_IMAGE_GATE = (
+    "no image gate fitted for this model (`cxrclip fit-gate` fits one): only DICOM attributes and blank images "
+    "were checked"
+)
+
+
+class InputGate:
+    """The three stages for one model: ``image_gate`` may be None (a model with no fitted gate: only the DICOM
+    and pixel stages run, and every answer says so); ``enforced=False`` (``--no-gate``) still computes and
+    records the verdict but shows the labels."""
+
+    def __init__(self, image_gate: ImageGate | None, enforced: bool = True):
+        self.image_gate, self.enforced = image_gate, enforced
+
+    def describe(self) -> dict:
+        """What ``/v1/model`` and the bundle card say about the gate."""
+        if self.image_gate is None:
+            return {"fitted": False, "enforced": self.enforced, "note": NO_IMAGE_GATE}
+        g = self.image_gate
+        return {"fitted": True, "enforced": self.enforced, "kinds": list(g.kinds), "threshold": g.threshold,
+                "target_frr": g.target_frr, "evidence": g.evidence}  # fmt: skip
+
+    def verdicts(self, emb, prechecks: Sequence[Precheck]) -> list[Verdict]:
+        emb = np.asarray(emb)
+        if len(prechecks) != len(emb):
+            raise ValueError(f"{len(prechecks)} prechecks for {len(emb)} embeddings")
+        if self.image_gate is not None and len(emb):
+            scores, kinds = self.image_gate.scores(emb)
+        else:
+            scores, kinds = [None] * len(emb), [None] * len(emb)
+        threshold = None if self.image_gate is None else self.image_gate.threshold
+        out = []
+        for pre, score, kind in zip(prechecks, scores, kinds):
+            score = None if score is None else float(score)
+            if pre.refused:
+                stage = "pixels" if pre.kind == "unreadable" else "dicom"
+                verdict = Verdict(False, pre.kind, pre.reason, stage, score, threshold, notes=pre.notes)
+            elif score is not None and score > threshold:
+                reason = f"{describe(kind)} (gate score {score:.2f})"
+                verdict = Verdict(False, kind, reason, "image", score, threshold, notes=pre.notes)
+            elif score is not None:
+                verdict = Verdict(True, FRONTAL, None, "image", score, threshold, notes=pre.notes)
+            else:
+                verdict = Verdict(True, "unchecked", None, "none", notes=(*pre.notes, NO_IMAGE_GATE))
+            if not self.enforced and not verdict.analysed:
+                verdict = Verdict(True, verdict.kind, verdict.reason, verdict.stage, score, threshold, False,
+                                  verdict.notes)  # fmt: skip
+            out.append(verdict)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- fitting
+
+
+def group_split(groups: Sequence[str], valid_frac: float, seed: int) -> np.ndarray:
+    """A boolean mask of the validation rows: whole groups (patients) go to one side, about ``valid_frac``
+    of the rows."""
+    groups = [str(g) for g in groups]
+    unique = sorted(set(groups))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(unique)
+    target, taken, chosen = valid_frac * len(groups), 0, set()
+    counts = {g: groups.count(g) for g in unique}
+    for g in unique:
+        if taken >= target:
+            break
+        chosen.add(g)
+        taken += counts[g]
+    return np.array([g in chosen for g in groups])
+
+
+def choose_threshold(frontal_scores: np.ndarray, target_frr: float) -> float:
+    """The smallest score threshold that refuses at most ``target_frr`` of the validation frontal films
+    (refused when score > threshold)."""
+    s = np.sort(np.asarray(frontal_scores, dtype=np.float64))
+    if not len(s):
+        raise GateError("no validation frontal films to choose the gate's threshold on")
+    k = max(1, math.ceil((1.0 - target_frr) * len(s)))
+    return float(s[k - 1])
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> list[float] | None:
+    """The Wilson 95 % interval of a proportion k/n."""
+    if n == 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def rates(gate: ImageGate, emb: np.ndarray, kinds: Sequence[str]) -> dict:
+    """False-refusal rate of frontal films and the miss rate (let through) of each other kind, with Wilson
+    intervals, at the gate's threshold."""
+    scores, _ = gate.scores(emb)
+    kinds = np.asarray(kinds)
+    out: dict = {}
+    frontal = kinds == FRONTAL
+    refused = scores > gate.threshold
+    k, n = int(refused[frontal].sum()), int(frontal.sum())
+    out["frontal"] = {"n": n, "false_refusals": k, "rate": round(k / n, 4) if n else None, "ci95": wilson(k, n)}
+    for kind in sorted(set(kinds[~frontal])):
+        rows = kinds == kind
+        k, n = int((~refused[rows]).sum()), int(rows.sum())
+        out[kind] = {"n": n, "missed": k, "rate": round(k / n, 4), "ci95": wilson(k, n)}
+    if frontal.any() and (~frontal).any():
+        from sklearn.metrics import roc_auc_score
+
+        out["auroc"] = round(float(roc_auc_score(~frontal, scores)), 4)
+    return out
+
+
+def fit_image_gate(
+    emb_fit: np.ndarray,
+    kinds_fit: Sequence[str],
+    emb_valid: np.ndarray,
+    kinds_valid: Sequence[str],
+    *,
+    target_frr: float = 0.01,
+    c: float = 1.0,
+    fitted_on: Mapping | None = None,
+) -> ImageGate:
+    """A multinomial logistic regression (standardized inputs, balanced kinds) on the fit rows; the threshold
+    from the validation frontal films; the validation rates as its evidence."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    kinds_fit = [str(k) for k in kinds_fit]
+    present = sorted(set(kinds_fit))
+    if FRONTAL not in present or len(present) < 2:
+        raise GateError(f"fitting a gate needs frontal films and at least one other kind; the fit rows have {present}")
+    if not 0.0 <= target_frr < 0.5:
+        raise GateError(f"--target-frr {target_frr}: expected a rate in [0, 0.5)")
+    kinds = (FRONTAL, *[k for k in present if k != FRONTAL])
+    y = np.array([kinds.index(k) for k in kinds_fit])
+    x = np.asarray(emb_fit, dtype=np.float64)
+    scaler = StandardScaler().fit(x)
+    lr = LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
+    lr.fit(scaler.transform(x), y)
+    coef, intercept = lr.coef_, lr.intercept_
+    if coef.shape[0] == 1:  # binary: P(other) = sigmoid(w·x + b) = softmax([-(w·x + b)/2, (w·x + b)/2])
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    scale = scaler.scale_
+    folded_coef = coef / scale
+    folded_intercept = intercept - folded_coef @ scaler.mean_
+    kinds_valid = np.asarray([str(k) for k in kinds_valid])
+    provisional = ImageGate(kinds, folded_coef, folded_intercept, 1.0, target_frr)
+    scores, _ = provisional.scores(np.asarray(emb_valid)[kinds_valid == FRONTAL])
+    threshold = choose_threshold(scores, target_frr)
+    gate = ImageGate(kinds, folded_coef, folded_intercept, threshold, target_frr)
+    counts = {k: int((np.asarray(kinds_fit) == k).sum()) for k in kinds}
+    evidence = {
+        "fit_rows": counts,
+        "valid": rates(gate, np.asarray(emb_valid), kinds_valid),
+        "C": c,
+        **({"fitted_on": dict(fitted_on)} if fitted_on else {}),
+    }
+    return ImageGate(kinds, folded_coef, folded_intercept, threshold, target_frr, evidence)
+
+
+# ------------------------------------------------------------------------------------------ generated negatives
+
+
+def generated_negatives(frontal: Sequence[np.ndarray], n: int, seed: int = 0, size: int = 256):
+    """``n`` images that are not upright frontal chest radiographs, made from nothing or from ``frontal``
+    films: noise, smooth gradients, shapes and text-like strokes (``not_radiograph``), the films turned 90° or
+    180° (``rotated``) and their negatives (``inverted``). Returns (images, kinds)."""
+    rng = np.random.default_rng(seed)
+    images, kinds = [], []
+    makers = ("noise", "gradient", "shapes", "rotated", "inverted")
+    for i in range(n):
+        what = makers[i % len(makers)] if frontal else makers[i % 3]
+        if what == "noise":
+            sigma = rng.uniform(1, 8)
+            base = rng.normal(128, 60, (size // 8, size // 8))
+            img = np.kron(base, np.ones((8, 8))) if sigma > 4 else rng.normal(128, 60, (size, size))
+            kinds.append("not_radiograph")
+        elif what == "gradient":
+            yy, xx = np.mgrid[0:size, 0:size] / size
+            a, b, c = rng.uniform(-1, 1, 3)
+            img = 128 + 100 * np.sin(3 * (a * xx + b * yy) + c) * np.cos(5 * c * xx)
+            kinds.append("not_radiograph")
+        elif what == "shapes":
+            img = np.full((size, size), rng.uniform(0, 255))
+            for _ in range(rng.integers(4, 12)):
+                y0, x0 = rng.integers(0, size - 16, 2)
+                h, w = rng.integers(8, size // 3, 2)
+                img[y0 : y0 + h, x0 : x0 + w] = rng.uniform(0, 255)
+            kinds.append("not_radiograph")
+        else:
+            src = np.asarray(frontal[int(rng.integers(len(frontal)))], dtype=np.float64)
+            if what == "rotated":
+                img = np.rot90(src, k=int(rng.choice([1, 2, 3])))
+            else:
+                img = 255.0 - src
+            kinds.append(what)
+        images.append(np.clip(img, 0, 255).astype(np.uint8))
+    return images, kinds
+
+
+def stored_gate(data: Mapping | None, dim: int, *, enforced: bool = True, where: str = "the model") -> InputGate:
+    """The :class:`InputGate` of a checkpoint's or bundle's stored ``gate`` entry (None: no image gate), checked
+    against the model's embedding size."""
+    image_gate = ImageGate.from_dict(data) if data else None
+    if image_gate is not None and image_gate.dim != dim:
+        raise GateError(
+            f"{where}: its gate was fitted on {image_gate.dim}-d embeddings but the model gives {dim}-d ones; "
+            "fit the gate again with `cxrclip fit-gate`"
+        )
+    return InputGate(image_gate, enforced)

@@ -18,6 +18,7 @@ Scoring is NumPy only (the bundle predicts without torch); fitting uses scikit-l
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -188,7 +189,7 @@ class ImageGate:
             "intercept": self.intercept.astype(float).tolist(),
             "threshold": float(self.threshold),
             "target_frr": float(self.target_frr),
-            "evidence": self.evidence,
+            "evidence": json.loads(json.dumps(self.evidence, default=float)),  # plain data: weights_only loads it
         }
 
     @classmethod
@@ -332,7 +333,7 @@ def rates(gate: ImageGate, emb: np.ndarray, kinds: Sequence[str]) -> dict:
     refused = scores > gate.threshold
     k, n = int(refused[frontal].sum()), int(frontal.sum())
     out["frontal"] = {"n": n, "false_refusals": k, "rate": round(k / n, 4) if n else None, "ci95": wilson(k, n)}
-    for kind in sorted(set(kinds[~frontal])):
+    for kind in sorted({str(k) for k in kinds[~frontal]}):
         rows = kinds == kind
         k, n = int((~refused[rows]).sum()), int(rows.sum())
         out[kind] = {"n": n, "missed": k, "rate": round(k / n, 4), "ci95": wilson(k, n)}

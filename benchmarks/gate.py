@@ -63,8 +63,9 @@ def untrained_checkpoint(out: Path, image_size: int, seed: int) -> Path:
 
 
 def bootstrap_auroc(y: np.ndarray, s: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, list[float]]:
-    from cxrclip.eval.metrics import auroc_ci
     from sklearn.metrics import roc_auc_score
+
+    from cxrclip.eval.metrics import auroc_ci
 
     low, high = auroc_ci(y, s, method="bootstrap", n_boot=n_boot, seed=seed)
     return float(roc_auc_score(y, s)), [round(low, 4), round(high, 4)]

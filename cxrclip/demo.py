@@ -6,6 +6,8 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from cxrclip.config import compose, data_configs
 from cxrclip.synthetic import generate_demo_data
 
@@ -20,6 +22,12 @@ DEMO_OVERRIDES = [
     "optimizer.config.weight_decay=1e-4",
     "scheduler=cosine_epoch10_warmup1",
 ]
+
+
+def _save_png(array, path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG")
 
 
 def cpu_has_bf16() -> bool:
@@ -45,15 +53,16 @@ def run_demo(
 ) -> dict:
     """Run the whole pipeline under ``out``; returns the headline numbers."""
     from cxrclip.eval.evaluate import evaluate
+    from cxrclip.fit_gate import fit_gate_checkpoint, summary_lines
     from cxrclip.infer import Predictor, format_table
     from cxrclip.jobs import pretrain
 
     out = Path(out).resolve()
     start = time.perf_counter()
-    print(f"[1/4] synthetic data → {out / 'data'}", flush=True)
+    print(f"[1/5] synthetic data → {out / 'data'}", flush=True)
     paths = generate_demo_data(out / "data", n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed)
     run = out / "run"
-    print(f"[2/4] training {epochs} epochs, calibrating on the validation split → {run / 'checkpoints'}", flush=True)
+    print(f"[2/5] training {epochs} epochs, calibrating on the validation split → {run / 'checkpoints'}", flush=True)
     amp = ["base.amp=true", "base.amp_dtype=bf16"] if cpu_has_bf16() else ["base.amp=false"]
     cfg = compose(
         "train",
@@ -74,7 +83,7 @@ def run_demo(
     )
     pretrain(cfg)
     ckpt = run / "checkpoints" / "model-best.tar"
-    print(f"[3/4] evaluating {ckpt.name} on {paths['test']}", flush=True)
+    print(f"[3/5] evaluating {ckpt.name} on {paths['test']}", flush=True)
     eval_cfg = compose(
         "eval_clip",
         [
@@ -86,12 +95,24 @@ def run_demo(
         ],
     )
     results = evaluate(eval_cfg)["cgmh"][str(ckpt)]
-    print("[4/4] inference on a test image", flush=True)
+    print(
+        "[4/5] fitting the input gate: the synthetic frontal films vs generated non-radiographs, turned and inverted\n"
+        "      films (with real laterals and CT slices: `cxrclip fit-gate --other`, docs/USER_GUIDE.md)",
+        flush=True,
+    )
+    gate = fit_gate_checkpoint(ckpt, [str(paths["train"]), str(paths["valid"])], generated=150, seed=seed)
+    print("\n".join("      " + line for line in summary_lines(gate)), flush=True)
+    print("[5/5] inference on a test image, and on one the model was not made for", flush=True)
     predictor = Predictor.create(str(ckpt))
+    from cxrclip.data.images import read_image
     from cxrclip.data.records import load_labeled_records
+    from cxrclip.io import atomic_write
 
     record = load_labeled_records(data_configs(eval_cfg, "data_test")[0], need_text=True)[1]
     prediction = predictor.predict([record.images[0]])[0]
+    turned = out / "data" / "not_upright.png"  # the same film on its side: not an upright frontal radiograph
+    atomic_write(turned, lambda tmp: _save_png(np.rot90(read_image(record.images[0])), tmp))
+    refusal = predictor.predict([turned])[0]
     truth = [n for n, v in zip(predictor.label_names, record.labels) if v == 1] or ["none"]
     binary = results["zeroshot_binary"]
     auroc = binary["AUROC(Avg)"]
@@ -99,6 +120,8 @@ def run_demo(
     print()
     print(format_table(prediction, top=5))
     print(f"(the labels this synthetic image was drawn with: {', '.join(truth)})")
+    print()
+    print(format_table(refusal, top=5))
     print()
     print(f"zero-shot AUROC(Avg) on the synthetic test set: {auroc:.3f}")
     print(
@@ -117,5 +140,6 @@ def run_demo(
         "yes_per_image": binary["YES_per_image"],
         "true_per_image": binary["true_per_image"],
         "recall5_i2t": recall5,
+        "refused": not refusal["analysed"],
         "seconds": time.perf_counter() - start,
     }

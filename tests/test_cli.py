@@ -46,6 +46,7 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys, minilm_tokenizer):
     )
     out = capsys.readouterr().out
     assert "zero-shot AUROC(Avg) on the synthetic test set" in out and "the labels this synthetic image" in out
+    assert "frontal films refused" in out and "image: " + str(tmp_path / "data" / "not_upright.png") in out
     saved = json.loads((tmp_path / "results-cgmh.json").read_text())
     (entry,) = saved.values()
     assert entry["zeroshot_binary"]["AUROC(Avg)"] == result["auroc_avg"]

@@ -103,7 +103,8 @@ def test_inference_cli_json_folder_and_custom_texts(demo_data, tiny_ckpt, tmp_pa
         == 0
     )
     lines = (tmp_path / "pred.csv").read_text().splitlines()
-    assert len(lines) == 5 and lines[0].startswith("image,analysed,reason,gate_score,top_candidate,top_probability,Endotracheal tube in place")
+    header = "image,analysed,reason,gate_score,top_candidate,top_probability,Endotracheal tube in place"
+    assert len(lines) == 5 and lines[0].startswith(header)
 
 
 def test_inference_on_dicom(demo_data, tiny_ckpt, tmp_path):

@@ -259,7 +259,7 @@ def live_server(service):
     thread.join(timeout=10)
 
 
-def test_the_page_in_chromium_shows_labels_and_a_heatmap_and_stays_local(live_server, demo_data, tmp_path):
+def test_the_page_in_chromium_shows_labels_a_heatmap_a_refusal_banner_and_stays_local(live_server, demo_data, tmp_path):
     chromium = shutil.which("chromium")
     if not chromium:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it with apt-get)")
@@ -304,6 +304,14 @@ def test_the_page_in_chromium_shows_labels_and_a_heatmap_and_stays_local(live_se
             page.locator("#similarity li").first.wait_for(timeout=60_000)
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "serve-page.png"), full_page=True)
+            # an input the gate refuses (a blank film): a banner with the reason, and no bars at all
+            blank = tmp_path / "blank.png"
+            Image.fromarray(np.zeros((64, 64), np.uint8)).save(blank)
+            page.set_input_files("#file", str(blank))
+            page.locator("#refused").wait_for(state="visible", timeout=60_000)
+            assert "blank" in page.inner_text("#refused-reason")
+            assert not page.locator("#results").is_visible() and not page.locator("#labels").is_visible()
+            page.screenshot(path=str(ARTIFACTS / "serve-page-refused.png"), full_page=True)
         finally:
             browser.close()
     assert outside == [], f"the page requested non-local URLs: {outside}"

@@ -304,3 +304,14 @@ def test_fit_gate_lists_bad_inputs_before_any_work(tiny_clip_checkpoint, tmp_pat
     (tmp_path / "bad.csv").write_text("image,kind\na.png,frontal\n")
     with pytest.raises(GateError, match="kind frontal in an --other set"):
         gather(str(tmp_path / "bad.csv"), None)
+
+
+def test_evaluation_reports_what_the_gate_would_refuse(refusing, passing, demo_data, tmp_path):
+    from cxrclip.eval.evaluate import evaluate
+    from tests.test_eval import eval_cfg
+
+    results = evaluate(eval_cfg(demo_data, refusing, tmp_path))["cgmh"][refusing]
+    assert results["input_gate"]["refused"] == results["input_gate"]["of"] == results["n_images"] == 12
+    assert results["input_gate"]["by_kind"] == {"lateral": 12}
+    results = evaluate(eval_cfg(demo_data, passing, tmp_path))["cgmh"][passing]
+    assert results["input_gate"]["refused"] == 0 and results["input_gate"]["by_kind"] == {}

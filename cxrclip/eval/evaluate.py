@@ -26,6 +26,7 @@ from cxrclip.eval.calibrate import stored_calibration
 from cxrclip.eval.calibration import Calibration, file_sha256, sigmoid
 from cxrclip.eval.metrics import binary_metrics, merge_texts, multiclass_metrics, retrieval_metrics
 from cxrclip.eval.zeroshot import LabelScorer, embed_images, embed_texts
+from cxrclip.gate import stored_gate
 from cxrclip.model.checkpoint import CheckpointError
 from cxrclip.model.loading import LoadedModel, default_device, load_model
 from cxrclip.paths import resolve_user_path
@@ -93,7 +94,8 @@ class BundleModel:
         from cxrclip.bundle import BundlePredictor
 
         self.predictor = BundlePredictor.create(path)
-        self.stored = {"calibration": self.predictor.bundle.manifest["calibration"]}
+        manifest = self.predictor.bundle.manifest
+        self.stored = {"calibration": manifest["calibration"], "gate": manifest.get("gate")}
         self.transform = lambda image: torch.from_numpy(self.predictor.transform(image))
 
     def images(self, loader: DataLoader, desc: str) -> torch.Tensor:
@@ -134,12 +136,34 @@ def evaluate_one(
         if multi is not None:
             results["zeroshot_multiclass"] = multi
         arrays.update(probs=calibration.probabilities(logits), raw_probs=sigmoid(logits))
+    gate = gate_report(model.stored.get("gate"), image_emb)
+    if gate is not None:
+        results["input_gate"] = gate
     if all(r.text for r in records):  # image-text sets; classification sets have no texts to retrieve
         texts, gt = merge_texts([r.text for r in records])
         text_emb = model.texts(texts, dc)
         results.update(retrieval_metrics(image_emb, text_emb, gt))
         results["n_texts_unique"] = len(texts)
     return results, arrays
+
+
+def gate_report(stored: Mapping | None, image_emb: torch.Tensor) -> dict | None:
+    """How many test images the model's input gate (image stage) would refuse at inference, and as what. The
+    metrics above include them: a test set of frontal films should have (almost) none."""
+    gate = stored_gate(stored, int(image_emb.shape[1]), where="the evaluated model").image_gate
+    if gate is None:
+        return None
+    scores, kinds = gate.scores(image_emb.float().numpy())
+    refused = scores > gate.threshold
+    by_kind: dict[str, int] = {}
+    for kind in np.asarray(kinds)[refused]:
+        by_kind[str(kind)] = by_kind.get(str(kind), 0) + 1
+    return {
+        "refused": int(refused.sum()),
+        "of": len(scores),
+        "by_kind": by_kind,
+        "note": "the image stage only (no DICOM attributes here); the metrics include these images",
+    }
 
 
 def label_metrics(

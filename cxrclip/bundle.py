@@ -186,13 +186,25 @@ class BundlePredictor(PredictorBase):
     ) -> BundlePredictor:
         predictor = cls(Bundle(path), device, gate)
         if labels and list(labels) != predictor.label_names:
-            raise InputError(f"a bundle predicts the labels it was exported with: {predictor.label_names}")
+            predictor.select_labels(labels)
         if prompts:
             predictor.use_prompts(prompts)
         if texts:
             candidates = read_texts(texts)
             predictor.candidates, predictor.candidate_emb = candidates, predictor.embed_texts(candidates)
         return predictor
+
+    def select_labels(self, labels: Sequence[str]) -> None:
+        """Answer only ``labels`` (some of the bundle's, in this order): their prompt embeddings and calibration."""
+        unknown = [n for n in labels if n not in self.label_names]
+        if unknown:
+            raise InputError(f"a bundle predicts the labels it was exported with {self.label_names}; not {unknown}")
+        rows = [self.label_names.index(n) for n in labels]
+        self.pos_emb, self.neg_emb = self.pos_emb[rows], self.neg_emb[rows]
+        self.label_names = list(labels)
+        self.calibration = self.calibration.for_labels(self.label_names)
+        if self.candidates == self.bundle.labels:
+            self.candidates, self.candidate_emb = list(self.label_names), self.pos_emb
 
     @property
     def backend(self) -> str:

@@ -190,11 +190,61 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _route(args: argparse.Namespace) -> int:
+    from cxrclip.errors import exit_on_user_error
+    from cxrclip.routed import MANIFEST, Member, RoutingError, route_by_validation, write_routed
+
+    with exit_on_user_error():
+        if bool(args.member) == bool(args.candidates):
+            raise RoutingError(
+                "give either --member NAME=CKPT[:labels] (one per member) or --candidates A B ... --data"
+            )
+        if args.member:
+            members = [Member.parse(m) for m in args.member]
+            out = write_routed(args.out, members, default=args.default, overwrite=args.overwrite)
+        else:
+            if not args.data:
+                raise RoutingError("--candidates needs --data VALID.csv to choose on (never the test split)")
+            split = "valid" if "text_label" in _csv_header(args.data) else "test"
+            data = _data_config(args.data, split, args)
+            out = route_by_validation(
+                args.candidates, args.data, args.out, data_config=data, device=args.device, overwrite=args.overwrite
+            )
+        manifest = json.loads((Path(out) / MANIFEST).read_text(encoding="utf-8"))
+    print(f"wrote {Path(out) / MANIFEST}: use the folder as --model_path / test.checkpoint")
+    for m in manifest["members"]:
+        print(f"  {m['name']:<16} {m['path']}\n  {'':<16} answers: {', '.join(m['labels'])}")
+    for label, e in manifest["card"].get("evidence", {}).items():
+        print(f"  {label}: {e.get('chosen', 'default')} — {e['why']}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from cxrclip.bundle import Bundle, export_bundle
     from cxrclip.errors import exit_on_user_error
+    from cxrclip.routed import MANIFEST, Member, RoutingError, export_routed_bundle
 
+    if args.member:
+        with exit_on_user_error():
+            if args.checkpoint or args.labels or args.prompts:
+                raise RoutingError("--member exports a routed bundle: leave out --checkpoint, --labels and --prompts")
+            out = export_routed_bundle(
+                args.out,
+                [Member.parse(m) for m in args.member],
+                default=args.default,
+                overwrite=args.overwrite,
+                onnx=not args.no_onnx,
+                text_encoder=args.text_encoder,
+            )
+            manifest = json.loads((Path(out) / MANIFEST).read_text(encoding="utf-8"))
+        print(
+            f"wrote routed bundle {out}: "
+            + "; ".join(f"{m['name']} → {len(m['labels'])} labels" for m in manifest["members"])
+        )
+        return 0
     with exit_on_user_error():
+        if not args.checkpoint:
+            raise RoutingError("cxrclip export needs --checkpoint CKPT (or --member NAME=CKPT[:labels] ...)")
         labels = list(_label_names(args.labels)) if args.labels else None
         path = export_bundle(
             args.checkpoint,
@@ -375,14 +425,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export", help="write an inference bundle (safetensors/ONNX weights, prompt embeddings, calibration)"
     )
-    p.add_argument("--checkpoint", required=True, help="a CLIP checkpoint (model-best.tar or published)")
+    p.add_argument("--checkpoint", help="a CLIP checkpoint (model-best.tar or published)")
+    p.add_argument("--member", action="append", help="a routed bundle: NAME=CKPT[:label,label...] per member")
+    p.add_argument("--default", help="routed: the member for free text and the ranking (default: the first)")
     p.add_argument("--out", required=True, help="the bundle folder to write")
     p.add_argument("--prompts", help="prompt file (default: the one the checkpoint was trained with)")
     p.add_argument("--labels", help="a text file with one label name per line (default: the training labels)")
     p.add_argument("--no-onnx", action="store_true", help="PyTorch weights only (inference then imports torch)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
-    p.add_argument("--text-encoder", help="local folder of the text encoder (offline)")
+    p.add_argument("--text-encoder", "--text_encoder", help="local folder of the text encoder (offline)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("route", help="several models as one: each label answered by the member chosen for it")
+    p.add_argument("--member", action="append", help="NAME=CKPT_OR_BUNDLE[:label,label...] (labels: default all left)")
+    p.add_argument("--candidates", nargs="+", help="choose per label on --data; the first is the default model")
+    p.add_argument("--data", help="validation CSV (image + text_label, or image + 0/1 label columns)")
+    p.add_argument("--default", help="with --member: the member for free text and the ranking (default: the first)")
+    p.add_argument("--out", required=True, help="the routed model's folder (routed.json)")
+    p.add_argument("--labels", help="a text file with one label name per line (default: the 13 CGMH labels)")
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompt file (to read --data's labels)")
+    p.add_argument("--image-root", help="folder that relative image paths start from (default: the CSV's folder)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing routed.json")
+    p.set_defaults(func=_route)
 
     p = sub.add_parser("demo-data", help="write a synthetic CGMH-style dataset (train/valid/test CSVs + images)")
     p.add_argument("out", help="output folder")

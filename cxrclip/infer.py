@@ -125,6 +125,19 @@ class PredictorBase:
             )
         return results
 
+    def picture_of(self, image: np.ndarray, label: str | None = None) -> np.ndarray:
+        """The grayscale picture the model sees of an image read from a file (preprocessed, un-normalized); ``label``:
+        the picture that label's heatmap is drawn on (the same here; a routed model's member may see another)."""
+        return self.picture(self.transform(image))
+
+    def heatmap_of(self, image: np.ndarray, label: str) -> np.ndarray:
+        """The Grad-CAM map of an image read from a file, for one label."""
+        return self.heatmap(self.transform(image), label)
+
+    def texts_of(self, image: np.ndarray, texts: Sequence[str]) -> list[dict]:
+        """Free-text queries against an image read from a file."""
+        return self.texts_similarity(self.embed([self.transform(image)])[0], texts)
+
     def picture(self, image) -> np.ndarray:
         """The grayscale picture the model saw (a preprocessed image, un-normalized)."""
         from cxrclip.explain import display_image
@@ -182,9 +195,16 @@ class Predictor(PredictorBase):
         text_encoder: str | None = None,
         gate: bool = True,
     ) -> PredictorBase:
-        """A predictor for a checkpoint, or (when ``model_path`` is an exported bundle) a :class:`BundlePredictor`.
+        """A predictor for a checkpoint, or (when ``model_path`` is an exported bundle) a :class:`BundlePredictor`,
+        or (a folder with ``routed.json``) a :class:`~cxrclip.routed.RoutedPredictor`.
         ``gate=False`` (``--no-gate``): the input gate's verdicts are recorded but do not hide the labels."""
         from cxrclip.bundle import BundlePredictor, is_bundle
+        from cxrclip.routed import RoutedPredictor, is_routed
+
+        if is_routed(model_path):
+            if image_size or prompts or labels:
+                raise InputError("a routed model keeps each member's own preprocessing, prompts and labels")
+            return RoutedPredictor.create(model_path, device=device, text_encoder=text_encoder, gate=gate, texts=texts)
 
         if is_bundle(model_path):
             if image_size:
@@ -402,15 +422,16 @@ def write_heatmaps(predictor: Predictor, results: Sequence[dict], folder: Path, 
     for result in results:
         if "labels" not in result:
             continue
-        tensor = predictor.transform(read_image(result["image"]))
+        image = read_image(result["image"])
         chosen = labels or [n for n, v in result["labels"].items() if v["present"]]
         if not chosen:
             chosen = [max(result["labels"], key=lambda n: result["labels"][n]["probability"])]
-        gray = predictor.picture(tensor)
         for label in chosen:
-            cam = predictor.heatmap(tensor, label)
+            cam = predictor.heatmap_of(image, label)
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
-            path = write_overlay(folder / f"{Path(result['image']).stem}.{slug}.png", gray, cam)
+            path = write_overlay(
+                folder / f"{Path(result['image']).stem}.{slug}.png", predictor.picture_of(image, label), cam
+            )
             print(f"heatmap: {path}", file=sys.stderr)
 
 

@@ -73,9 +73,15 @@ def model_card(predictor, path: str) -> dict:
     calibration = predictor.calibration
     size = int(predictor.transform(np.zeros((8, 8), np.uint8)).shape[-1])
     bundle = getattr(predictor, "bundle", None)
+    routed = predictor.card() if hasattr(predictor, "card") else None
+    if routed:
+        digest = file_sha256(Path(path) / "routed.json")
+    else:
+        digest = bundle.manifest["card"]["checkpoint_sha256"] if bundle else file_sha256(path)
     return {
         "name": Path(path).name,
-        "checkpoint_sha256": bundle.manifest["card"]["checkpoint_sha256"] if bundle else file_sha256(path),
+        "checkpoint_sha256": digest,
+        **({"routing": routed} if routed else {}),
         **({"bundle_sha256": file_sha256(bundle.path / "bundle.json"), "backend": predictor.backend} if bundle else {}),
         **predictor.encoders,
         "image_size": size,
@@ -110,7 +116,6 @@ class Service:
     def predict(self, data: bytes, name: str, heatmap: str | None, texts: Sequence[str]) -> dict:
         from cxrclip.data.images import ImageReadError, UnsupportedImageError, decode_image_bytes
         from cxrclip.explain import overlay, png_bytes
-        from cxrclip.gate import precheck
 
         if heatmap and heatmap not in self.predictor.label_names:
             raise ApiError(422, f"heatmap: unknown label {heatmap!r}")
@@ -120,20 +125,19 @@ class Service:
             raise ApiError(415, str(e)) from e
         except ImageReadError as e:
             raise ApiError(422, str(e)) from e
-        tensor = self.predictor.transform(image)
-        emb = self.predictor.embed([tensor])  # once, for the gate, the labels and the free-text queries
-        result = self.predictor.predict_embeddings([name], emb, [precheck(image, facts)])[0]
+        result = self.predictor.predict_arrays([name], [image], [facts])[0]
         result.pop("image")
-        gray = self.predictor.picture(tensor)
+        gray = self.predictor.picture_of(image)
         out = {"input": facts, **result, "preview": _data_url(png_bytes(gray))}
         if not result["analysed"]:  # refused by the input gate: no label, free-text or heatmap answer
             return out
         if texts:
             with self._tokenizer_lock:
-                out["texts"] = self.predictor.texts_similarity(emb[0], texts)
+                out["texts"] = self.predictor.texts_of(image, texts)
         if heatmap:
-            cam = self.predictor.heatmap(tensor, heatmap)
-            out["heatmap"] = {"label": heatmap, "png": _data_url(png_bytes(overlay(gray, cam)))}
+            cam = self.predictor.heatmap_of(image, heatmap)
+            picture = self.predictor.picture_of(image, heatmap)
+            out["heatmap"] = {"label": heatmap, "png": _data_url(png_bytes(overlay(picture, cam)))}
         return out
 
 

@@ -1,0 +1,463 @@
+"""A routed model: several models used as one, each label answered by the member trained for it.
+
+On real radiographs one model per label family did better than any single model (docs/RESULTS.md: the tube at
+320 px, the pneumonias at 224 px), but a deployment wants one model. A routed model is a folder with
+``routed.json``::
+
+    {"format": 1, "kind": "cxrclip routed model",
+     "members": [{"name": "tube", "path": "tube.tar", "sha256": "…", "labels": ["Endotracheal tube in place", …]},
+                 {"name": "air", "path": "members/air", "sha256": "…", "labels": [...]}],
+     "default": "tube",                    # free-text similarity, the ranking, the preview and the card
+     "labels": [...],                      # the answer's label order
+     "card": {...}}                        # how the members were chosen (``cxrclip route``), when known
+
+A member is a checkpoint (its SHA-256 is that of the file) or an inference bundle (the SHA-256 of its
+``bundle.json``, which in turn holds the hash of every file). A member whose file changed since the routed model
+was written is refused. Each label gets its member's own preprocessing, calibration and operating point: a routed
+answer equals the member's own answer, label by label. An image is refused when any member's input gate refuses
+it (the strictest gate wins).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxrclip.data.images import read_image
+from cxrclip.eval.calibration import Calibration
+from cxrclip.exceptions import InputError, OutputError, UserError
+from cxrclip.gate import precheck
+from cxrclip.io import atomic_write_text, file_sha256
+
+MANIFEST = "routed.json"
+FORMAT = 1
+KIND = "cxrclip routed model"
+UTC = datetime.timezone.utc
+
+
+class RoutingError(UserError, ValueError):
+    """A routed model that is missing, malformed, or whose members changed since it was written."""
+
+
+def is_routed(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    path: str  # as given: absolute, or relative to the routed folder
+    labels: tuple[str, ...] | None = None  # None: every label of the member not claimed by another
+
+    @classmethod
+    def parse(cls, text: str) -> Member:
+        """``NAME=PATH[:label,label…]`` (a label list after the last ':' that is not part of a Windows drive)."""
+        name, sep, rest = text.partition("=")
+        if not sep or not name.strip() or not rest.strip():
+            raise RoutingError(f"--member {text!r}: expected NAME=CHECKPOINT[:label,label,...]")
+        path, labels = rest, None
+        head, colon, tail = rest.rpartition(":")
+        if colon and head and not Path(rest).exists() and len(head) > 1:
+            path, labels = head, tuple(x.strip() for x in tail.split(",") if x.strip())
+        return cls(name.strip(), path.strip(), labels or None)
+
+
+def member_sha256(path: Path) -> str:
+    """What identifies a member: a bundle's ``bundle.json``, else the checkpoint file."""
+    from cxrclip.bundle import MANIFEST as BUNDLE_MANIFEST
+    from cxrclip.bundle import is_bundle
+
+    return file_sha256(path / BUNDLE_MANIFEST) if is_bundle(path) else file_sha256(path)
+
+
+def member_labels(path: Path) -> list[str]:
+    """The labels a member was trained (or exported) with."""
+    from cxrclip.bundle import Bundle, is_bundle
+    from cxrclip.infer import label_bank
+    from cxrclip.model.checkpoint import load_checkpoint, plain_config
+
+    if is_bundle(path):
+        return Bundle(path).labels
+    return label_bank(None, None, plain_config(load_checkpoint(path).get("config")))[1]
+
+
+def assign_labels(members: Sequence[Member], available: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Each member's labels: those listed for it; a member without a list takes its labels that no list claims
+    (the first such member wins a label two of them have)."""
+    claimed: dict[str, str] = {}
+    for m in members:
+        for label in m.labels or ():
+            if label not in available[m.name]:
+                raise RoutingError(
+                    f"member {m.name}: label {label!r} is not one of its labels {list(available[m.name])}"
+                )
+            if label in claimed:
+                raise RoutingError(f"label {label!r} is given to two members: {claimed[label]} and {m.name}")
+            claimed[label] = m.name
+    out = {m.name: list(m.labels) if m.labels else [] for m in members}
+    for m in members:
+        if m.labels:
+            continue
+        for label in available[m.name]:
+            if label not in claimed:
+                claimed[label] = m.name
+                out[m.name].append(label)
+    empty = [name for name, labels in out.items() if not labels]
+    if empty:
+        raise RoutingError(f"member(s) {empty} answer no label: every label is given to another member")
+    return out
+
+
+def write_routed(
+    out: str | Path,
+    members: Sequence[Member],
+    *,
+    default: str | None = None,
+    card: Mapping | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``out/routed.json`` for ``members`` (checkpoints or bundles, referenced where they are)."""
+    out = Path(out)
+    if (out / MANIFEST).exists() and not overwrite:
+        raise OutputError(f"{out / MANIFEST} already exists; choose another --out or pass --overwrite")
+    if not members:
+        raise RoutingError("a routed model needs at least one member (--member NAME=CHECKPOINT[:labels])")
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise RoutingError(f"member names must differ: {names}")
+    default = default or names[0]
+    if default not in names:
+        raise RoutingError(f"--default {default!r} is not a member: {names}")
+    paths = {m.name: Path(m.path).resolve() for m in members}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise RoutingError(f"member file(s) not found: {missing}")
+    routes = assign_labels(members, {m.name: member_labels(paths[m.name]) for m in members})
+    order = [label for m in members for label in routes[m.name]]
+    manifest = {
+        "format": FORMAT,
+        "kind": KIND,
+        "members": [
+            {
+                "name": m.name,
+                "path": str(paths[m.name]),
+                "sha256": member_sha256(paths[m.name]),
+                "labels": routes[m.name],
+            }
+            for m in members
+        ],
+        "default": default,
+        "labels": order,
+        "card": {"created": datetime.datetime.now(UTC).isoformat(timespec="seconds"), **dict(card or {})},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def export_routed_bundle(
+    out: str | Path, members: Sequence[Member], *, default: str | None = None, overwrite: bool = False, **export_kw
+) -> Path:
+    """A routed bundle: each member exported as a bundle of the labels it answers under ``members/NAME``, and a
+    ``routed.json`` that holds each member bundle's hash (built beside ``out``, then moved into place)."""
+    from cxrclip.bundle import export_bundle
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    paths = {m.name: Path(m.path) for m in members}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise RoutingError(f"member file(s) not found: {missing}")
+    routes = assign_labels(members, {m.name: member_labels(paths[m.name]) for m in members})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        exported = []
+        for m in members:
+            folder = export_bundle(paths[m.name], tmp / "members" / m.name, labels=routes[m.name], **export_kw)
+            exported.append(Member(m.name, str(folder), tuple(routes[m.name])))
+        write_routed(
+            tmp, exported, default=default, card={"exported_from": {m.name: str(paths[m.name]) for m in members}}
+        )
+        manifest = json.loads((tmp / MANIFEST).read_text(encoding="utf-8"))
+        for entry in manifest["members"]:  # inside the bundle the members are found relative to it
+            entry["path"] = str(Path("members") / entry["name"])
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+class RoutedGate:
+    """The members' gates seen as one (for ``/v1/model``)."""
+
+    def __init__(self, members: Mapping):
+        self.members = members
+
+    def describe(self) -> dict:
+        parts = {name: p.gate.describe() for name, p in self.members.items()}
+        return {
+            "fitted": all(d["fitted"] for d in parts.values()),
+            "enforced": all(d["enforced"] for d in parts.values()),
+            "rule": "refused when any member's gate refuses",
+            "members": parts,
+        }
+
+
+class RoutedPredictor:
+    """Each label answered by its member (a :class:`~cxrclip.infer.Predictor` or bundle predictor created with that
+    member's labels); the ranking, free text and preview from the default member."""
+
+    def __init__(self, path: Path, manifest: dict, members: dict, default: str):
+        self.path, self.manifest, self.members, self.default = path, manifest, members, default
+        self.routes = {label: m["name"] for m in manifest["members"] for label in m["labels"]}
+        self.label_names = list(manifest["labels"])
+        base = members[default]
+        self.transform, self.encoders, self.scale = base.transform, base.encoders, base.scale
+        self.calibration = Calibration(
+            {n: members[self.routes[n]].calibration.labels[n] for n in self.label_names},
+            base.calibration.fitted_on,
+            base.calibration.prompts_sha256,
+            base.calibration.created,
+        )
+        self.gate = RoutedGate(members)
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        device: str | None = None,
+        text_encoder: str | None = None,
+        gate: bool = True,
+        texts: str | None = None,
+    ) -> RoutedPredictor:
+        from cxrclip.infer import Predictor
+
+        path = Path(path)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RoutingError(f"{path / MANIFEST}: not readable JSON ({e})") from e
+        if manifest.get("kind") != KIND or manifest.get("format") != FORMAT:
+            raise RoutingError(
+                f"{path}: not a routed model of format {FORMAT} ({MANIFEST} says {manifest.get('kind')!r})"
+            )
+        members = {}
+        for m in manifest["members"]:
+            where = Path(m["path"]) if Path(m["path"]).is_absolute() else path / m["path"]
+            if not where.exists():
+                raise RoutingError(f"{path}: member {m['name']} not found at {where}")
+            if member_sha256(where) != m["sha256"]:
+                raise RoutingError(
+                    f"{path}: member {m['name']} ({where}) changed since the routed model was written (its SHA-256 "
+                    "differs); nothing was run. Write the routed model again (cxrclip route / cxrclip export)."
+                )
+            members[m["name"]] = Predictor.create(
+                str(where),
+                labels=m["labels"],
+                device=device,
+                text_encoder=text_encoder,
+                gate=gate,
+                texts=texts if m["name"] == manifest["default"] else None,
+            )
+        return cls(path, manifest, members, manifest["default"])
+
+    @property
+    def candidates(self) -> list[str]:
+        return self.members[self.default].candidates
+
+    def card(self) -> dict:
+        """The routing for ``/v1/model``: each member, its file and hash, and the labels it answers."""
+        return {
+            "default": self.default,
+            "members": [
+                {
+                    "name": m["name"],
+                    "path": m["path"],
+                    "sha256": m["sha256"],
+                    "labels": m["labels"],
+                    "image_size": int(self.members[m["name"]].transform(np.zeros((8, 8), np.uint8)).shape[-1]),
+                }
+                for m in self.manifest["members"]
+            ],  # fmt: skip
+            "card": self.manifest.get("card", {}),
+        }
+
+    def predict(self, images: Sequence[str | Path], threshold=None) -> list[dict]:
+        arrays, facts = [], []
+        for p in images:
+            facts.append({})
+            arrays.append(read_image(p, facts[-1]))
+        return self.predict_arrays(images, arrays, facts, threshold)
+
+    def _member_threshold(self, name: str, threshold):
+        if isinstance(threshold, Mapping):
+            unknown = sorted(set(threshold) - set(self.label_names))
+            if unknown:
+                raise InputError(f"thresholds for unknown labels {unknown}; labels: {self.label_names}")
+            return {k: v for k, v in threshold.items() if self.routes[k] == name}
+        return threshold
+
+    def predict_arrays(self, images: Sequence, arrays: Sequence[np.ndarray], facts=None, threshold=None) -> list[dict]:
+        if not len(arrays):
+            return []
+        checks = [precheck(a, f) for a, f in zip(arrays, facts or [None] * len(arrays))]
+        answers = {}
+        for name, member in self.members.items():
+            emb = member.embed([member.transform(a) for a in arrays])
+            answers[name] = member.predict_embeddings(images, emb, checks, self._member_threshold(name, threshold))
+        results = []
+        for i, path in enumerate(images):
+            refused = next((name for name in self.members if not answers[name][i]["analysed"]), None)
+            gates = {name: answers[name][i]["gate"] for name in self.members}
+            if refused is not None:
+                reason = answers[refused][i]["reason"]
+                results.append({"image": str(path), "analysed": False, "reason": reason,
+                                "gate": {**gates[refused], "member": refused, "members": gates}})  # fmt: skip
+                continue
+            overridden = next((n for n in self.members if gates[n].get("reason")), None)
+            gate = {**gates[overridden or self.default], "member": overridden or self.default, "members": gates}
+            labels = {
+                n: {**answers[self.routes[n]][i]["labels"][n], "member": self.routes[n]} for n in self.label_names
+            }
+            base = answers[self.default][i]
+            results.append({"image": str(path), "analysed": True, "gate": gate, "ranking": base["ranking"],
+                            "labels": labels})  # fmt: skip
+        return results
+
+    def picture_of(self, image: np.ndarray, label: str | None = None) -> np.ndarray:
+        """The default member's picture, or (``label``) the picture of the member that answers it."""
+        return self.members[self.routes[label] if label in self.routes else self.default].picture_of(image)
+
+    def heatmap_of(self, image: np.ndarray, label: str) -> np.ndarray:
+        if label not in self.routes:
+            raise InputError(f"heatmap: unknown label {label!r}; labels: {self.label_names}")
+        return self.members[self.routes[label]].heatmap_of(image, label)
+
+    def texts_of(self, image: np.ndarray, texts: Sequence[str]) -> list[dict]:
+        return self.members[self.default].texts_of(image, texts)
+
+
+# ------------------------------------------------------------------------------------------ choosing members
+
+
+def validation_scores(path: str | Path, images: Sequence[Path], names: Sequence[str], device=None) -> np.ndarray:
+    """Zero-shot label logits (images × names) of one candidate, each image preprocessed as that model was."""
+    from cxrclip.infer import Predictor
+
+    predictor = Predictor.create(str(path), labels=list(names), device=device, gate=False)
+    out = []
+    for start in range(0, len(images), 32):
+        batch = [predictor.transform(read_image(p)) for p in images[start : start + 32]]
+        out.append(predictor.logits(predictor.embed(batch)))
+    return np.concatenate(out)
+
+
+def paired_delong(y: np.ndarray, a: np.ndarray, b: np.ndarray, z: float = 1.959964) -> dict:
+    """AUROC of ``a`` and ``b`` on the same rows, each with its DeLong 95 % interval, and of ``a − b``."""
+    from cxrclip.eval.metrics import delong_covariance
+
+    aucs, cov = delong_covariance(y, np.vstack([a, b]))
+    diff = float(aucs[0] - aucs[1])
+    se = float(np.sqrt(max(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], 0.0)))
+    half = [z * float(np.sqrt(max(cov[k, k], 0.0))) for k in range(2)]
+    return {
+        "auroc": [round(float(aucs[0]), 4), round(float(aucs[1]), 4)],
+        "ci95": [[round(float(aucs[k]) - half[k], 4), round(float(aucs[k]) + half[k], 4)] for k in range(2)],
+        "difference": round(diff, 4),
+        "difference_ci95": [round(diff - z * se, 4), round(diff + z * se, 4)],
+    }
+
+
+def choose_members(
+    candidates: Sequence[str | Path], images: Sequence[Path], labels: np.ndarray, names: Sequence[str], device=None
+) -> tuple[dict[str, int], dict]:
+    """Per label, the candidate to answer it: the first candidate (the default) unless another one's validation
+    AUROC is higher beyond the 95 % interval of the paired (DeLong) difference; labels with fewer than 2 positives
+    or negatives stay with the default. ``labels``: images × names of 1 / 0 / -1 (-1 = left out for that label).
+    Returns {label: candidate index} and the evidence per label."""
+    scores = [validation_scores(c, images, names, device) for c in candidates]
+    choice, evidence = {}, {}
+    for j, name in enumerate(names):
+        rows = labels[:, j] >= 0
+        y = labels[rows, j]
+        n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+        entry: dict = {"n_pos": n_pos, "n_neg": n_neg, "candidates": {}}
+        choice[name] = 0
+        if min(n_pos, n_neg) < 2:
+            entry["why"] = f"too few validation positives/negatives ({n_pos}/{n_neg}) to compare: the default"
+            evidence[name] = entry
+            continue
+        best, best_auc = 0, None
+        for k in range(len(candidates)):
+            compared = paired_delong(y, scores[k][rows, j], scores[0][rows, j])
+            entry["candidates"][str(candidates[k])] = {
+                "auroc": compared["auroc"][0],
+                "ci95": compared["ci95"][0],
+                "minus_default": compared["difference"],
+                "minus_default_ci95": compared["difference_ci95"],
+            }
+            if k and compared["difference_ci95"][0] > 0 and (best_auc is None or compared["auroc"][0] > best_auc):
+                best, best_auc = k, compared["auroc"][0]
+        choice[name] = best
+        entry["chosen"] = str(candidates[best])
+        entry["why"] = (
+            "better than the default beyond the 95 % interval of the paired difference"
+            if best
+            else "no candidate beats the default beyond the 95 % interval: the default"
+        )
+        evidence[name] = entry
+    return choice, evidence
+
+
+def route_by_validation(
+    candidates: Sequence[str],
+    data_csv: str,
+    out: str | Path,
+    *,
+    data_config,
+    device=None,
+    overwrite: bool = False,
+) -> Path:
+    """``cxrclip route --candidates … --data VALID.csv``: choose each label's member on validation data and write
+    the routed model, with the evidence in its card."""
+    from cxrclip.data.records import load_records
+    from cxrclip.eval.calibrate import label_matrix
+
+    if len(candidates) < 2:
+        raise RoutingError("--candidates needs at least two checkpoints or bundles (the first is the default)")
+    names = list(data_config.label_names)
+    records = load_records(data_config)
+    images = [r.images[0] for r in records]
+    labels = label_matrix(records, names)
+    choice, evidence = choose_members(candidates, images, labels, names, device)
+    members, used = [], {}
+    for k, path in enumerate(candidates):
+        mine = tuple(n for n in names if choice[n] == k)
+        if not mine:
+            continue
+        stem = Path(path).stem if Path(path).is_file() else Path(path).name
+        name = stem if stem not in used else f"{stem}-{k}"
+        used[name] = k
+        members.append(Member(name, str(path), mine))
+    card = {
+        "chosen_on": {"path": str(Path(data_csv).resolve()), "sha256": file_sha256(data_csv), "rows": len(records)},
+        "rule": "per label: the default (first candidate) unless another candidate's validation AUROC is higher "
+        "beyond the 95 % interval of the paired DeLong difference",
+        "candidates": [str(c) for c in candidates],
+        "evidence": evidence,
+    }
+    return write_routed(out, members, default=members[0].name, card=card, overwrite=overwrite)

@@ -200,6 +200,29 @@ def export_routed_bundle(
     return out
 
 
+def open_routed(path: Path) -> tuple[dict, dict[str, Path]]:
+    """A routed model's manifest and each member's location, after checking that no member changed."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RoutingError(f"{path / MANIFEST}: not readable JSON ({e})") from e
+    if manifest.get("kind") != KIND or manifest.get("format") != FORMAT:
+        said = manifest.get("kind"), manifest.get("format")
+        raise RoutingError(f"{path}: not a routed model of format {FORMAT} ({MANIFEST} says {said})")
+    paths = {}
+    for m in manifest["members"]:
+        where = Path(m["path"]) if Path(m["path"]).is_absolute() else path / m["path"]
+        if not where.exists():
+            raise RoutingError(f"{path}: member {m['name']} not found at {where}")
+        if member_sha256(where) != m["sha256"]:
+            raise RoutingError(
+                f"{path}: member {m['name']} ({where}) changed since the routed model was written (its SHA-256 "
+                "differs); nothing was run. Write the routed model again (cxrclip route / cxrclip export)."
+            )
+        paths[m["name"]] = where
+    return manifest, paths
+
+
 class RoutedGate:
     """The members' gates seen as one (for ``/v1/model``)."""
 
@@ -247,24 +270,10 @@ class RoutedPredictor:
         from cxrclip.infer import Predictor
 
         path = Path(path)
-        try:
-            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RoutingError(f"{path / MANIFEST}: not readable JSON ({e})") from e
-        if manifest.get("kind") != KIND or manifest.get("format") != FORMAT:
-            raise RoutingError(
-                f"{path}: not a routed model of format {FORMAT} ({MANIFEST} says {manifest.get('kind')!r})"
-            )
+        manifest, paths = open_routed(path)
         members = {}
         for m in manifest["members"]:
-            where = Path(m["path"]) if Path(m["path"]).is_absolute() else path / m["path"]
-            if not where.exists():
-                raise RoutingError(f"{path}: member {m['name']} not found at {where}")
-            if member_sha256(where) != m["sha256"]:
-                raise RoutingError(
-                    f"{path}: member {m['name']} ({where}) changed since the routed model was written (its SHA-256 "
-                    "differs); nothing was run. Write the routed model again (cxrclip route / cxrclip export)."
-                )
+            where = paths[m["name"]]
             members[m["name"]] = Predictor.create(
                 str(where),
                 labels=m["labels"],

@@ -184,3 +184,29 @@ def test_route_by_validation_keeps_the_default_unless_beaten_beyond_the_interval
         other = e["candidates"][str(ckpt48)]
         assert (e["chosen"] == str(ckpt48)) == (other["minus_default_ci95"][0] > 0)
     assert "wrote" in capsys.readouterr().out
+
+
+def test_evaluation_of_a_routed_model_scores_each_label_as_its_member(routed, tiny_clip_checkpoint, ckpt48, demo_data,
+                                                                      tmp_path):  # fmt: skip
+    from cxrclip.eval.evaluate import evaluate
+    from tests.test_eval import eval_cfg
+
+    own_size = ["base.image_size=null"]  # each checkpoint preprocessed as it was trained (32 and 48 px)
+    got = evaluate(eval_cfg(demo_data, routed, tmp_path / "r", *own_size))["cgmh"][str(routed)]
+    tube = evaluate(eval_cfg(demo_data, ckpt48, tmp_path / "t", *own_size))["cgmh"][str(ckpt48)]
+    rest = evaluate(eval_cfg(demo_data, tiny_clip_checkpoint, tmp_path / "s", *own_size))["cgmh"][
+        str(tiny_clip_checkpoint)
+    ]
+    names = [
+        n
+        for n in got["zeroshot_binary"]
+        if isinstance(got["zeroshot_binary"][n], dict) and "AUROC" in got["zeroshot_binary"][n]
+    ]
+    assert len(names) == 13
+    for name in names:
+        member = tube if name in TUBES else rest
+        mine, theirs = got["zeroshot_binary"][name], member["zeroshot_binary"][name]
+        for key in ("AUROC", "F1", "threshold"):
+            if key in theirs:
+                assert mine[key] == pytest.approx(theirs[key], abs=1e-6), (name, key)
+    assert got["retrieval_i2t"] == rest["retrieval_i2t"]  # the default member retrieves

@@ -7,7 +7,7 @@ import glob
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from cxrclip.gate import stored_gate
 from cxrclip.model.checkpoint import CheckpointError
 from cxrclip.model.loading import LoadedModel, default_device, load_model
 from cxrclip.paths import resolve_user_path
+from cxrclip.routed import is_routed, open_routed
 from cxrclip.spec import EvalSpec, LoaderSpec, RunSpec
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def checkpoint_paths(spec) -> list[Path]:
     paths: list[Path] = []
     for s in specs:
         p = resolve_user_path(str(s))
-        if is_bundle(p):
+        if is_bundle(p) or is_routed(p):
             paths.append(p)
         elif p.is_dir():
             paths += sorted(p.glob("*.tar"))
@@ -49,7 +50,7 @@ def checkpoint_paths(spec) -> list[Path]:
             paths += sorted(Path(m) for m in glob.glob(str(p)))
         else:
             paths.append(p)
-    missing = [str(p) for p in paths if not (p.is_file() or is_bundle(p))]
+    missing = [str(p) for p in paths if not (p.is_file() or is_bundle(p) or is_routed(p))]
     if not paths or missing:
         raise CheckpointError(f"no checkpoint found for test.checkpoint={spec!r}" + (f": {missing}" if missing else ""))
     return paths
@@ -119,20 +120,81 @@ def _prompt_record(dc: DataConfig) -> dict:
     return {n: {"pos": list(bank[n].pos), "neg": list(bank[n].neg)} for n in dc.label_names}
 
 
-def evaluate_one(
-    model: CheckpointModel | BundleModel, dc: DataConfig, records: Sequence[LabeledRecord], spec: RunSpec
-) -> tuple[dict, dict]:
-    """Metrics of one checkpoint (or bundle) on one dataset, plus the arrays the plots need."""
+def zero_shot_scores(model: CheckpointModel | BundleModel, dc: DataConfig, records: Sequence[LabeledRecord], spec):
+    """One model's image embeddings of the test rows (its own preprocessing) and, when the data has labels and
+    prompts, the zero-shot label logits and each label's positive-prompt similarity."""
     loader = image_loader(records, model.transform, spec.loader("test"))
     image_emb = model.images(loader, f"{dc.name} images")
+    if not (dc.prompt_path and dc.label_names):
+        return image_emb, None, None
+    scorer = model.labels(dc)
+    return image_emb, scorer.logits(image_emb), (image_emb @ scorer.pos_emb.t()).numpy()
+
+
+class RoutedModel:
+    """A routed model (``routed.json``) for evaluation: each label's logits from its member (its own preprocessing
+    and prompts), the members' calibrations merged label by label, retrieval from the default member."""
+
+    def __init__(self, path: Path, spec: RunSpec, device: torch.device):
+        manifest, paths = open_routed(path)  # every member's hash checked
+        self.routes = {label: m["name"] for m in manifest["members"] for label in m["labels"]}
+        self.default = manifest["default"]
+        self.members = {name: evaluation_model(where, spec, device) for name, where in paths.items()}
+        merged = {}
+        for m in manifest["members"]:
+            merged.update(stored_calibration(self.members[m["name"]].stored, m["labels"]).labels)
+        base = stored_calibration(self.members[self.default].stored, [])
+        calibration = Calibration(merged, base.fitted_on, base.prompts_sha256, base.created)
+        self.stored = {"calibration": calibration.to_dict()}
+
+    def scores(self, dc: DataConfig, records: Sequence[LabeledRecord], spec):
+        missing = [n for n in dc.label_names if n not in self.routes]
+        if missing:
+            raise CheckpointError(f"the routed model answers no member for labels {missing} of {dc.name}")
+        image_emb = logits = sims = None
+        for name, member in self.members.items():
+            mine = tuple(n for n in dc.label_names if self.routes[n] == name)
+            if not mine and name != self.default:
+                continue
+            emb, member_logits, member_sims = zero_shot_scores(member, replace(dc, label_names=mine), records, spec)
+            if name == self.default:
+                image_emb = emb
+            if member_logits is None:
+                continue
+            if logits is None:
+                logits = np.zeros((len(records), len(dc.label_names)))
+                sims = np.zeros((len(records), len(dc.label_names)), dtype=np.float32)
+            cols = [dc.label_names.index(n) for n in mine]
+            logits[:, cols], sims[:, cols] = member_logits, member_sims
+        return image_emb, logits, sims
+
+    def texts(self, texts: Sequence[str], dc: DataConfig) -> torch.Tensor:
+        return self.members[self.default].texts(texts, dc)
+
+
+def evaluation_model(path: Path, spec: RunSpec, device: torch.device):
+    """A checkpoint, a bundle or a routed model, ready to be scored."""
+    if is_routed(path):
+        return RoutedModel(path, spec, device)
+    if is_bundle(path):
+        return BundleModel(path)
+    test = spec.test
+    loaded = load_model(path, device=device, text_encoder=test.text_encoder, image_encoder=test.image_encoder)
+    return CheckpointModel(loaded, spec, device)
+
+
+def evaluate_one(model, dc: DataConfig, records: Sequence[LabeledRecord], spec: RunSpec) -> tuple[dict, dict]:
+    """Metrics of one checkpoint (or bundle, or routed model) on one dataset, plus the arrays the plots need."""
+    if isinstance(model, RoutedModel):
+        image_emb, logits, sims = model.scores(dc, records, spec)
+    else:
+        image_emb, logits, sims = zero_shot_scores(model, dc, records, spec)
     labels = np.array([r.labels for r in records], dtype=np.int64)
     results: dict = {"n_images": len(records)}
     arrays: dict = {"labels": labels}
-    if dc.prompt_path and dc.label_names:
-        scorer = model.labels(dc)
-        logits = scorer.logits(image_emb)
+    if logits is not None:
         results["zeroshot_binary"], calibration = label_metrics(logits, labels, dc, model.stored, spec.test)
-        multi = multiclass_metrics((image_emb @ scorer.pos_emb.t()).numpy(), labels, dc.label_names)
+        multi = multiclass_metrics(sims, labels, dc.label_names)
         if multi is not None:
             results["zeroshot_multiclass"] = multi
         arrays.update(probs=calibration.probabilities(logits), raw_probs=sigmoid(logits))
@@ -231,16 +293,9 @@ class EvaluationRun:
 def evaluate(cfg: DictConfig | RunSpec) -> dict[str, dict[str, dict]]:
     """Evaluate every checkpoint on every ``data_test`` dataset; write JSON, markdown and plots."""
     job = EvaluationRun.create(cfg, lambda dc: dc.data_type == "imagetext_eval")
-    test = job.spec.test
     everything: dict[str, dict[str, dict]] = {dc.name: {} for dc, _ in job.datasets}
     for ckpt in job.checkpoints:
-        if is_bundle(ckpt):
-            model = BundleModel(ckpt)
-        else:
-            loaded = load_model(
-                ckpt, device=job.device, text_encoder=test.text_encoder, image_encoder=test.image_encoder
-            )
-            model = CheckpointModel(loaded, job.spec, job.device)
+        model = evaluation_model(ckpt, job.spec, job.device)
         for dc, records in job.datasets:
             results, arrays = evaluate_one(model, dc, records, job.spec)
             everything[dc.name][str(ckpt)] = results

@@ -5,8 +5,8 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from cxrclip.errors import exit_on_user_error
 from cxrclip.eval.evaluate import evaluate
+from cxrclip.exceptions import exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval_clip")

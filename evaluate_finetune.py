@@ -5,8 +5,8 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from cxrclip.errors import exit_on_user_error
 from cxrclip.eval.finetune import evaluate_finetune
+from cxrclip.exceptions import exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval_finetune")

@@ -5,7 +5,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from cxrclip.errors import exit_on_user_error
+from cxrclip.exceptions import exit_on_user_error
 from cxrclip.jobs import probe
 
 

@@ -6,7 +6,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cxrclip.errors import exit_on_user_error
+from cxrclip.exceptions import exit_on_user_error
 from cxrclip.jobs import pretrain
 
 

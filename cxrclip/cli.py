@@ -78,9 +78,9 @@ def _decode_all(records, csv_path: Path) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from cxrclip.errors import exit_on_user_error
     from cxrclip.eval.calibrate import calibrate_checkpoint
     from cxrclip.eval.calibration import CalibrationError, CalibrationSettings
+    from cxrclip.exceptions import exit_on_user_error
 
     with exit_on_user_error():
         split = args.split or ("valid" if "text_label" in _csv_header(args.data) else "cls")
@@ -136,7 +136,7 @@ def _data_config(csv_path: str, split: str, args: argparse.Namespace) -> DataCon
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cxrclip.errors import exit_on_user_error
+    from cxrclip.exceptions import exit_on_user_error
     from cxrclip.serve.app import ServeSettings, serve
 
     with exit_on_user_error():
@@ -158,7 +158,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _fit_gate(args: argparse.Namespace) -> int:
-    from cxrclip.errors import exit_on_user_error
+    from cxrclip.exceptions import exit_on_user_error
     from cxrclip.fit_gate import fit_gate_checkpoint, summary_lines
 
     with exit_on_user_error():
@@ -181,7 +181,7 @@ def _fit_gate(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from cxrclip.errors import exit_on_user_error
+    from cxrclip.exceptions import exit_on_user_error
     from cxrclip.model.checkpoint import convert_checkpoint
 
     with exit_on_user_error():
@@ -191,7 +191,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
-    from cxrclip.errors import exit_on_user_error
+    from cxrclip.exceptions import exit_on_user_error
     from cxrclip.routed import MANIFEST, Member, RoutingError, route_by_validation, write_routed
 
     with exit_on_user_error():
@@ -221,7 +221,7 @@ def _route(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from cxrclip.bundle import Bundle, export_bundle
-    from cxrclip.errors import exit_on_user_error
+    from cxrclip.exceptions import exit_on_user_error
     from cxrclip.routed import MANIFEST, Member, RoutingError, export_routed_bundle
 
     if args.member:
@@ -267,10 +267,11 @@ def _export(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from cxrclip.demo import run_demo
-    from cxrclip.errors import exit_on_user_error
+    from cxrclip.exceptions import exit_on_user_error
 
     with exit_on_user_error():
-        run_demo(args.out, **_data_size(args), epochs=args.epochs)
+        sizes = {k: v for k, v in _data_size(args).items() if k != "image_size"}
+        run_demo(args.out, **sizes, png_size=args.image_size, image_size=args.train_size, epochs=args.epochs)
     return 0
 
 
@@ -282,7 +283,7 @@ def _hydra_job(config_name: str, target: str) -> Callable[[argparse.Namespace], 
         import importlib
 
         from cxrclip.config import compose
-        from cxrclip.errors import exit_on_user_error
+        from cxrclip.exceptions import exit_on_user_error
 
         with exit_on_user_error():
             overrides = list(args.overrides)
@@ -306,7 +307,7 @@ def _train(args: argparse.Namespace) -> int:
     """``train.py``'s job in this process, under Hydra's own entry point (run folder, logging, ``--multirun``)."""
     import hydra
 
-    from cxrclip.errors import exit_on_user_error
+    from cxrclip.exceptions import exit_on_user_error
     from cxrclip.jobs import pretrain
     from cxrclip.paths import CONFIG_DIR
 
@@ -334,14 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--n-train", type=int, default=800)
         p.add_argument("--n-valid", type=int, default=100)
         p.add_argument("--n-test", type=int, default=200)
-        p.add_argument("--image-size", type=int, default=256)
+        p.add_argument("--image-size", type=int, default=256, help="the generated PNGs' size in pixels")
         p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("demo", help="generate synthetic data, then train, evaluate and run inference on it")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--train-size", type=int, default=224, help="the model's input size (thin tubes need the pixels)")
     add_data_args(p)
-    p.set_defaults(func=_demo, image_size=224, n_train=600)  # the demo's budget: thin tubes need the pixels
+    p.set_defaults(func=_demo, n_train=600)  # the demo's budget
 
     p = sub.add_parser("train", help="the train.py job: cxrclip train [hydra overrides]")
     p.add_argument("overrides", nargs="*")
@@ -487,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         return infer_main(argv[1:])
     if argv[:1] == ["train"]:  # Hydra's own flags (--multirun, --cfg job, ...) pass through untouched
         return _train(argparse.Namespace(overrides=argv[1:]))
-    if argv[:1] == ["finetune"]:  # Hydra's --config-name passes through too
+    if argv[:1] == ["finetune"] and not {"-h", "--help"} & set(argv[1:]):  # Hydra's --config-name passes through too
         return _hydra_job("finetune_100", "cxrclip.jobs:probe")(argparse.Namespace(overrides=argv[1:]))
     args = build_parser().parse_args(argv)
     if args.debug:

@@ -46,12 +46,14 @@ def run_demo(
     n_valid: int = 100,
     n_test: int = 200,
     image_size: int = 224,
+    png_size: int = 256,
     epochs: int = 6,
     seed: int = 0,
     model: str = "clip_cpu_offline",
     extra: list[str] | None = None,
 ) -> dict:
-    """Run the whole pipeline under ``out``; returns the headline numbers."""
+    """Run the whole pipeline under ``out``; returns the headline numbers. ``png_size``: the generated images;
+    ``image_size``: the model's input size."""
     from cxrclip.eval.evaluate import evaluate
     from cxrclip.fit_gate import fit_gate_checkpoint, summary_lines
     from cxrclip.infer import Predictor, format_table
@@ -60,7 +62,9 @@ def run_demo(
     out = Path(out).resolve()
     start = time.perf_counter()
     print(f"[1/5] synthetic data → {out / 'data'}", flush=True)
-    paths = generate_demo_data(out / "data", n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed)
+    paths = generate_demo_data(
+        out / "data", n_train=n_train, n_valid=n_valid, n_test=n_test, image_size=png_size, seed=seed
+    )
     run = out / "run"
     print(f"[2/5] training {epochs} epochs, calibrating on the validation split → {run / 'checkpoints'}", flush=True)
     amp = ["base.amp=true", "base.amp_dtype=bf16"] if cpu_has_bf16() else ["base.amp=false"]

@@ -450,7 +450,7 @@ def read_thresholds(path: str | None, threshold: float | None):
 def main(argv: list[str] | None = None) -> int:
     """``inference.py``: 0 = all predicted; 2 = a user error, nothing predicted; 1 = some images failed (the
     others are predicted and written; the failures are listed on stderr and in the CSV's ``error`` column)."""
-    from cxrclip.errors import exit_on_user_error
+    from cxrclip.exceptions import exit_on_user_error
 
     args = build_parser().parse_args(argv)
     with exit_on_user_error(debug=args.debug):

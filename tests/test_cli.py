@@ -77,3 +77,18 @@ def test_cxrclip_train_runs_in_process_and_sweeps_seeds(tmp_path, demo_data, min
     towers = [k for k in raw if k.startswith(("image_encoder.", "text_encoder."))]
     assert towers and all(torch.equal(ema[k], raw[k]) for k in towers)  # locked: nothing to average
     assert not torch.equal(ema["image_projection.projection.weight"], raw["image_projection.projection.weight"])
+
+
+def test_every_subcommand_prints_help_and_exits_0(capsys):
+    from cxrclip.cli import build_parser, main
+
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert {"fit-gate", "route", "finetune", "train", "infer"} <= set(subcommands)
+    for name in subcommands:
+        try:
+            code = main([name, "--help"])
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        assert code in (0, None), (name, out.err[-500:])
+        assert "Traceback" not in out.out + out.err and ("usage" in out.out or "Hydra" in out.out), name

@@ -95,7 +95,8 @@ def test_user_overrides_as_in_the_original():
         ],
     )
     (dc,) = data_configs(cfg, "data_train")
-    assert dc.data_path == "/data/tr.csv" and dc.image_size == 128 and dc.num_negs == 3
+    assert dc.data_path == "/data/tr.csv" and cfg.base.image_size == 128 and dc.num_negs == 3
+    assert not hasattr(dc, "image_size")  # the original's key is accepted; the size belongs to the model
     assert cfg.dataloader.train.num_workers == 0
     assert set(cfg.dataloader.train) == {
         "batch_size",

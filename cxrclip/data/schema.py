@@ -47,7 +47,6 @@ class DataConfig:
     prompt_path: str | None = None
     num_negs: int = 0
     normal_sentence: str = "no acute findings."
-    image_size: int = 224
     text_max_length: int = 256
     data_frac: float = 1.0
     # original CXR-CLIP formats, declared here (never guessed from the dataset's name):
@@ -63,10 +62,13 @@ class DataConfig:
     def from_mapping(cls, key: str, cfg: Mapping) -> DataConfig:
         cfg = dict(cfg)
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known - {"n_class"})  # n_class: the original's, derived here
+        # n_class: the original's, derived here; image_size: the original's, but the image size belongs to the model's
+        # preprocessing (base.image_size, stored in the checkpoint), never to a dataset
+        unknown = sorted(set(cfg) - known - {"n_class", "image_size"})
         if unknown:
             raise ConfigError(f"data config {key!r}: unknown keys {unknown}; known keys: {sorted(known)}")
         cfg.pop("n_class", None)
+        cfg.pop("image_size", None)
         cfg.setdefault("name", key)
         if cfg.get("data_type") not in DATA_TYPES:
             raise ConfigError(

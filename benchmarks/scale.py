@@ -58,12 +58,12 @@ def embed_rows(pool: Path, sizes: list[int], model: str) -> list[dict]:
     from cxrclip.eval.evaluate import image_loader
     from cxrclip.eval.zeroshot import embed_images
     from cxrclip.model.clip import build_model
-    from cxrclip.model.loading import stored_transform
+    from cxrclip.model.loading import stored_preprocess
 
     cfg = compose("train", [*MODELS[model], "base.output.checkpoint=/tmp/x", "base.output.tensorboard=/tmp/x"])
     config = OmegaConf.to_container(cfg, resolve=True)
     net = build_model(config["model"]).eval()
-    transform = stored_transform(config, config["model"]["image_encoder"]["normalize"])
+    transform = stored_preprocess({"config": config}, config["model"]["image_encoder"]["normalize"]).transform()
     from cxrclip.synthetic import CGMH_LABELS, DEFAULT_PROMPTS
 
     dc = DataConfig("pool", "imagetext", str(pool / "train.csv"), CGMH_LABELS, prompt_path=str(DEFAULT_PROMPTS))

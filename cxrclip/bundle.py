@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrclip.data.preprocess import PreprocessSpec
 from cxrclip.exceptions import InputError, OutputError, UserError
 from cxrclip.gate import stored_gate
 from cxrclip.infer import PredictorBase, label_bank, read_texts
@@ -109,11 +110,8 @@ class Bundle:
     def labels(self) -> list[str]:
         return list(self.manifest["labels"])
 
-    def preprocess(self):
-        from cxrclip.data.preprocess import Preprocess
-
-        spec = self.manifest["preprocess"]
-        return Preprocess(spec["steps"], {"mean": spec["mean"], "std": spec["std"]})
+    def preprocess(self) -> PreprocessSpec:
+        return PreprocessSpec.from_dict(self.manifest["preprocess"])
 
     def calibration(self):
         from cxrclip.eval.calibration import Calibration
@@ -157,7 +155,8 @@ class BundlePredictor(PredictorBase):
     def __init__(self, bundle: Bundle, device: str | None = None, gate: bool = True):
         self.bundle, self.device = bundle, device
         self.label_names = bundle.labels
-        self.transform = bundle.preprocess()
+        self.preprocess = bundle.preprocess()
+        self.transform = self.preprocess.numpy()
         self.calibration = bundle.calibration()
         prompts = bundle.arrays(PROMPT_FILE)
         self.pos_emb, self.neg_emb = prompts["pos"], prompts["neg"]
@@ -366,12 +365,8 @@ def export_bundle(
     state = loaded.model.state_dict()
     image_state = {k: v.contiguous() for k, v in state.items() if k.startswith(IMAGE_PREFIXES)}
     text_state = {k: v.contiguous() for k, v in state.items() if not k.startswith(IMAGE_PREFIXES)}
-    size = int(predictor.transform(np.zeros((8, 8), np.uint8)).shape[-1])
-    from cxrclip.data.preprocess import Preprocess, resolve_normalization
-    from cxrclip.model.loading import stored_steps
-
-    steps = stored_steps(loaded.config)
-    Preprocess(steps, loaded.normalize)  # a test transform that cannot run without torch fails here, first
+    preprocess = predictor.preprocess
+    preprocess.numpy()  # a test transform that cannot run without torch fails here, first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -381,19 +376,18 @@ def export_bundle(
         save_file({"pos": pos.contiguous(), "neg": neg.contiguous()}, str(tmp / PROMPT_FILE))
         loaded.tokenizer.save_pretrained(str(tmp / TEXT_FOLDER))
         loaded.model.text_encoder.text_encoder.config.save_pretrained(str(tmp / TEXT_FOLDER))
-        onnx_error = _export_onnx(loaded.model, size, tmp / ONNX_FILE) if onnx else None
+        onnx_error = _export_onnx(loaded.model, preprocess.size, tmp / ONNX_FILE) if onnx else None
         if onnx_error is not None and onnx_error > ONNX_TOLERANCE:
             raise BundleError(f"the ONNX image encoder differs from PyTorch by {onnx_error:.2e}; export with --no-onnx")
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         text_files = sorted(p.name for p in (tmp / TEXT_FOLDER).iterdir())
-        mean, std = resolve_normalization(loaded.normalize)
         bank, names = label_bank(prompts, predictor.label_names, loaded.config)
         manifest = {
             "format": FORMAT,
             "kind": "cxrclip inference bundle",
             "labels": predictor.label_names,
             "prompts": {n: {"pos": list(bank[n].pos), "neg": list(bank[n].neg)} for n in names},
-            "preprocess": {"steps": steps, "mean": list(mean), "std": list(std), "size": size},
+            "preprocess": preprocess.to_dict(),
             "scale": predictor.scale,
             "embedding_dim": int(pos.shape[1]),
             "model": loaded.model_config,

@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate synthetic data, then train, evaluate and run inference on it")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--train-size", type=int, default=224, help="the model's input size (thin tubes need the pixels)")
+    p.add_argument("--train-size", type=int, help="model input size (default: the train config's base.image_size)")
     add_data_args(p)
     p.set_defaults(func=_demo, n_train=600)  # the demo's budget
 

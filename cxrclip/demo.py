@@ -45,7 +45,7 @@ def run_demo(
     n_train: int = 600,
     n_valid: int = 100,
     n_test: int = 200,
-    image_size: int = 224,
+    image_size: int | None = None,
     png_size: int = 256,
     epochs: int = 6,
     seed: int = 0,
@@ -53,7 +53,7 @@ def run_demo(
     extra: list[str] | None = None,
 ) -> dict:
     """Run the whole pipeline under ``out``; returns the headline numbers. ``png_size``: the generated images;
-    ``image_size``: the model's input size."""
+    ``image_size``: the model's input size (None: the train config's ``base.image_size``)."""
     from cxrclip.eval.evaluate import evaluate
     from cxrclip.fit_gate import fit_gate_checkpoint, summary_lines
     from cxrclip.infer import Predictor, format_table
@@ -76,7 +76,7 @@ def run_demo(
             *amp,
             f"data_train.cgmh.data_path={paths['train']}",
             f"data_valid.cgmh.data_path={paths['valid']}",
-            f"base.image_size={image_size}",
+            *([f"base.image_size={image_size}"] if image_size else []),
             f"scheduler.config.total_epochs={epochs}",
             f"base.seed={seed}",
             "base.overwrite=true",  # the demo's own folder: a rerun replaces the last demo
@@ -94,8 +94,7 @@ def run_demo(
             f"test.checkpoint={ckpt}",
             f"data_test.cgmh.data_path={paths['test']}",
             f"test.output_dir={out}",
-            f"base.image_size={image_size}",
-            "dataloader=dataloader_cpu",
+            "dataloader=dataloader_cpu",  # base.image_size null: the checkpoint's own preprocessing
         ],
     )
     results = evaluate(eval_cfg)["cgmh"][str(ckpt)]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cxrclip.data.images import ImageReadError, read_image
+from cxrclip.data.preprocess import PreprocessSpec
 from cxrclip.eval.calibration import Calibration, sigmoid
 from cxrclip.eval.scores import label_logits, softmax
 from cxrclip.exceptions import InputError
@@ -46,6 +47,7 @@ class PredictorBase:
     neg_emb: np.ndarray
     scale: float
     calibration: Calibration
+    preprocess: PreprocessSpec  # the one preprocessing spec: size, steps, normalization (``transform`` runs it)
     gate: InputGate  # asked before any label is scored (cxrclip/gate.py)
     encoders: dict  # {"image_encoder": name, "text_encoder": name}
 
@@ -171,9 +173,10 @@ class Predictor(PredictorBase):
     and the checkpoint's calibration (per-label probability map and operating point)."""
 
     def __init__(
-        self, loaded: LoadedModel, names, candidates, candidate_emb, scorer, calibration, transform, device, gate=True
+        self, loaded: LoadedModel, names, candidates, candidate_emb, scorer, calibration, preprocess, device, gate=True
     ):
-        self.loaded, self.device, self.transform, self.calibration = loaded, device, transform, calibration
+        self.loaded, self.device, self.calibration = loaded, device, calibration
+        self.preprocess, self.transform = preprocess, preprocess.transform()
         self.label_names, self.candidates = list(names), list(candidates)
         self.candidate_emb = candidate_emb.float().numpy()
         self.pos_emb, self.neg_emb = scorer.pos_emb.float().numpy(), scorer.neg_emb.float().numpy()
@@ -226,8 +229,8 @@ class Predictor(PredictorBase):
         else:  # one candidate per label: its positive sentences' mean embedding
             candidates, candidate_emb = names, scorer.pos_emb
         calibration = stored_calibration(loaded.checkpoint, names)
-        transform = loaded.preprocess(image_size)
-        return cls(loaded, names, candidates, candidate_emb, scorer, calibration, transform, dev, gate)
+        preprocess = loaded.preprocess_spec(image_size)
+        return cls(loaded, names, candidates, candidate_emb, scorer, calibration, preprocess, dev, gate)
 
     def heatmap(self, tensor, label: str) -> np.ndarray:
         """The Grad-CAM map in [0, 1] of one preprocessed image for one label."""

@@ -1,7 +1,7 @@
 """A routed model: several models used as one, each label answered by the member trained for it.
 
 On real radiographs one model per label family did better than any single model (docs/RESULTS.md: the tube at
-320 px, the pneumonias at 224 px), but a deployment wants one model. A routed model is a folder with
+320 px, the pneumonias at the default size), but a deployment wants one model. A routed model is a folder with
 ``routed.json``::
 
     {"format": 1, "kind": "cxrclip routed model",
@@ -248,7 +248,8 @@ class RoutedPredictor:
         self.routes = {label: m["name"] for m in manifest["members"] for label in m["labels"]}
         self.label_names = list(manifest["labels"])
         base = members[default]
-        self.transform, self.encoders, self.scale = base.transform, base.encoders, base.scale
+        self.preprocess, self.transform = base.preprocess, base.transform
+        self.encoders, self.scale = base.encoders, base.scale
         self.calibration = Calibration(
             {n: members[self.routes[n]].calibration.labels[n] for n in self.label_names},
             base.calibration.fitted_on,
@@ -298,7 +299,7 @@ class RoutedPredictor:
                     "path": m["path"],
                     "sha256": m["sha256"],
                     "labels": m["labels"],
-                    "image_size": int(self.members[m["name"]].transform(np.zeros((8, 8), np.uint8)).shape[-1]),
+                    "image_size": self.members[m["name"]].preprocess.size,
                 }
                 for m in self.manifest["members"]
             ],  # fmt: skip

@@ -153,9 +153,9 @@ class RunSpec:
             for split, section in _section(plain, "dataloader").items()
             if isinstance(section, Mapping)
         }
-        image_size = base.get("image_size", 224)
+        image_size = base.get("image_size")
         if image_size is None and plain.get("optimizer"):
-            raise ConfigError("base.image_size is null: a training job needs a size (null is for evaluation only)")
+            raise ConfigError("base.image_size is null or not set: training needs a size (null: evaluation only)")
         data = {
             group: tuple(DataConfig.from_mapping(k, v) for k, v in _section(plain, group).items())
             for group in ("data_train", "data_valid", "data_test")
@@ -191,16 +191,25 @@ class RunSpec:
             raise ConfigError(f"transform.{split} is not configured")
         return dict(self.transforms[split] or {})
 
-    def eval_transform(self, checkpoint_config: Mapping, normalize, splits=("test", "valid")):
+    def eval_transform(self, checkpoint: Mapping, normalize, splits=("test", "valid")):
         """How evaluation preprocesses a checkpoint's images: with ``base.image_size`` null (the evaluation configs'
-        default) the checkpoint's own stored test transform, the size it was trained, validated and calibrated at
-        (a `+recipe=small_data` run is 288 px); with a number, this config's ``transform.test`` at that size."""
+        default) the checkpoint's own preprocessing (its stored spec), the size it was trained, validated and
+        calibrated at (a `+recipe=small_data` run is 288 px); with a number, this config's ``transform.test``."""
         from cxrclip.data.transforms import build_transform
-        from cxrclip.model.loading import stored_transform
+        from cxrclip.model.loading import stored_preprocess
 
         if self.image_size is None:
-            return stored_transform(checkpoint_config, normalize, splits)
+            return stored_preprocess(checkpoint, normalize, splits).transform()
         return build_transform(self.transform_steps("test"), normalize)
+
+    def test_preprocess(self, normalize, splits=("test", "valid")):
+        """The :class:`~cxrclip.data.preprocess.PreprocessSpec` a run stores with its checkpoints."""
+        from cxrclip.data.preprocess import PreprocessSpec
+
+        steps = next((self.transforms[s] for s in splits if self.transforms.get(s)), None)
+        if steps is None and self.image_size:
+            steps = {"Resize": {"size": self.image_size}, "CenterCrop": {"size": self.image_size}}
+        return PreprocessSpec.create(steps, normalize)
 
     @property
     def normalize(self):

@@ -42,7 +42,7 @@ def test_the_spec_of_each_job_config_is_typed():
     assert evaluation.optimizer is None and evaluation.image_size is None  # each checkpoint's own test transform
     sized = RunSpec.from_config(compose("eval_clip", ["test.checkpoint=/x.tar", "base.image_size=288"]))
     assert sized.image_size == 288 and sized.transform_steps("test")["Resize"] == {"size": 288}
-    with pytest.raises(ConfigError, match="base.image_size is null"):  # training needs a size
+    with pytest.raises(ConfigError, match="base.image_size is null or not set"):  # training needs a size
         RunSpec.from_config(compose("train", ["base.output.checkpoint=/x", "base.output.tensorboard=/x",
                                               "base.image_size=null"]))  # fmt: skip
 
@@ -64,3 +64,49 @@ def test_a_missing_or_bad_value_names_its_key():
 def test_loader_spec_drops_prefetch_without_workers():
     assert LoaderSpec.from_mapping({"batch_size": 4, "prefetch_factor": 2}, "d").prefetch_factor is None
     assert LoaderSpec.from_mapping({"batch_size": 4, "num_workers": 2, "prefetch_factor": 2}, "d").prefetch_factor == 2
+
+
+def test_no_image_size_default_and_no_transform_probing_outside_the_config_tree():
+    """The image size has one home (the config tree, then the checkpoint's stored preprocessing spec): no literal
+    224 in the package, and nothing recovers a size by pushing a dummy image through a transform."""
+    import re
+    from pathlib import Path
+
+    import cxrclip
+
+    root = Path(cxrclip.__file__).parent
+    found = []
+    for path in root.rglob("*.py"):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if re.search(r"(?<![\d.])224(?!\d)", line) or re.search(r"np\.zeros\(\(\d+, \d+\)", line):
+                found.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert found == []
+
+
+def test_the_preprocessing_spec_is_stored_at_training_and_read_everywhere(tiny_clip_checkpoint, demo_data, tmp_path):
+    """Training stores one PreprocessSpec; the checkpoint predictor, the bundle and /v1/model read it; a checkpoint
+    without it (an older one) gets the same spec from its config."""
+    import numpy as np
+
+    from cxrclip.bundle import BundlePredictor, export_bundle
+    from cxrclip.data.images import read_image
+    from cxrclip.data.preprocess import PreprocessSpec
+    from cxrclip.infer import Predictor
+    from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint
+    from cxrclip.model.loading import load_model_and_transforms
+
+    state = load_checkpoint(tiny_clip_checkpoint)
+    stored = PreprocessSpec.from_dict(state["preprocess"])
+    assert stored.size == 32 and stored.step_dict["Resize"] == {"size": 32} and len(stored.mean) == 3
+    loaded, transform = load_model_and_transforms(tiny_clip_checkpoint)
+    assert loaded.preprocess_spec() == stored
+    image = read_image(sorted((demo_data / "images").glob("test_*.png"))[0])
+    old = tmp_path / "old.tar"  # as written before the spec existed
+    save_checkpoint(old, {k: v for k, v in state.items() if k not in ("format", "preprocess")})
+    from_config = Predictor.create(str(old), device="cpu")
+    assert from_config.preprocess == stored
+    np.testing.assert_array_equal(from_config.transform(image).numpy(), transform(image).numpy())
+    bundle = BundlePredictor.create(export_bundle(tiny_clip_checkpoint, tmp_path / "b"))
+    assert bundle.preprocess == stored
+    np.testing.assert_allclose(bundle.transform(image), transform(image).numpy(), atol=1e-6)
+    assert Predictor.create(str(old), device="cpu", image_size=48).preprocess.size == 48

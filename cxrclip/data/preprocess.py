@@ -10,6 +10,7 @@ torchvision's rules (shorter side to ``size``; crop offset ``round((H - h) / 2)`
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -116,3 +117,79 @@ class Preprocess:
         for fn in self.functions:
             image = fn(image)
         return to_chw(image, self.mean, self.std)
+
+
+def _frozen(value):
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a model's images are prepared at test time — the deterministic steps (Resize, CenterCrop, CLAHE), the
+    normalization and the channels — as one value. Training writes it into every checkpoint (key ``preprocess``);
+    evaluation, calibration, inference, the bundle and the page read it (``/v1/model`` reports it). A checkpoint
+    without it (older ones, the published ones) gets it from its stored config, as before."""
+
+    steps: tuple  # ((name, ((option, value), ...)), ...): frozen form of {name: {option: value}}
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int = 3
+
+    @classmethod
+    def create(cls, steps: Mapping | None, normalize: str | Mapping) -> PreprocessSpec:
+        mean, std = resolve_normalization(normalize)
+        frozen = tuple(
+            (str(name), tuple((str(k), _frozen(v)) for k, v in dict(kw or {}).items()))
+            for name, kw in (steps or {}).items()
+        )
+        return cls(frozen, tuple(mean), tuple(std))
+
+    @property
+    def step_dict(self) -> dict:
+        return {name: {k: _plain(v) for k, v in kw} for name, kw in self.steps}
+
+    @property
+    def normalization(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @property
+    def size(self) -> int | list[int] | None:
+        """The model's input size: the CenterCrop's, else the Resize's (an int for a square, else [H, W])."""
+        steps = self.step_dict
+        for name in ("CenterCrop", "Resize"):
+            if name in steps and "size" in steps[name]:
+                size = steps[name]["size"]
+                if isinstance(size, list):
+                    return int(size[0]) if len(size) == 1 or size[0] == size[-1] else [int(s) for s in size]
+                return int(size)
+        return None
+
+    def resized(self, size: int) -> PreprocessSpec:
+        """The same normalization at another size: Resize + CenterCrop to ``size`` (an evaluation's override)."""
+        return PreprocessSpec.create({"Resize": {"size": int(size)}, "CenterCrop": {"size": int(size)}},
+                                     self.normalization)  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return {"steps": self.step_dict, **self.normalization, "channels": self.channels, "size": self.size}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> PreprocessSpec:
+        try:
+            spec = cls.create(data["steps"], {"mean": data["mean"], "std": data["std"]})
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"a stored preprocessing spec lacks {e}; it needs steps, mean and std") from e
+        return cls(spec.steps, spec.mean, spec.std, int(data.get("channels", 3)))
+
+    def numpy(self) -> Preprocess:
+        """The torch-free transform (the bundle's)."""
+        return Preprocess(self.step_dict, self.normalization)
+
+    def transform(self):
+        """The torch transform (training's test transform, evaluation, calibration, inference from a checkpoint)."""
+        from cxrclip.data.transforms import build_transform
+
+        return build_transform(self.step_dict, self.normalization)

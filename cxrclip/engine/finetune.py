@@ -60,7 +60,8 @@ def probe_task(spec: RunSpec, run: RunSettings, env: DistEnv) -> Task:
     )
     freeze = bool(spec.model.get("freeze_backbone_weights", True))
     extra = {
-        "probe": {"image_encoder": image_cfg, "label_names": list(names), "freeze": freeze, "backbone": str(backbone)}
+        "probe": {"image_encoder": image_cfg, "label_names": list(names), "freeze": freeze, "backbone": str(backbone)},
+        "preprocess": spec.test_preprocess(normalize, ("valid",)).to_dict(),
     }
     loss_options = spec.loss.get("classification", {})
     return Task(

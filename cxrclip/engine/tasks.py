@@ -58,4 +58,7 @@ def clip_task(spec: RunSpec, run: RunSettings, env: DistEnv) -> Task:
     collate = ImageTextCollator(
         build_tokenizer(spec.tokenizer), spec.text_max_length, label_names=run_label_names(spec, env)
     )
-    return Task(train_set, valid_set, collate, lambda: build_model(spec.model), build_loss(spec.loss))
+    preprocess = {"preprocess": spec.test_preprocess(spec.normalize).to_dict()}  # stored with every checkpoint
+    return Task(
+        train_set, valid_set, collate, lambda: build_model(spec.model), build_loss(spec.loss), lambda: preprocess
+    )

@@ -75,7 +75,7 @@ class CheckpointModel:
 
     def __init__(self, loaded: LoadedModel, spec: RunSpec, device: torch.device):
         self.loaded, self.device, self.stored = loaded, device, loaded.checkpoint
-        self.transform = spec.eval_transform(loaded.config, loaded.normalize)
+        self.transform = spec.eval_transform(loaded.checkpoint, loaded.normalize)
 
     def images(self, loader: DataLoader, desc: str) -> torch.Tensor:
         return embed_images(self.loaded.model, loader, self.device, desc=desc)

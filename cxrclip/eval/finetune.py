@@ -15,7 +15,7 @@ from cxrclip.eval.evaluate import EvaluationRun, image_loader, label_metrics
 from cxrclip.eval.metrics import multiclass_metrics
 from cxrclip.exceptions import ConfigError
 from cxrclip.model.checkpoint import CheckpointError, load_checkpoint
-from cxrclip.model.loading import load_image_encoder, stored_transform
+from cxrclip.model.loading import load_image_encoder, stored_preprocess
 from cxrclip.model.probe import LinearProbe
 from cxrclip.spec import RunSpec
 
@@ -49,7 +49,7 @@ def probe_logits(probe: LinearProbe, loader: DataLoader, device: torch.device) -
 
 def probe_transform(ckpt: dict):
     """The probe run's deterministic (valid) transform with its encoder's normalization."""
-    return stored_transform(ckpt.get("config") or {}, ckpt["probe"]["image_encoder"]["normalize"], ("valid",))
+    return stored_preprocess(ckpt, ckpt["probe"]["image_encoder"]["normalize"], ("valid",)).transform()
 
 
 def evaluate_finetune(cfg: DictConfig | RunSpec) -> dict[str, dict[str, dict]]:
@@ -66,8 +66,7 @@ def evaluate_finetune(cfg: DictConfig | RunSpec) -> dict[str, dict[str, dict]]:
                     f"{dc.name}: label_names {list(dc.label_names)} differ from the ones {ckpt.name} "
                     f"was trained on {info['label_names']}"
                 )
-            transform = job.spec.eval_transform(ckpt_data.get("config") or {}, info["image_encoder"]["normalize"],
-                                                ("valid",))  # fmt: skip
+            transform = job.spec.eval_transform(ckpt_data, info["image_encoder"]["normalize"], ("valid",))
             loader = image_loader(records, transform, job.spec.loader("test"))
             logits = probe_logits(probe, loader, job.device)
             labels = np.array([r.labels for r in records])

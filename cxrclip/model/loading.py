@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from cxrclip.data.preprocess import PreprocessSpec
 from cxrclip.model.checkpoint import CheckpointError, load_checkpoint, plain_config
 from cxrclip.model.clip import CXRClip, build_model
 from cxrclip.model.encoders import build_tokenizer, image_normalization
@@ -38,27 +39,43 @@ class LoadedModel:
         """The run config stored in the checkpoint (plain data, as ``load_checkpoint`` returns it)."""
         return self.checkpoint.get("config") or {}
 
+    def preprocess_spec(self, image_size: int | None = None) -> PreprocessSpec:
+        """How this model's images are prepared (see :func:`stored_preprocess`); ``image_size`` overrides the size."""
+        return stored_preprocess(self.checkpoint, self.normalize, ("test", "valid"), image_size)
+
     def preprocess(self, image_size: int | None = None):
-        """The run's deterministic test transform with the model's normalization (see :func:`stored_transform`)."""
-        return stored_transform(self.config, self.normalize, ("test", "valid"), image_size)
+        """The model's deterministic test transform (torch)."""
+        return self.preprocess_spec(image_size).transform()
 
 
-def stored_steps(config: Mapping, splits=("test", "valid"), image_size: int | None = None) -> dict:
-    """The first of ``splits`` a run config stores under ``transform``. ``image_size`` (or a config without
-    stored transforms, like the published ones) gives Resize + CenterCrop at that size."""
+def stored_steps(config: Mapping, splits=("test", "valid")) -> dict:
+    """The first of ``splits`` a run config stores under ``transform``; a config without stored transforms (the
+    published ones) gives Resize + CenterCrop at its ``base.image_size``."""
     transforms = config.get("transform") or {}
     steps = next((transforms[s] for s in splits if transforms.get(s)), None)
-    if image_size or not steps:
-        size = int(image_size or config.get("base", {}).get("image_size", 224))
-        steps = {"Resize": {"size": size}, "CenterCrop": {"size": size}}
+    if not steps:
+        size = (config.get("base") or {}).get("image_size")
+        if not size:
+            raise CheckpointError(
+                "the checkpoint records neither a test transform nor base.image_size: give the size "
+                "(inference: Predictor.create(image_size=...); evaluation: base.image_size=N)"
+            )
+        steps = {"Resize": {"size": int(size)}, "CenterCrop": {"size": int(size)}}
     return {name: dict(kw or {}) for name, kw in steps.items()}
 
 
-def stored_transform(config: Mapping, normalize, splits=("test", "valid"), image_size: int | None = None):
-    """:func:`stored_steps` built into a transform with ``normalize``."""
-    from cxrclip.data.transforms import build_transform
-
-    return build_transform(stored_steps(config, splits, image_size), normalize)
+def stored_preprocess(
+    checkpoint: Mapping, normalize, splits=("test", "valid"), image_size: int | None = None
+) -> PreprocessSpec:
+    """A checkpoint's :class:`PreprocessSpec`: the one training stored (key ``preprocess``), else the one its
+    config implies (older and published checkpoints); ``image_size``: Resize + CenterCrop at that size instead."""
+    if checkpoint.get("preprocess"):
+        spec = PreprocessSpec.from_dict(checkpoint["preprocess"])
+    elif image_size:
+        spec = PreprocessSpec.create({}, normalize)
+    else:
+        spec = PreprocessSpec.create(stored_steps(plain_config(checkpoint.get("config")), splits), normalize)
+    return spec.resized(image_size) if image_size else spec
 
 
 def default_device(name: str | None = None) -> torch.device:
@@ -126,6 +143,15 @@ def load_model(
     tokenizer = build_tokenizer({"pretrained_model_name_or_path": name})
     model.to(device).eval()
     return LoadedModel(model, model_cfg, tokenizer, ckpt, Path(path))
+
+
+def load_model_and_transforms(
+    path: str | Path, *, device: str | torch.device = "cpu", text_encoder: str | None = None
+) -> tuple[LoadedModel, object]:
+    """A checkpoint's model and its test transform (built from its one :class:`PreprocessSpec`), as open_clip's
+    ``create_model_and_transforms`` hands both back."""
+    loaded = load_model(path, device=device, text_encoder=text_encoder)
+    return loaded, loaded.preprocess()
 
 
 def load_image_encoder(path: str | Path, ckpt: dict | None = None) -> tuple[torch.nn.Module, dict]:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio
-import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -71,7 +70,6 @@ def model_card(predictor, path: str) -> dict:
     from cxrclip.io import file_sha256
 
     calibration = predictor.calibration
-    size = int(predictor.transform(np.zeros((8, 8), np.uint8)).shape[-1])
     bundle = getattr(predictor, "bundle", None)
     routed = predictor.card() if hasattr(predictor, "card") else None
     if routed:
@@ -84,7 +82,8 @@ def model_card(predictor, path: str) -> dict:
         **({"routing": routed} if routed else {}),
         **({"bundle_sha256": file_sha256(bundle.path / "bundle.json"), "backend": predictor.backend} if bundle else {}),
         **predictor.encoders,
-        "image_size": size,
+        "image_size": predictor.preprocess.size,
+        "preprocess": predictor.preprocess.to_dict(),
         "labels": predictor.label_names,
         "operating_points": {
             n: {"threshold": c.threshold, "rule": c.rule, "calibrated": c.calibrated, "method": c.method}

@@ -62,7 +62,7 @@ def timed_process(argv: list[str]) -> tuple[float, float]:
 
 
 def warm_latency(path: Path, image: Path, n: int) -> float:
-    from cxrclip.infer import Predictor
+    from cxrclip.predict.checkpoint import Predictor
 
     predictor = Predictor.create(str(path), device="cpu")
     predictor.predict([image])

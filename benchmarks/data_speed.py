@@ -74,8 +74,8 @@ def embed_row(data: Path, preset: str, n: int, image_size: int, batch_size: int)
     from cxrclip.data.records import load_labeled_records
     from cxrclip.data.schema import DataConfig
     from cxrclip.data.transforms import build_transform
-    from cxrclip.eval.zeroshot import embed_images
     from cxrclip.model.clip import build_model
+    from cxrclip.model.embed import embed_images
     from cxrclip.synthetic import CGMH_LABELS
 
     cfg = compose("train", [f"model={preset}"])

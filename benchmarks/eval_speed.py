@@ -126,7 +126,7 @@ def inference_rows(checkpoint: str, image: str, warm: int) -> list[dict]:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import cxrclip.infer, torch, transformers"], check=True)
     imports = time.perf_counter() - start
-    from cxrclip.infer import Predictor
+    from cxrclip.predict.checkpoint import Predictor
 
     start = time.perf_counter()
     predictor = Predictor.create(checkpoint)

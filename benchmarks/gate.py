@@ -72,7 +72,7 @@ def bootstrap_auroc(y: np.ndarray, s: np.ndarray, n_boot: int = 2000, seed: int 
 
 
 def report(name: str, scores: np.ndarray, kinds: np.ndarray, threshold: float) -> dict:
-    from cxrclip.gate import FRONTAL, wilson
+    from cxrclip.predict.gate import FRONTAL, wilson
 
     y = (kinds != FRONTAL).astype(int)
     auroc, ci = bootstrap_auroc(y, scores)
@@ -111,8 +111,8 @@ def main() -> None:
 
     from cxrclip.data.images import read_image
     from cxrclip.fit_gate import fit_gate_checkpoint, summary_lines
-    from cxrclip.gate import FRONTAL, InputGate, choose_threshold, generated_negatives, group_split, precheck
-    from cxrclip.infer import Predictor
+    from cxrclip.predict.checkpoint import Predictor
+    from cxrclip.predict.gate import FRONTAL, InputGate, choose_threshold, generated_negatives, group_split, precheck
 
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

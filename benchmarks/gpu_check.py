@@ -150,11 +150,11 @@ def embed_and_infer(data: Path, device: str, n_images: int, batch: int) -> dict:
 
     from cxrclip.config import compose, to_plain
     from cxrclip.data.schema import LabeledRecord
-    from cxrclip.eval.evaluate import image_loader
-    from cxrclip.eval.zeroshot import embed_images
-    from cxrclip.infer import Predictor
+    from cxrclip.engine.loader import image_loader
     from cxrclip.model.checkpoint import save_checkpoint
     from cxrclip.model.clip import build_model
+    from cxrclip.model.embed import embed_images
+    from cxrclip.predict.checkpoint import Predictor
 
     out = Path(tempfile.mkdtemp())
     cfg = compose("train", [*SETUPS["r50_minilm"](out / "text"), f"data_train.cgmh.data_path={data}/train.csv"])

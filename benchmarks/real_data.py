@@ -214,7 +214,7 @@ def test_images(data: Path) -> list[Path]:
 def zero_shot_logits(ckpt: Path, data: Path, names) -> np.ndarray:
     """Test-set zero-shot logits (images × labels) of a checkpoint: its stored test transform, the data's prompts."""
     from cxrclip.data.images import read_image
-    from cxrclip.infer import Predictor
+    from cxrclip.predict.checkpoint import Predictor
 
     predictor = Predictor.create(str(ckpt), prompts=str(data / "prompts.json"), labels=names, device="cpu")
     images = test_images(data)

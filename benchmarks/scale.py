@@ -54,16 +54,17 @@ def embed_rows(pool: Path, sizes: list[int], model: str) -> list[dict]:
     from cxrclip.config import compose
     from cxrclip.data.records import load_records
     from cxrclip.data.schema import DataConfig
+    from cxrclip.data.transforms import spec_transform
+    from cxrclip.engine.loader import image_loader
     from cxrclip.eval.calibrate import as_labeled
-    from cxrclip.eval.evaluate import image_loader
-    from cxrclip.eval.zeroshot import embed_images
     from cxrclip.model.clip import build_model
+    from cxrclip.model.embed import embed_images
     from cxrclip.model.loading import stored_preprocess
 
     cfg = compose("train", [*MODELS[model], "base.output.checkpoint=/tmp/x", "base.output.tensorboard=/tmp/x"])
     config = OmegaConf.to_container(cfg, resolve=True)
     net = build_model(config["model"]).eval()
-    transform = stored_preprocess({"config": config}, config["model"]["image_encoder"]["normalize"]).transform()
+    transform = spec_transform(stored_preprocess({"config": config}, config["model"]["image_encoder"]["normalize"]))
     from cxrclip.synthetic import CGMH_LABELS, DEFAULT_PROMPTS
 
     dc = DataConfig("pool", "imagetext", str(pool / "train.csv"), CGMH_LABELS, prompt_path=str(DEFAULT_PROMPTS))

@@ -79,8 +79,8 @@ def _decode_all(records, csv_path: Path) -> None:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from cxrclip.eval.calibrate import calibrate_checkpoint
-    from cxrclip.eval.calibration import CalibrationError, CalibrationSettings
     from cxrclip.exceptions import exit_on_user_error
+    from cxrclip.scoring.calibration import CalibrationError, CalibrationSettings
 
     with exit_on_user_error():
         split = args.split or ("valid" if "text_label" in _csv_header(args.data) else "cls")
@@ -191,8 +191,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
+    from cxrclip.eval.route import route_by_validation
     from cxrclip.exceptions import exit_on_user_error
-    from cxrclip.routed import MANIFEST, Member, RoutingError, route_by_validation, write_routed
+    from cxrclip.predict.routed import MANIFEST, Member, RoutingError, write_routed
 
     with exit_on_user_error():
         if bool(args.member) == bool(args.candidates):
@@ -220,9 +221,10 @@ def _route(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from cxrclip.bundle import Bundle, export_bundle
+    from cxrclip.bundle import export_bundle, export_routed_bundle
     from cxrclip.exceptions import exit_on_user_error
-    from cxrclip.routed import MANIFEST, Member, RoutingError, export_routed_bundle
+    from cxrclip.predict.bundle import Bundle
+    from cxrclip.predict.routed import MANIFEST, Member, RoutingError
 
     if args.member:
         with exit_on_user_error():

@@ -56,8 +56,9 @@ def run_demo(
     ``image_size``: the model's input size (None: the train config's ``base.image_size``)."""
     from cxrclip.eval.evaluate import evaluate
     from cxrclip.fit_gate import fit_gate_checkpoint, summary_lines
-    from cxrclip.infer import Predictor, format_table
+    from cxrclip.infer import format_table
     from cxrclip.jobs import pretrain
+    from cxrclip.predict import load_predictor
 
     out = Path(out).resolve()
     start = time.perf_counter()
@@ -106,7 +107,7 @@ def run_demo(
     gate = fit_gate_checkpoint(ckpt, [str(paths["train"]), str(paths["valid"])], generated=150, seed=seed)
     print("\n".join("      " + line for line in summary_lines(gate)), flush=True)
     print("[5/5] inference on a test image, and on one the model was not made for", flush=True)
-    predictor = Predictor.create(str(ckpt))
+    predictor = load_predictor(ckpt)
     from cxrclip.data.images import read_image
     from cxrclip.data.records import load_labeled_records
     from cxrclip.io import atomic_write

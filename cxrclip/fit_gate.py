@@ -14,9 +14,10 @@ import numpy as np
 from cxrclip.data.cells import parse_list_cell
 from cxrclip.data.images import ImageReadError, read_image
 from cxrclip.data.schema import csv_line
-from cxrclip.gate import FRONTAL, GateError, ImageGate, fit_image_gate, generated_negatives, group_split
-from cxrclip.infer import IMAGE_SUFFIXES, Predictor
+from cxrclip.infer import IMAGE_SUFFIXES
 from cxrclip.model.checkpoint import save_checkpoint
+from cxrclip.predict.checkpoint import Predictor
+from cxrclip.predict.gate import FRONTAL, GateError, ImageGate, fit_image_gate, generated_negatives, group_split
 
 log = logging.getLogger(__name__)
 GROUP_COLUMNS = ("patient_id", "patient", "PatientID", "subject_id")

@@ -195,11 +195,11 @@ class RunSpec:
         """How evaluation preprocesses a checkpoint's images: with ``base.image_size`` null (the evaluation configs'
         default) the checkpoint's own preprocessing (its stored spec), the size it was trained, validated and
         calibrated at (a `+recipe=small_data` run is 288 px); with a number, this config's ``transform.test``."""
-        from cxrclip.data.transforms import build_transform
+        from cxrclip.data.transforms import build_transform, spec_transform
         from cxrclip.model.loading import stored_preprocess
 
         if self.image_size is None:
-            return stored_preprocess(checkpoint, normalize, splits).transform()
+            return spec_transform(stored_preprocess(checkpoint, normalize, splits))
         return build_transform(self.transform_steps("test"), normalize)
 
     def test_preprocess(self, normalize, splits=("test", "valid")):

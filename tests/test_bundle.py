@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from cxrclip.bundle import Bundle, BundleError, BundlePredictor, export_bundle
+from cxrclip.bundle import export_bundle
 from cxrclip.data.preprocess import Preprocess, resized_shape
 from cxrclip.data.transforms import build_transform
+from cxrclip.predict.bundle import Bundle, BundleError, BundlePredictor
 
 pytestmark = pytest.mark.usefixtures("minilm_tokenizer")
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,10 +64,10 @@ def test_sizes_and_crops_follow_torchvisions_rules():
 
 
 def test_bundle_answers_as_its_checkpoint(bundle, calibrated, demo_data):
-    from cxrclip.infer import Predictor
+    from cxrclip.predict import load_predictor
 
     images = sorted((demo_data / "images").glob("test_*.png"))[:6]
-    reference = Predictor.create(str(calibrated), device="cpu")
+    reference = load_predictor(str(calibrated), device="cpu")
     manifest = Bundle(bundle).manifest
     assert manifest["labels"] == reference.label_names and manifest["onnx_max_abs_difference"] < 1e-4
     assert manifest["calibration"] == reference.calibration.to_dict()
@@ -95,9 +96,9 @@ def test_bundle_answers_as_its_checkpoint(bundle, calibrated, demo_data):
 
 def test_free_text_and_heatmaps_load_the_towers_lazily(bundle, calibrated, demo_data):
     from cxrclip.data.images import read_image
-    from cxrclip.infer import Predictor
+    from cxrclip.predict import load_predictor
 
-    reference = Predictor.create(str(calibrated), device="cpu")
+    reference = load_predictor(str(calibrated), device="cpu")
     predictor = BundlePredictor.create(bundle)
     assert predictor._torch is None  # nothing but ONNX Runtime so far
     image = read_image(sorted((demo_data / "images").glob("test_*.png"))[0])
@@ -140,9 +141,9 @@ def test_inference_from_a_bundle_imports_neither_torch_nor_transformers(bundle, 
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stderr.strip().splitlines()[-1]) == []
     result = json.loads(run.stdout)
-    from cxrclip.infer import Predictor
+    from cxrclip.predict import load_predictor
 
-    want = Predictor.create(str(calibrated), device="cpu").predict([image])[0]
+    want = load_predictor(str(calibrated), device="cpu").predict([image])[0]
     for name, v in want["labels"].items():
         assert result["labels"][name]["probability"] == pytest.approx(v["probability"], abs=1e-4)
 

@@ -10,7 +10,8 @@ import torch
 from scipy.stats import norm
 from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
 
-from cxrclip.eval.calibration import (
+from cxrclip.eval.metrics import auroc_ci, delong_covariance, operating_point
+from cxrclip.scoring.calibration import (
     Calibration,
     CalibrationError,
     CalibrationSettings,
@@ -20,7 +21,6 @@ from cxrclip.eval.calibration import (
     fit_calibration,
     sigmoid,
 )
-from cxrclip.eval.metrics import auroc_ci, delong_covariance, operating_point
 
 
 # -- calibration maps ------------------------------------------------------------------------------------

@@ -9,11 +9,11 @@ from omegaconf import OmegaConf
 
 from cxrclip.config import compose
 from cxrclip.eval.evaluate import evaluate
-from cxrclip.infer import Predictor
 from cxrclip.infer import main as infer_main
 from cxrclip.model.checkpoint import CheckpointError, load_checkpoint
 from cxrclip.model.loading import load_model
 from cxrclip.paths import resolve_package_path
+from cxrclip.predict import load_predictor
 
 pytestmark = pytest.mark.usefixtures("minilm_tokenizer")
 
@@ -63,7 +63,7 @@ def test_checkpoint_folder_and_glob_are_expanded(demo_data, tiny_ckpt, tmp_path)
 
 
 def test_predictor_ranks_every_label_and_reports_several_findings(demo_data, tiny_ckpt):
-    predictor = Predictor.create(str(tiny_ckpt))
+    predictor = load_predictor(str(tiny_ckpt))
     images = sorted((demo_data / "images").glob("test_*.png"))[:3]
     results = predictor.predict(images, threshold=0.0)
     r = results[0]
@@ -114,7 +114,7 @@ def test_inference_on_dicom(demo_data, tiny_ckpt, tmp_path):
 
     png = np.asarray(Image.open(sorted((demo_data / "images").glob("test_*.png"))[0])).astype(np.uint16) * 16
     dcm = write_dicom(tmp_path / "x.dcm", png, PhotometricInterpretation="MONOCHROME1")
-    result = Predictor.create(str(tiny_ckpt)).predict([dcm])[0]
+    result = load_predictor(str(tiny_ckpt)).predict([dcm])[0]
     assert len(result["labels"]) == 13
 
 

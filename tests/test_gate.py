@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrclip.gate import (
+from cxrclip.predict.bundle import BundlePredictor
+from cxrclip.predict.gate import (
     FRONTAL,
     GateError,
     ImageGate,
@@ -256,11 +257,11 @@ def test_the_server_refuses_on_single_and_batch_and_reports_the_gate(refusing, d
 def test_fit_gate_end_to_end_and_the_bundle_gives_the_same_scores(tiny_clip_checkpoint, demo_data, tmp_path, capsys):
     """fit-gate on the demo's frontal films + a folder of others + generated negatives; stored in the checkpoint
     (plain data, weights_only); the exported bundle's gate scores equal the checkpoint's to 1e-5."""
-    from cxrclip.bundle import BundlePredictor, export_bundle
+    from cxrclip.bundle import export_bundle
     from cxrclip.cli import main as cli_main
     from cxrclip.data.images import read_image
-    from cxrclip.infer import Predictor
     from cxrclip.model.checkpoint import load_checkpoint
+    from cxrclip.predict import load_predictor
 
     other = tmp_path / "other"
     (other / "lateral").mkdir(parents=True)
@@ -279,7 +280,7 @@ def test_fit_gate_end_to_end_and_the_bundle_gives_the_same_scores(tiny_clip_chec
     assert stored["evidence"]["fitted_on"]["generated"] == 20
     bundle = export_bundle(out, tmp_path / "bundle")
     images = sorted((demo_data / "images").glob("test_*.png"))[:4] + sorted((other / "lateral").glob("*.png"))[:2]
-    ours, theirs = Predictor.create(str(out), device="cpu"), BundlePredictor.create(bundle)
+    ours, theirs = load_predictor(str(out), device="cpu"), BundlePredictor.create(bundle)
     got = [r["gate"]["score"] for r in theirs.predict(images)]
     want = [r["gate"]["score"] for r in ours.predict(images)]
     arrays = [read_image(p) for p in images]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cxrclip.infer import Predictor
 from cxrclip.model.checkpoint import CheckpointError, convert_checkpoint, load_checkpoint
+from cxrclip.predict import load_predictor
 
 pytestmark = pytest.mark.usefixtures("minilm_tokenizer")
 
@@ -90,12 +90,12 @@ def test_inference_evaluation_and_probing_work_and_match_the_converted_checkpoin
 
     path = write_original_checkpoint(tmp_path)
     images = sorted((demo_data / "images").glob("test_*.png"))[:2]
-    original = Predictor.create(str(path), image_size=64).predict(images)
+    original = load_predictor(str(path), image_size=64).predict(images)
     assert main(["convert", "--checkpoint", str(path), "--out", str(tmp_path / "converted.tar")]) == 0
     assert "loads with weights_only=True" in capsys.readouterr().out
     converted = torch.load(tmp_path / "converted.tar", weights_only=True)  # no allowlist needed
     assert "optimizer" not in converted and converted["converted_from"]["path"] == str(path.resolve())
-    ours = Predictor.create(str(tmp_path / "converted.tar"), image_size=64).predict(images)
+    ours = load_predictor(str(tmp_path / "converted.tar"), image_size=64).predict(images)
     for a, b in zip(original, ours):
         assert a["labels"] == b["labels"] and a["ranking"] == b["ranking"]
 

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from cxrclip.routed import Member, RoutingError, assign_labels, paired_delong
+from cxrclip.eval.route import paired_delong
+from cxrclip.predict.routed import Member, RoutingError, assign_labels
 
 pytestmark = pytest.mark.usefixtures("minilm_tokenizer")
 TUBES = ["Endotracheal tube in place", "Endotracheal tube malposition", "Chest tube in place"]
@@ -65,14 +66,14 @@ def test_labels_are_assigned_explicitly_first_then_to_the_first_member():
 
 
 def test_routed_equals_each_member_label_by_label(routed, tiny_clip_checkpoint, ckpt48, demo_data):
-    from cxrclip.infer import Predictor
+    from cxrclip.predict import load_predictor
 
     images = sorted((demo_data / "images").glob("test_*.png"))[:4]
-    model = Predictor.create(str(routed), device="cpu")
+    model = load_predictor(str(routed), device="cpu")
     got = model.predict(images)
     rest = [n for n in model.label_names if n not in TUBES]
-    tube_answers = Predictor.create(str(ckpt48), labels=TUBES, device="cpu").predict(images)
-    rest_answers = Predictor.create(str(tiny_clip_checkpoint), labels=rest, device="cpu").predict(images)
+    tube_answers = load_predictor(str(ckpt48), labels=TUBES, device="cpu").predict(images)
+    rest_answers = load_predictor(str(tiny_clip_checkpoint), labels=rest, device="cpu").predict(images)
     assert model.label_names == TUBES + rest
     for g, t, r in zip(got, tube_answers, rest_answers):
         for name in TUBES:
@@ -90,7 +91,7 @@ def test_routed_equals_each_member_label_by_label(routed, tiny_clip_checkpoint, 
 def test_the_server_and_its_card_treat_a_routed_model_as_one(routed, demo_data):
     from fastapi.testclient import TestClient
 
-    from cxrclip.infer import Predictor
+    from cxrclip.predict import load_predictor
     from cxrclip.serve.app import ServeSettings, create_app
 
     client = TestClient(create_app(ServeSettings(model_path=str(routed))))
@@ -101,13 +102,13 @@ def test_the_server_and_its_card_treat_a_routed_model_as_one(routed, demo_data):
     body = client.post(
         "/v1/predict", files={"file": ("a.png", image.read_bytes(), "image/png")}, data={"heatmap": TUBES[0]}
     ).json()
-    want = Predictor.create(str(routed), device="cpu").predict([image])[0]
+    want = load_predictor(str(routed), device="cpu").predict([image])[0]
     assert body["labels"] == want["labels"] and body["heatmap"]["png"].startswith("data:image/png;base64,")
 
 
 def test_a_routed_bundle_answers_as_the_routed_checkpoints_and_refuses_a_changed_member(routed, tmp_path, demo_data):
     from cxrclip.cli import main as cli_main
-    from cxrclip.infer import Predictor
+    from cxrclip.predict import load_predictor
 
     manifest = json.loads((routed / "routed.json").read_text())
     argv = ["export", "--out", str(tmp_path / "rb"), "--default", "rest"]
@@ -115,8 +116,8 @@ def test_a_routed_bundle_answers_as_the_routed_checkpoints_and_refuses_a_changed
         argv += ["--member", f"{m['name']}={m['path']}:{','.join(m['labels'])}"]
     assert cli_main(argv) == 0
     images = sorted((demo_data / "images").glob("test_*.png"))[:3]
-    got = Predictor.create(str(tmp_path / "rb")).predict(images)
-    want = Predictor.create(str(routed), device="cpu").predict(images)
+    got = load_predictor(str(tmp_path / "rb")).predict(images)
+    want = load_predictor(str(routed), device="cpu").predict(images)
     for g, w in zip(got, want):
         assert list(g["labels"]) == list(w["labels"])
         for name in g["labels"]:
@@ -125,23 +126,23 @@ def test_a_routed_bundle_answers_as_the_routed_checkpoints_and_refuses_a_changed
     member_manifest = tmp_path / "rb" / "members" / "tube" / "bundle.json"
     member_manifest.write_text(member_manifest.read_text() + " ")
     with pytest.raises(RoutingError, match="member tube .* changed since the routed model was written"):
-        Predictor.create(str(tmp_path / "rb"))
+        load_predictor(str(tmp_path / "rb"))
 
 
 def test_a_plain_routed_model_refuses_a_changed_checkpoint(tiny_clip_checkpoint, tmp_path):
     import shutil
 
-    from cxrclip.infer import Predictor
-    from cxrclip.routed import write_routed
+    from cxrclip.predict import load_predictor
+    from cxrclip.predict.routed import write_routed
 
     copy = tmp_path / "m.tar"
     shutil.copy(tiny_clip_checkpoint, copy)
     write_routed(tmp_path / "r", [Member("only", str(copy))])
-    Predictor.create(str(tmp_path / "r"), device="cpu")
+    load_predictor(str(tmp_path / "r"), device="cpu")
     with copy.open("ab") as f:
         f.write(b"\0")
     with pytest.raises(RoutingError, match="changed since"):
-        Predictor.create(str(tmp_path / "r"), device="cpu")
+        load_predictor(str(tmp_path / "r"), device="cpu")
 
 
 def test_paired_delong_matches_the_unpaired_aurocs_and_a_known_difference():

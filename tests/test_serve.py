@@ -186,8 +186,8 @@ class IntensityEncoder(torch.nn.Module):
 
 
 def test_grad_cam_finds_what_drives_the_score_on_a_known_model():
-    from cxrclip.explain import grad_cam
     from cxrclip.model.clip import CXRClip
+    from cxrclip.predict.gradcam import grad_cam
 
     text = torch.nn.Linear(1, 3)
     text.out_dim = 3
@@ -202,9 +202,9 @@ def test_grad_cam_finds_what_drives_the_score_on_a_known_model():
 
 @pytest.mark.parametrize("preset", ["resnet", "timm", "swin"])
 def test_every_encoder_exposes_a_feature_map_consistent_with_its_forward(preset):
-    from cxrclip.explain import grad_cam
     from cxrclip.model.clip import CXRClip
     from cxrclip.model.encoders import HuggingfaceImageEncoder, TimmImageEncoder, TorchvisionResNet
+    from cxrclip.predict.gradcam import grad_cam
 
     torch.manual_seed(0)
     if preset == "resnet":

@@ -9,6 +9,7 @@ import pytest
 from cxrclip.config import compose, to_plain
 from cxrclip.data.preprocess import NAMED_NORMALIZATION, resolve_normalization
 from cxrclip.exceptions import ConfigError
+from cxrclip.predict.bundle import BundlePredictor
 from cxrclip.spec import EvalSpec, LoaderSpec, OptimizerSpec, RunSpec, ScheduleSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,12 +89,12 @@ def test_the_preprocessing_spec_is_stored_at_training_and_read_everywhere(tiny_c
     without it (an older one) gets the same spec from its config."""
     import numpy as np
 
-    from cxrclip.bundle import BundlePredictor, export_bundle
+    from cxrclip.bundle import export_bundle
     from cxrclip.data.images import read_image
     from cxrclip.data.preprocess import PreprocessSpec
-    from cxrclip.infer import Predictor
     from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint
     from cxrclip.model.loading import load_model_and_transforms
+    from cxrclip.predict import load_predictor
 
     state = load_checkpoint(tiny_clip_checkpoint)
     stored = PreprocessSpec.from_dict(state["preprocess"])
@@ -103,10 +104,10 @@ def test_the_preprocessing_spec_is_stored_at_training_and_read_everywhere(tiny_c
     image = read_image(sorted((demo_data / "images").glob("test_*.png"))[0])
     old = tmp_path / "old.tar"  # as written before the spec existed
     save_checkpoint(old, {k: v for k, v in state.items() if k not in ("format", "preprocess")})
-    from_config = Predictor.create(str(old), device="cpu")
+    from_config = load_predictor(str(old), device="cpu")
     assert from_config.preprocess == stored
     np.testing.assert_array_equal(from_config.transform(image).numpy(), transform(image).numpy())
     bundle = BundlePredictor.create(export_bundle(tiny_clip_checkpoint, tmp_path / "b"))
     assert bundle.preprocess == stored
     np.testing.assert_allclose(bundle.transform(image), transform(image).numpy(), atol=1e-6)
-    assert Predictor.create(str(old), device="cpu", image_size=48).preprocess.size == 48
+    assert load_predictor(str(old), device="cpu", image_size=48).preprocess.size == 48

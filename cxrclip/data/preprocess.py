@@ -187,9 +187,3 @@ class PreprocessSpec:
     def numpy(self) -> Preprocess:
         """The torch-free transform (the bundle's)."""
         return Preprocess(self.step_dict, self.normalization)
-
-    def transform(self):
-        """The torch transform (training's test transform, evaluation, calibration, inference from a checkpoint)."""
-        from cxrclip.data.transforms import build_transform
-
-        return build_transform(self.step_dict, self.normalization)

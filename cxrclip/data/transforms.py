@@ -14,6 +14,7 @@ import torch
 from torchvision.transforms import v2
 
 from cxrclip.data.preprocess import (  # noqa: F401 (re-exported)
+    PreprocessSpec,
     clahe,
     resolve_normalization,
     step_function,
@@ -107,3 +108,9 @@ def build_transform(steps_config: Mapping | None, normalize: str | Mapping) -> I
         steps.append(TRANSFORMS[name](**dict(kwargs or {})))
     mean, std = resolve_normalization(normalize)
     return ImageTransform(steps, mean, std)
+
+
+def spec_transform(spec: PreprocessSpec) -> ImageTransform:
+    """A model's :class:`~cxrclip.data.preprocess.PreprocessSpec` as the torch test transform (training's test
+    transform, evaluation, calibration, inference from a checkpoint)."""
+    return build_transform(spec.step_dict, spec.normalization)

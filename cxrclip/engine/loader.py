@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
-from cxrclip.data.dataset import ImageTextDataset
+from cxrclip.data.collate import ImageTextCollator
+from cxrclip.data.dataset import ImageTextDataset, LabeledImageDataset
 from cxrclip.data.records import load_imagetext_records, stratified_subset, summarize
+from cxrclip.data.schema import LabeledRecord
 from cxrclip.data.transforms import build_transform
 from cxrclip.engine.dist import DistEnv
 from cxrclip.engine.settings import RunSettings
@@ -85,4 +87,17 @@ def make_loader(dataset, loader: LoaderSpec, collate, env: DistEnv, seed: int) -
         pin_memory=loader.pin_memory and env.device.type == "cuda",
         prefetch_factor=loader.prefetch_factor,
         persistent_workers=False,
+    )
+
+
+def image_loader(records: Sequence[LabeledRecord], transform, loader: LoaderSpec | Mapping) -> DataLoader:
+    """Batches of test images and labels in dataset order. Texts are not tokenized here: the distinct texts
+    are embedded once, separately."""
+    loader = loader if isinstance(loader, LoaderSpec) else LoaderSpec.from_mapping(loader, "dataloader")
+    return DataLoader(
+        LabeledImageDataset(records, transform),
+        batch_size=loader.batch_size,
+        num_workers=loader.num_workers,
+        collate_fn=ImageTextCollator(None),
+        prefetch_factor=loader.prefetch_factor,
     )

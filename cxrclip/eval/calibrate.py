@@ -12,10 +12,10 @@ import torch
 
 from cxrclip.data.records import load_records
 from cxrclip.data.schema import DataConfig, ImageTextRecord, LabeledRecord
-from cxrclip.eval.calibration import Calibration, CalibrationError, CalibrationSettings, file_sha256, fit_calibration
-from cxrclip.eval.zeroshot import LabelScorer, embed_images
 from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint
+from cxrclip.model.embed import LabelScorer, embed_images
 from cxrclip.model.loading import LoadedModel, default_device, load_model
+from cxrclip.scoring.calibration import Calibration, CalibrationError, CalibrationSettings, file_sha256, fit_calibration
 from cxrclip.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def zero_shot_logits(
     device: torch.device,
 ) -> np.ndarray:
     """Zero-shot label logits of every row's first image, preprocessed as the run's test transform."""
-    from cxrclip.eval.evaluate import image_loader
+    from cxrclip.engine.loader import image_loader
 
     loader = image_loader(as_labeled(records), loaded.preprocess(), loader_cfg)
     scorer = LabelScorer.create(loaded.model, loaded.tokenizer, bank, names, device)
@@ -123,8 +123,8 @@ def _clip_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder):
 
 def _probe_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder):
     """records → the logits of a linear-probe checkpoint."""
-    from cxrclip.eval.evaluate import image_loader
-    from cxrclip.eval.finetune import load_probe, probe_logits, probe_transform
+    from cxrclip.engine.loader import image_loader
+    from cxrclip.model.probe import load_probe, probe_logits, probe_transform
 
     probe, info = load_probe(Path(checkpoint), ckpt)
     if list(info["label_names"]) != names:
@@ -132,15 +132,6 @@ def _probe_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder):
     probe.to(device)
     transform = probe_transform(ckpt)
     return lambda records, dc: probe_logits(probe, image_loader(as_labeled(records), transform, loader_cfg), device)
-
-
-def stored_calibration(checkpoint: Mapping, names: Sequence[str], fallback_threshold: float = 0.5) -> Calibration:
-    """The checkpoint's calibration over ``names``, or the flagged uncalibrated fallback."""
-    data = checkpoint.get("calibration")
-    if not data:
-        note = "the checkpoint has no calibration: run `cxrclip calibrate`"
-        return Calibration.uncalibrated(names, fallback_threshold, note=note)
-    return Calibration.from_dict(data).for_labels(names, fallback_threshold)
 
 
 def calibrate_after_training(cfg, result: Mapping) -> Calibration | None:

@@ -16,22 +16,20 @@ from omegaconf import DictConfig, ListConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cxrclip.bundle import is_bundle
-from cxrclip.data.collate import ImageTextCollator
-from cxrclip.data.dataset import LabeledImageDataset
 from cxrclip.data.records import load_labeled_records
 from cxrclip.data.schema import DataConfig, LabeledRecord
+from cxrclip.engine.loader import image_loader
 from cxrclip.eval import report
-from cxrclip.eval.calibrate import stored_calibration
-from cxrclip.eval.calibration import Calibration, file_sha256, sigmoid
 from cxrclip.eval.metrics import binary_metrics, merge_texts, multiclass_metrics, retrieval_metrics
-from cxrclip.eval.zeroshot import LabelScorer, embed_images, embed_texts
-from cxrclip.gate import stored_gate
 from cxrclip.model.checkpoint import CheckpointError
+from cxrclip.model.embed import LabelScorer, embed_images, embed_texts
 from cxrclip.model.loading import LoadedModel, default_device, load_model
 from cxrclip.paths import resolve_user_path
-from cxrclip.routed import is_routed, open_routed
-from cxrclip.spec import EvalSpec, LoaderSpec, RunSpec
+from cxrclip.predict.bundle import is_bundle
+from cxrclip.predict.gate import stored_gate
+from cxrclip.predict.routed import is_routed, open_routed
+from cxrclip.scoring.calibration import Calibration, file_sha256, sigmoid, stored_calibration
+from cxrclip.spec import EvalSpec, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +52,6 @@ def checkpoint_paths(spec) -> list[Path]:
     if not paths or missing:
         raise CheckpointError(f"no checkpoint found for test.checkpoint={spec!r}" + (f": {missing}" if missing else ""))
     return paths
-
-
-def image_loader(records: Sequence[LabeledRecord], transform, loader: LoaderSpec | Mapping) -> DataLoader:
-    """Batches of test images and labels in dataset order. Texts are not tokenized here: the distinct texts
-    are embedded once, separately."""
-    loader = loader if isinstance(loader, LoaderSpec) else LoaderSpec.from_mapping(loader, "dataloader")
-    return DataLoader(
-        LabeledImageDataset(records, transform),
-        batch_size=loader.batch_size,
-        num_workers=loader.num_workers,
-        collate_fn=ImageTextCollator(None),
-        prefetch_factor=loader.prefetch_factor,
-    )
 
 
 class CheckpointModel:
@@ -92,7 +77,7 @@ class BundleModel:
     text tower when the data's prompt file or labels differ), its ONNX image encoder, its calibration."""
 
     def __init__(self, path: Path):
-        from cxrclip.bundle import BundlePredictor
+        from cxrclip.predict.bundle import BundlePredictor
 
         self.predictor = BundlePredictor.create(path)
         manifest = self.predictor.bundle.manifest

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from cxrclip.eval.evaluate import EvaluationRun, image_loader, label_metrics
+from cxrclip.engine.loader import image_loader
+from cxrclip.eval.evaluate import EvaluationRun, label_metrics
 from cxrclip.eval.metrics import multiclass_metrics
 from cxrclip.exceptions import ConfigError
-from cxrclip.model.checkpoint import CheckpointError, load_checkpoint
-from cxrclip.model.loading import load_image_encoder, stored_preprocess
-from cxrclip.model.probe import LinearProbe
+from cxrclip.model.checkpoint import load_checkpoint
+from cxrclip.model.probe import load_probe, probe_logits
 from cxrclip.spec import RunSpec
 
 log = logging.getLogger(__name__)
@@ -26,30 +22,6 @@ COLUMNS = (
     ("multilabel_classification", "Accuracy(Avg)"),
     ("multiclass_classification", "Accuracy(Micro)"),
 )
-
-
-def load_probe(path: Path, ckpt: dict | None = None) -> tuple[LinearProbe, dict]:
-    """A fine-tuned checkpoint's probe (``ckpt``: the file, when it is already loaded) and its ``probe`` facts."""
-    ckpt = ckpt if ckpt is not None else load_checkpoint(path)
-    if "probe" not in ckpt:
-        raise CheckpointError(f"{path} is not a fine-tuned checkpoint (made by finetune.py)")
-    encoder, _ = load_image_encoder(path, ckpt)
-    probe = LinearProbe(encoder, len(ckpt["probe"]["label_names"]))
-    head = {k.removeprefix("classifier."): v for k, v in ckpt["model"].items() if k.startswith("classifier.")}
-    probe.classifier.load_state_dict(head, strict=True)
-    return probe.eval(), ckpt["probe"]
-
-
-@torch.no_grad()
-def probe_logits(probe: LinearProbe, loader: DataLoader, device: torch.device) -> np.ndarray:
-    """The probe's per-label logits (rows × labels), float64."""
-    out = [probe(b.to(device))["logits"].float().cpu() for b in tqdm(loader, leave=False)]
-    return torch.cat(out).double().numpy()
-
-
-def probe_transform(ckpt: dict):
-    """The probe run's deterministic (valid) transform with its encoder's normalization."""
-    return stored_preprocess(ckpt, ckpt["probe"]["image_encoder"]["normalize"], ("valid",)).transform()
 
 
 def evaluate_finetune(cfg: DictConfig | RunSpec) -> dict[str, dict[str, dict]]:

@@ -157,7 +157,7 @@ def binary_metrics(
     ECE and Brier score are given before (``*_uncalibrated``) and after calibration. A label with no
     positive or no negative row is ``None`` ("undefined") and left out of the averages.
     """
-    from cxrclip.eval.calibration import Calibration, brier_score, expected_calibration_error, sigmoid
+    from cxrclip.scoring.calibration import Calibration, brier_score, expected_calibration_error, sigmoid
 
     calibration = (calibration or Calibration.uncalibrated(names)).for_labels(names)
     raw, probs, thresholds = sigmoid(scores), calibration.probabilities(scores), calibration.thresholds

@@ -162,7 +162,7 @@ def plot_reliability(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cxrclip.eval.calibration import expected_calibration_error, reliability_bins
+    from cxrclip.scoring.calibration import expected_calibration_error, reliability_bins
 
     keep = labels >= 0
     if not keep.any():

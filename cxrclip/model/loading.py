@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from cxrclip.data.preprocess import PreprocessSpec
+from cxrclip.data.transforms import spec_transform
 from cxrclip.model.checkpoint import CheckpointError, load_checkpoint, plain_config
 from cxrclip.model.clip import CXRClip, build_model
 from cxrclip.model.encoders import build_tokenizer, image_normalization
@@ -45,7 +46,7 @@ class LoadedModel:
 
     def preprocess(self, image_size: int | None = None):
         """The model's deterministic test transform (torch)."""
-        return self.preprocess_spec(image_size).transform()
+        return spec_transform(self.preprocess_spec(image_size))
 
 
 def stored_steps(config: Mapping, splits=("test", "valid")) -> dict:

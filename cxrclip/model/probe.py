@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from cxrclip.data.batch import Batch
+from cxrclip.data.transforms import spec_transform
 from cxrclip.exceptions import ConfigError
+from cxrclip.model.checkpoint import CheckpointError, load_checkpoint
+from cxrclip.model.loading import load_image_encoder, stored_preprocess
 
 
 class LinearProbe(nn.Module):
@@ -51,3 +58,27 @@ class MaskedBCELoss(nn.Module):
         loss = F.binary_cross_entropy_with_logits(logits, labels, weight=mask, reduction="sum")
         loss = loss / mask.sum().clamp(min=1)
         return {"loss": self.loss_ratio * loss, "bce": loss.detach()}
+
+
+def load_probe(path: Path, ckpt: dict | None = None) -> tuple[LinearProbe, dict]:
+    """A fine-tuned checkpoint's probe (``ckpt``: the file, when it is already loaded) and its ``probe`` facts."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(path)
+    if "probe" not in ckpt:
+        raise CheckpointError(f"{path} is not a fine-tuned checkpoint (made by finetune.py)")
+    encoder, _ = load_image_encoder(path, ckpt)
+    probe = LinearProbe(encoder, len(ckpt["probe"]["label_names"]))
+    head = {k.removeprefix("classifier."): v for k, v in ckpt["model"].items() if k.startswith("classifier.")}
+    probe.classifier.load_state_dict(head, strict=True)
+    return probe.eval(), ckpt["probe"]
+
+
+@torch.no_grad()
+def probe_logits(probe: LinearProbe, loader: DataLoader, device: torch.device) -> np.ndarray:
+    """The probe's per-label logits (rows × labels), float64."""
+    out = [probe(b.to(device))["logits"].float().cpu() for b in tqdm(loader, leave=False)]
+    return torch.cat(out).double().numpy()
+
+
+def probe_transform(ckpt: dict):
+    """The probe run's deterministic (valid) transform with its encoder's normalization."""
+    return spec_transform(stored_preprocess(ckpt, ckpt["probe"]["image_encoder"]["normalize"], ("valid",)))

@@ -103,18 +103,18 @@ class Service:
     """The loaded model and what a request does with it (runs in worker threads)."""
 
     def __init__(self, settings: ServeSettings):
-        from cxrclip.infer import Predictor
+        from cxrclip.predict import load_predictor
 
         self.settings = settings
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
-        self.predictor = Predictor.create(
+        self.predictor = load_predictor(
             settings.model_path, device=settings.device, text_encoder=settings.text_encoder, gate=settings.gate
         )
         self.card = model_card(self.predictor, settings.model_path)
 
     def predict(self, data: bytes, name: str, heatmap: str | None, texts: Sequence[str]) -> dict:
         from cxrclip.data.images import ImageReadError, UnsupportedImageError, decode_image_bytes
-        from cxrclip.explain import overlay, png_bytes
+        from cxrclip.predict.gradcam import overlay, png_bytes
 
         if heatmap and heatmap not in self.predictor.label_names:
             raise ApiError(422, f"heatmap: unknown label {heatmap!r}")

@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from cxrclip.data.collate import ImageTextCollator
 from cxrclip.data.prompts import PromptBank
-from cxrclip.eval.scores import label_logits
 from cxrclip.model.clip import CXRClip
+from cxrclip.scoring.zeroshot import label_logits
 
 
 @torch.no_grad()

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from cxrclip.data.images import read_image
-from cxrclip.eval.calibration import Calibration
 from cxrclip.exceptions import InputError, OutputError, UserError
-from cxrclip.gate import precheck
 from cxrclip.io import atomic_write_text, file_sha256
+from cxrclip.predict.base import label_bank
+from cxrclip.predict.bundle import MANIFEST as BUNDLE_MANIFEST
+from cxrclip.predict.bundle import Bundle, BundlePredictor, is_bundle
+from cxrclip.predict.checkpoint import Predictor
+from cxrclip.predict.gate import precheck
+from cxrclip.scoring.calibration import Calibration
 
 MANIFEST = "routed.json"
 FORMAT = 1
@@ -71,17 +73,12 @@ class Member:
 
 def member_sha256(path: Path) -> str:
     """What identifies a member: a bundle's ``bundle.json``, else the checkpoint file."""
-    from cxrclip.bundle import MANIFEST as BUNDLE_MANIFEST
-    from cxrclip.bundle import is_bundle
-
     return file_sha256(path / BUNDLE_MANIFEST) if is_bundle(path) else file_sha256(path)
 
 
 def member_labels(path: Path) -> list[str]:
     """The labels a member was trained (or exported) with."""
-    from cxrclip.bundle import Bundle, is_bundle
-    from cxrclip.infer import label_bank
-    from cxrclip.model.checkpoint import load_checkpoint, plain_config
+    from cxrclip.model.checkpoint import load_checkpoint, plain_config  # torch: a checkpoint member
 
     if is_bundle(path):
         return Bundle(path).labels
@@ -162,44 +159,6 @@ def write_routed(
     return out
 
 
-def export_routed_bundle(
-    out: str | Path, members: Sequence[Member], *, default: str | None = None, overwrite: bool = False, **export_kw
-) -> Path:
-    """A routed bundle: each member exported as a bundle of the labels it answers under ``members/NAME``, and a
-    ``routed.json`` that holds each member bundle's hash (built beside ``out``, then moved into place)."""
-    from cxrclip.bundle import export_bundle
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
-    paths = {m.name: Path(m.path) for m in members}
-    missing = [str(p) for p in paths.values() if not p.exists()]
-    if missing:
-        raise RoutingError(f"member file(s) not found: {missing}")
-    routes = assign_labels(members, {m.name: member_labels(paths[m.name]) for m in members})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        exported = []
-        for m in members:
-            folder = export_bundle(paths[m.name], tmp / "members" / m.name, labels=routes[m.name], **export_kw)
-            exported.append(Member(m.name, str(folder), tuple(routes[m.name])))
-        write_routed(
-            tmp, exported, default=default, card={"exported_from": {m.name: str(paths[m.name]) for m in members}}
-        )
-        manifest = json.loads((tmp / MANIFEST).read_text(encoding="utf-8"))
-        for entry in manifest["members"]:  # inside the bundle the members are found relative to it
-            entry["path"] = str(Path("members") / entry["name"])
-        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def open_routed(path: Path) -> tuple[dict, dict[str, Path]]:
     """A routed model's manifest and each member's location, after checking that no member changed."""
     try:
@@ -221,6 +180,13 @@ def open_routed(path: Path) -> tuple[dict, dict[str, Path]]:
             )
         paths[m["name"]] = where
     return manifest, paths
+
+
+def member_predictor(path, *, labels, device=None, text_encoder=None, gate=True, texts=None):
+    """A member's own predictor over the labels it answers: a bundle's or a checkpoint's."""
+    if is_bundle(path):
+        return BundlePredictor.create(path, labels=labels, device=device, gate=gate, texts=texts)
+    return Predictor.create(str(path), labels=labels, device=device, text_encoder=text_encoder, gate=gate, texts=texts)
 
 
 class RoutedGate:
@@ -268,14 +234,12 @@ class RoutedPredictor:
         gate: bool = True,
         texts: str | None = None,
     ) -> RoutedPredictor:
-        from cxrclip.infer import Predictor
-
         path = Path(path)
         manifest, paths = open_routed(path)
         members = {}
         for m in manifest["members"]:
             where = paths[m["name"]]
-            members[m["name"]] = Predictor.create(
+            members[m["name"]] = member_predictor(
                 str(where),
                 labels=m["labels"],
                 device=device,
@@ -359,115 +323,3 @@ class RoutedPredictor:
 
     def texts_of(self, image: np.ndarray, texts: Sequence[str]) -> list[dict]:
         return self.members[self.default].texts_of(image, texts)
-
-
-# ------------------------------------------------------------------------------------------ choosing members
-
-
-def validation_scores(path: str | Path, images: Sequence[Path], names: Sequence[str], device=None) -> np.ndarray:
-    """Zero-shot label logits (images × names) of one candidate, each image preprocessed as that model was."""
-    from cxrclip.infer import Predictor
-
-    predictor = Predictor.create(str(path), labels=list(names), device=device, gate=False)
-    out = []
-    for start in range(0, len(images), 32):
-        batch = [predictor.transform(read_image(p)) for p in images[start : start + 32]]
-        out.append(predictor.logits(predictor.embed(batch)))
-    return np.concatenate(out)
-
-
-def paired_delong(y: np.ndarray, a: np.ndarray, b: np.ndarray, z: float = 1.959964) -> dict:
-    """AUROC of ``a`` and ``b`` on the same rows, each with its DeLong 95 % interval, and of ``a − b``."""
-    from cxrclip.eval.metrics import delong_covariance
-
-    aucs, cov = delong_covariance(y, np.vstack([a, b]))
-    diff = float(aucs[0] - aucs[1])
-    se = float(np.sqrt(max(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], 0.0)))
-    half = [z * float(np.sqrt(max(cov[k, k], 0.0))) for k in range(2)]
-    return {
-        "auroc": [round(float(aucs[0]), 4), round(float(aucs[1]), 4)],
-        "ci95": [[round(float(aucs[k]) - half[k], 4), round(float(aucs[k]) + half[k], 4)] for k in range(2)],
-        "difference": round(diff, 4),
-        "difference_ci95": [round(diff - z * se, 4), round(diff + z * se, 4)],
-    }
-
-
-def choose_members(
-    candidates: Sequence[str | Path], images: Sequence[Path], labels: np.ndarray, names: Sequence[str], device=None
-) -> tuple[dict[str, int], dict]:
-    """Per label, the candidate to answer it: the first candidate (the default) unless another one's validation
-    AUROC is higher beyond the 95 % interval of the paired (DeLong) difference; labels with fewer than 2 positives
-    or negatives stay with the default. ``labels``: images × names of 1 / 0 / -1 (-1 = left out for that label).
-    Returns {label: candidate index} and the evidence per label."""
-    scores = [validation_scores(c, images, names, device) for c in candidates]
-    choice, evidence = {}, {}
-    for j, name in enumerate(names):
-        rows = labels[:, j] >= 0
-        y = labels[rows, j]
-        n_pos, n_neg = int(y.sum()), int((1 - y).sum())
-        entry: dict = {"n_pos": n_pos, "n_neg": n_neg, "candidates": {}}
-        choice[name] = 0
-        if min(n_pos, n_neg) < 2:
-            entry["why"] = f"too few validation positives/negatives ({n_pos}/{n_neg}) to compare: the default"
-            evidence[name] = entry
-            continue
-        best, best_auc = 0, None
-        for k in range(len(candidates)):
-            compared = paired_delong(y, scores[k][rows, j], scores[0][rows, j])
-            entry["candidates"][str(candidates[k])] = {
-                "auroc": compared["auroc"][0],
-                "ci95": compared["ci95"][0],
-                "minus_default": compared["difference"],
-                "minus_default_ci95": compared["difference_ci95"],
-            }
-            if k and compared["difference_ci95"][0] > 0 and (best_auc is None or compared["auroc"][0] > best_auc):
-                best, best_auc = k, compared["auroc"][0]
-        choice[name] = best
-        entry["chosen"] = str(candidates[best])
-        entry["why"] = (
-            "better than the default beyond the 95 % interval of the paired difference"
-            if best
-            else "no candidate beats the default beyond the 95 % interval: the default"
-        )
-        evidence[name] = entry
-    return choice, evidence
-
-
-def route_by_validation(
-    candidates: Sequence[str],
-    data_csv: str,
-    out: str | Path,
-    *,
-    data_config,
-    device=None,
-    overwrite: bool = False,
-) -> Path:
-    """``cxrclip route --candidates … --data VALID.csv``: choose each label's member on validation data and write
-    the routed model, with the evidence in its card."""
-    from cxrclip.data.records import load_records
-    from cxrclip.eval.calibrate import label_matrix
-
-    if len(candidates) < 2:
-        raise RoutingError("--candidates needs at least two checkpoints or bundles (the first is the default)")
-    names = list(data_config.label_names)
-    records = load_records(data_config)
-    images = [r.images[0] for r in records]
-    labels = label_matrix(records, names)
-    choice, evidence = choose_members(candidates, images, labels, names, device)
-    members, used = [], {}
-    for k, path in enumerate(candidates):
-        mine = tuple(n for n in names if choice[n] == k)
-        if not mine:
-            continue
-        stem = Path(path).stem if Path(path).is_file() else Path(path).name
-        name = stem if stem not in used else f"{stem}-{k}"
-        used[name] = k
-        members.append(Member(name, str(path), mine))
-    card = {
-        "chosen_on": {"path": str(Path(data_csv).resolve()), "sha256": file_sha256(data_csv), "rows": len(records)},
-        "rule": "per label: the default (first candidate) unless another candidate's validation AUROC is higher "
-        "beyond the 95 % interval of the paired DeLong difference",
-        "candidates": [str(c) for c in candidates],
-        "evidence": evidence,
-    }
-    return write_routed(out, members, default=members[0].name, card=card, overwrite=overwrite)

@@ -293,3 +293,12 @@ def brier_score(y: np.ndarray, p: np.ndarray) -> float:
     from sklearn.metrics import brier_score_loss
 
     return float(brier_score_loss(np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)))
+
+
+def stored_calibration(checkpoint: Mapping, names: Sequence[str], fallback_threshold: float = 0.5) -> Calibration:
+    """The checkpoint's calibration over ``names``, or the flagged uncalibrated fallback."""
+    data = checkpoint.get("calibration")
+    if not data:
+        note = "the checkpoint has no calibration: run `cxrclip calibrate`"
+        return Calibration.uncalibrated(names, fallback_threshold, note=note)
+    return Calibration.from_dict(data).for_labels(names, fallback_threshold)

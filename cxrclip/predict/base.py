@@ -1,0 +1,171 @@
+"""What every predictor does once it has image embeddings — gate, rank, score, calibrate, decide — and the helpers
+the predictors share (the label bank, candidate texts). No torch here: the bundle predictor builds on it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cxrclip.data.images import read_image
+from cxrclip.data.preprocess import PreprocessSpec
+from cxrclip.exceptions import InputError
+from cxrclip.predict.gate import InputGate, Precheck, precheck
+from cxrclip.scoring.calibration import Calibration, sigmoid
+from cxrclip.scoring.zeroshot import label_logits, softmax
+
+DEFAULT_PROMPTS = "datasets/train_prompts_cgmh.json"
+
+
+def _training_data_config(config: Mapping) -> dict:
+    for group in ("data_train", "data_valid", "data_test"):
+        for dc in (config.get(group) or {}).values():
+            if isinstance(dc, dict) and dc.get("label_names"):
+                return dc
+    return {}
+
+
+class PredictorBase:
+    """What every predictor does once it has embeddings: rank the candidates, score each label, apply the
+    calibration and the operating points. Subclasses provide ``transform`` (image array → model input),
+    ``embed`` (inputs → L2-normalized embeddings), ``heatmap``, ``texts_similarity`` and the fields below."""
+
+    label_names: list[str]
+    candidates: list[str]
+    candidate_emb: np.ndarray  # candidates × dim, L2-normalized
+    pos_emb: np.ndarray  # labels × dim: each label's positive-prompt embedding
+    neg_emb: np.ndarray
+    scale: float
+    calibration: Calibration
+    preprocess: PreprocessSpec  # the one preprocessing spec: size, steps, normalization (``transform`` runs it)
+    gate: InputGate  # asked before any label is scored (cxrclip/gate.py)
+    encoders: dict  # {"image_encoder": name, "text_encoder": name}
+
+    def operating_points(self, threshold: float | Mapping[str, float] | None) -> tuple[np.ndarray, list[str]]:
+        """Per label (threshold, rule): the calibration's, unless ``--threshold`` / ``--thresholds`` override."""
+        stored = self.calibration.labels
+        if threshold is None:
+            return self.calibration.thresholds, [stored[n].rule for n in self.label_names]
+        if isinstance(threshold, Mapping):
+            unknown = sorted(set(threshold) - set(self.label_names))
+            if unknown:
+                raise InputError(f"thresholds for unknown labels {unknown}; labels: {self.label_names}")
+            values = [float(threshold.get(n, stored[n].threshold)) for n in self.label_names]
+            rules = ["given" if n in threshold else stored[n].rule for n in self.label_names]
+            return np.array(values), rules
+        return np.full(len(self.label_names), float(threshold)), [f"fixed={float(threshold):g}"] * len(self.label_names)
+
+    def predict(self, images: Sequence[str | Path], threshold: float | Mapping[str, float] | None = None) -> list[dict]:
+        """Per image: the input gate's verdict; for an image it lets through, every candidate ranked (similarity,
+        softmax probability) and per label the calibrated probability, its threshold and rule, and the decision.
+        A refused image gets its reason and no probability."""
+        arrays, facts = [], []
+        for path in images:
+            facts.append({})
+            arrays.append(read_image(path, facts[-1]))
+        return self.predict_arrays(images, arrays, facts, threshold)
+
+    def predict_arrays(self, images: Sequence, arrays: Sequence[np.ndarray], facts=None, threshold=None) -> list[dict]:
+        """:meth:`predict` on images already read (``images`` names them; ``facts``: what reading each found,
+        for the gate's DICOM stage)."""
+        if not len(arrays):
+            return []
+        checks = [precheck(a, f) for a, f in zip(arrays, facts or [None] * len(arrays))]
+        return self.predict_embeddings(images, self.embed([self.transform(a) for a in arrays]), checks, threshold)
+
+    def logits(self, emb) -> np.ndarray:
+        """Zero-shot label logits of image embeddings."""
+        return label_logits(np.asarray(emb), self.pos_emb, self.neg_emb, self.scale)
+
+    def predict_embeddings(self, images: Sequence, emb, checks: Sequence[Precheck], threshold=None) -> list[dict]:
+        """:meth:`predict` on image embeddings and the prechecks of their images (:func:`cxrclip.gate.precheck`)."""
+        emb = np.asarray(emb, dtype=np.float32)
+        verdicts = self.gate.verdicts(emb, checks)
+        sims = emb @ self.candidate_emb.T
+        probs = softmax(sims * np.float32(self.scale))
+        logits = self.logits(emb)
+        yes, raw = self.calibration.probabilities(logits), sigmoid(logits)
+        limits, rules = self.operating_points(threshold)
+        results = []
+        for i, (path, verdict) in enumerate(zip(images, verdicts)):
+            if not verdict.analysed:  # no probability of any kind leaves for a refused input
+                refusal = {"analysed": False, "reason": verdict.reason, "gate": verdict.to_dict()}
+                results.append({"image": str(path), **refusal})
+                continue
+            order = np.argsort(-sims[i], kind="stable")
+            ranking = [
+                {
+                    "text": self.candidates[j],
+                    "similarity": round(float(sims[i, j]), 4),
+                    "probability": round(float(probs[i, j]), 4),
+                }
+                for j in order
+            ]
+            labels = {
+                n: {
+                    "probability": round(float(yes[i, j]), 4),
+                    "threshold": round(float(limits[j]), 4),
+                    "rule": rules[j],
+                    "present": bool(yes[i, j] >= limits[j]),
+                    "calibrated": self.calibration.labels[n].calibrated,
+                    "uncalibrated_probability": round(float(raw[i, j]), 4),
+                }
+                for j, n in enumerate(self.label_names)
+            }
+            results.append(
+                {"image": str(path), "analysed": True, "gate": verdict.to_dict(), "ranking": ranking, "labels": labels}
+            )
+        return results
+
+    def picture_of(self, image: np.ndarray, label: str | None = None) -> np.ndarray:
+        """The grayscale picture the model sees of an image read from a file (preprocessed, un-normalized); ``label``:
+        the picture that label's heatmap is drawn on (the same here; a routed model's member may see another)."""
+        return self.picture(self.transform(image))
+
+    def heatmap_of(self, image: np.ndarray, label: str) -> np.ndarray:
+        """The Grad-CAM map of an image read from a file, for one label."""
+        return self.heatmap(self.transform(image), label)
+
+    def texts_of(self, image: np.ndarray, texts: Sequence[str]) -> list[dict]:
+        """Free-text queries against an image read from a file."""
+        return self.texts_similarity(self.embed([self.transform(image)])[0], texts)
+
+    def picture(self, image) -> np.ndarray:
+        """The grayscale picture the model saw (a preprocessed image, un-normalized)."""
+        from cxrclip.predict.gradcam import display_image
+
+        return display_image(image, self.transform.mean, self.transform.std)
+
+    def similarities(self, image_emb, text_emb, texts: Sequence[str]) -> list[dict]:
+        """Free-text queries against one image's embedding: cosine similarity and the softmax over the queries."""
+        sims = np.asarray(text_emb, dtype=np.float32) @ np.asarray(image_emb, dtype=np.float32).reshape(-1)
+        probs = softmax(sims * np.float32(self.scale))
+        return [
+            {"text": t, "similarity": round(float(s), 4), "probability": round(float(p), 4)}
+            for t, s, p in zip(texts, sims, probs)
+        ]
+
+
+def label_bank(prompts: str | None, labels: Sequence[str] | None, config: Mapping):
+    """The prompt file (given, else the one the run trained with, else the CGMH default) and the label list."""
+    from cxrclip.data.prompts import load_prompts
+    from cxrclip.paths import resolve_user_path
+
+    data_cfg = _training_data_config(config)
+    bank = load_prompts(resolve_user_path(prompts or data_cfg.get("prompt_path") or DEFAULT_PROMPTS))
+    names = list(labels or data_cfg.get("label_names") or bank.labels)
+    bank.check_covers(names)
+    return bank, names
+
+
+def read_texts(path: str) -> list[str]:
+    """Candidate texts: a JSON list (``texts.json``) or one text per line."""
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        data = json.loads(text)
+        if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
+            raise InputError(f"{path}: expected a JSON list of strings")
+        return [t for t in data if t.strip()]
+    return [line.strip() for line in text.splitlines() if line.strip()]

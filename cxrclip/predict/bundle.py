@@ -1,0 +1,258 @@
+"""An exported inference bundle, opened and hash-checked (:class:`Bundle`), and predicting from it
+(:class:`BundlePredictor`) with ONNX Runtime and NumPy only — no torch, no transformers, unless a heatmap or a free-text
+query asks for the PyTorch towers. The folder's layout is described in :mod:`cxrclip.bundle` (the exporter)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cxrclip.data.preprocess import PreprocessSpec
+from cxrclip.exceptions import InputError, UserError
+from cxrclip.predict.base import PredictorBase, label_bank, read_texts
+from cxrclip.predict.gate import stored_gate
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MANIFEST = "bundle.json"
+ONNX_FILE = "image_encoder.onnx"
+IMAGE_WEIGHTS = "image_encoder.safetensors"
+TEXT_WEIGHTS = "text_encoder.safetensors"
+PROMPT_FILE = "prompts.safetensors"
+TEXT_FOLDER = "text"
+IMAGE_PREFIXES = ("image_encoder.", "image_projection.", "logit_scale")
+
+
+class BundleError(UserError, ValueError):
+    """A bundle that is missing, of another format, or whose files do not match their recorded hashes."""
+
+
+def is_bundle(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Bundle:
+    """An exported bundle, opened: the manifest read, each file hash-checked when it is first read."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not is_bundle(self.path):
+            raise BundleError(f"{self.path} is not an inference bundle (no {MANIFEST}); make one with `cxrclip export`")
+        try:
+            self.manifest = json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"{self.path / MANIFEST}: not readable JSON ({e})") from e
+        if self.manifest.get("format") != FORMAT:
+            raise BundleError(
+                f"{self.path}: bundle format {self.manifest.get('format')!r}, this cxrclip reads format {FORMAT}"
+            )
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest.get("files", {})
+
+    def read(self, name: str) -> bytes:
+        """A file's bytes, after checking them against the SHA-256 the manifest records."""
+        expected = self.manifest.get("files", {}).get(name)
+        if expected is None:
+            raise BundleError(f"{self.path}: the bundle has no {name}")
+        try:
+            data = (self.path / name).read_bytes()
+        except OSError as e:
+            raise BundleError(f"{self.path / name}: cannot read ({e})") from e
+        if _sha256(data) != expected:
+            raise BundleError(
+                f"{self.path / name}: its SHA-256 does not match the one {MANIFEST} records (the file was changed "
+                "or only partly copied); nothing was run. Export the bundle again from its checkpoint."
+            )
+        return data
+
+    def arrays(self, name: str) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load
+
+        return load(self.read(name))
+
+    def check_text_folder(self) -> Path:
+        folder = self.path / TEXT_FOLDER
+        for name, digest in self.manifest.get("text_files", {}).items():
+            if not (folder / name).is_file() or _sha256((folder / name).read_bytes()) != digest:
+                raise BundleError(f"{folder / name}: missing or changed since export; export the bundle again")
+        return folder
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
+
+    def preprocess(self) -> PreprocessSpec:
+        return PreprocessSpec.from_dict(self.manifest["preprocess"])
+
+    def calibration(self):
+        from cxrclip.scoring.calibration import Calibration
+
+        return Calibration.from_dict(self.manifest["calibration"]).for_labels(self.labels)
+
+    def torch_model(self, with_text: bool = False, device="cpu"):
+        """The CLIP model rebuilt in PyTorch from the bundle's weights (the image side; the text side too when
+        ``with_text``), loaded strictly."""
+        import torch
+
+        from cxrclip.model.clip import CXRClip, build_projection
+        from cxrclip.model.encoders import build_image_encoder
+        from cxrclip.model.loading import architecture_only
+
+        arch = architecture_only(self.manifest["model"], text_encoder=str(self.check_text_folder()))
+        state = {k: torch.from_numpy(v.copy()) for k, v in self.arrays(IMAGE_WEIGHTS).items()}
+        if with_text:
+            from cxrclip.model.clip import build_model
+
+            model = build_model(arch)
+            state.update({k: torch.from_numpy(v.copy()) for k, v in self.arrays(TEXT_WEIGHTS).items()})
+        else:  # the image side only: no transformers import
+            model = torch.nn.Module()
+            model.image_encoder = build_image_encoder(arch["image_encoder"])
+            model.image_projection = build_projection(arch.get("projection_head"), model.image_encoder.out_dim)
+            model.logit_scale = torch.nn.Parameter(torch.zeros(()))
+            model.encode_image = lambda x: CXRClip.encode_image(model, x)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BundleError(
+                f"{self.path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        return model.to(device).eval()
+
+
+class BundlePredictor(PredictorBase):
+    """Inference from a bundle: ONNX Runtime for the image encoder (PyTorch when ``device`` is given or the bundle
+    has no ONNX file), the stored prompt embeddings; the text tower only for free-text candidates/queries."""
+
+    def __init__(self, bundle: Bundle, device: str | None = None, gate: bool = True):
+        self.bundle, self.device = bundle, device
+        self.label_names = bundle.labels
+        self.preprocess = bundle.preprocess()
+        self.transform = self.preprocess.numpy()
+        self.calibration = bundle.calibration()
+        prompts = bundle.arrays(PROMPT_FILE)
+        self.pos_emb, self.neg_emb = prompts["pos"], prompts["neg"]
+        self.scale = float(bundle.manifest["scale"])
+        self.candidates, self.candidate_emb = list(self.label_names), self.pos_emb
+        self.encoders = {k: bundle.manifest["model"][k].get("name") for k in ("image_encoder", "text_encoder")}
+        dim = self.pos_emb.shape[1]
+        self.gate = stored_gate(bundle.manifest.get("gate"), dim, enforced=gate, where=str(bundle.path))
+        self._session = self._torch = self._text = None
+        if device is None and bundle.has(ONNX_FILE) and _onnxruntime() is not None:
+            ort = _onnxruntime()
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            self._session = ort.InferenceSession(bundle.read(ONNX_FILE), options, providers=["CPUExecutionProvider"])
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        prompts: str | None = None,
+        texts: str | None = None,
+        labels: Sequence[str] | None = None,
+        device: str | None = None,
+        gate: bool = True,
+    ) -> BundlePredictor:
+        predictor = cls(Bundle(path), device, gate)
+        if labels and list(labels) != predictor.label_names:
+            predictor.select_labels(labels)
+        if prompts:
+            predictor.use_prompts(prompts)
+        if texts:
+            candidates = read_texts(texts)
+            predictor.candidates, predictor.candidate_emb = candidates, predictor.embed_texts(candidates)
+        return predictor
+
+    def select_labels(self, labels: Sequence[str]) -> None:
+        """Answer only ``labels`` (some of the bundle's, in this order): their prompt embeddings and calibration."""
+        unknown = [n for n in labels if n not in self.label_names]
+        if unknown:
+            raise InputError(f"a bundle predicts the labels it was exported with {self.label_names}; not {unknown}")
+        rows = [self.label_names.index(n) for n in labels]
+        self.pos_emb, self.neg_emb = self.pos_emb[rows], self.neg_emb[rows]
+        self.label_names = list(labels)
+        self.calibration = self.calibration.for_labels(self.label_names)
+        if self.candidates == self.bundle.labels:
+            self.candidates, self.candidate_emb = list(self.label_names), self.pos_emb
+
+    @property
+    def backend(self) -> str:
+        return "onnxruntime" if self._session is not None else "torch"
+
+    def use_prompts(self, prompts: str) -> None:
+        """Label embeddings from another prompt file (needs the text tower)."""
+        from cxrclip.model.embed import class_embeddings, label_prompts
+
+        bank, names = label_bank(prompts, self.label_names, {})
+        model, tokenizer, device = self.text_tower()
+        self.pos_emb, self.neg_emb = (
+            class_embeddings(model, tokenizer, groups, device).numpy() for groups in label_prompts(bank, names)
+        )
+        self.candidate_emb = self.pos_emb
+
+    def torch_model(self, with_text: bool = False):
+        if self._torch is None or (with_text and not hasattr(self._torch, "text_encoder")):
+            self._torch = self.bundle.torch_model(with_text=with_text, device=self.device or "cpu")
+        return self._torch
+
+    def embed(self, tensors: Sequence) -> np.ndarray:
+        batch = np.stack([np.asarray(t, dtype=np.float32) for t in tensors])
+        if self._session is not None:
+            return self._session.run(None, {"image": batch})[0]
+        import torch
+
+        with torch.no_grad():
+            model = self.torch_model()
+            return model.encode_image(torch.from_numpy(batch).to(self.device or "cpu")).float().cpu().numpy()
+
+    def text_tower(self):
+        """(model with its text side, tokenizer, device), loaded on first use."""
+        from cxrclip.model.encoders import build_tokenizer
+
+        if self._text is None:
+            folder = str(self.bundle.check_text_folder())
+            self._text = build_tokenizer({"pretrained_model_name_or_path": folder})
+        model = self.torch_model(with_text=True)
+        return model, self._text, next(model.parameters()).device
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        from cxrclip.model.embed import embed_texts
+
+        model, tokenizer, device = self.text_tower()
+        return embed_texts(model, tokenizer, list(texts), device).numpy()
+
+    def texts_similarity(self, image_emb, texts: Sequence[str]) -> list[dict]:
+        return self.similarities(image_emb, self.embed_texts(texts), texts)
+
+    def heatmap(self, array, label: str) -> np.ndarray:
+        import torch
+
+        from cxrclip.predict.gradcam import grad_cam
+
+        if label not in self.label_names:
+            raise InputError(f"heatmap: unknown label {label!r}; labels: {self.label_names}")
+        j = self.label_names.index(label)
+        direction = torch.from_numpy(self.pos_emb[j] - self.neg_emb[j])
+        model = self.torch_model()
+        x = torch.from_numpy(np.asarray(array, dtype=np.float32))[None].to(self.device or "cpu")
+        return grad_cam(model, x, direction, self.scale)
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime

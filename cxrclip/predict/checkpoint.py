@@ -1,0 +1,95 @@
+"""A checkpoint as a predictor: its model, prompt embeddings (computed once), preprocessing, calibration and gate.
+torch, timm and transformers are imported when a checkpoint is loaded, not when this module is: the bundle
+predictor's path never imports them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cxrclip.exceptions import InputError
+from cxrclip.predict.base import PredictorBase, label_bank, read_texts
+from cxrclip.predict.gate import stored_gate
+from cxrclip.scoring.calibration import stored_calibration
+
+if TYPE_CHECKING:
+    from cxrclip.model.loading import LoadedModel
+
+
+class Predictor(PredictorBase):
+    """A loaded checkpoint with its candidate and per-label embeddings computed once (warm calls reuse them),
+    and the checkpoint's calibration (per-label probability map and operating point)."""
+
+    def __init__(
+        self, loaded: LoadedModel, names, candidates, candidate_emb, scorer, calibration, preprocess, device, gate=True
+    ):
+        self.loaded, self.device, self.calibration = loaded, device, calibration
+        from cxrclip.data.transforms import spec_transform  # torch
+
+        self.preprocess, self.transform = preprocess, spec_transform(preprocess)
+        self.label_names, self.candidates = list(names), list(candidates)
+        self.candidate_emb = candidate_emb.float().numpy()
+        self.pos_emb, self.neg_emb = scorer.pos_emb.float().numpy(), scorer.neg_emb.float().numpy()
+        self.scale = float(scorer.scale)
+        self.encoders = {k: loaded.model_config[k].get("name") for k in ("image_encoder", "text_encoder")}
+        dim = self.pos_emb.shape[1]
+        self.gate = stored_gate(loaded.checkpoint.get("gate"), dim, enforced=gate, where=str(loaded.path))
+
+    @classmethod
+    def create(
+        cls,
+        model_path: str,
+        *,
+        prompts: str | None = None,
+        texts: str | None = None,
+        labels: Sequence[str] | None = None,
+        device: str | None = None,
+        image_size: int | None = None,
+        text_encoder: str | None = None,
+        gate: bool = True,
+    ) -> PredictorBase:
+        """A predictor for a checkpoint (:func:`cxrclip.predict.load_predictor` takes bundles and routed models too).
+        ``gate=False`` (``--no-gate``): the input gate's verdicts are recorded but do not hide the labels."""
+        from cxrclip.model.embed import LabelScorer, embed_texts  # torch: loaded with the checkpoint
+        from cxrclip.model.loading import default_device, load_model
+
+        dev = default_device(device)
+        loaded = load_model(model_path, device=dev, text_encoder=text_encoder)
+        bank, names = label_bank(prompts, labels, loaded.config)
+        scorer = LabelScorer.create(loaded.model, loaded.tokenizer, bank, names, dev)
+        if texts:
+            candidates = read_texts(texts)
+            candidate_emb = embed_texts(loaded.model, loaded.tokenizer, candidates, dev)
+        else:  # one candidate per label: its positive sentences' mean embedding
+            candidates, candidate_emb = names, scorer.pos_emb
+        calibration = stored_calibration(loaded.checkpoint, names)
+        preprocess = loaded.preprocess_spec(image_size)
+        return cls(loaded, names, candidates, candidate_emb, scorer, calibration, preprocess, dev, gate)
+
+    def heatmap(self, tensor, label: str) -> np.ndarray:
+        """The Grad-CAM map in [0, 1] of one preprocessed image for one label."""
+        import torch
+
+        from cxrclip.predict.gradcam import grad_cam
+
+        if label not in self.label_names:
+            raise InputError(f"heatmap: unknown label {label!r}; labels: {self.label_names}")
+        j = self.label_names.index(label)
+        direction = torch.from_numpy(self.pos_emb[j] - self.neg_emb[j])
+        return grad_cam(self.loaded.model, torch.as_tensor(tensor)[None].to(self.device), direction, self.scale)
+
+    def texts_similarity(self, image_emb, texts: Sequence[str]) -> list[dict]:
+        from cxrclip.model.embed import embed_texts
+
+        text_emb = embed_texts(self.loaded.model, self.loaded.tokenizer, list(texts), self.device)
+        return self.similarities(image_emb, text_emb.numpy(), texts)
+
+    def embed(self, tensors: Sequence) -> np.ndarray:
+        """L2-normalized image embeddings (float32, on the CPU) of preprocessed images."""
+        import torch
+
+        with torch.no_grad():
+            batch = torch.stack([torch.as_tensor(t) for t in tensors]).to(self.device)
+            return self.loaded.model.encode_image(batch).float().cpu().numpy()

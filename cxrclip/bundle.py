@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrclip.exceptions import OutputError
-from cxrclip.io import atomic_write_text
+from cxrclip.io import _umask, atomic_write_text, file_sha256
 from cxrclip.predict.base import label_bank
 from cxrclip.predict.bundle import (
     FORMAT,
@@ -43,6 +43,7 @@ from cxrclip.predict.bundle import (
     _onnxruntime,
     _sha256,
 )
+from cxrclip.predict.checkpoint import Predictor
 from cxrclip.predict.routed import MANIFEST as ROUTED_MANIFEST
 from cxrclip.predict.routed import Member, RoutingError, assign_labels, member_labels, write_routed
 
@@ -52,7 +53,6 @@ ONNX_TOLERANCE = 1e-4  # largest |ONNX − PyTorch| embedding difference accepte
 
 
 def _card(loaded, checkpoint: Path, calibration) -> dict:
-    from cxrclip.io import file_sha256
 
     config = loaded.config
     data = {
@@ -125,8 +125,6 @@ def export_bundle(
     import torch
     from safetensors.torch import save_file
 
-    from cxrclip.predict.checkpoint import Predictor
-
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
@@ -171,7 +169,6 @@ def export_bundle(
             "text_files": {name: _sha256((tmp / TEXT_FOLDER / name).read_bytes()) for name in text_files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
-        from cxrclip.io import _umask
 
         for f in [tmp, *tmp.rglob("*")]:  # mkdtemp made them private; give them the usual modes
             f.chmod((0o777 if f.is_dir() else 0o666) & ~_umask())

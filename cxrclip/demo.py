@@ -9,6 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from cxrclip.config import compose, data_configs
+from cxrclip.data.images import read_image
+from cxrclip.data.records import load_labeled_records
+from cxrclip.eval.evaluate import evaluate
+from cxrclip.fit_gate import fit_gate_checkpoint, summary_lines
+from cxrclip.infer import format_table
+from cxrclip.io import atomic_write
+from cxrclip.jobs import pretrain
+from cxrclip.predict import load_predictor
 from cxrclip.synthetic import generate_demo_data
 
 log = logging.getLogger(__name__)
@@ -54,11 +62,6 @@ def run_demo(
 ) -> dict:
     """Run the whole pipeline under ``out``; returns the headline numbers. ``png_size``: the generated images;
     ``image_size``: the model's input size (None: the train config's ``base.image_size``)."""
-    from cxrclip.eval.evaluate import evaluate
-    from cxrclip.fit_gate import fit_gate_checkpoint, summary_lines
-    from cxrclip.infer import format_table
-    from cxrclip.jobs import pretrain
-    from cxrclip.predict import load_predictor
 
     out = Path(out).resolve()
     start = time.perf_counter()
@@ -108,9 +111,6 @@ def run_demo(
     print("\n".join("      " + line for line in summary_lines(gate)), flush=True)
     print("[5/5] inference on a test image, and on one the model was not made for", flush=True)
     predictor = load_predictor(ckpt)
-    from cxrclip.data.images import read_image
-    from cxrclip.data.records import load_labeled_records
-    from cxrclip.io import atomic_write
 
     record = load_labeled_records(data_configs(eval_cfg, "data_test")[0], need_text=True)[1]
     prediction = predictor.predict([record.images[0]])[0]

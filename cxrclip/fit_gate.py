@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from cxrclip.data.cells import parse_list_cell
-from cxrclip.data.images import ImageReadError, read_image
+from cxrclip.data.images import IMAGE_SUFFIXES, ImageReadError, read_image
 from cxrclip.data.schema import csv_line
-from cxrclip.infer import IMAGE_SUFFIXES
 from cxrclip.model.checkpoint import save_checkpoint
 from cxrclip.predict.checkpoint import Predictor
 from cxrclip.predict.gate import FRONTAL, GateError, ImageGate, fit_image_gate, generated_negatives, group_split

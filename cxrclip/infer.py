@@ -10,11 +10,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cxrclip.data.images import ImageReadError, read_image
-from cxrclip.exceptions import InputError
+from cxrclip.data.cells import parse_list_cell
+from cxrclip.data.images import IMAGE_SUFFIXES, ImageReadError, read_image
+from cxrclip.data.schema import csv_line
+from cxrclip.exceptions import InputError, exit_on_user_error
+from cxrclip.io import atomic_write_text
 from cxrclip.predict import PredictorBase, load_predictor
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
+from cxrclip.predict.gradcam import write_overlay
 
 
 def list_images(image_path: str) -> list[Path]:
@@ -34,8 +36,6 @@ def list_images(image_path: str) -> list[Path]:
 
 
 def _csv_images(p: Path) -> list[Path]:
-    from cxrclip.data.cells import parse_list_cell
-    from cxrclip.data.schema import csv_line
 
     try:
         with p.open(newline="", encoding="utf-8") as f:
@@ -169,8 +169,6 @@ def write_heatmaps(
     none for an image the gate refused."""
     import re
 
-    from cxrclip.predict.gradcam import write_overlay
-
     for result in results:
         if "labels" not in result:
             continue
@@ -202,7 +200,6 @@ def read_thresholds(path: str | None, threshold: float | None):
 def main(argv: list[str] | None = None) -> int:
     """``inference.py``: 0 = all predicted; 2 = a user error, nothing predicted; 1 = some images failed (the
     others are predicted and written; the failures are listed on stderr and in the CSV's ``error`` column)."""
-    from cxrclip.exceptions import exit_on_user_error
 
     args = build_parser().parse_args(argv)
     with exit_on_user_error(debug=args.debug):
@@ -231,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
         target = Path(args.output) if args.output else Path(args.image_path).with_suffix("") / "predictions.csv"
         if not args.output and not Path(args.image_path).is_dir():
             target = Path(args.image_path).parent / "predictions.csv"
-        from cxrclip.io import atomic_write_text
 
         atomic_write_text(target, to_csv(results, failed, predictor.label_names))
         print(f"wrote {len(results)} predictions to {target}", file=sys.stderr)

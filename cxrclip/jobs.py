@@ -8,11 +8,13 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig
 
+from cxrclip.engine.finetune import finetune
+from cxrclip.engine.trainer import train
+from cxrclip.eval.calibrate import calibrate_after_training
 from cxrclip.spec import RunSpec
 
 
 def _then_calibrate(cfg: DictConfig, run: Callable[[RunSpec], dict]) -> dict:
-    from cxrclip.eval.calibrate import calibrate_after_training
 
     spec = RunSpec.from_config(cfg)  # the config is read once, here
     result = run(spec)
@@ -24,13 +26,11 @@ def _then_calibrate(cfg: DictConfig, run: Callable[[RunSpec], dict]) -> dict:
 
 def pretrain(cfg: DictConfig) -> dict:
     """``train.py``: CXR-CLIP pre-training, then calibration of the zero-shot scores."""
-    from cxrclip.engine.trainer import train
 
     return _then_calibrate(cfg, train)
 
 
 def probe(cfg: DictConfig) -> dict:
     """``finetune.py``: a linear probe, then calibration of its outputs."""
-    from cxrclip.engine.finetune import finetune
 
     return _then_calibrate(cfg, finetune)

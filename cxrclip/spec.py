@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cxrclip.config import to_plain
+from cxrclip.data.preprocess import image_normalization
+from cxrclip.data.schema import DataConfig
 from cxrclip.exceptions import ConfigError
 
 
@@ -135,15 +138,11 @@ class RunSpec:
     @classmethod
     def from_config(cls, cfg) -> RunSpec:
         """From a composed Hydra config (a ``DictConfig``) or its plain-dict form."""
-        from cxrclip.config import to_plain
-        from cxrclip.data.schema import DataConfig
 
         plain = to_plain(cfg) if not isinstance(cfg, dict) else copy.deepcopy(cfg)
         base = _section(plain, "base")
         model = _section(plain, "model")
         if model.get("image_encoder"):
-            from cxrclip.model.encoders import image_normalization
-
             model["image_encoder"] = {
                 **model["image_encoder"],
                 "normalize": image_normalization(model["image_encoder"]),
@@ -190,17 +189,6 @@ class RunSpec:
         if split not in self.transforms:
             raise ConfigError(f"transform.{split} is not configured")
         return dict(self.transforms[split] or {})
-
-    def eval_transform(self, checkpoint: Mapping, normalize, splits=("test", "valid")):
-        """How evaluation preprocesses a checkpoint's images: with ``base.image_size`` null (the evaluation configs'
-        default) the checkpoint's own preprocessing (its stored spec), the size it was trained, validated and
-        calibrated at (a `+recipe=small_data` run is 288 px); with a number, this config's ``transform.test``."""
-        from cxrclip.data.transforms import build_transform, spec_transform
-        from cxrclip.model.loading import stored_preprocess
-
-        if self.image_size is None:
-            return spec_transform(stored_preprocess(checkpoint, normalize, splits))
-        return build_transform(self.transform_steps("test"), normalize)
 
     def test_preprocess(self, normalize, splits=("test", "valid")):
         """The :class:`~cxrclip.data.preprocess.PreprocessSpec` a run stores with its checkpoints."""

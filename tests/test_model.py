@@ -126,9 +126,9 @@ def test_evaluation_and_inference_normalize_as_training_did(preset, drop_normali
 def test_a_checkpoint_without_normalize_preprocesses_as_training(demo_data, tmp_path):
     import numpy as np
 
+    from cxrclip.data.preprocess import image_normalization
     from cxrclip.data.transforms import build_transform
     from cxrclip.engine.trainer import train
-    from cxrclip.model.encoders import image_normalization
     from cxrclip.model.loading import load_model
     from tests.test_trainer import tiny_cfg
 

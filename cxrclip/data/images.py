@@ -13,6 +13,7 @@ from PIL import Image
 from cxrclip.exceptions import UserError
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")  # what a folder of images holds
 # the attributes the input gate (cxrclip/gate.py) reads, as facts of a DICOM input
 GATE_ATTRIBUTES = {
     "body_part": "BodyPartExamined",

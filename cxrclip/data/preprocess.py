@@ -26,6 +26,15 @@ NAMED_NORMALIZATION = {
 DETERMINISTIC_STEPS = ("Resize", "CenterCrop", "CLAHE")
 
 
+def image_normalization(image_cfg: Mapping):
+    """The normalization an image encoder config means: its ``normalize``, or — for configs that leave it out,
+    like the published CXR-CLIP ones — ImageNet statistics for torchvision encoders and 0.5/0.5 otherwise, as
+    the original code did. Training, evaluation and inference all resolve it here, so they always agree."""
+    if image_cfg.get("normalize"):
+        return image_cfg["normalize"]
+    return "imagenet" if image_cfg.get("source") == "torchvision" else "huggingface"
+
+
 def resolve_normalization(spec: str | Mapping) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``"imagenet"`` / ``"huggingface"`` or ``{mean: [...], std: [...]}`` → (mean, std)."""
     if isinstance(spec, str):

@@ -12,11 +12,13 @@ import torch
 
 from cxrclip.data.records import load_records
 from cxrclip.data.schema import DataConfig, ImageTextRecord, LabeledRecord
+from cxrclip.engine.loader import image_loader
 from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint
 from cxrclip.model.embed import LabelScorer, embed_images
 from cxrclip.model.loading import LoadedModel, default_device, load_model
+from cxrclip.model.probe import load_probe, probe_logits, probe_transform
 from cxrclip.scoring.calibration import Calibration, CalibrationError, CalibrationSettings, file_sha256, fit_calibration
-from cxrclip.spec import LoaderSpec
+from cxrclip.spec import LoaderSpec, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,6 @@ def zero_shot_logits(
     device: torch.device,
 ) -> np.ndarray:
     """Zero-shot label logits of every row's first image, preprocessed as the run's test transform."""
-    from cxrclip.engine.loader import image_loader
 
     loader = image_loader(as_labeled(records), loaded.preprocess(), loader_cfg)
     scorer = LabelScorer.create(loaded.model, loaded.tokenizer, bank, names, device)
@@ -123,8 +124,6 @@ def _clip_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder):
 
 def _probe_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder):
     """records → the logits of a linear-probe checkpoint."""
-    from cxrclip.engine.loader import image_loader
-    from cxrclip.model.probe import load_probe, probe_logits, probe_transform
 
     probe, info = load_probe(Path(checkpoint), ckpt)
     if list(info["label_names"]) != names:
@@ -136,7 +135,6 @@ def _probe_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder):
 
 def calibrate_after_training(cfg, result: Mapping) -> Calibration | None:
     """The end of ``train.py``: calibrate ``model-best.tar`` on the validation split (``calibration`` config)."""
-    from cxrclip.spec import RunSpec
 
     spec = cfg if isinstance(cfg, RunSpec) else RunSpec.from_config(cfg)
     settings = CalibrationSettings.from_mapping(spec.calibration)

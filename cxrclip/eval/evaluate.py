@@ -23,9 +23,9 @@ from cxrclip.eval import report
 from cxrclip.eval.metrics import binary_metrics, merge_texts, multiclass_metrics, retrieval_metrics
 from cxrclip.model.checkpoint import CheckpointError
 from cxrclip.model.embed import LabelScorer, embed_images, embed_texts
-from cxrclip.model.loading import LoadedModel, default_device, load_model
+from cxrclip.model.loading import LoadedModel, default_device, evaluation_transform, load_model
 from cxrclip.paths import resolve_user_path
-from cxrclip.predict.bundle import is_bundle
+from cxrclip.predict.bundle import BundlePredictor, is_bundle
 from cxrclip.predict.gate import stored_gate
 from cxrclip.predict.routed import is_routed, open_routed
 from cxrclip.scoring.calibration import Calibration, file_sha256, sigmoid, stored_calibration
@@ -60,7 +60,7 @@ class CheckpointModel:
 
     def __init__(self, loaded: LoadedModel, spec: RunSpec, device: torch.device):
         self.loaded, self.device, self.stored = loaded, device, loaded.checkpoint
-        self.transform = spec.eval_transform(loaded.checkpoint, loaded.normalize)
+        self.transform = evaluation_transform(spec, loaded.checkpoint, loaded.normalize)
 
     def images(self, loader: DataLoader, desc: str) -> torch.Tensor:
         return embed_images(self.loaded.model, loader, self.device, desc=desc)
@@ -77,7 +77,6 @@ class BundleModel:
     text tower when the data's prompt file or labels differ), its ONNX image encoder, its calibration."""
 
     def __init__(self, path: Path):
-        from cxrclip.predict.bundle import BundlePredictor
 
         self.predictor = BundlePredictor.create(path)
         manifest = self.predictor.bundle.manifest

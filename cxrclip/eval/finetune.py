@@ -12,6 +12,7 @@ from cxrclip.eval.evaluate import EvaluationRun, label_metrics
 from cxrclip.eval.metrics import multiclass_metrics
 from cxrclip.exceptions import ConfigError
 from cxrclip.model.checkpoint import load_checkpoint
+from cxrclip.model.loading import evaluation_transform
 from cxrclip.model.probe import load_probe, probe_logits
 from cxrclip.spec import RunSpec
 
@@ -38,7 +39,7 @@ def evaluate_finetune(cfg: DictConfig | RunSpec) -> dict[str, dict[str, dict]]:
                     f"{dc.name}: label_names {list(dc.label_names)} differ from the ones {ckpt.name} "
                     f"was trained on {info['label_names']}"
                 )
-            transform = job.spec.eval_transform(ckpt_data, info["image_encoder"]["normalize"], ("valid",))
+            transform = evaluation_transform(job.spec, ckpt_data, info["image_encoder"]["normalize"], ("valid",))
             loader = image_loader(records, transform, job.spec.loader("test"))
             logits = probe_logits(probe, loader, job.device)
             labels = np.array([r.labels for r in records])

@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from cxrclip.exceptions import ConfigError
+from cxrclip.scoring.calibration import Calibration, brier_score, expected_calibration_error, sigmoid
 
 RECALL_KS = (1, 5, 10)
 # Similarities closer than this count as ties, in the query's favour: the correct pair's score is computed
@@ -152,12 +153,11 @@ def binary_metrics(
     """Per-label metrics of scores (logits; rows × labels) against labels (1, 0, -1 = excluded).
 
     AUROC and its 95 % interval come from the score itself. Decisions use the calibration's probability and
-    operating point per label (``calibration``: a :class:`~cxrclip.eval.calibration.Calibration`; None =
+    operating point per label (``calibration``: a :class:`~cxrclip.scoring.calibration.Calibration`; None =
     uncalibrated sigmoid at 0.5, flagged); ``at_0.5`` keeps the figures of the uncalibrated sigmoid at 0.5.
     ECE and Brier score are given before (``*_uncalibrated``) and after calibration. A label with no
     positive or no negative row is ``None`` ("undefined") and left out of the averages.
     """
-    from cxrclip.scoring.calibration import Calibration, brier_score, expected_calibration_error, sigmoid
 
     calibration = (calibration or Calibration.uncalibrated(names)).for_labels(names)
     raw, probs, thresholds = sigmoid(scores), calibration.probabilities(scores), calibration.thresholds

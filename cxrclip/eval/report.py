@@ -10,6 +10,7 @@ import numpy as np
 
 from cxrclip.exceptions import OutputError
 from cxrclip.io import atomic_write, atomic_write_text  # noqa: F401 (re-exported)
+from cxrclip.scoring.calibration import expected_calibration_error, reliability_bins
 
 LABEL_COLUMNS = (
     ("AUROC [95% CI]", None),
@@ -161,8 +162,6 @@ def plot_reliability(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from cxrclip.scoring.calibration import expected_calibration_error, reliability_bins
 
     keep = labels >= 0
     if not keep.any():

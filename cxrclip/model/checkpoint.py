@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from cxrclip.exceptions import UserError
-from cxrclip.io import atomic_write
+from cxrclip.io import atomic_write, file_sha256
+from cxrclip.model.safe_pickle import config_classes, to_plain_data
 
 FORMAT = "cxrclip/1"
 log = logging.getLogger(__name__)
@@ -29,14 +30,12 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
 def _config_allowlist() -> list:
     """The OmegaConf classes a published CXR-CLIP checkpoint's ``config`` may be pickled with, plus plain
     builtins: allowed in addition to tensors by the weights-only reader."""
-    from cxrclip.model.safe_pickle import config_classes
 
     return [*config_classes(), dict, list, int, float, str, bool]
 
 
 def plain_config(config) -> dict:
     """A checkpoint's config as a plain dict (``load_checkpoint`` has already made it plain data)."""
-    from cxrclip.model.safe_pickle import to_plain_data
 
     return dict(to_plain_data(config) or {})
 
@@ -95,7 +94,6 @@ TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng")
 def convert_checkpoint(source: str | Path, out: str | Path) -> Path:
     """Rewrite a checkpoint (e.g. one from the original CXR-CLIP trainer) in cxrclip's format: weights,
     config as plain data, no optimizer/scheduler state; it then loads with plain ``weights_only=True``."""
-    from cxrclip.io import file_sha256
 
     ckpt = load_checkpoint(source)
     kept = {k: v for k, v in ckpt.items() if k not in (*TRAINING_STATE, "format")}

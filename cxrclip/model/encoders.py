@@ -77,15 +77,6 @@ def load_by_order(module: nn.Module, source: Mapping[str, torch.Tensor], what: s
     module.load_state_dict(mapped, strict=True)
 
 
-def image_normalization(image_cfg: Mapping):
-    """The normalization an image encoder config means: its ``normalize``, or — for configs that leave it out,
-    like the published CXR-CLIP ones — ImageNet statistics for torchvision encoders and 0.5/0.5 otherwise, as
-    the original code did. Training, evaluation and inference all resolve it here, so they always agree."""
-    if image_cfg.get("normalize"):
-        return image_cfg["normalize"]
-    return "imagenet" if image_cfg.get("source") == "torchvision" else "huggingface"
-
-
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 

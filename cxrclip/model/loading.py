@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from cxrclip.data.preprocess import PreprocessSpec
-from cxrclip.data.transforms import spec_transform
+from cxrclip.data.preprocess import PreprocessSpec, image_normalization
+from cxrclip.data.transforms import build_transform, spec_transform
 from cxrclip.model.checkpoint import CheckpointError, load_checkpoint, plain_config
 from cxrclip.model.clip import CXRClip, build_model
-from cxrclip.model.encoders import build_tokenizer, image_normalization
+from cxrclip.model.encoders import build_image_encoder, build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,6 @@ def load_model_and_transforms(
 def load_image_encoder(path: str | Path, ckpt: dict | None = None) -> tuple[torch.nn.Module, dict]:
     """Only the image encoder of a CLIP checkpoint (no text model needed), loaded strictly; with its config.
     ``ckpt``: the file's content, when it is already loaded."""
-    from cxrclip.model.encoders import build_image_encoder
 
     ckpt = ckpt if ckpt is not None else load_checkpoint(path)
     config = plain_config(ckpt.get("config"))
@@ -181,3 +180,13 @@ def load_image_encoder(path: str | Path, ckpt: dict | None = None) -> tuple[torc
             f"{path}: image encoder weights do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return encoder, image_cfg
+
+
+def evaluation_transform(spec, checkpoint: Mapping, normalize, splits=("test", "valid")):
+    """How evaluation preprocesses a checkpoint's images: with ``base.image_size`` null (the evaluation configs'
+    default) the checkpoint's own preprocessing (its stored spec), the size it was trained, validated and
+    calibrated at (a `+recipe=small_data` run is 288 px); with a number, the evaluation config's ``transform.test``."""
+
+    if spec.image_size is None:
+        return spec_transform(stored_preprocess(checkpoint, normalize, splits))
+    return build_transform(spec.transform_steps("test"), normalize)

@@ -11,8 +11,11 @@ import numpy as np
 
 from cxrclip.data.images import read_image
 from cxrclip.data.preprocess import PreprocessSpec
+from cxrclip.data.prompts import load_prompts
 from cxrclip.exceptions import InputError
+from cxrclip.paths import resolve_user_path
 from cxrclip.predict.gate import InputGate, Precheck, precheck
+from cxrclip.predict.gradcam import display_image
 from cxrclip.scoring.calibration import Calibration, sigmoid
 from cxrclip.scoring.zeroshot import label_logits, softmax
 
@@ -80,7 +83,7 @@ class PredictorBase:
         return label_logits(np.asarray(emb), self.pos_emb, self.neg_emb, self.scale)
 
     def predict_embeddings(self, images: Sequence, emb, checks: Sequence[Precheck], threshold=None) -> list[dict]:
-        """:meth:`predict` on image embeddings and the prechecks of their images (:func:`cxrclip.gate.precheck`)."""
+        """:meth:`predict` on image embeddings and their images' prechecks (:func:`~cxrclip.predict.gate.precheck`)."""
         emb = np.asarray(emb, dtype=np.float32)
         verdicts = self.gate.verdicts(emb, checks)
         sims = emb @ self.candidate_emb.T
@@ -134,7 +137,6 @@ class PredictorBase:
 
     def picture(self, image) -> np.ndarray:
         """The grayscale picture the model saw (a preprocessed image, un-normalized)."""
-        from cxrclip.predict.gradcam import display_image
 
         return display_image(image, self.transform.mean, self.transform.std)
 
@@ -150,8 +152,6 @@ class PredictorBase:
 
 def label_bank(prompts: str | None, labels: Sequence[str] | None, config: Mapping):
     """The prompt file (given, else the one the run trained with, else the CGMH default) and the label list."""
-    from cxrclip.data.prompts import load_prompts
-    from cxrclip.paths import resolve_user_path
 
     data_cfg = _training_data_config(config)
     bank = load_prompts(resolve_user_path(prompts or data_cfg.get("prompt_path") or DEFAULT_PROMPTS))

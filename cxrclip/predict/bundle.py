@@ -16,6 +16,8 @@ from cxrclip.data.preprocess import PreprocessSpec
 from cxrclip.exceptions import InputError, UserError
 from cxrclip.predict.base import PredictorBase, label_bank, read_texts
 from cxrclip.predict.gate import stored_gate
+from cxrclip.predict.gradcam import grad_cam
+from cxrclip.scoring.calibration import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,6 @@ class Bundle:
         return PreprocessSpec.from_dict(self.manifest["preprocess"])
 
     def calibration(self):
-        from cxrclip.scoring.calibration import Calibration
 
         return Calibration.from_dict(self.manifest["calibration"]).for_labels(self.labels)
 
@@ -238,8 +239,6 @@ class BundlePredictor(PredictorBase):
 
     def heatmap(self, array, label: str) -> np.ndarray:
         import torch
-
-        from cxrclip.predict.gradcam import grad_cam
 
         if label not in self.label_names:
             raise InputError(f"heatmap: unknown label {label!r}; labels: {self.label_names}")

@@ -12,6 +12,7 @@ import numpy as np
 from cxrclip.exceptions import InputError
 from cxrclip.predict.base import PredictorBase, label_bank, read_texts
 from cxrclip.predict.gate import stored_gate
+from cxrclip.predict.gradcam import grad_cam
 from cxrclip.scoring.calibration import stored_calibration
 
 if TYPE_CHECKING:
@@ -71,8 +72,6 @@ class Predictor(PredictorBase):
     def heatmap(self, tensor, label: str) -> np.ndarray:
         """The Grad-CAM map in [0, 1] of one preprocessed image for one label."""
         import torch
-
-        from cxrclip.predict.gradcam import grad_cam
 
         if label not in self.label_names:
             raise InputError(f"heatmap: unknown label {label!r}; labels: {self.label_names}")

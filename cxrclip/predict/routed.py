@@ -206,8 +206,8 @@ class RoutedGate:
 
 
 class RoutedPredictor:
-    """Each label answered by its member (a :class:`~cxrclip.infer.Predictor` or bundle predictor created with that
-    member's labels); the ranking, free text and preview from the default member."""
+    """Each label answered by its member (a checkpoint or bundle predictor created with that member's labels); the
+    ranking, free text and preview from the default member."""
 
     def __init__(self, path: Path, manifest: dict, members: dict, default: str):
         self.path, self.manifest, self.members, self.default = path, manifest, members, default

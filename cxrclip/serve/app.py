@@ -25,7 +25,11 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
+from cxrclip.data.images import ImageReadError, UnsupportedImageError, decode_image_bytes
 from cxrclip.exceptions import ConfigError
+from cxrclip.io import file_sha256
+from cxrclip.predict import load_predictor
+from cxrclip.predict.gradcam import overlay, png_bytes
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -67,7 +71,6 @@ class ApiError(Exception):
 
 def model_card(predictor, path: str) -> dict:
     """What ``GET /v1/model`` says: name, checkpoint hash, labels, operating points, image size."""
-    from cxrclip.io import file_sha256
 
     calibration = predictor.calibration
     bundle = getattr(predictor, "bundle", None)
@@ -103,7 +106,6 @@ class Service:
     """The loaded model and what a request does with it (runs in worker threads)."""
 
     def __init__(self, settings: ServeSettings):
-        from cxrclip.predict import load_predictor
 
         self.settings = settings
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
@@ -113,8 +115,6 @@ class Service:
         self.card = model_card(self.predictor, settings.model_path)
 
     def predict(self, data: bytes, name: str, heatmap: str | None, texts: Sequence[str]) -> dict:
-        from cxrclip.data.images import ImageReadError, UnsupportedImageError, decode_image_bytes
-        from cxrclip.predict.gradcam import overlay, png_bytes
 
         if heatmap and heatmap not in self.predictor.label_names:
             raise ApiError(422, f"heatmap: unknown label {heatmap!r}")

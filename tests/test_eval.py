@@ -249,13 +249,13 @@ def test_evaluation_uses_the_checkpoints_own_size_unless_told(demo_data, tiny_ck
 
     from cxrclip.data.cells import literal_list
     from cxrclip.data.images import read_image
-    from cxrclip.eval.evaluate import CheckpointModel
+    from cxrclip.eval.evaluate import evaluation_predictor
     from cxrclip.spec import RunSpec
 
     extra = [f"base.image_size={size}"] if size else []
     cfg = compose("eval_clip", [f"test.checkpoint={tiny_ckpt}", f"data_test.cgmh.data_path={demo_data}", *extra])
     assert cfg.base.image_size == size
-    model = CheckpointModel(load_model(tiny_ckpt), RunSpec.from_config(cfg), torch.device("cpu"))
+    model = evaluation_predictor(tiny_ckpt, RunSpec.from_config(cfg), torch.device("cpu"))
     with (demo_data / "test.csv").open(newline="") as f:
         first = next(csv_module.DictReader(f))["image"]
     image = read_image(demo_data / literal_list(first)[0])

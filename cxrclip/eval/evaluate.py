@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import glob
 import logging
 import re
@@ -13,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cxrclip.data.records import load_labeled_records
@@ -21,14 +19,16 @@ from cxrclip.data.schema import DataConfig, LabeledRecord
 from cxrclip.engine.loader import image_loader
 from cxrclip.eval import report
 from cxrclip.eval.metrics import binary_metrics, merge_texts, multiclass_metrics, retrieval_metrics
+from cxrclip.exceptions import ConfigError
 from cxrclip.model.checkpoint import CheckpointError
-from cxrclip.model.embed import LabelScorer, embed_images, embed_texts
-from cxrclip.model.loading import LoadedModel, default_device, evaluation_transform, load_model
+from cxrclip.model.loading import default_device
 from cxrclip.paths import resolve_user_path
 from cxrclip.predict.bundle import BundlePredictor, is_bundle
+from cxrclip.predict.checkpoint import Predictor
 from cxrclip.predict.gate import stored_gate
-from cxrclip.predict.routed import is_routed, open_routed
+from cxrclip.predict.routed import RoutedPredictor, is_routed
 from cxrclip.scoring.calibration import Calibration, file_sha256, sigmoid, stored_calibration
+from cxrclip.scoring.zeroshot import label_logits
 from cxrclip.spec import EvalSpec, RunSpec
 
 log = logging.getLogger(__name__)
@@ -54,140 +54,102 @@ def checkpoint_paths(spec) -> list[Path]:
     return paths
 
 
-class CheckpointModel:
-    """What evaluation needs from a loaded checkpoint: the test transform, image / label / text embeddings, and the
-    stored state (for the calibration)."""
+class AsTensor:
+    """A predictor's transform for the evaluation loader: its output (a torch tensor, or a bundle's NumPy array)
+    as a tensor (a class, not a lambda, so that loader workers can receive it)."""
 
-    def __init__(self, loaded: LoadedModel, spec: RunSpec, device: torch.device):
-        self.loaded, self.device, self.stored = loaded, device, loaded.checkpoint
-        self.transform = evaluation_transform(spec, loaded.checkpoint, loaded.normalize)
+    def __init__(self, transform):
+        self.transform = transform
 
-    def images(self, loader: DataLoader, desc: str) -> torch.Tensor:
-        return embed_images(self.loaded.model, loader, self.device, desc=desc)
-
-    def labels(self, dc: DataConfig) -> LabelScorer:
-        return LabelScorer.create(self.loaded.model, self.loaded.tokenizer, dc.prompts(), dc.label_names, self.device)
-
-    def texts(self, texts: Sequence[str], dc: DataConfig) -> torch.Tensor:
-        return embed_texts(self.loaded.model, self.loaded.tokenizer, texts, self.device, max_length=dc.text_max_length)
+    def __call__(self, image):
+        return torch.as_tensor(self.transform(image))
 
 
-class BundleModel:
-    """The same for an inference bundle: its own preprocessing and stored prompt embeddings (re-embedded with its
-    text tower when the data's prompt file or labels differ), its ONNX image encoder, its calibration."""
-
-    def __init__(self, path: Path):
-
-        self.predictor = BundlePredictor.create(path)
-        manifest = self.predictor.bundle.manifest
-        self.stored = {"calibration": manifest["calibration"], "gate": manifest.get("gate")}
-        self.transform = lambda image: torch.from_numpy(self.predictor.transform(image))
-
-    def images(self, loader: DataLoader, desc: str) -> torch.Tensor:
-        batches = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-        return torch.cat([torch.from_numpy(self.predictor.embed(b.images.numpy())) for b in batches])
-
-    def labels(self, dc: DataConfig) -> LabelScorer:
-        p = self.predictor
-        if list(dc.label_names) != p.label_names or p.bundle.manifest["prompts"] != _prompt_record(dc):
-            p = copy.copy(p)
-            p.label_names = list(dc.label_names)
-            p.use_prompts(str(dc.prompts_file))
-        return LabelScorer(list(dc.label_names), torch.from_numpy(p.pos_emb), torch.from_numpy(p.neg_emb), p.scale)
-
-    def texts(self, texts: Sequence[str], dc: DataConfig) -> torch.Tensor:
-        return torch.from_numpy(self.predictor.embed_texts(texts))
-
-
-def _prompt_record(dc: DataConfig) -> dict:
-    bank = dc.prompts()
-    return {n: {"pos": list(bank[n].pos), "neg": list(bank[n].neg)} for n in dc.label_names}
-
-
-def zero_shot_scores(model: CheckpointModel | BundleModel, dc: DataConfig, records: Sequence[LabeledRecord], spec):
-    """One model's image embeddings of the test rows (its own preprocessing) and, when the data has labels and
+def zero_shot_scores(predictor, dc: DataConfig, records: Sequence[LabeledRecord], spec):
+    """One predictor's image embeddings of the test rows (its own preprocessing) and, when the data has labels and
     prompts, the zero-shot label logits and each label's positive-prompt similarity."""
-    loader = image_loader(records, model.transform, spec.loader("test"))
-    image_emb = model.images(loader, f"{dc.name} images")
+    loader = image_loader(records, AsTensor(predictor.transform), spec.loader("test"))
+    batches = tqdm(loader, desc=f"{dc.name} images", leave=False, dynamic_ncols=True)
+    image_emb = torch.cat([torch.as_tensor(predictor.embed(b.images)) for b in batches])
     if not (dc.prompt_path and dc.label_names):
         return image_emb, None, None
-    scorer = model.labels(dc)
-    return image_emb, scorer.logits(image_emb), (image_emb @ scorer.pos_emb.t()).numpy()
+    pos, neg = predictor.label_embeddings(dc.prompts(), dc.label_names)
+    emb = image_emb.numpy()
+    return image_emb, label_logits(emb, pos, neg, predictor.scale), emb @ np.asarray(pos).T
 
 
-class RoutedModel:
-    """A routed model (``routed.json``) for evaluation: each label's logits from its member (its own preprocessing
-    and prompts), the members' calibrations merged label by label, retrieval from the default member."""
-
-    def __init__(self, path: Path, spec: RunSpec, device: torch.device):
-        manifest, paths = open_routed(path)  # every member's hash checked
-        self.routes = {label: m["name"] for m in manifest["members"] for label in m["labels"]}
-        self.default = manifest["default"]
-        self.members = {name: evaluation_model(where, spec, device) for name, where in paths.items()}
-        merged = {}
-        for m in manifest["members"]:
-            merged.update(stored_calibration(self.members[m["name"]].stored, m["labels"]).labels)
-        base = stored_calibration(self.members[self.default].stored, [])
-        calibration = Calibration(merged, base.fitted_on, base.prompts_sha256, base.created)
-        self.stored = {"calibration": calibration.to_dict()}
-
-    def scores(self, dc: DataConfig, records: Sequence[LabeledRecord], spec):
-        missing = [n for n in dc.label_names if n not in self.routes]
-        if missing:
-            raise CheckpointError(f"the routed model answers no member for labels {missing} of {dc.name}")
-        image_emb = logits = sims = None
-        for name, member in self.members.items():
-            mine = tuple(n for n in dc.label_names if self.routes[n] == name)
-            if not mine and name != self.default:
-                continue
-            emb, member_logits, member_sims = zero_shot_scores(member, replace(dc, label_names=mine), records, spec)
-            if name == self.default:
-                image_emb = emb
-            if member_logits is None:
-                continue
-            if logits is None:
-                logits = np.zeros((len(records), len(dc.label_names)))
-                sims = np.zeros((len(records), len(dc.label_names)), dtype=np.float32)
-            cols = [dc.label_names.index(n) for n in mine]
-            logits[:, cols], sims[:, cols] = member_logits, member_sims
-        return image_emb, logits, sims
-
-    def texts(self, texts: Sequence[str], dc: DataConfig) -> torch.Tensor:
-        return self.members[self.default].texts(texts, dc)
+def routed_scores(routed: RoutedPredictor, dc: DataConfig, records: Sequence[LabeledRecord], spec):
+    """A routed model's: each label's logits from its member (its own preprocessing and prompts), the image
+    embeddings (for retrieval) from the default member."""
+    missing = [n for n in dc.label_names if n not in routed.routes]
+    if missing:
+        raise CheckpointError(f"the routed model answers no member for labels {missing} of {dc.name}")
+    image_emb = logits = sims = None
+    for name, member in routed.members.items():
+        mine = tuple(n for n in dc.label_names if routed.routes[n] == name)
+        if not mine and name != routed.default:
+            continue
+        emb, member_logits, member_sims = zero_shot_scores(member, replace(dc, label_names=mine), records, spec)
+        if name == routed.default:
+            image_emb = emb
+        if member_logits is None:
+            continue
+        if logits is None:
+            logits = np.zeros((len(records), len(dc.label_names)))
+            sims = np.zeros((len(records), len(dc.label_names)), dtype=np.float32)
+        cols = [dc.label_names.index(n) for n in mine]
+        logits[:, cols], sims[:, cols] = member_logits, member_sims
+    return image_emb, logits, sims
 
 
-def evaluation_model(path: Path, spec: RunSpec, device: torch.device):
-    """A checkpoint, a bundle or a routed model, ready to be scored."""
+def evaluation_predictor(path: Path, spec: RunSpec, device: torch.device, data: Sequence[DataConfig] = ()):
+    """The predictor of a checkpoint, a bundle or a routed model, as evaluation needs it: a number in
+    ``base.image_size`` resizes a checkpoint's images; ``test.text_encoder`` / ``test.image_encoder`` override
+    a checkpoint's towers (offline copies)."""
     if is_routed(path):
-        return RoutedModel(path, spec, device)
+        if spec.image_size is not None:
+            raise ConfigError(
+                "a routed model is evaluated with each member's own preprocessing: leave base.image_size null"
+            )
+        return RoutedPredictor.create(path, device=str(device), text_encoder=spec.test.text_encoder)
     if is_bundle(path):
-        return BundleModel(path)
-    test = spec.test
-    loaded = load_model(path, device=device, text_encoder=test.text_encoder, image_encoder=test.image_encoder)
-    return CheckpointModel(loaded, spec, device)
+        return BundlePredictor.create(path)
+    labelled = next((dc for dc in data if dc.prompt_path and dc.label_names), None)
+    return Predictor.create(
+        str(path),
+        prompts=str(labelled.prompts_file) if labelled else None,
+        labels=list(labelled.label_names) if labelled else None,
+        device=str(device),
+        image_size=spec.image_size,
+        text_encoder=spec.test.text_encoder,
+        image_encoder=spec.test.image_encoder,
+    )
 
 
-def evaluate_one(model, dc: DataConfig, records: Sequence[LabeledRecord], spec: RunSpec) -> tuple[dict, dict]:
+def evaluate_one(predictor, dc: DataConfig, records: Sequence[LabeledRecord], spec: RunSpec) -> tuple[dict, dict]:
     """Metrics of one checkpoint (or bundle, or routed model) on one dataset, plus the arrays the plots need."""
-    if isinstance(model, RoutedModel):
-        image_emb, logits, sims = model.scores(dc, records, spec)
+    if isinstance(predictor, RoutedPredictor):
+        image_emb, logits, sims = routed_scores(predictor, dc, records, spec)
+        stored = {"calibration": predictor.calibration.to_dict()}
     else:
-        image_emb, logits, sims = zero_shot_scores(model, dc, records, spec)
+        image_emb, logits, sims = zero_shot_scores(predictor, dc, records, spec)
+        stored = predictor.stored
     labels = np.array([r.labels for r in records], dtype=np.int64)
     results: dict = {"n_images": len(records)}
     arrays: dict = {"labels": labels}
     if logits is not None:
-        results["zeroshot_binary"], calibration = label_metrics(logits, labels, dc, model.stored, spec.test)
+        results["zeroshot_binary"], calibration = label_metrics(logits, labels, dc, stored, spec.test)
         multi = multiclass_metrics(sims, labels, dc.label_names)
         if multi is not None:
             results["zeroshot_multiclass"] = multi
         arrays.update(probs=calibration.probabilities(logits), raw_probs=sigmoid(logits))
-    gate = gate_report(model.stored.get("gate"), image_emb)
+    gate = gate_report(stored.get("gate"), image_emb)
     if gate is not None:
         results["input_gate"] = gate
     if all(r.text for r in records):  # image-text sets; classification sets have no texts to retrieve
         texts, gt = merge_texts([r.text for r in records])
-        text_emb = model.texts(texts, dc)
+        base = predictor.members[predictor.default] if isinstance(predictor, RoutedPredictor) else predictor
+        text_emb = torch.from_numpy(base.embed_texts(texts, max_length=dc.text_max_length))
         results.update(retrieval_metrics(image_emb, text_emb, gt))
         results["n_texts_unique"] = len(texts)
     return results, arrays
@@ -279,7 +241,7 @@ def evaluate(cfg: DictConfig | RunSpec) -> dict[str, dict[str, dict]]:
     job = EvaluationRun.create(cfg, lambda dc: dc.data_type == "imagetext_eval")
     everything: dict[str, dict[str, dict]] = {dc.name: {} for dc, _ in job.datasets}
     for ckpt in job.checkpoints:
-        model = evaluation_model(ckpt, job.spec, job.device)
+        model = evaluation_predictor(ckpt, job.spec, job.device, [dc for dc, _ in job.datasets])
         for dc, records in job.datasets:
             results, arrays = evaluate_one(model, dc, records, job.spec)
             everything[dc.name][str(ckpt)] = results

@@ -15,7 +15,7 @@ from cxrclip.data.prompts import load_prompts
 from cxrclip.exceptions import InputError
 from cxrclip.paths import resolve_user_path
 from cxrclip.predict.gate import InputGate, Precheck, precheck
-from cxrclip.predict.gradcam import display_image
+from cxrclip.predict.gradcam import display_image, grad_cam
 from cxrclip.scoring.calibration import Calibration, sigmoid
 from cxrclip.scoring.zeroshot import label_logits, softmax
 
@@ -134,6 +134,21 @@ class PredictorBase:
     def texts_of(self, image: np.ndarray, texts: Sequence[str]) -> list[dict]:
         """Free-text queries against an image read from a file."""
         return self.texts_similarity(self.embed([self.transform(image)])[0], texts)
+
+    def heatmap(self, tensor, label: str) -> np.ndarray:
+        """The Grad-CAM map in [0, 1] of one preprocessed image for one label (the model from ``cam_model()``)."""
+        import torch
+
+        if label not in self.label_names:
+            raise InputError(f"heatmap: unknown label {label!r}; labels: {self.label_names}")
+        j = self.label_names.index(label)
+        direction = torch.from_numpy(self.pos_emb[j] - self.neg_emb[j])
+        model, device = self.cam_model()
+        x = torch.as_tensor(np.asarray(tensor, dtype=np.float32))[None].to(device)
+        return grad_cam(model, x, direction, self.scale)
+
+    def texts_similarity(self, image_emb, texts: Sequence[str]) -> list[dict]:
+        return self.similarities(image_emb, self.embed_texts(texts), texts)
 
     def picture(self, image) -> np.ndarray:
         """The grayscale picture the model saw (a preprocessed image, un-normalized)."""

@@ -16,7 +16,6 @@ from cxrclip.data.preprocess import PreprocessSpec
 from cxrclip.exceptions import InputError, UserError
 from cxrclip.predict.base import PredictorBase, label_bank, read_texts
 from cxrclip.predict.gate import stored_gate
-from cxrclip.predict.gradcam import grad_cam
 from cxrclip.scoring.calibration import Calibration
 
 log = logging.getLogger(__name__)
@@ -194,14 +193,31 @@ class BundlePredictor(PredictorBase):
 
     def use_prompts(self, prompts: str) -> None:
         """Label embeddings from another prompt file (needs the text tower)."""
+        bank, names = label_bank(prompts, self.label_names, {})
+        self.pos_emb, self.neg_emb = self.label_embeddings(bank, names)
+        self.candidate_emb = self.pos_emb
+
+    @property
+    def stored(self) -> dict:
+        """What the bundle stores beside the weights (its calibration, its gate)."""
+        return {"calibration": self.bundle.manifest["calibration"], "gate": self.bundle.manifest.get("gate")}
+
+    def label_embeddings(self, bank, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The stored prompt embeddings where the labels' sentences are the ones exported; else embedded anew with
+        the text tower."""
+        exported = self.bundle.manifest["prompts"]
+        if all(n in exported and exported[n] == {"pos": list(bank[n].pos), "neg": list(bank[n].neg)} for n in names):
+            stored = self.bundle.arrays(PROMPT_FILE)
+            rows = [self.bundle.labels.index(n) for n in names]
+            return stored["pos"][rows], stored["neg"][rows]
         from cxrclip.model.embed import class_embeddings, label_prompts
 
-        bank, names = label_bank(prompts, self.label_names, {})
         model, tokenizer, device = self.text_tower()
-        self.pos_emb, self.neg_emb = (
-            class_embeddings(model, tokenizer, groups, device).numpy() for groups in label_prompts(bank, names)
-        )
-        self.candidate_emb = self.pos_emb
+        pos, neg = (class_embeddings(model, tokenizer, g, device).numpy() for g in label_prompts(bank, list(names)))
+        return pos, neg
+
+    def cam_model(self):
+        return self.torch_model(), self.device or "cpu"
 
     def torch_model(self, with_text: bool = False):
         if self._torch is None or (with_text and not hasattr(self._torch, "text_encoder")):
@@ -228,25 +244,11 @@ class BundlePredictor(PredictorBase):
         model = self.torch_model(with_text=True)
         return model, self._text, next(model.parameters()).device
 
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    def embed_texts(self, texts: Sequence[str], max_length: int = 256) -> np.ndarray:
         from cxrclip.model.embed import embed_texts
 
         model, tokenizer, device = self.text_tower()
-        return embed_texts(model, tokenizer, list(texts), device).numpy()
-
-    def texts_similarity(self, image_emb, texts: Sequence[str]) -> list[dict]:
-        return self.similarities(image_emb, self.embed_texts(texts), texts)
-
-    def heatmap(self, array, label: str) -> np.ndarray:
-        import torch
-
-        if label not in self.label_names:
-            raise InputError(f"heatmap: unknown label {label!r}; labels: {self.label_names}")
-        j = self.label_names.index(label)
-        direction = torch.from_numpy(self.pos_emb[j] - self.neg_emb[j])
-        model = self.torch_model()
-        x = torch.from_numpy(np.asarray(array, dtype=np.float32))[None].to(self.device or "cpu")
-        return grad_cam(model, x, direction, self.scale)
+        return embed_texts(model, tokenizer, list(texts), device, max_length=max_length).numpy()
 
 
 def _onnxruntime():

@@ -9,10 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cxrclip.exceptions import InputError
 from cxrclip.predict.base import PredictorBase, label_bank, read_texts
 from cxrclip.predict.gate import stored_gate
-from cxrclip.predict.gradcam import grad_cam
 from cxrclip.scoring.calibration import stored_calibration
 
 if TYPE_CHECKING:
@@ -49,6 +47,7 @@ class Predictor(PredictorBase):
         device: str | None = None,
         image_size: int | None = None,
         text_encoder: str | None = None,
+        image_encoder: str | None = None,
         gate: bool = True,
     ) -> PredictorBase:
         """A predictor for a checkpoint (:func:`cxrclip.predict.load_predictor` takes bundles and routed models too).
@@ -57,7 +56,7 @@ class Predictor(PredictorBase):
         from cxrclip.model.loading import default_device, load_model
 
         dev = default_device(device)
-        loaded = load_model(model_path, device=dev, text_encoder=text_encoder)
+        loaded = load_model(model_path, device=dev, text_encoder=text_encoder, image_encoder=image_encoder)
         bank, names = label_bank(prompts, labels, loaded.config)
         scorer = LabelScorer.create(loaded.model, loaded.tokenizer, bank, names, dev)
         if texts:
@@ -69,26 +68,31 @@ class Predictor(PredictorBase):
         preprocess = loaded.preprocess_spec(image_size)
         return cls(loaded, names, candidates, candidate_emb, scorer, calibration, preprocess, dev, gate)
 
-    def heatmap(self, tensor, label: str) -> np.ndarray:
-        """The Grad-CAM map in [0, 1] of one preprocessed image for one label."""
-        import torch
+    @property
+    def stored(self) -> dict:
+        """What the checkpoint stores beside the weights (its calibration, its gate)."""
+        return self.loaded.checkpoint
 
-        if label not in self.label_names:
-            raise InputError(f"heatmap: unknown label {label!r}; labels: {self.label_names}")
-        j = self.label_names.index(label)
-        direction = torch.from_numpy(self.pos_emb[j] - self.neg_emb[j])
-        return grad_cam(self.loaded.model, torch.as_tensor(tensor)[None].to(self.device), direction, self.scale)
+    def cam_model(self):
+        return self.loaded.model, self.device
 
-    def texts_similarity(self, image_emb, texts: Sequence[str]) -> list[dict]:
+    def label_embeddings(self, bank, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        from cxrclip.model.embed import LabelScorer
+
+        scorer = LabelScorer.create(self.loaded.model, self.loaded.tokenizer, bank, list(names), self.device)
+        return scorer.pos_emb.float().numpy(), scorer.neg_emb.float().numpy()
+
+    def embed_texts(self, texts: Sequence[str], max_length: int = 256) -> np.ndarray:
         from cxrclip.model.embed import embed_texts
 
-        text_emb = embed_texts(self.loaded.model, self.loaded.tokenizer, list(texts), self.device)
-        return self.similarities(image_emb, text_emb.numpy(), texts)
+        return embed_texts(
+            self.loaded.model, self.loaded.tokenizer, list(texts), self.device, max_length=max_length
+        ).numpy()
 
-    def embed(self, tensors: Sequence) -> np.ndarray:
-        """L2-normalized image embeddings (float32, on the CPU) of preprocessed images."""
+    def embed(self, tensors) -> np.ndarray:
+        """L2-normalized image embeddings (float32, on the CPU) of preprocessed images (a list or a batch tensor)."""
         import torch
 
         with torch.no_grad():
-            batch = torch.stack([torch.as_tensor(t) for t in tensors]).to(self.device)
-            return self.loaded.model.encode_image(batch).float().cpu().numpy()
+            batch = tensors if isinstance(tensors, torch.Tensor) else torch.stack([torch.as_tensor(t) for t in tensors])
+            return self.loaded.model.encode_image(batch.to(self.device)).float().cpu().numpy()

@@ -411,6 +411,98 @@ def report(results: list[dict], y: np.ndarray, names, args) -> dict:
     return summary
 
 
+def trained_checkpoint(run: Path, seed: int) -> Path:
+    path = Path(run) / f"seed{seed}" / "trained" / "checkpoints" / "model-best.tar"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no trained checkpoint for seed {seed} in run {run} (run it with the same --seeds)")
+    return path
+
+
+def routed_logits(routed: Path, data: Path, names) -> np.ndarray:
+    """Test-set zero-shot logits of a routed model: each label from its member, each member's own preprocessing."""
+    from cxrclip.data.images import read_image
+    from cxrclip.predict import load_predictor
+
+    predictor = load_predictor(routed, device="cpu")
+    images = [read_image(p) for p in test_images(data)]
+    out = np.zeros((len(images), len(names)))
+    for member in predictor.members.values():
+        cols = [names.index(n) for n in member.label_names]
+        emb = np.concatenate(
+            [member.embed([member.transform(a) for a in images[i : i + 32]]) for i in range(0, len(images), 32)]
+        )
+        out[:, cols] = member.logits(emb)
+    return out
+
+
+def valid_split(data: Path, names, unknown_tube: bool):
+    """The validation rows' first images and their labels (1 / 0 / -1 = unknown), as ``cxrclip route`` reads them."""
+    from cxrclip.data.records import load_records
+    from cxrclip.data.schema import DataConfig
+    from cxrclip.eval.calibrate import label_matrix
+
+    dc = DataConfig(
+        name="valid", data_type="imagetext", data_path=str(data / "valid.csv"), label_names=tuple(names),
+        label_format="triplet" if unknown_tube else "list", prompt_path=str(data / "prompts.json"),
+    )  # fmt: skip
+    records = load_records(dc)
+    return [r.images[0] for r in records], label_matrix(records, names)
+
+
+def routed_runs(args, data: Path, names, out: Path, results: list[dict], y: np.ndarray) -> dict:
+    """The routed models of each seed, scored as one model: the --take routing (its logits must equal the
+    --take assembly), and the routing ``cxrclip route`` chooses on the validation split among this run and the
+    --route-candidates runs (the test split only reports it)."""
+    from cxrclip.eval.route import choose_members
+    from cxrclip.predict.routed import Member, write_routed
+
+    headline = headline_labels(y, names, args.min_count)
+    summary: dict = {"take": {}, "valid_chosen": {}}
+    valid_images, valid_labels = valid_split(data, names, args.unknown_tube)
+    for r in results:
+        seed = r["seed"]
+        own = trained_checkpoint(out, seed)
+        if args.take:
+            taken = [t.partition("=") for t in args.take]
+            members = [Member("own", str(own))]
+            members += [Member(f"take{i}", str(trained_checkpoint(run, seed)), (label,)) for i, (label, _, run) in
+                        enumerate(taken)]  # fmt: skip
+            folder = write_routed(out / f"seed{seed}" / "routed_take", members, overwrite=True)
+            logits = routed_logits(folder, data, names)
+            difference = float(np.abs(logits - r["logits"]["trained"]).max())
+            summary["take"][seed] = {"max_abs_difference_to_take": difference}
+            print(
+                f"seed {seed}: the --take routing as a routed model vs the --take logits: max |diff| {difference:.2e}"
+            )
+        if args.route_candidates:
+            candidates = [str(own)] + [str(trained_checkpoint(run, seed)) for run in args.route_candidates]
+            choice, evidence = choose_members(candidates, valid_images, valid_labels, names, device="cpu")
+            members = []
+            for k, path in enumerate(candidates):
+                mine = tuple(n for n in names if choice[n] == k)
+                if mine or k == 0:
+                    members.append(Member(f"c{k}", path, mine or None))
+            folder = write_routed(out / f"seed{seed}" / "routed_valid", members, overwrite=True,
+                                  card={"evidence": evidence})  # fmt: skip
+            logits = routed_logits(folder, data, names)
+            aurocs = per_label(y, logits, names)
+            chosen = {n: ("own" if choice[n] == 0 else args.route_candidates[choice[n] - 1]) for n in names}
+            summary["valid_chosen"][seed] = {
+                "chosen": chosen,
+                "auroc": {n: aurocs[n]["AUROC"] for n in names if n in aurocs},
+                "headline_average": float(np.mean([aurocs[n]["AUROC"] for n in headline])),
+            }
+            picked = ", ".join(f"{n} → {c}" for n, c in chosen.items() if c != "own") or "the default everywhere"
+            print(f"seed {seed}: chosen on validation: {picked}; test headline average "
+                  f"{summary['valid_chosen'][seed]['headline_average']:.3f}")  # fmt: skip
+    if summary["valid_chosen"]:
+        values = [v["headline_average"] for v in summary["valid_chosen"].values()]
+        print(f"routing chosen on validation, test headline average over seeds: {mean_sd(values)}")
+        for n in headline:
+            print(f"  {n}: {mean_sd([v['auroc'][n] for v in summary['valid_chosen'].values()])}")
+    return summary
+
+
 def apply_recipe(args) -> None:
     """Fill --image-size / --lr / --targets from ``--recipe`` (they are passed to training as overrides, which
     would otherwise beat the recipe's values) or from the plain defaults; the recipe goes first in the overrides."""
@@ -473,6 +565,19 @@ def main() -> None:
         help="score LABEL with another run's logits (same seeds; its untrained model too): a model per label family",
     )
     p.add_argument(
+        "--routed",
+        action="store_true",
+        help="also build each seed's --take routing as a routed model and check it gives the --take logits",
+    )
+    p.add_argument(
+        "--route-candidates",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="choose each label's member on the validation split among this run and these runs (same seeds) and "
+        "report what that routed model scores on the test split",
+    )
+    p.add_argument(
         "--untrained-only",
         action="store_true",
         help="train nothing: the untrained model's zero-shot AUROCs over --seeds (how much the baseline varies)",
@@ -525,6 +630,8 @@ def main() -> None:
                 r["logits"][kind][:, names.index(label)] = other[kind][:, names.index(label)]
     summary = report(results, test_labels(data, names), names, args)
     summary["taken"] = args.take
+    if args.routed or args.route_candidates:
+        summary["routed"] = routed_runs(args, data, names, out, results, test_labels(data, names))
     name = "summary-report.json" if args.report_only or args.take else "summary.json"  # a run's own stays
     (out / name).write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -78,8 +78,9 @@ def _decode_all(records, csv_path: Path) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from cxrclip.eval.calibrate import calibrate_checkpoint
+    from cxrclip.eval.calibrate import calibrate_checkpoint, calibrate_routed
     from cxrclip.exceptions import exit_on_user_error
+    from cxrclip.predict.routed import is_routed
     from cxrclip.scoring.calibration import CalibrationError, CalibrationSettings
 
     with exit_on_user_error():
@@ -97,9 +98,16 @@ def _calibrate(args: argparse.Namespace) -> int:
         unknown = sorted(set(rules) - set(data.label_names))
         if unknown:
             raise CalibrationError(f"--label-rule names unknown labels {unknown}")
-        calibration = calibrate_checkpoint(
-            args.checkpoint, [data], settings, out=args.out, device=args.device, text_encoder=args.text_encoder
-        )
+        if is_routed(args.checkpoint):
+            if args.out:
+                raise CalibrationError("a routed model's members are calibrated in place: leave out --out")
+            calibration = calibrate_routed(
+                args.checkpoint, [data], settings, device=args.device, text_encoder=args.text_encoder
+            )
+        else:
+            calibration = calibrate_checkpoint(
+                args.checkpoint, [data], settings, out=args.out, device=args.device, text_encoder=args.text_encoder
+            )
     print(f"calibration stored in {args.out or args.checkpoint} (fitted on {args.data}, {split} format):")
     width = max(len(n) for n in calibration.labels)
     for name, c in calibration.labels.items():

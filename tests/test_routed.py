@@ -211,3 +211,26 @@ def test_evaluation_of_a_routed_model_scores_each_label_as_its_member(routed, ti
             if key in theirs:
                 assert mine[key] == pytest.approx(theirs[key], abs=1e-6), (name, key)
     assert got["retrieval_i2t"] == rest["retrieval_i2t"]  # the default member retrieves
+
+
+def test_calibrating_a_routed_model_calibrates_each_member_and_keeps_the_hashes_true(
+    tiny_clip_checkpoint, ckpt48, demo_data, tmp_path, capsys
+):
+    import shutil
+
+    from cxrclip.cli import main as cli_main
+    from cxrclip.model.checkpoint import load_checkpoint
+    from cxrclip.predict import load_predictor
+
+    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    shutil.copy(ckpt48, a)
+    shutil.copy(tiny_clip_checkpoint, b)
+    argv = ["route", "--member", f"tube={a}:{','.join(TUBES)}", "--member", f"rest={b}", "--out", str(tmp_path / "r")]
+    assert cli_main(argv) == 0
+    assert cli_main(["calibrate", "--checkpoint", str(tmp_path / "r"), "--data", str(demo_data / "valid.csv")]) == 0
+    assert "calibration stored in" in capsys.readouterr().out
+    tube = load_checkpoint(a)["calibration"]["labels"]
+    assert set(TUBES) <= set(tube) and load_checkpoint(b)["calibration"]["labels"]
+    routed = load_predictor(tmp_path / "r", device="cpu")  # the manifest's hashes follow the rewritten members
+    for name in TUBES:
+        assert routed.calibration.labels[name].threshold == tube[name]["threshold"]

@@ -3,6 +3,7 @@ it in the checkpoint (key ``calibration``)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,10 +14,14 @@ import torch
 from cxrclip.data.records import load_records
 from cxrclip.data.schema import DataConfig, ImageTextRecord, LabeledRecord
 from cxrclip.engine.loader import image_loader
+from cxrclip.io import atomic_write_text
 from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint
 from cxrclip.model.embed import LabelScorer, embed_images
 from cxrclip.model.loading import LoadedModel, default_device, load_model
 from cxrclip.model.probe import load_probe, probe_logits, probe_transform
+from cxrclip.predict.bundle import is_bundle
+from cxrclip.predict.routed import MANIFEST as ROUTED_MANIFEST
+from cxrclip.predict.routed import member_sha256, open_routed
 from cxrclip.scoring.calibration import Calibration, CalibrationError, CalibrationSettings, file_sha256, fit_calibration
 from cxrclip.spec import LoaderSpec, RunSpec
 
@@ -146,3 +151,30 @@ def calibrate_after_training(cfg, result: Mapping) -> Calibration | None:
         log.warning("no labelled validation data: %s stays uncalibrated (see `cxrclip calibrate`)", best)
         return None
     return calibrate_checkpoint(best, data, settings, loader_cfg=spec.loader("valid"))
+
+
+def calibrate_routed(
+    path: str | Path, data: Sequence[DataConfig], settings: CalibrationSettings, *, device=None, text_encoder=None
+) -> Calibration:
+    """``cxrclip calibrate`` on a routed model: each member checkpoint calibrated on ``data`` (written back in place,
+    atomically; the routed model reads each member's calibration of the labels it answers), then ``routed.json``
+    rewritten with the members' new hashes.
+    A bundle member keeps the calibration it was exported with: calibrate its checkpoint and export it again."""
+    path = Path(path)
+    manifest, paths = open_routed(path)
+    bundles = [name for name, where in paths.items() if is_bundle(where)]
+    if bundles:
+        raise CalibrationError(
+            f"members {bundles} are bundles, which keep the calibration they were exported with: calibrate their "
+            "checkpoints and export them again (cxrclip export --member ...)"
+        )
+    missing = sorted(set(manifest["labels"]) - {n for dc in data for n in dc.label_names})
+    if missing:
+        raise CalibrationError(f"the calibration data lacks labels the routed model answers: {missing}")
+    merged = {}
+    for m in manifest["members"]:
+        fitted = calibrate_checkpoint(paths[m["name"]], data, settings, device=device, text_encoder=text_encoder)
+        merged.update({n: fitted.labels[n] for n in m["labels"] if n in fitted.labels})
+        m["sha256"] = member_sha256(paths[m["name"]])
+    atomic_write_text(path / ROUTED_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return Calibration({n: merged[n] for n in manifest["labels"]}, fitted.fitted_on, fitted.prompts_sha256)

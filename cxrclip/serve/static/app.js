@@ -33,7 +33,8 @@ async function loadModel() {
     $("model").textContent = `${m.name} · ${m.labels.length} findings · image ${m.image_size}px` +
       (m.calibrated_on ? " · calibrated on " + m.calibrated_on.dataset : " · not calibrated") +
       (m.gate && m.gate.fitted ? "" : " · no input gate fitted") +
-      (m.gate && !m.gate.enforced ? " · input gate OFF (--no-gate)" : "");
+      (m.gate && !m.gate.enforced ? " · input gate OFF (--no-gate)" : "") +
+      (m.routing ? " · routed: " + m.routing.members.map((x) => `${x.name} (${x.labels.length})`).join(", ") : "");
   } catch (e) {
     $("model").textContent = "model: " + e.message;
   }
@@ -68,7 +69,8 @@ function showLabels(labels) {
     mark.style.left = (100 * v.threshold).toFixed(1) + "%";
     mark.title = "threshold " + v.threshold;
     bar.append(fill, mark);
-    const cells = [name, null, `${v.threshold.toFixed(3)} (${v.rule})`, v.present ? "YES" : "no"];
+    const rule = v.member ? `${v.rule}, ${v.member}` : v.rule; // a routed model: the member that answered
+    const cells = [name, null, `${v.threshold.toFixed(3)} (${rule})`, v.present ? "YES" : "no"];
     cells.forEach((text, i) => {
       const td = document.createElement("td");
       if (i === 1) {

@@ -14,7 +14,7 @@ from cxrclip.exceptions import UserError
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")  # what a folder of images holds
-# the attributes the input gate (cxrclip/gate.py) reads, as facts of a DICOM input
+# the attributes the input gate (cxrclip/predict/gate.py) reads, as facts of a DICOM input
 GATE_ATTRIBUTES = {
     "body_part": "BodyPartExamined",
     "view_position": "ViewPosition",

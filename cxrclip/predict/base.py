@@ -43,7 +43,7 @@ class PredictorBase:
     scale: float
     calibration: Calibration
     preprocess: PreprocessSpec  # the one preprocessing spec: size, steps, normalization (``transform`` runs it)
-    gate: InputGate  # asked before any label is scored (cxrclip/gate.py)
+    gate: InputGate  # asked before any label is scored (cxrclip/predict/gate.py)
     encoders: dict  # {"image_encoder": name, "text_encoder": name}
 
     def operating_points(self, threshold: float | Mapping[str, float] | None) -> tuple[np.ndarray, list[str]]:

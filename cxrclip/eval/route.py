@@ -37,7 +37,7 @@ def paired_delong(y: np.ndarray, a: np.ndarray, b: np.ndarray, z: float = 1.9599
     half = [z * float(np.sqrt(max(cov[k, k], 0.0))) for k in range(2)]
     return {
         "auroc": [round(float(aucs[0]), 4), round(float(aucs[1]), 4)],
-        "ci95": [[round(float(aucs[k]) - half[k], 4), round(float(aucs[k]) + half[k], 4)] for k in range(2)],
+        "ci95": [[round(max(0.0, aucs[k] - half[k]), 4), round(min(1.0, aucs[k] + half[k]), 4)] for k in range(2)],
         "difference": round(diff, 4),
         "difference_ci95": [round(diff - z * se, 4), round(diff + z * se, 4)],
     }

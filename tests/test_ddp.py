@@ -62,7 +62,11 @@ def worker(rank, init_file, result_file, targets):
     loss, grads = loss_and_grads(model, batch, LABELS[rank * B : (rank + 1) * B], targets)
     grads = {n.removeprefix("module."): g for n, g in grads.items()}
     torch.save({"loss": loss, "grads": grads}, f"{result_file}.{rank}")
-    dist.destroy_process_group()
+    dist.barrier()  # both results are on disk
+    # Leave without tearing the process group down: gloo's threads can abort the teardown ("terminate called without
+    # an active exception", SIGABRT; seen once in six full runs on torch 2.14), after the work and its results are
+    # complete. What is compared is the files, not the exit.
+    os._exit(0)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")

@@ -170,15 +170,20 @@ def export_bundle(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
 
-        for f in [tmp, *tmp.rglob("*")]:  # mkdtemp made them private; give them the usual modes
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~_umask())
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """A folder built beside ``out`` replaces it in one rename, with the usual file modes (mkdtemp made it private)."""
+    for f in [tmp, *tmp.rglob("*")]:
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~_umask())
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def export_routed_bundle(
@@ -208,9 +213,7 @@ def export_routed_bundle(
         for entry in manifest["members"]:  # inside the bundle the members are found relative to it
             entry["path"] = str(Path("members") / entry["name"])
         atomic_write_text(tmp / ROUTED_MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,7 +3,6 @@ threshold on a patient-disjoint validation part, and store it in the checkpoint 
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrclip.data.cells import parse_list_cell
+from cxrclip.data.cells import image_csv
 from cxrclip.data.images import IMAGE_SUFFIXES, ImageReadError, read_image
 from cxrclip.data.schema import csv_line
 from cxrclip.model.checkpoint import save_checkpoint
@@ -47,20 +46,10 @@ def gather(spec: str, kind: str | None) -> list[GateImage]:
         return out
     if not path.is_file():
         raise GateError(f"{path}: no such folder or CSV of images")
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise GateError(f"{path}: not a readable CSV ({e})") from e
-    if not rows or "image" not in rows[0]:
-        raise GateError(f"{path}: needs an 'image' column and at least one row")
+    rows, images = image_csv(path)
     group_column = next((c for c in GROUP_COLUMNS if c in rows[0]), None)
     out = []
-    for index, row in enumerate(rows):
-        try:
-            image = path.parent / parse_list_cell(row["image"] or "")[0]
-        except (ValueError, SyntaxError, IndexError) as e:
-            raise GateError(f"{path}:{csv_line(index)}: column 'image': no image path in {row['image']!r}") from e
+    for index, (row, image) in enumerate(zip(rows, images)):
         row_kind = kind or (row.get("kind") or "").strip() or "not_radiograph"
         if kind is None and row_kind == FRONTAL:
             raise GateError(f"{path}:{csv_line(index)}: kind frontal in an --other set (list them in --frontal)")

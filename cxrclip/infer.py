@@ -10,9 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cxrclip.data.cells import parse_list_cell
+from cxrclip.data.cells import image_csv
 from cxrclip.data.images import IMAGE_SUFFIXES, ImageReadError, read_image
-from cxrclip.data.schema import csv_line
 from cxrclip.exceptions import InputError, exit_on_user_error
 from cxrclip.io import atomic_write_text
 from cxrclip.predict import PredictorBase, load_predictor
@@ -31,26 +30,8 @@ def list_images(image_path: str) -> list[Path]:
     if not p.is_file():
         raise InputError(f"image not found: {p}")
     if p.suffix.lower() == ".csv":
-        return _csv_images(p)
+        return image_csv(p)[1]
     return [p]
-
-
-def _csv_images(p: Path) -> list[Path]:
-
-    try:
-        with p.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"{p}: not a readable CSV ({e})") from e
-    if not rows or "image" not in rows[0]:
-        raise InputError(f"{p}: needs an 'image' column and at least one row")
-    images = []
-    for index, row in enumerate(rows):
-        try:
-            images.append(p.parent / parse_list_cell(row["image"] or "")[0])
-        except (ValueError, SyntaxError, IndexError) as e:
-            raise InputError(f"{p}:{csv_line(index)}: column 'image': no image path in {row['image']!r}") from e
-    return images
 
 
 def format_table(result: dict, top: int) -> str:

@@ -6,10 +6,12 @@ Every list-shaped cell (image paths, label lists, report sections, view lists) i
 from __future__ import annotations
 
 import ast
+import csv
 from pathlib import Path
 
 from cxrclip.data.images import check_image_header
-from cxrclip.data.schema import BLANK_MEANING, DataConfig, Problems
+from cxrclip.data.schema import BLANK_MEANING, DataConfig, Problems, csv_line
+from cxrclip.exceptions import InputError
 
 
 def literal_list(cell: str) -> list | None:
@@ -130,3 +132,22 @@ def label_list_cell(cell: str, cfg: DataConfig, line: int, problems: Problems) -
         problems.add(line, f"column 'label': expected {n} value(s) of 0/1, got {cell!r}")
         return (-1,) * n
     return tuple(label_cell(str(v), "column 'label'", line, cfg, problems) for v in values)
+
+
+def image_csv(path: Path) -> tuple[list[dict], list[Path]]:
+    """A CSV with an ``image`` column (a path or a list cell): its rows and each row's first image, resolved
+    against the CSV's folder; an unreadable file or cell is an :class:`InputError` naming ``file:line``."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: not a readable CSV ({e})") from e
+    if not rows or "image" not in rows[0]:
+        raise InputError(f"{path}: needs an 'image' column and at least one row")
+    images = []
+    for index, row in enumerate(rows):
+        try:
+            images.append(path.parent / parse_list_cell(row["image"] or "")[0])
+        except (ValueError, SyntaxError, IndexError) as e:
+            raise InputError(f"{path}:{csv_line(index)}: column 'image': no image path in {row['image']!r}") from e
+    return rows, images

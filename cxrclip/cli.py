@@ -143,6 +143,12 @@ def _data_config(csv_path: str, split: str, args: argparse.Namespace) -> DataCon
     )
 
 
+def _pacs(argv: list[str]) -> int:
+    from cxrclip.pacs.worker import main as pacs_main
+
+    return pacs_main(argv)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from cxrclip.exceptions import exit_on_user_error
     from cxrclip.serve.app import ServeSettings, serve
@@ -375,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_infer)
 
+    p = sub.add_parser("pacs", help="answer new radiographs on a PACS (DICOMweb) with a DICOM SR stored back")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: _pacs(args.args))
+
     p = sub.add_parser(
         "calibrate",
         help="fit per-label calibration and operating points on validation data; store them in the checkpoint",
@@ -497,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         from cxrclip.infer import main as infer_main
 
         return infer_main(argv[1:])
+    if argv[:1] == ["pacs"]:  # the worker's own options
+        return _pacs(argv[1:])
     if argv[:1] == ["train"]:  # Hydra's own flags (--multirun, --cfg job, ...) pass through untouched
         return _train(argparse.Namespace(overrides=argv[1:]))
     if argv[:1] == ["finetune"] and not {"-h", "--help"} & set(argv[1:]):  # Hydra's --config-name passes through too

@@ -406,3 +406,64 @@ def generate_demo_data(
         header = ["image", *label_names, "text"] if split == "test" else ["image", "text_label"]
         written[split] = atomic_write_text(out / f"{split}.csv", _csv_text(header, rows))
     return written
+
+
+SOP_CLASSES = {
+    "CR": "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+    "DX": "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+    "CT": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+}
+
+
+def radiograph_dicom(
+    pixels: np.ndarray,
+    *,
+    modality: str = "DX",
+    photometric: str = "MONOCHROME2",
+    view: str | None = "PA",
+    body_part: str | None = "CHEST",
+    patient_id: str = "CXRCLIP-DEMO-1",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    study_date: str | None = None,
+    **attrs,
+):
+    """A complete DICOM radiograph (pydicom Dataset, 12 bits in 16) of a grayscale image — what a modality sends to a
+    PACS: patient, study, series and equipment attributes filled. ``photometric="MONOCHROME1"`` stores the inverted
+    values, so that any correct reader shows the same picture. For tests, the benchmark and the PACS guide."""
+    import datetime
+
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    values = np.round(np.asarray(pixels, dtype=np.float32) * (4095.0 / max(float(np.max(pixels)), 1.0)))
+    values = values.astype(np.uint16)
+    if photometric == "MONOCHROME1":
+        values = (4095 - values).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SOP_CLASSES.get(modality, SOP_CLASSES["DX"])
+    meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("radiograph.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    now = datetime.datetime.now()
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), series_uid or generate_uid()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Demo^Patient", patient_id, "19700101", "O"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date or now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = "", "1", ""
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, 1
+    ds.Manufacturer, ds.ConversionType = "cxrclip synthetic", "WSD"
+    if view:
+        ds.ViewPosition = view
+    if body_part:
+        ds.BodyPartExamined = body_part
+    ds.PatientOrientation = ["L", "F"] if modality != "CT" else ""
+    ds.Rows, ds.Columns = values.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = values.tobytes()
+    return ds

@@ -43,20 +43,30 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 def read_dicom(path, facts: dict | None = None) -> np.ndarray:
-    """DICOM with the modality LUT (rescale slope/intercept) and the VOI LUT (window) applied,
-    MONOCHROME1 inverted so that bone is bright. ``path`` may be a file object; ``facts`` collects what was found."""
+    """A DICOM file (or file object) → grayscale uint8 (see :func:`dicom_image`); ``facts`` collects what was found."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     name = getattr(path, "name", path)
     try:
         ds = pydicom.dcmread(path)
+    except Exception as e:  # pydicom raises many types for broken files
+        raise ImageReadError(f"cannot decode DICOM {name}: {e}") from e
+    return dicom_image(ds, facts, name)
+
+
+def dicom_image(ds, facts: dict | None = None, name="DICOM") -> np.ndarray:
+    """A DICOM dataset (read from a file or retrieved from a PACS) with the modality LUT (rescale slope/intercept)
+    and the VOI LUT (window) applied, MONOCHROME1 inverted so that bone is bright; ``facts`` collects the attributes
+    the input gate reads."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
         if "PixelData" not in ds:
             raise ImageReadError(f"DICOM {name} has no pixel data")
         pixels = ds.pixel_array
     except ImageReadError:
         raise
-    except Exception as e:  # pydicom raises many types for broken files
+    except Exception as e:  # a compressed image without its codec, truncated pixel data, ...
         raise ImageReadError(f"cannot decode DICOM {name}: {e}") from e
     photometric = str(getattr(ds, "PhotometricInterpretation", "")).upper()
     if facts is not None:

@@ -27,8 +27,8 @@ from starlette.formparsers import MultiPartParser
 
 from cxrclip.data.images import ImageReadError, UnsupportedImageError, decode_image_bytes
 from cxrclip.exceptions import ConfigError
-from cxrclip.io import file_sha256
 from cxrclip.predict import load_predictor
+from cxrclip.predict.card import DISCLAIMER, model_card
 from cxrclip.predict.gradcam import overlay, png_bytes
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
-DISCLAIMER = "Research software, not a medical device: not for diagnostic use."
 
 
 @dataclass(frozen=True)
@@ -67,35 +66,6 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
-
-
-def model_card(predictor, path: str) -> dict:
-    """What ``GET /v1/model`` says: name, checkpoint hash, labels, operating points, image size."""
-
-    calibration = predictor.calibration
-    bundle = getattr(predictor, "bundle", None)
-    routed = predictor.card() if hasattr(predictor, "card") else None
-    if routed:
-        digest = file_sha256(Path(path) / "routed.json")
-    else:
-        digest = bundle.manifest["card"]["checkpoint_sha256"] if bundle else file_sha256(path)
-    return {
-        "name": Path(path).name,
-        "checkpoint_sha256": digest,
-        **({"routing": routed} if routed else {}),
-        **({"bundle_sha256": file_sha256(bundle.path / "bundle.json"), "backend": predictor.backend} if bundle else {}),
-        **predictor.encoders,
-        "image_size": predictor.preprocess.size,
-        "preprocess": predictor.preprocess.to_dict(),
-        "labels": predictor.label_names,
-        "operating_points": {
-            n: {"threshold": c.threshold, "rule": c.rule, "calibrated": c.calibrated, "method": c.method}
-            for n, c in calibration.labels.items()
-        },
-        "calibrated_on": calibration.fitted_on or None,
-        "gate": predictor.gate.describe(),
-        "disclaimer": DISCLAIMER,
-    }
 
 
 def _data_url(png: bytes) -> str:

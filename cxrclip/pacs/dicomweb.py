@@ -1,0 +1,143 @@
+"""The DICOMweb side of the PACS worker: QIDO-RS to find instances, WADO-RS to fetch one, STOW-RS to store the
+answer (dicomweb-client over a requests session). Credentials come from a file or an environment variable, never
+from the command line; TLS certificates are verified unless the user says otherwise."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxrclip.exceptions import ConfigError
+
+PASSWORD_ENV = "CXRCLIP_PACS_PASSWORD"
+TOKEN_ENV = "CXRCLIP_PACS_TOKEN"
+# DICOM JSON tags (PS3.18 F.2)
+TAG = {
+    "study_uid": "0020000D",
+    "series_uid": "0020000E",
+    "sop_uid": "00080018",
+    "modality": "00080060",
+    "sop_class": "00080016",
+}
+
+
+class PacsUnavailable(Exception):
+    """The server cannot be reached or answers 5xx / 429 / 408: worth trying again later."""
+
+
+class PacsRejected(Exception):
+    """The server answered with a 4xx other than 408/429: retrying the same request will not help."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+    def describe(self) -> str:
+        if self.token:
+            return "bearer token"
+        return f"HTTP basic as {self.user}" if self.user else "no authentication"
+
+
+def _secret(file: str | None, env: str, what: str) -> str | None:
+    if file:
+        try:
+            return Path(file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read the {what} file {file}: {e}") from e
+    return os.environ.get(env) or None
+
+
+def credentials(user: str | None, password_file: str | None, token_file: str | None) -> Credentials:
+    """HTTP basic (``--user`` with the password from ``--password-file`` or $CXRCLIP_PACS_PASSWORD) or a bearer token
+    (``--token-file`` or $CXRCLIP_PACS_TOKEN)."""
+    token = _secret(token_file, TOKEN_ENV, "token")
+    if user:
+        password = _secret(password_file, PASSWORD_ENV, "password")
+        if password is None:
+            raise ConfigError(f"--user {user}: give the password in --password-file FILE or ${PASSWORD_ENV}")
+        if token:
+            raise ConfigError("give either --user (HTTP basic) or a bearer token, not both")
+        return Credentials(user=user, password=password)
+    if password_file:
+        raise ConfigError("--password-file needs --user")
+    return Credentials(token=token)
+
+
+class DicomWeb:
+    """One DICOMweb server. Every network failure comes out as :class:`PacsUnavailable` or :class:`PacsRejected`."""
+
+    def __init__(self, url: str, creds: Credentials = Credentials(), *, verify: bool | str = True, timeout=30.0):
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"--dicomweb {url}: expected an http:// or https:// URL (e.g. http://127.0.0.1:8042/dicom-web)"
+            )
+        self.url = url.rstrip("/")
+        session = requests.Session()
+        session.verify = verify
+        if creds.user:
+            session.auth = (creds.user, creds.password)
+        if creds.token:
+            session.headers["Authorization"] = f"Bearer {creds.token}"
+        self.client = DICOMwebClient(self.url, session=session, timeout=timeout)
+        self.client.set_http_retry_params(retry=False)  # the worker retries, with backoff, and says so in its log
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        import requests
+
+        try:
+            return fn(*args, **kwargs)
+        except requests.HTTPError as e:
+            status = e.response.status_code if e.response is not None else 0
+            message = f"{what}: HTTP {status} from {self.url}"
+            if status >= 500 or status in (408, 429):
+                raise PacsUnavailable(message) from e
+            raise PacsRejected(message + (" (check the credentials)" if status in (401, 403) else "")) from e
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise PacsUnavailable(f"{what}: cannot reach {self.url} ({type(e).__name__})") from e
+
+    def find_instances(self, modality: str, date_from: str | None, page: int = 500) -> list[dict]:
+        """Instances of one modality with a StudyDate on or after ``date_from`` (YYYYMMDD), every page."""
+        filters = {"Modality": modality}
+        if date_from:
+            filters["StudyDate"] = f"{date_from}-"
+        found, offset = [], 0
+        while True:
+            batch = self._call(
+                "QIDO-RS search",
+                self.client.search_for_instances,
+                search_filters=filters,
+                fields=["Modality", "StudyDate"],
+                limit=page,
+                offset=offset,
+            )
+            for item in batch:
+                row = {k: (item.get(tag) or {}).get("Value", [None])[0] for k, tag in TAG.items()}
+                if row["sop_uid"] and row["study_uid"] and row["series_uid"]:
+                    found.append(row)
+            if len(batch) < page:
+                return found
+            offset += len(batch)
+
+    def has_instance(self, study_uid: str, sop_uid: str) -> bool:
+        found = self._call(
+            "QIDO-RS search",
+            self.client.search_for_instances,
+            study_instance_uid=study_uid,
+            search_filters={"SOPInstanceUID": sop_uid},
+        )
+        return any((item.get(TAG["sop_uid"]) or {}).get("Value", [None])[0] == sop_uid for item in found)
+
+    def retrieve(self, study_uid: str, series_uid: str, sop_uid: str):
+        return self._call("WADO-RS retrieve", self.client.retrieve_instance, study_uid, series_uid, sop_uid)
+
+    def store(self, datasets, study_uid: str):
+        return self._call(
+            "STOW-RS store", self.client.store_instances, datasets=list(datasets), study_instance_uid=study_uid
+        )

@@ -1,0 +1,286 @@
+"""The PACS worker's job store (SQLAlchemy): a SQLite file for one machine, PostgreSQL for several workers.
+
+One row per SOP Instance UID the worker has seen, in one of these states::
+
+    baseline  on the PACS before the worker's first start (never analysed, unless --since says so)
+    pending   found, waiting (``not_before``: the earliest retry after a transient error)
+    working   claimed by ``worker`` until ``lease_until``; ``sr_uid`` once the answer is built
+    done      its SR is in the PACS (``sr_uid``)
+    refused   the input gate refused it (``reason``; ``sr_uid`` when --report-refusals stored an SR saying so)
+    failed    will not be retried (``error``: an undecodable image, or too many attempts)
+
+Exactly once: a job is claimed in one transaction (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, ``BEGIN IMMEDIATE`` on
+SQLite, and an update that only succeeds while the row is still pending), the SR's UID is a function of the image
+and the model (the same answer is the same DICOM instance, so a repeated store cannot make a second one), and a job
+whose worker died (its lease ran out, or its process is gone on this host) goes back to pending and is first
+checked against the PACS before anything is stored again.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+
+from cxrclip.exceptions import ConfigError
+
+STATES = ("baseline", "pending", "working", "done", "refused", "failed")
+FINAL = ("done", "refused", "failed")
+
+metadata = MetaData()
+jobs = Table(
+    "cxrclip_pacs_jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("sop_uid", String(64), nullable=False, unique=True),
+    Column("study_uid", String(64), nullable=False),
+    Column("series_uid", String(64), nullable=False),
+    Column("modality", String(16)),
+    Column("state", String(16), nullable=False, index=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("worker", String(128)),
+    Column("lease_until", Float),
+    Column("not_before", Float, nullable=False, default=0.0),
+    Column("sr_uid", String(64)),
+    Column("reason", Text),
+    Column("error", Text),
+    Column("result", Text),  # the labels as inference.py --json gives them (JSON), for audit and monitoring
+    Column("found_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+cursor = Table(
+    "cxrclip_pacs_cursor",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+@dataclass(frozen=True)
+class Job:
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str | None
+    attempts: int
+    sr_uid: str | None
+
+
+def database_url(db: str | Path) -> str:
+    """``--db``: a SQLAlchemy URL (``postgresql+psycopg://...``, ``sqlite:///...``) or a SQLite file path."""
+    text = str(db)
+    if "://" in text:
+        return text
+    path = Path(text).expanduser()
+    if path.parent and not path.parent.exists():
+        raise ConfigError(f"--db {db}: folder {path.parent} does not exist")
+    return f"sqlite:///{path.resolve()}"
+
+
+def worker_id() -> str:
+    """``host:pid:start``: who holds a claim (a restarted worker on the same host can tell its dead self apart)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
+
+
+class JobStore:
+    def __init__(self, db: str | Path):
+        self.url = database_url(db)
+        try:
+            if self.url.startswith("sqlite"):
+                self.engine = create_engine(self.url, connect_args={"timeout": 60})
+                _sqlite_immediate(self.engine)
+            else:
+                self.engine = create_engine(self.url, pool_pre_ping=True)
+            metadata.create_all(self.engine)
+        except Exception as e:  # a wrong URL, a missing driver, a server that refuses
+            raise ConfigError(f"--db {_redacted(self.url)}: cannot open the job store ({type(e).__name__}: {e})") from e
+        self.postgres = self.engine.dialect.name == "postgresql"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- the cursor -------------------------------------------------------------------------------------------
+    def get(self, name: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(cursor.c.value).where(cursor.c.name == name)).scalar()
+
+    def set_once(self, name: str, value: str) -> str:
+        """Store ``value`` under ``name`` unless a value is there already; the stored value either way."""
+        self._insert_ignore(cursor, [{"name": name, "value": value, "updated_at": _now()}], "name")
+        return self.get(name)
+
+    def put(self, name: str, value: str) -> None:
+        with self.engine.begin() as conn:
+            if conn.execute(
+                update(cursor).where(cursor.c.name == name).values(value=value, updated_at=_now())
+            ).rowcount:
+                return
+        self._insert_ignore(cursor, [{"name": name, "value": value, "updated_at": _now()}], "name")
+
+    # --- jobs ---------------------------------------------------------------------------------------------------
+    def add(self, found: Iterable[Mapping], state: str = "pending") -> int:
+        """Record instances found on the PACS (``sop_uid``, ``study_uid``, ``series_uid``, ``modality``); one already
+        known is left as it is. Returns how many were new."""
+        now = _now()
+        rows = [
+            {**{k: f.get(k) for k in ("sop_uid", "study_uid", "series_uid", "modality")}, "state": state,
+             "attempts": 0, "not_before": 0.0, "found_at": now, "updated_at": now}
+            for f in found
+        ]  # fmt: skip
+        return self._insert_ignore(jobs, rows, "sop_uid") if rows else 0
+
+    def known(self, sop_uids: Iterable[str]) -> set[str]:
+        uids = list(sop_uids)
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for i in range(0, len(uids), 500):
+                part = uids[i : i + 500]
+                found |= set(conn.execute(select(jobs.c.sop_uid).where(jobs.c.sop_uid.in_(part))).scalars())
+        return found
+
+    def claim(self, worker: str, lease_s: float, max_attempts: int) -> Job | None:
+        """Take the oldest pending job that is due, for ``lease_s`` seconds; None when there is none. A job that
+        has used ``max_attempts`` is marked failed instead of being handed out again."""
+        while True:
+            now = time.time()
+            with self.engine.begin() as conn:
+                q = select(jobs).where(jobs.c.state == "pending", jobs.c.not_before <= now).order_by(jobs.c.id).limit(1)
+                if self.postgres:
+                    q = q.with_for_update(skip_locked=True)
+                row = conn.execute(q).mappings().first()
+                if row is None:
+                    return None
+                if row["attempts"] >= max_attempts:
+                    conn.execute(
+                        update(jobs)
+                        .where(jobs.c.sop_uid == row["sop_uid"], jobs.c.state == "pending")
+                        .values(state="failed", error=f"gave up after {row['attempts']} attempts: {row['error']}",
+                                finished_at=_now(), updated_at=_now())
+                    )  # fmt: skip
+                    continue
+                taken = conn.execute(
+                    update(jobs)
+                    .where(jobs.c.sop_uid == row["sop_uid"], jobs.c.state == "pending")
+                    .values(state="working", worker=worker, lease_until=now + lease_s, attempts=jobs.c.attempts + 1,
+                            started_at=_now(), updated_at=_now())
+                ).rowcount  # fmt: skip
+                if taken == 1:
+                    return Job(row["sop_uid"], row["study_uid"], row["series_uid"], row["modality"],
+                               row["attempts"] + 1, row["sr_uid"])  # fmt: skip
+
+    def release_stale(self) -> int:
+        """Jobs whose worker is gone go back to pending: the lease ran out, or (this host) the process is dead."""
+        now = time.time()
+        host = socket.gethostname()
+        with self.engine.begin() as conn:
+            holders = conn.execute(select(jobs.c.worker).where(jobs.c.state == "working").distinct()).scalars().all()
+            dead = [w for w in holders if w and _dead_here(w, host)]
+            expired = jobs.c.lease_until < now
+            condition = expired | jobs.c.worker.in_(dead) if dead else expired
+            return conn.execute(
+                update(jobs)
+                .where(jobs.c.state == "working", condition)
+                .values(state="pending", worker=None, lease_until=None, updated_at=_now())
+            ).rowcount
+
+    def note_sr(self, sop_uid: str, sr_uid: str) -> None:
+        self._set(sop_uid, sr_uid=sr_uid)
+
+    def finish(self, sop_uid: str, state: str, *, sr_uid=None, reason=None, error=None, result=None) -> None:
+        if state not in FINAL:
+            raise ValueError(state)
+        self._set(sop_uid, state=state, sr_uid=sr_uid, reason=reason, error=error, worker=None, lease_until=None,
+                  result=None if result is None else json.dumps(result), finished_at=_now())  # fmt: skip
+
+    def retry(self, sop_uid: str, error: str, delay_s: float) -> None:
+        """Back to pending after a transient failure, not before ``delay_s`` from now."""
+        self._set(
+            sop_uid, state="pending", error=error, worker=None, lease_until=None, not_before=time.time() + delay_s
+        )
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
+        return {state: n for state, n in rows}
+
+    def rows(self, state: str | None = None) -> list[dict]:
+        q = select(jobs).order_by(jobs.c.id)
+        if state:
+            q = q.where(jobs.c.state == state)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def _set(self, sop_uid: str, **values) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.sop_uid == sop_uid).values(**values, updated_at=_now()))
+
+    def _insert_ignore(self, table: Table, rows: list[dict], key: str) -> int:
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        with self.engine.begin() as conn:
+            return conn.execute(insert(table).on_conflict_do_nothing(index_elements=[key]), rows).rowcount
+
+
+def _dead_here(worker: str, host: str) -> bool:
+    name, _, rest = worker.partition(":")
+    if name != host:
+        return False
+    try:
+        os.kill(int(rest.split(":")[0]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, PermissionError):
+        return False
+    return False
+
+
+def _sqlite_immediate(engine) -> None:
+    """SQLite: every transaction takes the write lock at BEGIN, so two workers on one file never both read a job as
+    pending and then both try to write it (pysqlite's own transaction handling is switched off for this)."""
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA synchronous=FULL")
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _redacted(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

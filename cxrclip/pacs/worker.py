@@ -1,0 +1,290 @@
+"""``cxrclip pacs``: a worker that reads new radiographs from a PACS over DICOMweb and writes each answer back as a
+DICOM Comprehensive SR, exactly once, through crashes and PACS outages.
+
+Finding new instances: DICOMweb has no "arrived after" query, so the worker lists the instances of the wanted
+modalities whose StudyDate is in a window (from ``--since`` on the first sweep, then the last ``--lookback-days``)
+and records every SOP Instance UID it has not seen in the job store. A UID is never fetched twice and no arrival time
+is compared, so two instances arriving in the same second are both found. On the very first start without
+``--since``, what is already on the PACS is recorded as ``baseline`` and left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from cxrclip.data.images import ImageReadError, dicom_image
+from cxrclip.exceptions import ConfigError, exit_on_user_error
+from cxrclip.pacs.dicomweb import Credentials, DicomWeb, PacsRejected, PacsUnavailable, credentials
+from cxrclip.pacs.sr import build_heatmap_capture, build_sr, sr_uids
+from cxrclip.pacs.store import Job, JobStore, worker_id
+
+log = logging.getLogger("cxrclip.pacs")
+MAX_BACKOFF_S = 60.0
+
+
+@dataclass
+class WorkerSettings:
+    dicomweb: str
+    model_path: str
+    db: str = "cxrclip-pacs.sqlite"
+    poll_s: float = 5.0
+    since: str | None = None  # YYYYMMDD
+    lookback_days: int = 1
+    modalities: tuple[str, ...] = ("CR", "DX")
+    report_refusals: bool = False
+    heatmap_labels: tuple[str, ...] = ()
+    lease_s: float = 600.0
+    max_attempts: int = 5
+    once: bool = False
+    gate: bool = True
+    device: str | None = None
+    text_encoder: str | None = None
+    verify: bool | str = True
+    creds: Credentials = Credentials()
+
+
+def parse_date(text: str) -> str:
+    for fmt in ("%Y-%m-%d", "%Y%m%d"):
+        try:
+            return datetime.datetime.strptime(text, fmt).strftime("%Y%m%d")
+        except ValueError:
+            pass
+    raise ConfigError(f"--since {text}: expected a date as YYYY-MM-DD")
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, predictor, card: dict, pacs: DicomWeb, store: JobStore):
+        self.s, self.predictor, self.card, self.pacs, self.store = settings, predictor, card, pacs, store
+        self.id = worker_id()
+        self.stop = threading.Event()
+        self.outage = 0  # consecutive failed calls to the PACS
+        unknown = sorted(set(settings.heatmap_labels) - set(predictor.label_names))
+        if unknown:
+            raise ConfigError(f"--heatmap {unknown}: not a label of this model; labels: {predictor.label_names}")
+
+    # --- finding -------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """The cursor: the start date (``--since``, else today on the very first start)."""
+        today = datetime.date.today().strftime("%Y%m%d")
+        if self.s.since:
+            if self.store.get("since") != self.s.since:
+                self.store.put("since", self.s.since)
+                self.store.put("swept", "")
+        elif self.store.get("since") is None:
+            self.store.put("since", today)
+            self.store.put("baseline", "pending")
+        released = self.store.release_stale()
+        if released:
+            log.info("%d job(s) of a stopped worker taken back; each is checked against the PACS first", released)
+
+    def poll(self) -> int:
+        """Record the instances not seen before; returns how many."""
+        since = self.store.get("since")
+        swept = bool(self.store.get("swept"))
+        window = since
+        if swept:
+            recent = (datetime.date.today() - datetime.timedelta(days=self.s.lookback_days)).strftime("%Y%m%d")
+            window = max(since, recent)
+        found = [row for m in self.s.modalities for row in self.pacs.find_instances(m, window)]
+        fresh = [row for row in found if row["sop_uid"] not in self.store.known(r["sop_uid"] for r in found)]
+        baseline = self.store.get("baseline") == "pending"
+        new = self.store.add(fresh, state="baseline" if baseline else "pending")
+        if baseline:
+            self.store.put("baseline", "done")
+            log.info(
+                "first start: %d instance(s) already on the PACS left alone (baseline); --since analyses them", new
+            )
+        elif new:
+            log.info("found %d new instance(s)", new)
+        if not swept:
+            self.store.put("swept", "1")
+        return 0 if baseline else new
+
+    # --- answering ---------------------------------------------------------------------------------------------
+    def process_next(self) -> bool:
+        """Claim and answer one job; False when none is due."""
+        job = self.store.claim(self.id, self.s.lease_s, self.s.max_attempts)
+        if job is None:
+            return False
+        started = time.perf_counter()
+        try:
+            self.answer(job, started)
+        except PacsUnavailable as e:
+            delay = self.backoff(str(e))
+            self.store.retry(job.sop_uid, str(e), delay)
+            return False
+        except PacsRejected as e:
+            self.store.finish(job.sop_uid, "failed", error=str(e))
+            log.error("instance %s failed: %s", job.sop_uid, e)
+        except Exception as e:  # a bug or an unexpected file: recorded, retried up to --max-attempts, never silent
+            log.exception("instance %s: unexpected error (attempt %d)", job.sop_uid, job.attempts)
+            self.store.retry(job.sop_uid, f"{type(e).__name__}: {e}", min(MAX_BACKOFF_S, 2.0**job.attempts))
+        return True
+
+    def answer(self, job: Job, started: float) -> None:
+        sr_uid = sr_uids(job.sop_uid, self.card["checkpoint_sha256"])[1]
+        if job.attempts > 1 and self.pacs.has_instance(job.study_uid, sr_uid):
+            self.store.finish(job.sop_uid, "done", sr_uid=sr_uid, reason="SR found on the PACS after a restart")
+            log.info("instance %s: its SR %s is already on the PACS (stored before a restart)", job.sop_uid, sr_uid)
+            return
+        ds = self.pacs.retrieve(job.study_uid, job.series_uid, job.sop_uid)
+        self.outage = 0
+        facts: dict = {}
+        try:
+            image = dicom_image(ds, facts, name=f"instance {job.sop_uid}")
+        except ImageReadError as e:
+            self.store.finish(job.sop_uid, "failed", error=str(e))
+            log.warning("instance %s not analysed: %s", job.sop_uid, e)
+            return
+        result = self.predictor.predict_arrays([job.sop_uid], [image], [facts])[0]
+        if not result["analysed"]:
+            stored = None
+            if self.s.report_refusals:
+                sr = build_sr(ds, result, self.card)
+                self.store.note_sr(job.sop_uid, sr.SOPInstanceUID)
+                self.pacs.store([sr], job.study_uid)
+                stored = sr.SOPInstanceUID
+            self.store.finish(job.sop_uid, "refused", sr_uid=stored, reason=result["reason"])
+            log.info("instance %s refused by the input gate: %s%s", job.sop_uid, result["reason"],
+                     f" (SR {stored})" if stored else "")  # fmt: skip
+            return
+        sr = build_sr(ds, result, self.card)
+        captures = [
+            build_heatmap_capture(ds, self._overlay(image, label), label, self.card) for label in self.s.heatmap_labels
+        ]
+        self.store.note_sr(job.sop_uid, sr.SOPInstanceUID)
+        self.pacs.store([sr, *captures], job.study_uid)
+        self.store.finish(job.sop_uid, "done", sr_uid=sr.SOPInstanceUID, result=result["labels"])
+        yes = [n for n, v in result["labels"].items() if v["present"]]
+        log.info("instance %s: %d of %d labels YES%s -> SR %s (%.2f s)", job.sop_uid, len(yes), len(result["labels"]),
+                 f" ({', '.join(yes)})" if yes else "", sr.SOPInstanceUID, time.perf_counter() - started)  # fmt: skip
+
+    def _overlay(self, image, label: str):
+        from cxrclip.predict.gradcam import overlay
+
+        return overlay(self.predictor.picture_of(image, label), self.predictor.heatmap_of(image, label))
+
+    def backoff(self, error: str) -> float:
+        self.outage += 1
+        delay = min(MAX_BACKOFF_S, self.s.poll_s * 2 ** (self.outage - 1))
+        log.warning("PACS unavailable: %s — attempt %d failed, trying again in %.0f s (the worker keeps running)",
+                    error, self.outage, delay)  # fmt: skip
+        return delay
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.start()
+        log.info("watching %s for %s every %.0f s (job store %s)", self.pacs.url, "/".join(self.s.modalities),
+                 self.s.poll_s, self.store.engine.url.render_as_string(hide_password=True))  # fmt: skip
+        while not self.stop.is_set():
+            try:
+                self.poll()
+            except PacsUnavailable as e:
+                self.stop.wait(self.backoff(str(e)))
+                continue
+            if self.outage:
+                log.info("PACS reachable again after %d failed attempt(s)", self.outage)
+                self.outage = 0
+            while not self.stop.is_set() and self.process_next():
+                pass
+            if self.s.once and not self.outage:
+                break
+            self.store.release_stale()
+            self.stop.wait(self.s.poll_s if not self.outage else min(MAX_BACKOFF_S, self.s.poll_s * 2**self.outage))
+        counts = self.store.counts()
+        log.info("stopped; job store: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "empty")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cxrclip pacs",
+        description="Answer new chest radiographs on a PACS (DICOMweb: QIDO-RS, WADO-RS) with a DICOM Comprehensive "
+        "SR stored back (STOW-RS), exactly once. Research software: not for diagnostic use.",
+    )
+    p.add_argument("--dicomweb", help="the DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    p.add_argument(
+        "--model_path", "--model-path", required=True, help="a checkpoint, an export bundle or a routed model"
+    )
+    p.add_argument("--db", default="cxrclip-pacs.sqlite", help="job store: a SQLite file, or postgresql+psycopg://...")
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between searches (default 5)")
+    p.add_argument("--since", help="analyse studies from this date on (YYYY-MM-DD); default: what arrives after the "
+                   "first start")  # fmt: skip
+    p.add_argument("--lookback-days", type=int, default=1, help="StudyDate window of each search after the first")
+    p.add_argument("--modality", action="append", help="modalities to answer (repeat; default CR and DX)")
+    p.add_argument("--report-refusals", action="store_true", help="store an SR saying why an image was not analysed")
+    p.add_argument("--heatmap", action="append", metavar="LABEL", help="also store the Grad-CAM of LABEL as a "
+                   "Secondary Capture in the study (repeat)")  # fmt: skip
+    p.add_argument("--user", help="HTTP basic user; the password from --password-file or $CXRCLIP_PACS_PASSWORD")
+    p.add_argument("--password-file", help="a file holding the HTTP basic password")
+    p.add_argument("--token-file", help="a file holding a bearer token (or $CXRCLIP_PACS_TOKEN)")
+    p.add_argument("--ca-bundle", help="CA certificates to verify the server's TLS certificate with")
+    p.add_argument("--no-verify-tls", action="store_true", help="do not verify the TLS certificate (unsafe)")
+    p.add_argument("--lease", type=float, default=600.0, help="seconds a claimed job stays with a silent worker")
+    p.add_argument("--max-attempts", type=int, default=5, help="attempts per instance before it is marked failed")
+    p.add_argument("--once", action="store_true", help="search once, answer what is due, then exit")
+    p.add_argument("--status", action="store_true", help="print the job store's counts and failures, then exit")
+    p.add_argument("--no-gate", action="store_true", help="answer images the input gate refuses (recorded in the SR)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--text_encoder", "--text-encoder", help="local folder of the text encoder (offline)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    return p
+
+
+def print_status(store: JobStore) -> None:
+    counts = store.counts()
+    print("job store:", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "empty")
+    for row in store.rows("failed")[-20:]:
+        print(f"failed {row['sop_uid']}: {row['error']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("highdicom", "dicomweb_client"):  # one line per module copied / request made
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    with exit_on_user_error(debug=args.debug):
+        store = JobStore(args.db)
+        if args.status:
+            print_status(store)
+            return 0
+        if not (args.dicomweb and args.model_path):
+            raise ConfigError("cxrclip pacs needs --dicomweb URL and --model_path MODEL (or --status)")
+        verify: bool | str = args.ca_bundle or True
+        if args.no_verify_tls:
+            log.warning("--no-verify-tls: the server's identity is not checked; use only on a trusted network")
+            verify = False
+        settings = WorkerSettings(
+            dicomweb=args.dicomweb, model_path=args.model_path, db=args.db, poll_s=args.poll,
+            since=parse_date(args.since) if args.since else None, lookback_days=args.lookback_days,
+            modalities=tuple(m.upper() for m in (args.modality or ("CR", "DX"))), report_refusals=args.report_refusals,
+            heatmap_labels=tuple(args.heatmap or ()), lease_s=args.lease, max_attempts=args.max_attempts,
+            once=args.once, gate=not args.no_gate, device=args.device, text_encoder=args.text_encoder, verify=verify,
+            creds=credentials(args.user, args.password_file, args.token_file),
+        )  # fmt: skip
+        pacs = DicomWeb(settings.dicomweb, settings.creds, verify=settings.verify)
+        worker = make_worker(settings, pacs, store)
+        signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: worker.stop.set())
+        worker.run()
+    return 0
+
+
+def make_worker(settings: WorkerSettings, pacs: DicomWeb, store: JobStore) -> Worker:
+    from cxrclip.predict import load_predictor
+    from cxrclip.predict.card import model_card
+
+    predictor = load_predictor(
+        settings.model_path, device=settings.device, text_encoder=settings.text_encoder, gate=settings.gate
+    )
+    return Worker(settings, predictor, model_card(predictor, settings.model_path), pacs, store)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cxrclip.data.cells import image_csv
-from cxrclip.data.images import IMAGE_SUFFIXES, ImageReadError, read_image
+from cxrclip.data.images import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
 from cxrclip.exceptions import InputError, exit_on_user_error
 from cxrclip.io import atomic_write_text
 from cxrclip.predict import PredictorBase, load_predictor
@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show the labels even for an input the gate refuses (lateral, CT, not a radiograph); recorded in output",
     )
+    p.add_argument(
+        "--sr_out",
+        "--sr-out",
+        metavar="DIR",
+        help="for DICOM input: write each answer as a DICOM Comprehensive SR here (the file cxrclip pacs stores)",
+    )
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
@@ -166,6 +172,26 @@ def write_heatmaps(
             print(f"heatmap: {path}", file=sys.stderr)
 
 
+def write_srs(predictor: PredictorBase, model_path: str, results: Sequence[dict], folder: Path) -> None:
+    """One SR per DICOM input (a refused one gets the SR that says why), beside nothing else: the same builder the
+    PACS worker stores with."""
+    import pydicom
+
+    from cxrclip.pacs.sr import build_sr, write_sr
+    from cxrclip.predict.card import model_card
+
+    card = model_card(predictor, model_path)
+    for result in results:
+        if not is_dicom(result["image"]):
+            print(f"--sr_out: {result['image']} is not DICOM; no SR", file=sys.stderr)
+            continue
+        source = pydicom.dcmread(result["image"], stop_before_pixels=True)
+        for needed in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            if needed not in source:
+                raise InputError(f"--sr_out: {result['image']} has no {needed}; an SR cannot reference it")
+        print(f"SR: {write_sr(build_sr(source, result, card), folder)}", file=sys.stderr)
+
+
 def read_thresholds(path: str | None, threshold: float | None):
     if not path:
         return threshold
@@ -189,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         single = len(images) == 1 and not args.output
         if single:
             read_image(images[0])  # a bad file fails here, in one line, before the model is loaded
+        if args.sr_out and not any(is_dicom(p) for p in images):
+            raise InputError(f"--sr_out: no DICOM input in {args.image_path}; an SR answers a DICOM image")
         predictor = load_predictor(
             args.model_path,
             prompts=args.prompts,
@@ -201,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         refused = [r for r in results if not r["analysed"]]
         if args.heatmap:
             write_heatmaps(predictor, results, Path(args.heatmap), args.heatmap_label)
+        if args.sr_out:
+            write_srs(predictor, args.model_path, results, Path(args.sr_out))
         if single:
             print(json.dumps(results[0], indent=2) if args.json else format_table(results[0], args.top))
             return 0

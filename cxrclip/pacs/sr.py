@@ -26,6 +26,7 @@ whose measurement groups describe regions, not a whole-image classifier::
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +36,7 @@ import numpy as np
 from cxrclip import __version__
 from cxrclip.predict.card import DISCLAIMER
 
+logging.getLogger("highdicom").setLevel(logging.WARNING)  # otherwise a line per module it copies
 SCHEME = "99CXRCLIP"  # a private coding scheme (PS3.16 8.2: "99" prefix) for what no standard code names
 MANUFACTURER = "cxrclip"
 SR_SERIES_NUMBER = 9901

@@ -214,10 +214,11 @@ class JobStore:
     def note_sr(self, sop_uid: str, sr_uid: str) -> None:
         self._set(sop_uid, sr_uid=sr_uid)
 
-    def finish(self, sop_uid: str, state: str, *, sr_uid=None, reason=None, error=None, result=None) -> None:
+    def finish(self, sop_uid: str, state: str, *, sr_uid=None, reason=None, error=None, result=None, worker=None):
+        """A final state; ``worker``: who answered (kept for the audit)."""
         if state not in FINAL:
             raise ValueError(state)
-        self._set(sop_uid, state=state, sr_uid=sr_uid, reason=reason, error=error, worker=None, lease_until=None,
+        self._set(sop_uid, state=state, sr_uid=sr_uid, reason=reason, error=error, worker=worker, lease_until=None,
                   result=None if result is None else json.dumps(result), finished_at=_now())  # fmt: skip
 
     def retry(self, sop_uid: str, error: str, delay_s: float) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import signal
 import sys
 import threading
@@ -48,6 +49,20 @@ class WorkerSettings:
     text_encoder: str | None = None
     verify: bool | str = True
     creds: Credentials = Credentials()
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the exactly-once tests: ``CXRCLIP_PACS_FAULT=stored:3`` kills this process (SIGKILL, as
+    ``kill -9`` would) the 3rd time it reaches ``stored`` — after the SR is on the PACS, before the job store knows."""
+    spec = os.environ.get("CXRCLIP_PACS_FAULT", "")
+    if not spec.startswith(name + ":"):
+        return
+    _FAULTS[name] = _FAULTS.get(name, 0) + 1
+    if _FAULTS[name] == int(spec.split(":")[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULTS: dict[str, int] = {}
 
 
 def parse_date(text: str) -> str:
@@ -151,7 +166,7 @@ class Worker:
                 self.store.note_sr(job.sop_uid, sr.SOPInstanceUID)
                 self.pacs.store([sr], job.study_uid)
                 stored = sr.SOPInstanceUID
-            self.store.finish(job.sop_uid, "refused", sr_uid=stored, reason=result["reason"])
+            self.store.finish(job.sop_uid, "refused", sr_uid=stored, reason=result["reason"], worker=self.id)
             log.info("instance %s refused by the input gate: %s%s", job.sop_uid, result["reason"],
                      f" (SR {stored})" if stored else "")  # fmt: skip
             return
@@ -161,7 +176,8 @@ class Worker:
         ]
         self.store.note_sr(job.sop_uid, sr.SOPInstanceUID)
         self.pacs.store([sr, *captures], job.study_uid)
-        self.store.finish(job.sop_uid, "done", sr_uid=sr.SOPInstanceUID, result=result["labels"])
+        fault_point("stored")
+        self.store.finish(job.sop_uid, "done", sr_uid=sr.SOPInstanceUID, result=result["labels"], worker=self.id)
         yes = [n for n, v in result["labels"].items() if v["present"]]
         log.info("instance %s: %d of %d labels YES%s -> SR %s (%.2f s)", job.sop_uid, len(yes), len(result["labels"]),
                  f" ({', '.join(yes)})" if yes else "", sr.SOPInstanceUID, time.perf_counter() - started)  # fmt: skip
@@ -186,6 +202,8 @@ class Worker:
         while not self.stop.is_set():
             try:
                 self.poll()
+            except PacsRejected as e:
+                raise ConfigError(f"the PACS refused the search: {e}") from e
             except PacsUnavailable as e:
                 self.stop.wait(self.backoff(str(e)))
                 continue

@@ -1,0 +1,407 @@
+"""The PACS worker against a real Orthanc (Debian's orthanc + orthanc-dicomweb, started here on 127.0.0.1): every kind
+of instance, SRs read back and compared with inference.py --json, dciodvfy, kill -9 at random points and right after
+the store, the PACS going down and coming back, and two workers on one PostgreSQL job table."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from cxrclip.pacs.dicomweb import Credentials, DicomWeb, PacsRejected, PacsUnavailable, credentials
+from cxrclip.pacs.sr import build_sr, read_sr, sr_uids
+from cxrclip.pacs.store import JobStore
+from cxrclip.synthetic import radiograph_dicom
+from tests.servers import PASSWORD, USER, Orthanc, Postgres, orthanc_missing, postgres_missing
+
+pytestmark = pytest.mark.usefixtures("minilm_tokenizer")
+TODAY = time.strftime("%Y-%m-%d")
+LABEL_KEYS = ("probability", "threshold", "rule", "present", "calibrated", "uncalibrated_probability")
+
+
+def need(reason: str | None) -> None:
+    """A missing server is a skip on a developer's machine and a failure in CI (where .ci/run installs it)."""
+    if reason:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    need(orthanc_missing())
+    server = Orthanc(tmp_path / "orthanc").start()
+    yield server
+    server.stop()
+
+
+def films(demo_data, n: int) -> list[np.ndarray]:
+    paths = sorted((demo_data / "images").glob("*.png"))[:n]
+    return [np.asarray(Image.open(p).convert("L")) for p in paths]
+
+
+def broken_dicom(pixels) -> pydicom.Dataset:
+    """A DX whose pixel data claims JPEG Baseline but holds no decodable JPEG."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ds = radiograph_dicom(pixels)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xe0" + b"not a jpeg" * 20])
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def upload(pacs: DicomWeb, datasets) -> None:
+    for ds in datasets:
+        pacs.store([ds], ds.StudyInstanceUID)
+
+
+def srs_by_source(pacs: DicomWeb) -> dict[str, list[dict]]:
+    """Every SR on the PACS, read back, grouped by the instance it answers."""
+    out: dict[str, list[dict]] = {}
+    for row in pacs.find_instances("SR", None):
+        ds = pacs.retrieve(row["study_uid"], row["series_uid"], row["sop_uid"])
+        sr = read_sr(ds)
+        sr["dataset"] = ds
+        out.setdefault(sr["source"], []).append(sr)
+    return out
+
+
+def inference_json(ckpt, ds, tmp_path, capsys) -> dict:
+    from cxrclip.infer import main as infer_main
+
+    path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    capsys.readouterr()
+    assert infer_main(["--model_path", str(ckpt), "--image_path", str(path), "--json", "--device", "cpu"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def dciodvfy_errors(ds, tmp_path) -> list[str]:
+    path = tmp_path / "check.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+
+def worker_in_process(ckpt, orthanc: Orthanc, db: Path, **options):
+    from cxrclip.pacs.worker import WorkerSettings, make_worker
+
+    settings = WorkerSettings(dicomweb=orthanc.dicomweb, model_path=str(ckpt), db=str(db), device="cpu", once=True,
+                              poll_s=0.1, **options)  # fmt: skip
+    return make_worker(settings, orthanc.client(), JobStore(db))
+
+
+def test_sr_holds_every_value_and_passes_dciodvfy(tmp_path):
+    source = radiograph_dicom(np.arange(64 * 64).reshape(64, 64) % 251)
+    card = {"name": "model-best.tar", "checkpoint_sha256": "ab" * 32, "image_size": 224, "gate": {"fitted": False}}
+    labels = {
+        "Pneumothorax": {"probability": 0.1234, "threshold": 0.31, "rule": "youden", "present": False,
+                         "calibrated": True, "uncalibrated_probability": 0.4567},
+        "Chest tube in place": {"probability": 0.9, "threshold": 0.5, "rule": "fixed=0.5", "present": True,
+                                "calibrated": False, "uncalibrated_probability": 0.9},
+        "Chest tube malposition": {"probability": 0.0001, "threshold": 0.5, "rule": "given", "present": False,
+                                   "calibrated": True, "uncalibrated_probability": 0.0002},
+    }  # fmt: skip
+    sr = build_sr(source, {"analysed": True, "labels": labels}, card)
+    back = read_sr(pydicom.dcmread(pydicom.filebase.DicomBytesIO(_bytes(sr))))
+    assert back["analysed"] and back["source"] == source.SOPInstanceUID
+    assert {n: {k: v[k] for k in LABEL_KEYS} for n, v in back["labels"].items()} == labels
+    assert back["labels"]["Pneumothorax"]["finding"] == ("SCT", "36118008", "Pneumothorax")
+    codes = {v["finding"][1] for v in back["labels"].values()}
+    assert len(codes) == 3  # two "Chest tube ..." labels get two private codes
+    assert f"checkpoint_sha256={'ab' * 32}" in back["parameters"] and "not for diagnostic use" in back["notice"]
+    assert sr.SOPInstanceUID == sr_uids(source.SOPInstanceUID, "ab" * 32)[1]  # a function of image and model
+    assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED" and sr.PreliminaryFlag
+    assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.PatientID == source.PatientID
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+        source.SOPInstanceUID
+    )
+    refusal = build_sr(source, {"analysed": False, "reason": "lateral view (gate score 0.97)",
+                                "gate": {"score": 0.97}}, card)  # fmt: skip
+    back = read_sr(refusal)
+    assert not back["analysed"] and back["reason"] == "lateral view (gate score 0.97)" and back["gate_score"] == 0.97
+    assert "labels" not in back
+    if not shutil.which("dciodvfy"):
+        need("Debian's dicom3tools (dciodvfy) is not installed")
+    assert dciodvfy_errors(sr, tmp_path) == [] and dciodvfy_errors(refusal, tmp_path) == []
+
+
+def _bytes(ds) -> bytes:
+    from io import BytesIO
+
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_worker_answers_each_kind_and_its_sr_equals_inference_json(
+    orthanc, tiny_clip_checkpoint, demo_data, tmp_path, capsys
+):
+    a, b, c, d = films(demo_data, 4)
+    dx = radiograph_dicom(a, modality="DX")
+    cr = radiograph_dicom(b, modality="CR", photometric="MONOCHROME1")
+    lateral = radiograph_dicom(c, modality="DX", view="LL")
+    ct = radiograph_dicom(d, modality="CT", view=None, body_part="CHEST")
+    broken = broken_dicom(a)
+    pacs = orthanc.client()
+    upload(pacs, [dx, cr, lateral, ct, broken])
+
+    db = tmp_path / "jobs.sqlite"
+    worker = worker_in_process(tiny_clip_checkpoint, orthanc, db, since=time.strftime("%Y%m%d"),
+                               modalities=("CR", "DX", "CT"), report_refusals=True,
+                               heatmap_labels=("Pneumothorax",))  # fmt: skip
+    worker.run()
+    rows = {r["sop_uid"]: r for r in JobStore(db).rows()}
+    assert {u: rows[u]["state"] for u in rows} == {
+        dx.SOPInstanceUID: "done", cr.SOPInstanceUID: "done", lateral.SOPInstanceUID: "refused",
+        ct.SOPInstanceUID: "refused", broken.SOPInstanceUID: "failed",
+    }  # fmt: skip
+    assert "cannot decode DICOM" in rows[broken.SOPInstanceUID]["error"]
+    assert rows[lateral.SOPInstanceUID]["reason"] == "DICOM ViewPosition LL: lateral view"
+    assert "Modality CT" in rows[ct.SOPInstanceUID]["reason"]
+
+    found = srs_by_source(pacs)
+    assert sorted(found) == sorted(u for u, r in rows.items() if r["state"] in ("done", "refused"))
+    for source in (dx, cr):
+        (sr,) = found[source.SOPInstanceUID]
+        expected = inference_json(tiny_clip_checkpoint, source, tmp_path, capsys)
+        assert {n: {k: v[k] for k in LABEL_KEYS} for n, v in sr["labels"].items()} == {
+            n: {k: v[k] for k in LABEL_KEYS} for n, v in expected["labels"].items()
+        }
+        assert sr["dataset"].StudyInstanceUID == source.StudyInstanceUID
+        assert rows[source.SOPInstanceUID]["sr_uid"] == sr["sop_instance_uid"]
+        assert json.loads(rows[source.SOPInstanceUID]["result"]) == expected["labels"]
+        if shutil.which("dciodvfy"):
+            assert dciodvfy_errors(sr["dataset"], tmp_path) == []
+    (refusal,) = found[lateral.SOPInstanceUID]
+    assert refusal["reason"] == "DICOM ViewPosition LL: lateral view" and "labels" not in refusal
+    assert inference_json(tiny_clip_checkpoint, lateral, tmp_path, capsys)["reason"] == refusal["reason"]
+    captures = pacs.find_instances("OT", None)  # the Grad-CAM secondary captures, one per analysed image
+    assert len(captures) == 2 and {r["study_uid"] for r in captures} == {dx.StudyInstanceUID, cr.StudyInstanceUID}
+
+    # a second pass answers nothing again
+    worker_in_process(tiny_clip_checkpoint, orthanc, db, modalities=("CR", "DX", "CT")).run()
+    assert {k: len(v) for k, v in srs_by_source(pacs).items()} == {k: 1 for k in found}
+
+
+def test_first_start_leaves_what_is_there_and_answers_what_arrives(orthanc, tiny_clip_checkpoint, demo_data, tmp_path):
+    old, new = films(demo_data, 2)
+    pacs = orthanc.client()
+    before = radiograph_dicom(old)
+    upload(pacs, [before])
+    db = tmp_path / "jobs.sqlite"
+    worker_in_process(tiny_clip_checkpoint, orthanc, db).run()  # no --since: the first start takes a baseline
+    after = radiograph_dicom(new)
+    upload(pacs, [after])
+    worker_in_process(tiny_clip_checkpoint, orthanc, db).run()
+    states = {r["sop_uid"]: r["state"] for r in JobStore(db).rows()}
+    assert states == {before.SOPInstanceUID: "baseline", after.SOPInstanceUID: "done"}
+    assert sorted(srs_by_source(pacs)) == [after.SOPInstanceUID]
+
+
+def start_worker(ckpt, orthanc: Orthanc, db, log: Path, *extra: str, env=None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "cxrclip.pacs.worker", "--dicomweb", orthanc.dicomweb, "--user", USER,
+               "--model_path", str(ckpt), "--db", str(db), "--since", TODAY, "--device", "cpu", "--poll", "0.2",
+               *extra]  # fmt: skip
+    environment = {**os.environ, "CXRCLIP_PACS_PASSWORD": PASSWORD, **(env or {})}
+    return subprocess.Popen(command, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=environment)
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_kill_minus_9_at_random_points_then_restart_gives_exactly_one_sr_each(
+    orthanc, tiny_clip_checkpoint, demo_data, tmp_path
+):
+    pacs = orthanc.client()
+    sources = [radiograph_dicom(f) for f in films(demo_data, 10)]
+    upload(pacs, sources)
+    db, log = tmp_path / "jobs.sqlite", tmp_path / "worker.log"
+    # 1. killed right after the 2nd SR reached the PACS, before the job store heard of it
+    p = start_worker(tiny_clip_checkpoint, orthanc, db, log, env={"CXRCLIP_PACS_FAULT": "stored:2"})
+    assert p.wait(120) == -signal.SIGKILL
+    assert len(srs_by_source(pacs)) == 2 and JobStore(db).counts().get("done") == 1
+    # 2. kill -9 at random moments (while loading, searching, predicting or storing)
+    rng = random.Random(0)
+    for _ in range(3):
+        p = start_worker(tiny_clip_checkpoint, orthanc, db, log)
+        time.sleep(rng.uniform(0.5, 6.0))
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+    # 3. a restart finishes the rest
+    p = start_worker(tiny_clip_checkpoint, orthanc, db, log, "--once")
+    assert p.wait(180) == 0, log.read_text()[-3000:]
+    found = srs_by_source(pacs)
+    assert sorted(found) == sorted(s.SOPInstanceUID for s in sources)
+    assert all(len(v) == 1 for v in found.values()), {k: len(v) for k, v in found.items()}
+    rows = JobStore(db).rows()
+    assert {r["state"] for r in rows} == {"done"} and len(rows) == 10
+    assert all(r["sr_uid"] == found[r["sop_uid"]][0]["sop_instance_uid"] for r in rows)
+    assert "already on the PACS (stored before a restart)" in log.read_text()
+
+
+def test_pacs_down_the_worker_retries_keeps_running_and_catches_up(orthanc, tiny_clip_checkpoint, demo_data, tmp_path):
+    first, second = films(demo_data, 2)
+    pacs = orthanc.client()
+    db, log = tmp_path / "jobs.sqlite", tmp_path / "worker.log"
+    a = radiograph_dicom(first)
+    upload(pacs, [a])
+    p = start_worker(tiny_clip_checkpoint, orthanc, db, log)
+    try:
+        wait_for(lambda: JobStore(db).counts().get("done") == 1, 120, "the first SR")
+        orthanc.stop()
+        wait_for(lambda: "PACS unavailable" in log.read_text(), 30, "the worker to notice the outage")
+        time.sleep(1.5)
+        assert p.poll() is None, "the worker stopped when the PACS went down"
+        orthanc.start()
+        b = radiograph_dicom(second)
+        upload(orthanc.client(), [b])
+        wait_for(lambda: JobStore(db).counts().get("done") == 2, 120, "the SR after the outage")
+        assert "PACS reachable again" in log.read_text()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+    assert sorted(srs_by_source(orthanc.client())) == sorted([a.SOPInstanceUID, b.SOPInstanceUID])
+
+
+class _Answer(BaseHTTPRequestHandler):
+    status = 503
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(self.status)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("status, error", [(503, PacsUnavailable), (502, PacsUnavailable), (401, PacsRejected)])
+def test_http_errors_are_sorted_into_retry_and_give_up(status, error):
+    handler = type("Handler", (_Answer,), {"status": status})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        pacs = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web")
+        with pytest.raises(error, match=f"HTTP {status}"):
+            pacs.find_instances("DX", None)
+    finally:
+        server.shutdown()
+    closed = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web")
+    with pytest.raises(PacsUnavailable, match="cannot reach"):
+        closed.find_instances("DX", None)
+
+
+def test_credentials_never_come_from_the_command_line(tmp_path, monkeypatch):
+    from cxrclip.exceptions import ConfigError
+
+    monkeypatch.delenv("CXRCLIP_PACS_PASSWORD", raising=False)
+    monkeypatch.delenv("CXRCLIP_PACS_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="--password-file FILE or \\$CXRCLIP_PACS_PASSWORD"):
+        credentials("reader", None, None)
+    (tmp_path / "pw").write_text("s3cret\n")
+    assert credentials("reader", str(tmp_path / "pw"), None) == Credentials(user="reader", password="s3cret")
+    monkeypatch.setenv("CXRCLIP_PACS_TOKEN", "tok")
+    assert credentials(None, None, None).token == "tok"
+    pacs = DicomWeb("https://pacs.example/dicom-web", Credentials(token="tok"))
+    assert pacs.client._session.verify is True and pacs.client._session.headers["Authorization"] == "Bearer tok"
+
+
+def test_wrong_password_stops_the_worker_with_a_clear_error(orthanc, tiny_clip_checkpoint, tmp_path):
+    env = {**os.environ, "CXRCLIP_PACS_PASSWORD": "wrong"}
+    done = subprocess.run(
+        [sys.executable, "-m", "cxrclip.pacs.worker", "--dicomweb", orthanc.dicomweb, "--user", USER, "--model_path",
+         str(tiny_clip_checkpoint), "--db", str(tmp_path / "j.sqlite"), "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "HTTP 401" in done.stderr and "check the credentials" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_job_store_claims_are_exclusive_and_dead_workers_release(tmp_path):
+    one, two = JobStore(tmp_path / "j.sqlite"), JobStore(tmp_path / "j.sqlite")
+    rows = [{"sop_uid": f"1.2.{i}", "study_uid": "1.2", "series_uid": "1.2.0", "modality": "DX"} for i in range(6)]
+    assert one.add(rows) == 6 and two.add(rows[:3] + [{**rows[0], "sop_uid": "1.2.9"}]) == 1
+    taken = []
+    for store in (one, two, one, two, one, two, one):
+        job = store.claim("host:1:1", 60, max_attempts=3)
+        if job:
+            taken.append(job.sop_uid)
+    assert sorted(taken) == sorted(r["sop_uid"] for r in rows) + ["1.2.9"] and len(set(taken)) == 7
+    assert one.claim("w", 60, 3) is None
+    # a worker of this host whose process is gone gives its jobs back at once; a live one keeps them
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    one.add([{**rows[0], "sop_uid": "1.3.1"}, {**rows[0], "sop_uid": "1.3.2"}])
+    assert one.claim(f"{socket.gethostname()}:{dead.pid}:0", 600, 3).sop_uid == "1.3.1"
+    assert one.claim(f"{socket.gethostname()}:{os.getpid()}:0", 600, 3).sop_uid == "1.3.2"
+    assert one.release_stale() == 1
+    assert {r["sop_uid"]: r["state"] for r in one.rows("pending")} == {"1.3.1": "pending"}
+    # attempts run out: failed, with the last error
+    job = one.claim("w", 600, max_attempts=3)
+    assert job.sop_uid == "1.3.1" and job.attempts == 2  # claimed once by the dead worker
+    one.retry(job.sop_uid, "boom", 0.0)
+    assert one.claim("w", 600, max_attempts=3).attempts == 3
+    one.retry(job.sop_uid, "boom again", 0.0)
+    assert one.claim("w", 600, max_attempts=3) is None
+    (failed,) = one.rows("failed")
+    assert failed["sop_uid"] == "1.3.1" and failed["error"] == "gave up after 3 attempts: boom again"
+
+
+def test_two_workers_on_one_postgresql_table_take_different_instances(
+    orthanc, tiny_clip_checkpoint, demo_data, tmp_path
+):
+    reason = postgres_missing()
+    if reason:
+        pytest.skip(reason)
+    try:
+        pg = Postgres(Path(tempfile.mkdtemp(prefix="cxrclip-pg-"))).start()  # outside pytest's private tmp
+    except (RuntimeError, OSError) as e:
+        pytest.skip(f"PostgreSQL cannot start here: {e}")
+    try:
+        pacs = orthanc.client()
+        logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
+        workers = [start_worker(tiny_clip_checkpoint, orthanc, pg.url, log) for log in logs]
+        try:
+            wait_for(lambda: all("watching" in log.read_text() for log in logs if log.exists()) and
+                     all(log.exists() for log in logs), 120, "both workers to start")  # fmt: skip
+            sources = [radiograph_dicom(f) for f in films(demo_data, 12)]
+            upload(pacs, sources)
+            store = JobStore(pg.url)
+            wait_for(lambda: store.counts().get("done") == 12, 180, "12 SRs")
+        finally:
+            for p in workers:
+                p.send_signal(signal.SIGTERM)
+                p.wait(30)
+        rows = store.rows()
+        assert len(rows) == 12 and {r["state"] for r in rows} == {"done"}
+        assert len({r["worker"] for r in rows}) == 2, "one worker took every instance"
+        found = srs_by_source(pacs)
+        assert sorted(found) == sorted(s.SOPInstanceUID for s in sources) and all(len(v) == 1 for v in found.values())
+        store.close()
+    finally:
+        pg.stop()
+        shutil.rmtree(pg.folder, ignore_errors=True)

@@ -308,7 +308,8 @@ def test_http_errors_are_sorted_into_retry_and_give_up(status, error):
             pacs.find_instances("DX", None)
     finally:
         server.shutdown()
-    closed = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web")
+        server.server_close()
+    closed = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web", timeout=5)
     with pytest.raises(PacsUnavailable, match="cannot reach"):
         closed.find_instances("DX", None)
 

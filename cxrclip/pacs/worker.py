@@ -249,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="search once, answer what is due, then exit")
     p.add_argument("--status", action="store_true", help="print the job store's counts and failures, then exit")
     p.add_argument("--no-gate", action="store_true", help="answer images the input gate refuses (recorded in the SR)")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (split the cores between workers)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--text_encoder", "--text-encoder", help="local folder of the text encoder (offline)")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
@@ -268,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("highdicom", "dicomweb_client"):  # one line per module copied / request made
         logging.getLogger(noisy).setLevel(logging.WARNING)
     with exit_on_user_error(debug=args.debug):
+        if args.threads:
+            os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch at import and by the bundle's runtime
         store = JobStore(args.db)
         if args.status:
             print_status(store)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -152,6 +153,9 @@ class BundlePredictor(PredictorBase):
             ort = _onnxruntime()
             options = ort.SessionOptions()
             options.log_severity_level = 3
+            threads = os.environ.get("OMP_NUM_THREADS", "")
+            if threads.isdigit() and int(threads) > 0:  # several workers on one machine share its cores
+                options.intra_op_num_threads = int(threads)
             self._session = ort.InferenceSession(bundle.read(ONNX_FILE), options, providers=["CPUExecutionProvider"])
 
     @classmethod

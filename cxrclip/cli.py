@@ -33,6 +33,21 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _to_dicom(args: argparse.Namespace) -> int:
+    from cxrclip.data.images import read_image
+    from cxrclip.exceptions import exit_on_user_error
+    from cxrclip.io import atomic_write
+    from cxrclip.synthetic import radiograph_dicom
+
+    with exit_on_user_error():
+        ds = radiograph_dicom(read_image(args.image), modality=args.modality, view=args.view or None,
+                              photometric=args.photometric, patient_id=args.patient_id)  # fmt: skip
+        atomic_write(args.out, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+    print(f"wrote {args.out}: {args.modality} {args.view or '(no view)'} {args.photometric}, "
+          f"study {ds.StudyInstanceUID}, instance {ds.SOPInstanceUID} (a test image: not a patient's)")  # fmt: skip
+    return 0
+
+
 def _label_names(labels_file: str | None) -> tuple[str, ...]:
     if not labels_file:
         return CGMH_LABELS
@@ -475,6 +490,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     add_data_args(p)
     p.set_defaults(func=_demo_data)
+
+    p = sub.add_parser("to-dicom", help="wrap a PNG/JPEG film as a DICOM radiograph (to try cxrclip pacs on a PACS)")
+    p.add_argument("image", help="a PNG or JPEG film")
+    p.add_argument("out", help="the .dcm file to write")
+    p.add_argument("--modality", default="DX", choices=["DX", "CR", "CT"])
+    p.add_argument("--view", default="PA", help="ViewPosition (PA, AP, LL, ...; '' for none)")
+    p.add_argument("--photometric", default="MONOCHROME2", choices=["MONOCHROME2", "MONOCHROME1"])
+    p.add_argument("--patient-id", default="CXRCLIP-DEMO-1")
+    p.set_defaults(func=_to_dicom)
 
     p = sub.add_parser("validate-data", help="check a CSV (columns, lists, labels, images) and summarize it")
     p.add_argument("csv")

@@ -1,0 +1,191 @@
+"""End-to-end throughput of `cxrclip pacs` through a real Orthanc (started here on 127.0.0.1): instances per minute,
+seconds from an instance's arrival to its SR being stored, peak RSS per worker; one worker and two. Beside it, in the
+same run, the floor: the model's own per-image time (the same predictor, in this process, on the same images).
+
+    python benchmarks/pacs_throughput.py --model_path BUNDLE_OR_CHECKPOINT [--burst 60] [--paced 20 --interval 2]
+
+Two phases per worker count, each on a fresh Orthanc and job store:
+  paced  one instance every --interval seconds: arrival → SR latency (p50/p95) without a queue in front;
+  burst  --burst instances at once: instances/minute from the first arrival to the last SR.
+"Arrival" is when the instance's STOW-RS returned; "SR stored" is when the worker's STOW-RS of the SR returned (the job
+store's finished_at) — Orthanc serves an instance as soon as STOW-RS returns, and every SR is read back at the end.
+Images: the synthetic demo films at --size px (default 512), or --images DIR of PNG/JPEG films.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.servers import PASSWORD, USER, Orthanc, Postgres, orthanc_missing, postgres_missing  # noqa: E402
+
+
+def films(args) -> list[np.ndarray]:
+    from PIL import Image
+
+    if args.images:
+        paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        return [np.asarray(Image.open(p).convert("L")) for p in paths[: args.burst]]
+    from cxrclip.synthetic import generate_demo_data
+
+    folder = Path(tempfile.mkdtemp(prefix="pacs-bench-films-"))
+    generate_demo_data(folder, n_train=1, n_valid=1, n_test=args.burst, image_size=args.size, seed=5)
+    return [np.asarray(Image.open(p).convert("L")) for p in sorted((folder / "images").glob("test_*.png"))]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_workers(args, orthanc: Orthanc, db: str, n: int, folder: Path) -> list[subprocess.Popen]:
+    threads = max(1, (os.cpu_count() or 1) // n)
+    env = {**os.environ, "CXRCLIP_PACS_PASSWORD": PASSWORD}
+    procs, logs = [], []
+    for i in range(n):
+        log = folder / f"worker{i}.log"
+        logs.append(log)
+        command = [sys.executable, "-m", "cxrclip.pacs.worker", "--dicomweb", orthanc.dicomweb, "--user", USER,
+                   "--model_path", args.model_path, "--db", db, "--since", datetime.date.today().isoformat(),
+                   "--poll", str(args.poll), "--threads", str(threads), "--device", "cpu"]  # fmt: skip
+        procs.append(subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env))
+    deadline = time.monotonic() + 300
+    while not all(log.exists() and "watching" in log.read_text() for log in logs):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise SystemExit("a worker did not start:\n" + "\n".join(log.read_text()[-2000:] for log in logs))
+        time.sleep(0.2)
+    return procs
+
+
+def run_phase(args, images, n_workers: int, paced: bool) -> dict:
+    from cxrclip.pacs.store import JobStore
+    from cxrclip.synthetic import radiograph_dicom
+
+    folder = Path(tempfile.mkdtemp(prefix=f"pacs-bench-{n_workers}w-"))
+    orthanc = Orthanc(folder / "orthanc").start()
+    pg = None
+    if n_workers > 1 and not postgres_missing():
+        pg = Postgres(Path(tempfile.mkdtemp(prefix="pacs-bench-pg-"))).start()
+    db = pg.url if pg else str(folder / "jobs.sqlite")
+    procs = start_workers(args, orthanc, db, n_workers, folder)
+    store = JobStore(db)
+    pacs = orthanc.client()
+    count = args.paced if paced else args.burst
+    arrival: dict[str, float] = {}
+    try:
+        for i in range(count):
+            ds = radiograph_dicom(images[i % len(images)])
+            pacs.store([ds], ds.StudyInstanceUID)
+            arrival[ds.SOPInstanceUID] = time.time()
+            if paced:
+                time.sleep(args.interval)
+        deadline = time.monotonic() + args.timeout
+        while sum(store.counts().get(k, 0) for k in ("done", "refused", "failed")) < count:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"timed out: {store.counts()}")
+            time.sleep(0.2)
+        rows = [r for r in store.rows() if r["finished_at"] is not None]
+        states = store.counts()
+        rss = [peak_rss_mb(p.pid) for p in procs]
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(60)
+    readable = len(pacs.find_instances("SR", None))
+    orthanc.stop()
+    if pg:
+        pg.stop()
+    finished = {r["sop_uid"]: r["finished_at"].replace(tzinfo=datetime.timezone.utc).timestamp() for r in rows}
+    latency = sorted(finished[u] - arrival[u] for u in arrival)
+    span = max(finished.values()) - min(arrival.values())
+    workers_used = len({r["worker"] for r in rows})
+    return {
+        "workers": n_workers, "phase": "paced" if paced else "burst", "n": count, "srs_readable": readable,
+        "per_min": 60 * count / span, "p50": statistics.median(latency),
+        "p95": latency[min(len(latency) - 1, int(round(0.95 * (len(latency) - 1))))],
+        "rss": max(rss), "store": "postgresql" if pg else "sqlite", "workers_used": workers_used, "states": states,
+    }  # fmt: skip
+
+
+def floor(args, images) -> dict:
+    """The model alone, in this process: decode + predict one image at a time (median of the images)."""
+    import torch
+
+    from cxrclip.data.images import dicom_image
+    from cxrclip.pacs.sr import build_sr
+    from cxrclip.predict import load_predictor
+    from cxrclip.predict.card import model_card
+    from cxrclip.synthetic import radiograph_dicom
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    predictor = load_predictor(args.model_path, device="cpu")
+    card = model_card(predictor, args.model_path)
+    dss = [radiograph_dicom(images[i % len(images)]) for i in range(20)]
+    decode, predict, sr, total = [], [], [], []
+    for ds in dss:
+        start = time.perf_counter()
+        facts: dict = {}
+        image = dicom_image(ds, facts)
+        t0 = time.perf_counter()
+        result = predictor.predict_arrays([ds.SOPInstanceUID], [image], [facts])[0]
+        t1 = time.perf_counter()
+        build_sr(ds, result, card)
+        decode.append(t0 - start)
+        predict.append(t1 - t0)
+        sr.append(time.perf_counter() - t1)
+        total.append(time.perf_counter() - start)
+    return {k: statistics.median(v[2:]) for k, v in
+            {"decode": decode, "predict": predict, "sr": sr, "decode_predict_sr": total}.items()}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True, help="an export bundle (the deployment form) or a checkpoint")
+    p.add_argument("--images", help="a folder of PNG/JPEG films (default: synthetic demo films)")
+    p.add_argument("--size", type=int, default=512, help="synthetic film size in pixels")
+    p.add_argument("--burst", type=int, default=60)
+    p.add_argument("--paced", type=int, default=20)
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between paced arrivals")
+    p.add_argument("--poll", type=float, default=1.0, help="the workers' --poll")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--timeout", type=float, default=600)
+    args = p.parse_args()
+    missing = orthanc_missing()
+    if missing:
+        raise SystemExit(missing)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    images = films(args)
+    print(f"model {args.model_path}; {len(images)} films of {images[0].shape}; {os.cpu_count()} CPUs; "
+          f"poll {args.poll} s; paced arrivals every {args.interval} s", flush=True)  # fmt: skip
+    base = floor(args, images)
+    print(f"floor (this process, same images, median ms/image): decode {base['decode'] * 1000:.1f}, predict "
+          f"{base['predict'] * 1000:.1f}, build SR {base['sr'] * 1000:.1f}; together "
+          f"{base['decode_predict_sr'] * 1000:.1f} = {60 / base['decode_predict_sr']:.0f} images/min; the model alone "
+          f"{60 / base['predict']:.0f} images/min", flush=True)  # fmt: skip
+    print("workers  phase  n   store       inst/min  p50 s  p95 s  peak RSS MB  SRs read back  workers used  states")
+    for n in args.workers:
+        for paced in (True, False):
+            r = run_phase(args, images, n, paced)
+            print(f"{r['workers']:>7}  {r['phase']:<5}  {r['n']:<3} {r['store']:<10}  {r['per_min']:8.1f}  "
+                  f"{r['p50']:5.2f}  {r['p95']:5.2f}  {r['rss']:11.0f}  {r['srs_readable']:>13}  "
+                  f"{r['workers_used']:>12}  {r['states']}", flush=True)  # fmt: skip
+    if missing := postgres_missing():
+        print(f"(two workers shared a SQLite job store: {missing})")
+
+
+if __name__ == "__main__":
+    main()

@@ -189,6 +189,22 @@ def test_worker_answers_each_kind_and_its_sr_equals_inference_json(
         assert json.loads(rows[source.SOPInstanceUID]["result"]) == expected["labels"]
         if shutil.which("dciodvfy"):
             assert dciodvfy_errors(sr["dataset"], tmp_path) == []
+    # inference.py --sr_out: the same SR file without a server (same UID, same values)
+    offline = tmp_path / "sr_out"
+    source_file = tmp_path / f"{dx.SOPInstanceUID}.dcm"
+    from cxrclip.infer import main as infer_main
+
+    args = ["--model_path", str(tiny_clip_checkpoint), "--image_path", str(source_file), "--device", "cpu"]
+    assert infer_main([*args, "--sr_out", str(offline)]) == 0
+    (written,) = offline.glob("*.dcm")
+    again = read_sr(pydicom.dcmread(written))
+    (stored,) = found[dx.SOPInstanceUID]
+    assert again["sop_instance_uid"] == stored["sop_instance_uid"] and again["labels"] == stored["labels"]
+    png = tmp_path / "film.png"
+    Image.fromarray(a).save(png)
+    args[3] = str(png)
+    assert infer_main([*args, "--sr_out", str(offline)]) == 2
+    assert "--sr_out: no DICOM input" in capsys.readouterr().err
     (refusal,) = found[lateral.SOPInstanceUID]
     assert refusal["reason"] == "DICOM ViewPosition LL: lateral view" and "labels" not in refusal
     assert inference_json(tiny_clip_checkpoint, lateral, tmp_path, capsys)["reason"] == refusal["reason"]

@@ -20,6 +20,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from cxrclip.data.images import ImageReadError, dicom_image
 from cxrclip.exceptions import ConfigError, exit_on_user_error
 from cxrclip.pacs.dicomweb import Credentials, DicomWeb, PacsRejected, PacsUnavailable, credentials
@@ -95,9 +97,21 @@ class Worker:
         elif self.store.get("since") is None:
             self.store.put("since", today)
             self.store.put("baseline", "pending")
+        self.warm_up()
         released = self.store.release_stale()
         if released:
             log.info("%d job(s) of a stopped worker taken back; each is checked against the PACS first", released)
+
+    def warm_up(self) -> None:
+        """One prediction and one SR on a generated film before watching: the first real instance then waits for
+        nothing but itself (the first call of a model and of the SR builder costs seconds)."""
+        from cxrclip.synthetic import radiograph_dicom
+
+        film = np.add.outer(np.arange(256), np.arange(256)).astype(np.float32)
+        ds = radiograph_dicom(film, patient_id="WARM-UP")
+        facts: dict = {}
+        result = self.predictor.predict_arrays(["warm-up"], [dicom_image(ds, facts)], [facts])[0]
+        build_sr(ds, result, self.card)
 
     def poll(self) -> int:
         """Record the instances not seen before; returns how many."""

@@ -33,8 +33,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True)
     p.add_argument("--kills", type=int, default=20)
-    p.add_argument("--instances", type=int, default=60)
-    p.add_argument("--max-delay", type=float, default=6.0, help="a kill comes 0.3..this many seconds after a start")
+    p.add_argument("--instances", type=int, default=120)
+    p.add_argument("--max-delay", type=float, default=2.0, help="a kill comes up to this many seconds into the work")
+    p.add_argument(
+        "--while-loading", type=float, default=0.2, help="the share of kills at a random moment of the start"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if missing := orthanc_missing():
@@ -66,7 +69,15 @@ def main() -> None:
         for k in range(args.kills):
             start = log.stat().st_size if log.exists() else 0
             worker = subprocess.Popen(command, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
-            time.sleep(rng.uniform(0.3, args.max_delay))
+            if rng.random() < args.while_loading:  # at a random moment of the start
+                time.sleep(rng.uniform(0.3, 5.0))
+            else:  # at a random moment of the work: after the worker says it is watching
+                deadline = time.monotonic() + 120
+                while "watching" not in log.read_bytes()[start:].decode(errors="replace"):
+                    if time.monotonic() > deadline or worker.poll() is not None:
+                        raise SystemExit(f"the worker did not start: see {log}")
+                    time.sleep(0.05)
+                time.sleep(rng.uniform(0.05, args.max_delay))
             text = log.read_bytes()[start:].decode(errors="replace")
             holding = 0
             if db.exists():

@@ -388,37 +388,52 @@ def test_job_store_claims_are_exclusive_and_dead_workers_release(tmp_path):
     assert failed["sop_uid"] == "1.3.1" and failed["error"] == "gave up after 3 attempts: boom again"
 
 
-def test_two_workers_on_one_postgresql_table_take_different_instances(
-    orthanc, tiny_clip_checkpoint, demo_data, tmp_path
-):
+@pytest.fixture(scope="module")
+def postgres():
     reason = postgres_missing()
     if reason:
         pytest.skip(reason)
     try:
-        pg = Postgres(Path(tempfile.mkdtemp(prefix="cxrclip-pg-"))).start()  # outside pytest's private tmp
+        server = Postgres(Path(tempfile.mkdtemp(prefix="cxrclip-pg-"))).start()  # outside pytest's private tmp
     except (RuntimeError, OSError) as e:
         pytest.skip(f"PostgreSQL cannot start here: {e}")
+    yield server
+    server.stop()
+    shutil.rmtree(server.folder, ignore_errors=True)
+
+
+def test_workers_starting_together_on_a_fresh_postgresql_create_the_tables_once(postgres):
+    url = postgres.url.rsplit("/", 1)[0] + "/race"
+    import psycopg
+
+    with psycopg.connect(f"host=127.0.0.1 port={postgres.port} user=postgres dbname=postgres", autocommit=True) as c:
+        c.execute("CREATE DATABASE race")
+    code = f"from cxrclip.pacs.store import JobStore; print(JobStore({url!r}).counts())"
+    starts = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+              for _ in range(6)]  # fmt: skip
+    assert [p.wait(60) for p in starts] == [0] * 6, [p.stderr.read()[-300:] for p in starts]
+
+
+def test_two_workers_on_one_postgresql_table_take_different_instances(
+    postgres, orthanc, tiny_clip_checkpoint, demo_data, tmp_path
+):
+    pacs = orthanc.client()
+    logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
+    workers = [start_worker(tiny_clip_checkpoint, orthanc, postgres.url, log) for log in logs]
     try:
-        pacs = orthanc.client()
-        logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
-        workers = [start_worker(tiny_clip_checkpoint, orthanc, pg.url, log) for log in logs]
-        try:
-            wait_for(lambda: all("watching" in log.read_text() for log in logs if log.exists()) and
-                     all(log.exists() for log in logs), 120, "both workers to start")  # fmt: skip
-            sources = [radiograph_dicom(f) for f in films(demo_data, 12)]
-            upload(pacs, sources)
-            store = JobStore(pg.url)
-            wait_for(lambda: store.counts().get("done") == 12, 180, "12 SRs")
-        finally:
-            for p in workers:
-                p.send_signal(signal.SIGTERM)
-                p.wait(30)
-        rows = store.rows()
-        assert len(rows) == 12 and {r["state"] for r in rows} == {"done"}
-        assert len({r["worker"] for r in rows}) == 2, "one worker took every instance"
-        found = srs_by_source(pacs)
-        assert sorted(found) == sorted(s.SOPInstanceUID for s in sources) and all(len(v) == 1 for v in found.values())
-        store.close()
+        wait_for(lambda: all(log.exists() and "watching" in log.read_text() for log in logs), 120,
+                 "both workers to start")  # fmt: skip
+        sources = [radiograph_dicom(f) for f in films(demo_data, 12)]
+        upload(pacs, sources)
+        store = JobStore(postgres.url)
+        wait_for(lambda: store.counts().get("done") == 12, 180, "12 SRs")
     finally:
-        pg.stop()
-        shutil.rmtree(pg.folder, ignore_errors=True)
+        for p in workers:
+            p.send_signal(signal.SIGTERM)
+            p.wait(30)
+    rows = store.rows()
+    assert len(rows) == 12 and {r["state"] for r in rows} == {"done"}
+    assert len({r["worker"] for r in rows}) == 2, "one worker took every instance"
+    found = srs_by_source(pacs)
+    assert sorted(found) == sorted(s.SOPInstanceUID for s in sources) and all(len(v) == 1 for v in found.values())
+    store.close()

@@ -40,11 +40,13 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
     update,
 )
 
 from cxrclip.exceptions import ConfigError
 
+SCHEMA_LOCK = 0x63787263  # a PostgreSQL advisory lock key ("cxrc") held while the tables are created
 STATES = ("baseline", "pending", "working", "done", "refused", "failed")
 FINAL = ("done", "refused", "failed")
 
@@ -117,9 +119,12 @@ class JobStore:
             if self.url.startswith("sqlite"):
                 self.engine = create_engine(self.url, connect_args={"timeout": 60})
                 _sqlite_immediate(self.engine)
+                metadata.create_all(self.engine)
             else:
                 self.engine = create_engine(self.url, pool_pre_ping=True)
-            metadata.create_all(self.engine)
+                with self.engine.begin() as conn:  # workers starting together: one creates the tables, the rest wait
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
+                    metadata.create_all(conn)
         except Exception as e:  # a wrong URL, a missing driver, a server that refuses
             raise ConfigError(f"--db {_redacted(self.url)}: cannot open the job store ({type(e).__name__}: {e})") from e
         self.postgres = self.engine.dialect.name == "postgresql"

@@ -60,7 +60,9 @@ def start_workers(args, orthanc: Orthanc, db: str, n: int, folder: Path) -> list
         logs.append(log)
         command = [sys.executable, "-m", "cxrclip.pacs.worker", "--dicomweb", orthanc.dicomweb, "--user", USER,
                    "--model_path", args.model_path, "--db", db, "--since", datetime.date.today().isoformat(),
-                   "--poll", str(args.poll), "--threads", str(threads), "--device", "cpu"]  # fmt: skip
+                   "--poll", str(args.poll), "--threads", str(threads)]  # fmt: skip
+        if args.device:
+            command += ["--device", args.device]
         procs.append(subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env))
     deadline = time.monotonic() + 300
     while not all(log.exists() and "watching" in log.read_text() for log in logs):
@@ -131,7 +133,7 @@ def floor(args, images) -> dict:
     from cxrclip.synthetic import radiograph_dicom
 
     torch.set_num_threads(os.cpu_count() or 1)
-    predictor = load_predictor(args.model_path, device="cpu")
+    predictor = load_predictor(args.model_path, device=args.device)
     card = model_card(predictor, args.model_path)
     dss = [radiograph_dicom(images[i % len(images)]) for i in range(20)]
     decode, predict, sr, total = [], [], [], []
@@ -162,6 +164,7 @@ def main() -> None:
     p.add_argument("--poll", type=float, default=1.0, help="the workers' --poll")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--device", help="passed to the workers (a bundle without it runs ONNX Runtime, with it PyTorch)")
     args = p.parse_args()
     missing = orthanc_missing()
     if missing:
@@ -169,7 +172,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     images = films(args)
-    print(f"model {args.model_path}; {len(images)} films of {images[0].shape}; {os.cpu_count()} CPUs; "
+    print(f"model {args.model_path} (device {args.device or 'default'}); {len(images)} films of {images[0].shape}; {os.cpu_count()} CPUs; "
           f"poll {args.poll} s; paced arrivals every {args.interval} s", flush=True)  # fmt: skip
     base = floor(args, images)
     print(f"floor (this process, same images, median ms/image): decode {base['decode'] * 1000:.1f}, predict "

@@ -172,8 +172,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     images = films(args)
-    print(f"model {args.model_path} (device {args.device or 'default'}); {len(images)} films of {images[0].shape}; {os.cpu_count()} CPUs; "
-          f"poll {args.poll} s; paced arrivals every {args.interval} s", flush=True)  # fmt: skip
+    print(f"model {args.model_path} (device {args.device or 'default'}); {len(images)} films of {images[0].shape}; "
+          f"{os.cpu_count()} CPUs; poll {args.poll} s; paced arrivals every {args.interval} s", flush=True)  # fmt: skip
     base = floor(args, images)
     print(f"floor (this process, same images, median ms/image): decode {base['decode'] * 1000:.1f}, predict "
           f"{base['predict'] * 1000:.1f}, build SR {base['sr'] * 1000:.1f}; together "

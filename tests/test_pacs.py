@@ -204,7 +204,9 @@ def test_worker_answers_each_kind_and_its_sr_equals_inference_json(
     png = tmp_path / "film.png"
     Image.fromarray(a).save(png)
     args[3] = str(png)
-    assert infer_main([*args, "--sr_out", str(offline)]) == 2
+    with pytest.raises(SystemExit) as stopped:
+        infer_main([*args, "--sr_out", str(offline)])
+    assert stopped.value.code == 2
     assert "--sr_out: no DICOM input" in capsys.readouterr().err
     (refusal,) = found[lateral.SOPInstanceUID]
     assert refusal["reason"] == "DICOM ViewPosition LL: lateral view" and "labels" not in refusal

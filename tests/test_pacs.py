@@ -213,6 +213,11 @@ def test_worker_answers_each_kind_and_its_sr_equals_inference_json(
     assert inference_json(tiny_clip_checkpoint, lateral, tmp_path, capsys)["reason"] == refusal["reason"]
     captures = pacs.find_instances("OT", None)  # the Grad-CAM secondary captures, one per analysed image
     assert len(captures) == 2 and {r["study_uid"] for r in captures} == {dx.StudyInstanceUID, cr.StudyInstanceUID}
+    capture = pacs.retrieve(captures[0]["study_uid"], captures[0]["series_uid"], captures[0]["sop_uid"])
+    assert capture.SeriesDescription == "cxrclip Grad-CAM Pneumothorax - not for diagnostic use"
+    assert capture.pixel_array.shape[-1] == 3 and capture.pixel_array.std() > 0  # an RGB overlay, not a blank frame
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(capture, tmp_path) == []
 
     # a second pass answers nothing again
     worker_in_process(tiny_clip_checkpoint, orthanc, db, modalities=("CR", "DX", "CT")).run()

@@ -227,9 +227,8 @@ def build_heatmap_capture(source, rgb: np.ndarray, label: str, card: Mapping):
         manufacturer=MANUFACTURER,
         patient_orientation=("L", "F"),
     )
-    sc.SeriesDescription = (
-        f"cxrclip Grad-CAM {label}"[:64] + " - not for diagnostic use"[: max(0, 64 - len(label) - 17)]
-    )
+    sc.SeriesDescription = f"cxrclip Grad-CAM {label} - not for diagnostic use"[:64]
+    sc.Laterality = ""  # General Series, type 2C: the chest is not a paired body part
     sc.ImageComments = f"Grad-CAM of '{label}'. {DISCLAIMER}"
     sc.BurnedInAnnotation = "NO"
     return sc

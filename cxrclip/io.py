@@ -87,3 +87,24 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def database_url(db: str | Path, option: str = "--db") -> str:
+    """A database option: a SQLAlchemy URL (``postgresql+psycopg://...``, ``sqlite:///...``) or a SQLite file path."""
+    from cxrclip.exceptions import ConfigError
+
+    text = str(db)
+    if "://" in text:
+        return text
+    path = Path(text).expanduser()
+    if not path.parent.exists():
+        raise ConfigError(f"{option} {db}: folder {path.parent} does not exist")
+    return f"sqlite:///{path.resolve()}"
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its credentials, for messages and logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url

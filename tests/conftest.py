@@ -48,3 +48,24 @@ def tiny_clip_checkpoint(demo_data, minilm_tokenizer, tmp_path_factory):
     ]
     train(compose("train", overrides))
     return out / "checkpoints" / "model-best.tar"
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's postgresql), or a skip that says why not."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests.servers import Postgres, postgres_missing
+
+    reason = postgres_missing()
+    if reason:
+        pytest.skip(reason)
+    try:
+        server = Postgres(Path(tempfile.mkdtemp(prefix="cxrclip-pg-"))).start()  # outside pytest's private tmp
+    except (RuntimeError, OSError) as e:
+        pytest.skip(f"PostgreSQL cannot start here: {e}")
+    yield server
+    server.stop()
+    shutil.rmtree(server.folder, ignore_errors=True)

@@ -16,8 +16,8 @@ LAYERS = [
     ["cxrclip.loss", "cxrclip.engine"],
     ["cxrclip.predict"],
     ["cxrclip.eval"],
-    ["cxrclip.bundle", "cxrclip.infer", "cxrclip.serve", "cxrclip.pacs", "cxrclip.fit_gate", "cxrclip.synthetic",
-     "cxrclip.jobs", "cxrclip.demo", "cxrclip.cli", "cxrclip"],
+    ["cxrclip.bundle", "cxrclip.infer", "cxrclip.serve", "cxrclip.pacs", "cxrclip.reviews", "cxrclip.fit_gate",
+     "cxrclip.synthetic", "cxrclip.jobs", "cxrclip.demo", "cxrclip.cli", "cxrclip"],
 ]  # fmt: skip
 
 

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,7 +25,7 @@ from cxrclip.pacs.dicomweb import Credentials, DicomWeb, PacsRejected, PacsUnava
 from cxrclip.pacs.sr import build_sr, read_sr, sr_uids
 from cxrclip.pacs.store import JobStore
 from cxrclip.synthetic import radiograph_dicom
-from tests.servers import PASSWORD, USER, Orthanc, Postgres, orthanc_missing, postgres_missing
+from tests.servers import PASSWORD, USER, Orthanc, orthanc_missing
 
 pytestmark = pytest.mark.usefixtures("minilm_tokenizer")
 TODAY = time.strftime("%Y-%m-%d")
@@ -396,26 +395,8 @@ def test_job_store_claims_are_exclusive_and_dead_workers_release(tmp_path):
     assert failed["sop_uid"] == "1.3.1" and failed["error"] == "gave up after 3 attempts: boom again"
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    reason = postgres_missing()
-    if reason:
-        pytest.skip(reason)
-    try:
-        server = Postgres(Path(tempfile.mkdtemp(prefix="cxrclip-pg-"))).start()  # outside pytest's private tmp
-    except (RuntimeError, OSError) as e:
-        pytest.skip(f"PostgreSQL cannot start here: {e}")
-    yield server
-    server.stop()
-    shutil.rmtree(server.folder, ignore_errors=True)
-
-
 def test_workers_starting_together_on_a_fresh_postgresql_create_the_tables_once(postgres):
-    url = postgres.url.rsplit("/", 1)[0] + "/race"
-    import psycopg
-
-    with psycopg.connect(f"host=127.0.0.1 port={postgres.port} user=postgres dbname=postgres", autocommit=True) as c:
-        c.execute("CREATE DATABASE race")
+    url = postgres.new_database("race")
     code = f"from cxrclip.pacs.store import JobStore; print(JobStore({url!r}).counts())"
     starts = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
               for _ in range(6)]  # fmt: skip

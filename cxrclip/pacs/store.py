@@ -45,6 +45,7 @@ from sqlalchemy import (
 )
 
 from cxrclip.exceptions import ConfigError
+from cxrclip.io import database_url, redact_url
 
 SCHEMA_LOCK = 0x63787263  # a PostgreSQL advisory lock key ("cxrc") held while the tables are created
 STATES = ("baseline", "pending", "working", "done", "refused", "failed")
@@ -96,17 +97,6 @@ class Job:
     sr_uid: str | None
 
 
-def database_url(db: str | Path) -> str:
-    """``--db``: a SQLAlchemy URL (``postgresql+psycopg://...``, ``sqlite:///...``) or a SQLite file path."""
-    text = str(db)
-    if "://" in text:
-        return text
-    path = Path(text).expanduser()
-    if path.parent and not path.parent.exists():
-        raise ConfigError(f"--db {db}: folder {path.parent} does not exist")
-    return f"sqlite:///{path.resolve()}"
-
-
 def worker_id() -> str:
     """``host:pid:start``: who holds a claim (a restarted worker on the same host can tell its dead self apart)."""
     return f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
@@ -126,7 +116,9 @@ class JobStore:
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
                     metadata.create_all(conn)
         except Exception as e:  # a wrong URL, a missing driver, a server that refuses
-            raise ConfigError(f"--db {_redacted(self.url)}: cannot open the job store ({type(e).__name__}: {e})") from e
+            raise ConfigError(
+                f"--db {redact_url(self.url)}: cannot open the job store ({type(e).__name__}: {e})"
+            ) from e
         self.postgres = self.engine.dialect.name == "postgresql"
 
     def close(self) -> None:
@@ -283,10 +275,3 @@ def _sqlite_immediate(engine) -> None:
     @event.listens_for(engine, "begin")
     def _begin(conn):
         conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def _redacted(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url

@@ -1,0 +1,209 @@
+"""The review store: SQLAlchemy over a SQLite file (default) or PostgreSQL (several servers sharing one), its schema
+versioned with Alembic (``migrations/``, applied at open), append-only by database triggers: a correction of a review
+is a new row whose ``supersedes`` names the old one. A database of a newer schema than this cxrclip knows is refused.
+
+A review: who (``reviewer``), when, which image (its SHA-256; the file itself only with ``--keep-images``), which model
+(its SHA-256) and calibration, what was shown (per label: probability, threshold, decision, calibrated), and the
+reviewer's verdict per label — ``present``, ``absent`` or ``unsure`` — with an optional comment.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+
+from cxrclip.exceptions import ConfigError, InputError
+from cxrclip.io import database_url, redact_url
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+VERDICTS = ("present", "absent", "unsure")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+metadata = MetaData()
+reviews = Table(
+    "cxrclip_reviews",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("reviewer", String(128), nullable=False),
+    Column("image_sha256", String(64), nullable=False, index=True),
+    Column("image_name", String(255)),
+    Column("image_path", Text),
+    Column("model_sha256", String(64), nullable=False),
+    Column("calibration", String(64), nullable=False),
+    Column("shown", Text, nullable=False),
+    Column("verdicts", Text, nullable=False),
+    Column("comment", Text),
+    Column("supersedes", Integer, ForeignKey("cxrclip_reviews.id")),
+)
+SCHEMA_LOCK = 0x63787276  # PostgreSQL advisory lock key ("cxrv") held while migrating
+
+
+def _alembic_config():
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def upgrade(engine) -> str:
+    """Bring the database to this cxrclip's schema (creating it when empty); refuse one from a newer cxrclip."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import text
+
+    config = _alembic_config()
+    known = {r.revision for r in ScriptDirectory.from_config(config).walk_revisions()}
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current is not None and current not in known:
+            raise ConfigError(
+                f"the review database {redact_url(str(engine.url))} has schema revision {current}, newer than this "
+                f"cxrclip knows (up to {head_revision()}): upgrade cxrclip, or give --db another database"
+            )
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def _utc(value: datetime.datetime) -> datetime.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc)
+
+
+class ReviewStore:
+    def __init__(self, db: str | Path):
+        self.url = database_url(db)
+        try:
+            if self.url.startswith("sqlite"):
+                self.engine = create_engine(self.url, connect_args={"timeout": 60, "check_same_thread": False})
+                _sqlite_durable(self.engine)
+            else:
+                self.engine = create_engine(self.url, pool_pre_ping=True)
+            self.revision = upgrade(self.engine)
+        except ConfigError:
+            raise
+        except Exception as e:  # a wrong URL, a missing driver, a file that is not a database
+            where = redact_url(self.url)
+            raise ConfigError(f"--db {where}: cannot open the review store ({type(e).__name__}: {e})") from e
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def add(
+        self,
+        *,
+        reviewer: str,
+        image_sha256: str,
+        model_sha256: str,
+        calibration: str,
+        shown: Mapping,
+        verdicts: Mapping[str, str],
+        labels,
+        comment: str | None = None,
+        image_name: str | None = None,
+        image_path: str | None = None,
+        supersedes: int | None = None,
+    ) -> dict:
+        """Save one review (checked first: a known label for every verdict, a verdict from :data:`VERDICTS`, a
+        reviewer, a SHA-256, an existing review to supersede); returns it as stored."""
+        reviewer = (reviewer or "").strip()
+        if not reviewer:
+            raise InputError("a review needs the reviewer's name")
+        if not SHA256.match(image_sha256 or ""):
+            raise InputError("image_sha256 must be 64 lowercase hex digits")
+        unknown = sorted(set(verdicts) - set(labels))
+        if unknown:
+            raise InputError(f"verdicts for unknown labels {unknown}; labels: {list(labels)}")
+        wrong = {k: v for k, v in verdicts.items() if v not in VERDICTS}
+        if wrong:
+            raise InputError(f"verdicts must be one of {list(VERDICTS)}: {wrong}")
+        if not verdicts:
+            raise InputError("a review needs a verdict for at least one label")
+        row = {
+            "created_at": datetime.datetime.now(datetime.timezone.utc),
+            "reviewer": reviewer[:128],
+            "image_sha256": image_sha256,
+            "image_name": (image_name or None) and str(image_name)[:255],
+            "image_path": image_path,
+            "model_sha256": model_sha256,
+            "calibration": calibration,
+            "shown": json.dumps(shown, sort_keys=True),
+            "verdicts": json.dumps(dict(verdicts), sort_keys=True),
+            "comment": (comment or "").strip() or None,
+            "supersedes": supersedes,
+        }
+        with self.engine.begin() as conn:
+            if supersedes is not None:
+                old = conn.execute(select(reviews.c.image_sha256).where(reviews.c.id == supersedes)).scalar()
+                if old is None:
+                    raise InputError(f"supersedes: no review {supersedes}")
+                if old != image_sha256:
+                    raise InputError(f"supersedes: review {supersedes} is of another image")
+            new_id = conn.execute(reviews.insert().values(**row)).inserted_primary_key[0]
+        return self.get(new_id)
+
+    def get(self, review_id: int) -> dict | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(reviews).where(reviews.c.id == review_id)).mappings().first()
+        return _as_dict(row) if row else None
+
+    def list(self, since: datetime.datetime | None = None, limit: int | None = None) -> list[dict]:
+        """Every review (oldest first), or those saved after ``since``."""
+        q = select(reviews).order_by(reviews.c.id)
+        if since is not None:
+            q = q.where(reviews.c.created_at > since)
+        if limit:
+            q = q.limit(limit)
+        with self.engine.connect() as conn:
+            return [_as_dict(r) for r in conn.execute(q).mappings()]
+
+    def current(self) -> list[dict]:
+        """The reviews nobody has corrected: per chain of corrections, its last one."""
+        rows = self.list()
+        replaced = {r["supersedes"] for r in rows if r["supersedes"] is not None}
+        return [r for r in rows if r["id"] not in replaced]
+
+
+def _as_dict(row) -> dict:
+    out = dict(row)
+    out["created_at"] = _utc(out["created_at"]).isoformat()
+    out["shown"] = json.loads(out["shown"])
+    out["verdicts"] = json.loads(out["verdicts"])
+    return out
+
+
+def _sqlite_durable(engine) -> None:
+    """WAL with a full sync at each commit: a saved review survives kill -9 and a power cut."""
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record):
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA synchronous=FULL")
+        dbapi_connection.execute("PRAGMA foreign_keys=ON")

@@ -1,0 +1,144 @@
+"""The review store: append-only (the database itself refuses UPDATE and DELETE), corrections as new rows, the Alembic
+schema equal to the code's tables, a newer schema refused, kill -9 during saves, and the same on PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from cxrclip.exceptions import ConfigError, InputError
+from cxrclip.reviews.store import ReviewStore, head_revision, metadata
+
+LABELS = ["Pneumothorax", "Chest tube in place"]
+SHOWN = {"Pneumothorax": {"probability": 0.31, "threshold": 0.4, "present": False, "calibrated": True}}
+
+
+def review(store: ReviewStore, verdict: str = "present", **extra) -> dict:
+    fields = {"reviewer": "Dr. Lin", "image_sha256": "ab" * 32, "model_sha256": "cd" * 32, "calibration": "default",
+              "shown": SHOWN, "verdicts": {"Pneumothorax": verdict}, "labels": LABELS, **extra}  # fmt: skip
+    return store.add(**fields)
+
+
+def check_store(store: ReviewStore) -> None:
+    first = review(store, comment="  small apical PTX  ")
+    assert first["verdicts"] == {"Pneumothorax": "present"} and first["comment"] == "small apical PTX"
+    assert first["shown"] == SHOWN and first["supersedes"] is None and first["reviewer"] == "Dr. Lin"
+    assert datetime.datetime.fromisoformat(first["created_at"]).tzinfo is not None
+    fixed = review(store, "absent", supersedes=first["id"])
+    other = review(store, "unsure", image_sha256="ef" * 32)
+    assert [r["id"] for r in store.list()] == [first["id"], fixed["id"], other["id"]]
+    assert [r["id"] for r in store.current()] == [fixed["id"], other["id"]]
+    assert [r["id"] for r in store.list(since=datetime.datetime.fromisoformat(fixed["created_at"]))] == [other["id"]]
+    for statement in ("UPDATE cxrclip_reviews SET reviewer = 'someone else'", "DELETE FROM cxrclip_reviews"):
+        with pytest.raises(DBAPIError, match="append-only"):
+            with store.engine.begin() as conn:
+                conn.execute(text(statement))
+    assert [r["reviewer"] for r in store.list()] == ["Dr. Lin"] * 3
+
+
+def test_reviews_are_append_only_and_corrections_are_new_rows(tmp_path):
+    store = ReviewStore(tmp_path / "reviews.sqlite")
+    assert store.revision == head_revision()
+    check_store(store)
+    assert len(ReviewStore(tmp_path / "reviews.sqlite").list()) == 3  # reopened: migrated once, nothing lost
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"verdicts": {"Atelectasis": "present"}}, "unknown labels \\['Atelectasis'\\]"),
+        ({"verdicts": {"Pneumothorax": "yes"}}, "must be one of"),
+        ({"verdicts": {}}, "at least one label"),
+        ({"reviewer": "  "}, "reviewer's name"),
+        ({"image_sha256": "not-a-hash"}, "64 lowercase hex"),
+        ({"supersedes": 999}, "no review 999"),
+    ],
+)
+def test_a_bad_review_is_refused_with_its_reason_and_nothing_is_saved(tmp_path, change, message):
+    store = ReviewStore(tmp_path / "reviews.sqlite")
+    with pytest.raises(InputError, match=message):
+        review(store, **change)
+    assert store.list() == []
+
+
+def test_a_correction_of_another_images_review_is_refused(tmp_path):
+    store = ReviewStore(tmp_path / "reviews.sqlite")
+    first = review(store)
+    with pytest.raises(InputError, match="another image"):
+        review(store, image_sha256="ef" * 32, supersedes=first["id"])
+
+
+def test_the_migrated_schema_is_the_codes_schema(tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    store = ReviewStore(tmp_path / "reviews.sqlite")
+    with store.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+
+
+def test_a_database_of_a_newer_schema_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "reviews.sqlite"
+    store = ReviewStore(path)
+    review(store)
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099_from_the_future'"))
+    store.close()
+    with pytest.raises(ConfigError, match="schema revision 0099_from_the_future, newer than this cxrclip"):
+        ReviewStore(path)
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM cxrclip_reviews")).scalar() == 1
+
+
+def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
+    bad = tmp_path / "reviews.sqlite"
+    bad.write_text("not a database, just text" * 100)
+    with pytest.raises(ConfigError, match="cannot open the review store"):
+        ReviewStore(bad)
+
+
+WRITER = """
+import sys
+from cxrclip.reviews.store import ReviewStore
+store = ReviewStore(sys.argv[1])
+for i in range(100000):
+    store.add(reviewer=f"r{i}", image_sha256=f"{i:064x}", model_sha256="c" * 64, calibration="default",
+              shown={"Pneumothorax": {"probability": i / 1e5}}, verdicts={"Pneumothorax": "absent"},
+              labels=["Pneumothorax"], comment="x" * 2000)
+    print(i, flush=True)
+"""
+
+
+def test_kill_9_during_saves_loses_no_saved_review_and_leaves_no_half_row(tmp_path):
+    path = tmp_path / "reviews.sqlite"
+    ReviewStore(path).close()  # migrated before the writers start
+    for round_ in range(4):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        acknowledged = -1
+        deadline = time.monotonic() + 60
+        while acknowledged < 5 + 7 * round_ and time.monotonic() < deadline:
+            acknowledged = int(writer.stdout.readline())
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(10)
+        rows = ReviewStore(path).list()
+        saved = [r for r in rows if r["reviewer"] == f"r{acknowledged}"]
+        assert saved, f"round {round_}: review {acknowledged} was acknowledged, then lost"
+        assert all(r["comment"] == "x" * 2000 and r["verdicts"] == {"Pneumothorax": "absent"} for r in rows)
+    with ReviewStore(path).engine.connect() as conn:
+        assert conn.execute(text("PRAGMA integrity_check")).scalar() == "ok"
+
+
+def test_the_same_store_on_postgresql(postgres):
+    store = ReviewStore(postgres.new_database("reviews"))
+    assert store.revision == head_revision()
+    check_store(store)
+    store.close()

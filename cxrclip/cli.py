@@ -181,6 +181,8 @@ def _serve(args: argparse.Namespace) -> int:
             device=args.device,
             text_encoder=args.text_encoder,
             gate=not args.no_gate,
+            db=None if args.no_reviews else args.db,
+            keep_images=args.keep_images,
         )
         serve(settings)
     return 0
@@ -450,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--text-encoder", help="local folder of the text encoder (offline)")
     p.add_argument("--no-gate", action="store_true", help="show labels even for inputs the gate refuses (recorded)")
+    p.add_argument("--db", default="cxrclip-reviews.sqlite", help="the review store: a SQLite file (default "
+                   "./cxrclip-reviews.sqlite) or postgresql+psycopg://... shared by several servers")  # fmt: skip
+    p.add_argument("--no-reviews", action="store_true", help="no review store: the page shows no review controls")
+    p.add_argument("--keep-images", metavar="DIR", help="keep each reviewed image here (default: only its SHA-256)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(

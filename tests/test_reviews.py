@@ -142,3 +142,76 @@ def test_the_same_store_on_postgresql(postgres):
     assert store.revision == head_revision()
     check_store(store)
     store.close()
+
+
+@pytest.fixture
+def reviewing(tiny_clip_checkpoint, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from cxrclip.serve.app import ServeSettings, Service, create_app
+
+    settings = ServeSettings(model_path=str(tiny_clip_checkpoint), db=str(tmp_path / "reviews.sqlite"),
+                             keep_images=str(tmp_path / "kept"))  # fmt: skip
+    service = Service(settings)
+    return TestClient(create_app(settings, service)), service
+
+
+def test_a_review_through_the_api_records_what_the_server_showed(reviewing, demo_data, tmp_path):
+    import hashlib
+
+    client, service = reviewing
+    png = sorted((demo_data / "images").glob("test_*.png"))[0].read_bytes()
+    shown = client.post("/v1/predict", files={"file": ("film.png", png, "image/png")}).json()
+    sha = hashlib.sha256(png).hexdigest()
+    assert shown["image_sha256"] == sha and shown["analysed"]
+    body = {"image_sha256": sha, "reviewer": "Dr. Lin", "verdicts": {"Pneumothorax": "present", "Foreign body":
+            "absent"}, "comment": "apical"}  # fmt: skip
+    saved = client.post("/v1/reviews", json=body).json()["review"]
+    assert saved["verdicts"] == {"Pneumothorax": "present", "Foreign body": "absent"} and saved["comment"] == "apical"
+    assert saved["model_sha256"] == service.card["checkpoint_sha256"] and saved["image_name"] == "film.png"
+    for label, v in shown["labels"].items():  # the server's own record of what it showed, not the client's
+        assert saved["shown"][label] == {k: v[k] for k in ("probability", "threshold", "rule", "present", "calibrated")}
+    assert (tmp_path / "kept" / f"{sha}.png").read_bytes() == png and saved["image_path"].endswith(f"{sha}.png")
+    fixed = client.post("/v1/reviews", json={**body, "verdicts": {"Pneumothorax": "unsure"}, "supersedes": saved["id"]})
+    assert fixed.status_code == 200 and fixed.json()["review"]["supersedes"] == saved["id"]
+    listed = client.get("/v1/reviews").json()["reviews"]
+    assert [r["id"] for r in listed] == [saved["id"], saved["id"] + 1]
+    after = client.get("/v1/reviews", params={"since": saved["created_at"]}).json()["reviews"]
+    assert [r["id"] for r in after] == [saved["id"] + 1]
+    # what the store holds is exactly these two reviews
+    assert [(r["reviewer"], r["verdicts"]) for r in service.reviews.list()] == [
+        ("Dr. Lin", {"Pneumothorax": "present", "Foreign body": "absent"}),
+        ("Dr. Lin", {"Pneumothorax": "unsure"}),
+    ]
+
+
+@pytest.mark.parametrize(
+    "change, status, words",
+    [
+        ({"image_sha256": "0" * 64}, 409, "not predicted by this server"),
+        ({"verdicts": {"Atelectasis": "present"}}, 422, "unknown labels"),
+        ({"verdicts": {"Pneumothorax": "maybe"}}, 422, "verdicts"),
+        ({"reviewer": ""}, 422, "reviewer's name"),
+        ({"supersedes": 12345}, 422, "no review 12345"),
+    ],
+)
+def test_a_bad_review_gets_its_status_and_reason(reviewing, demo_data, change, status, words):
+    client, service = reviewing
+    png = sorted((demo_data / "images").glob("test_*.png"))[1].read_bytes()
+    sha = client.post("/v1/predict", files={"file": ("f.png", png, "image/png")}).json()["image_sha256"]
+    body = {"image_sha256": sha, "reviewer": "Dr. Lin", "verdicts": {"Pneumothorax": "absent"}, **change}
+    answer = client.post("/v1/reviews", json=body)
+    assert answer.status_code == status and words in answer.json()["error"]["message"]
+    assert service.reviews.list() == []
+
+
+def test_reviews_are_off_without_a_store(tiny_clip_checkpoint):
+    from fastapi.testclient import TestClient
+
+    from cxrclip.serve.app import ServeSettings, Service, create_app
+
+    settings = ServeSettings(model_path=str(tiny_clip_checkpoint))
+    client = TestClient(create_app(settings, Service(settings)))
+    answer = client.get("/v1/reviews")
+    assert answer.status_code == 503 and "--db" in answer.json()["error"]["message"]

@@ -8,28 +8,34 @@ once; predictions run in a bounded thread pool so the event loop keeps answering
 """
 
 import base64
+import datetime
+import hashlib
 import hmac
 import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
-from cxrclip.data.images import ImageReadError, UnsupportedImageError, decode_image_bytes
-from cxrclip.exceptions import ConfigError
+from cxrclip.data.images import ImageReadError, UnsupportedImageError, decode_image_bytes, sniff_format
+from cxrclip.exceptions import ConfigError, InputError
+from cxrclip.io import atomic_write_bytes, redact_url
 from cxrclip.predict import load_predictor
 from cxrclip.predict.card import DISCLAIMER, model_card
 from cxrclip.predict.gradcam import overlay, png_bytes
+from cxrclip.reviews.store import ReviewStore
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -52,6 +58,8 @@ class ServeSettings:
     device: str | None = None
     text_encoder: str | None = None
     gate: bool = True  # False (--no-gate): a refused input still gets its labels, with the gate's verdict beside them
+    db: str | None = None  # the review store (a SQLite file or a PostgreSQL URL); None: reviews are off
+    keep_images: str | None = None  # a folder: reviewed images are kept there (by SHA-256); None: only their hash
 
     def check(self) -> None:
         local = self.host in ("127.0.0.1", "localhost", "::1")
@@ -66,6 +74,17 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+RECENT_PREDICTIONS = 1000  # images whose shown answer is kept for a review
+
+
+class ReviewIn(BaseModel):
+    image_sha256: str = Field(description="the image_sha256 /v1/predict returned")
+    reviewer: str = Field(description="who reviews (the login field of the page)")
+    verdicts: dict[str, Literal["present", "absent", "unsure"]] = Field(description="label → verdict")
+    comment: str | None = None
+    supersedes: int | None = Field(None, description="the id of the review this one corrects")
 
 
 def _data_url(png: bytes) -> str:
@@ -83,6 +102,44 @@ class Service:
             settings.model_path, device=settings.device, text_encoder=settings.text_encoder, gate=settings.gate
         )
         self.card = model_card(self.predictor, settings.model_path)
+        self.reviews = ReviewStore(settings.db) if settings.db else None
+        if settings.keep_images:
+            Path(settings.keep_images).mkdir(parents=True, exist_ok=True)
+        self._recent: OrderedDict[str, dict] = OrderedDict()  # image SHA-256 → what was shown, for its review
+        self._recent_lock = threading.Lock()
+
+    def remember(self, sha: str, name: str, data: bytes, labels: dict) -> None:
+        shown = {n: {k: v[k] for k in ("probability", "threshold", "rule", "present", "calibrated")}
+                 for n, v in labels.items()}  # fmt: skip
+        entry = {"name": name, "shown": shown, "data": data if self.settings.keep_images else None}
+        with self._recent_lock:
+            self._recent[sha] = entry
+            self._recent.move_to_end(sha)
+            while len(self._recent) > RECENT_PREDICTIONS:
+                self._recent.popitem(last=False)
+
+    def review(self, sha: str, reviewer: str, verdicts: dict, comment: str | None, supersedes: int | None) -> dict:
+        """Save a reviewer's verdicts on an image this server predicted (what it showed is taken from its own
+        record, never from the client)."""
+        if self.reviews is None:
+            raise ApiError(503, "reviews are off: start cxrclip serve with --db FILE_OR_URL")
+        with self._recent_lock:
+            entry = self._recent.get(sha)
+        if entry is None:
+            raise ApiError(409, f"image {sha[:12]}…: not predicted by this server (recently); predict it, then review")
+        path = None
+        if entry["data"] is not None:
+            kind = (sniff_format(entry["data"]) or "bin").lower().replace("jpeg", "jpg").replace("dicom", "dcm")
+            path = str(atomic_write_bytes(Path(self.settings.keep_images) / f"{sha}.{kind}", entry["data"]))
+        try:
+            return self.reviews.add(
+                reviewer=reviewer, image_sha256=sha, model_sha256=self.card["checkpoint_sha256"],
+                calibration=self.card.get("calibration_name", "default"), shown=entry["shown"], verdicts=verdicts,
+                labels=self.predictor.label_names, comment=comment, image_name=entry["name"], image_path=path,
+                supersedes=supersedes,
+            )  # fmt: skip
+        except InputError as e:
+            raise ApiError(422, str(e)) from e
 
     def predict(self, data: bytes, name: str, heatmap: str | None, texts: Sequence[str]) -> dict:
 
@@ -97,9 +154,11 @@ class Service:
         result = self.predictor.predict_arrays([name], [image], [facts])[0]
         result.pop("image")
         gray = self.predictor.picture_of(image)
-        out = {"input": facts, **result, "preview": _data_url(png_bytes(gray))}
+        sha = hashlib.sha256(data).hexdigest()
+        out = {"input": facts, "image_sha256": sha, **result, "preview": _data_url(png_bytes(gray))}
         if not result["analysed"]:  # refused by the input gate: no label, free-text or heatmap answer
             return out
+        self.remember(sha, name, data, result["labels"])
         if texts:
             with self._tokenizer_lock:
                 out["texts"] = self.predictor.texts_of(image, texts)
@@ -119,6 +178,7 @@ def create_app(settings: ServeSettings, service: Service | None = None):
     # Starlette spools uploads over 1 MB to a temp file on disk; keep every accepted upload in memory instead
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, max_bytes + (1 << 20))
     app = FastAPI(title="cxrclip", version="1", description=DISCLAIMER)
+    app.state.service = service
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -205,6 +265,27 @@ def create_app(settings: ServeSettings, service: Service | None = None):
         out = await run_predict(data, file.filename or "upload", heatmap, [t for t in texts or [] if t.strip()])
         return {"request_id": request.state.request_id, "seconds": round(time.perf_counter() - start, 4), **out}
 
+    @app.post("/v1/reviews")
+    async def add_review(request: Request, body: ReviewIn):
+        saved = await anyio.to_thread.run_sync(
+            service.review, body.image_sha256, body.reviewer, dict(body.verdicts), body.comment, body.supersedes,
+            limiter=limiter,
+        )  # fmt: skip
+        return {"request_id": request.state.request_id, "review": saved}
+
+    @app.get("/v1/reviews")
+    async def list_reviews(since: str | None = None, limit: int = 1000):
+        if service.reviews is None:
+            raise ApiError(503, "reviews are off: start cxrclip serve with --db FILE_OR_URL")
+        try:
+            after = datetime.datetime.fromisoformat(since) if since else None
+        except ValueError as e:
+            raise ApiError(422, f"since={since!r}: expected an ISO 8601 time, e.g. 2026-11-29T08:00:00+00:00") from e
+        if after is not None and after.tzinfo is None:
+            after = after.replace(tzinfo=datetime.timezone.utc)
+        rows = await anyio.to_thread.run_sync(service.reviews.list, after, max(1, min(limit, 10000)))
+        return {"reviews": rows}
+
     @app.post("/v1/predict/batch")
     async def predict_batch(request: Request, files: Annotated[list[UploadFile], File(description="images")]):
         results = []
@@ -228,4 +309,10 @@ def serve(settings: ServeSettings) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, settings.workers)))
     app = create_app(settings)
     print(f"cxrclip serve: http://{settings.host}:{settings.port}/  (API docs at /docs). {DISCLAIMER}", flush=True)
+    if settings.db:
+        print(
+            f"reviews: {redact_url(app.state.service.reviews.url)}"
+            + (f"; reviewed images kept in {settings.keep_images}" if settings.keep_images else ""),
+            flush=True,
+        )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)

@@ -215,3 +215,74 @@ def test_reviews_are_off_without_a_store(tiny_clip_checkpoint):
     client = TestClient(create_app(settings, Service(settings)))
     answer = client.get("/v1/reviews")
     assert answer.status_code == 503 and "--db" in answer.json()["error"]["message"]
+
+
+def test_an_older_database_is_migrated_and_keeps_its_reviews(tmp_path):
+    from alembic import command
+
+    from cxrclip.reviews.store import _alembic_config
+
+    path = tmp_path / "reviews.sqlite"
+    store = ReviewStore(path)
+    saved = review(store)
+    config = _alembic_config()
+    with store.engine.begin() as conn:  # back to the first schema, as an older cxrclip left it
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0001_reviews")
+    store.close()
+    again = ReviewStore(path)
+    assert again.revision == head_revision() == "0002_predictions"
+    assert again.list() == [saved]
+    again.log_prediction("ab" * 32, "cd" * 32, "default", {"analysed": True, "gate": {"score": 0.1},
+                         "labels": {"Pneumothorax": {"probability": 0.7, "present": True}}})  # fmt: skip
+    (logged,) = again.predictions()
+    assert logged["labels"] == {"Pneumothorax": [0.7, True]} and logged["gate_score"] == 0.1 and logged["analysed"]
+
+
+def at(day: int, hour: int = 9) -> str:
+    return datetime.datetime(2026, 11, day, hour, tzinfo=datetime.timezone.utc).isoformat()
+
+
+def test_the_monitor_flags_the_day_a_labels_yes_share_leaves_its_band_and_only_that_day():
+    from cxrclip.reviews.monitor import expected_band, monitor_report, wilson
+
+    stream = []
+    for day in range(1, 7):  # 40 images a day; 4 YES (10 %, the validation prevalence) — then day 6: 24 YES (60 %)
+        yes = 24 if day == 6 else 4
+        for i in range(40):
+            calls = {"Pneumothorax": [0.9 if i < yes else 0.1, i < yes], "Foreign body": [0.1, False]}
+            score = 0.05 if day < 6 else 0.2
+            stream.append({"created_at": at(day, 8 + i % 10), "analysed": True, "gate_score": score, "labels": calls})
+    stream.append({"created_at": at(6), "analysed": False, "gate_score": 0.97, "labels": {}})
+    report = monitor_report(stream, [], ["Pneumothorax", "Foreign body"], {"Pneumothorax": 0.1, "Foreign body": None})
+    ptx = report["labels"]["Pneumothorax"]
+    assert ptx["flagged"] == ["2026-11-06"]
+    assert [p["share"] for p in ptx["series"]] == [0.1] * 5 + [0.6]
+    low, high = expected_band(0.1, 40)
+    assert ptx["series"][0]["band"] == [round(low, 4), round(high, 4)]
+    assert high == pytest.approx(0.1 + 1.959964 * (0.1 * 0.9 / 40) ** 0.5)
+    assert (
+        report["labels"]["Foreign body"]["flagged"] == []
+        and "band" not in report["labels"]["Foreign body"]["series"][0]
+    )
+    assert report["intake"][-1] == {"period": "2026-11-06", "images": 41, "refused": 1,
+                                    "mean_gate_score": round((40 * 0.2 + 0.97) / 41, 4)}  # fmt: skip
+    weekly = monitor_report(stream, [], ["Pneumothorax"], {"Pneumothorax": 0.1}, period="week")
+    assert weekly["periods"] == ["2026-W44", "2026-W45"]  # Sunday 1 November 2026 ends ISO week 44
+    # Wilson 95 % against its formula at one point (k = 3 of 10)
+    lo, hi = wilson(3, 10)
+    assert lo == pytest.approx(0.1078, abs=1e-4) and hi == pytest.approx(0.6032, abs=1e-4)
+
+
+def test_agreement_counts_the_calls_against_the_verdicts():
+    from cxrclip.reviews.monitor import agreement
+
+    def one(called: bool, verdict: str) -> dict:
+        return {"shown": {"Pneumothorax": {"present": called}}, "verdicts": {"Pneumothorax": verdict}}
+
+    reviews = [one(True, "present")] * 3 + [one(True, "absent")] + [one(False, "present")] + [one(False, "absent")] * 5
+    reviews += [one(True, "unsure")]  # left out
+    a = agreement(reviews, "Pneumothorax")
+    assert (a["tp"], a["fp"], a["fn"], a["tn"], a["reviewed"]) == (3, 1, 1, 5, 10)
+    assert a["sensitivity"]["value"] == 0.75 and a["ppv"]["value"] == 0.75
+    assert agreement([], "Pneumothorax")["sensitivity"] is None

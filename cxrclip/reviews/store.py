@@ -16,8 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sqlalchemy import (
+    Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     MetaData,
@@ -52,6 +54,18 @@ reviews = Table(
     Column("verdicts", Text, nullable=False),
     Column("comment", Text),
     Column("supersedes", Integer, ForeignKey("cxrclip_reviews.id")),
+)
+predictions = Table(
+    "cxrclip_predictions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("image_sha256", String(64), nullable=False),
+    Column("model_sha256", String(64), nullable=False),
+    Column("calibration", String(64), nullable=False),
+    Column("analysed", Boolean, nullable=False),
+    Column("gate_score", Float),
+    Column("labels", Text, nullable=False),
 )
 SCHEMA_LOCK = 0x63787276  # PostgreSQL advisory lock key ("cxrv") held while migrating
 
@@ -183,6 +197,33 @@ class ReviewStore:
             q = q.limit(limit)
         with self.engine.connect() as conn:
             return [_as_dict(r) for r in conn.execute(q).mappings()]
+
+    def log_prediction(self, image_sha256: str, model_sha256: str, calibration: str, result: Mapping) -> None:
+        """One image's first prediction by a server, for the monitor: analysed or not, the gate score, and per label
+        the probability and the decision."""
+        labels = {n: [v["probability"], bool(v["present"])] for n, v in (result.get("labels") or {}).items()}
+        row = {
+            "created_at": datetime.datetime.now(datetime.timezone.utc),
+            "image_sha256": image_sha256,
+            "model_sha256": model_sha256,
+            "calibration": calibration,
+            "analysed": bool(result.get("analysed", True)),
+            "gate_score": (result.get("gate") or {}).get("score"),
+            "labels": json.dumps(labels, sort_keys=True),
+        }
+        with self.engine.begin() as conn:
+            conn.execute(predictions.insert().values(**row))
+
+    def predictions(self, since: datetime.datetime | None = None) -> list[dict]:
+        q = select(predictions).order_by(predictions.c.id)
+        if since is not None:
+            q = q.where(predictions.c.created_at > since)
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(q).mappings()]
+        for r in rows:
+            r["created_at"] = _utc(r["created_at"]).isoformat()
+            r["labels"] = json.loads(r["labels"])
+        return rows
 
     def current(self) -> list[dict]:
         """The reviews nobody has corrected: per chain of corrections, its last one."""

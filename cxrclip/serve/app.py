@@ -35,6 +35,7 @@ from cxrclip.io import atomic_write_bytes, redact_url
 from cxrclip.predict import load_predictor
 from cxrclip.predict.card import DISCLAIMER, model_card
 from cxrclip.predict.gradcam import overlay, png_bytes
+from cxrclip.reviews.monitor import monitor_report, validation_prevalence
 from cxrclip.reviews.store import ReviewStore
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,18 @@ class Service:
             Path(settings.keep_images).mkdir(parents=True, exist_ok=True)
         self._recent: OrderedDict[str, dict] = OrderedDict()  # image SHA-256 → what was shown, for its review
         self._recent_lock = threading.Lock()
+        self._seen: OrderedDict[str, None] = OrderedDict()  # images already logged for the monitor
+
+    calibration_name = "default"
+
+    def _first_sight(self, sha: str) -> bool:
+        with self._recent_lock:
+            if sha in self._seen:
+                return False
+            self._seen[sha] = None
+            while len(self._seen) > 10 * RECENT_PREDICTIONS:
+                self._seen.popitem(last=False)
+            return True
 
     def remember(self, sha: str, name: str, data: bytes, labels: dict) -> None:
         shown = {n: {k: v[k] for k in ("probability", "threshold", "rule", "present", "calibrated")}
@@ -134,12 +147,19 @@ class Service:
         try:
             return self.reviews.add(
                 reviewer=reviewer, image_sha256=sha, model_sha256=self.card["checkpoint_sha256"],
-                calibration=self.card.get("calibration_name", "default"), shown=entry["shown"], verdicts=verdicts,
+                calibration=self.calibration_name, shown=entry["shown"], verdicts=verdicts,
                 labels=self.predictor.label_names, comment=comment, image_name=entry["name"], image_path=path,
                 supersedes=supersedes,
             )  # fmt: skip
         except InputError as e:
             raise ApiError(422, str(e)) from e
+
+    def monitor(self, period: str) -> dict:
+        report = monitor_report(
+            self.reviews.predictions(), self.reviews.current(), self.predictor.label_names,
+            validation_prevalence(self.predictor.calibration), period,
+        )  # fmt: skip
+        return {"model": self.card["name"], "calibration": self.calibration_name, **report}
 
     def predict(self, data: bytes, name: str, heatmap: str | None, texts: Sequence[str]) -> dict:
 
@@ -156,6 +176,8 @@ class Service:
         gray = self.predictor.picture_of(image)
         sha = hashlib.sha256(data).hexdigest()
         out = {"input": facts, "image_sha256": sha, **result, "preview": _data_url(png_bytes(gray))}
+        if self.reviews is not None and self._first_sight(sha):  # the monitor counts each image once
+            self.reviews.log_prediction(sha, self.card["checkpoint_sha256"], self.calibration_name, result)
         if not result["analysed"]:  # refused by the input gate: no label, free-text or heatmap answer
             return out
         self.remember(sha, name, data, result["labels"])
@@ -251,7 +273,7 @@ def create_app(settings: ServeSettings, service: Service | None = None):
 
     @app.get("/v1/model")
     async def model():
-        return service.card
+        return {**service.card, "reviews": service.reviews is not None}
 
     @app.post("/v1/predict")
     async def predict(
@@ -272,6 +294,16 @@ def create_app(settings: ServeSettings, service: Service | None = None):
             limiter=limiter,
         )  # fmt: skip
         return {"request_id": request.state.request_id, "review": saved}
+
+    @app.get("/monitor", include_in_schema=False)
+    async def monitor_page():
+        return FileResponse(STATIC / "monitor.html", media_type="text/html")
+
+    @app.get("/v1/monitor")
+    async def monitor(period: Literal["day", "week"] = "day"):
+        if service.reviews is None:
+            raise ApiError(503, "monitoring needs the review store: start cxrclip serve with --db FILE_OR_URL")
+        return await anyio.to_thread.run_sync(service.monitor, period, limiter=limiter)
 
     @app.get("/v1/reviews")
     async def list_reviews(since: str | None = None, limit: int = 1000):

@@ -3,9 +3,15 @@
 const $ = (id) => document.getElementById(id);
 let current = null; // the File last dropped or chosen
 let tokenNeeded = false;
+let reviewsOn = false; // the server has a review store
+let shownSha = null; // the image_sha256 of the prediction on screen
+let lastReview = null; // the id of this image's last saved review: the next save corrects it
+const VERDICT_KEYS = { p: "present", a: "absent", u: "unsure" };
+const VERDICT_TEXT = { present: "present", absent: "absent", unsure: "can't tell" };
 
 function headers() {
   const token = $("token").value;
+  if (token) sessionStorage.setItem("cxrclip-token", token); // the monitor page, same tab session
   return token ? { Authorization: "Bearer " + token } : {};
 }
 
@@ -14,8 +20,9 @@ function status(text, isError) {
   $("status").className = isError ? "error" : "";
 }
 
-async function call(path, body) {
-  const response = await fetch(path, { method: body ? "POST" : "GET", body, headers: headers() });
+async function call(path, body, json) {
+  const extra = json ? { "Content-Type": "application/json" } : {};
+  const response = await fetch(path, { method: body ? "POST" : "GET", body, headers: { ...headers(), ...extra } });
   const data = await response.json().catch(() => ({}));
   if (response.status === 401) {
     tokenNeeded = true;
@@ -30,6 +37,8 @@ async function call(path, body) {
 async function loadModel() {
   try {
     const m = await call("/v1/model");
+    reviewsOn = Boolean(m.reviews);
+    document.body.classList.toggle("reviews-on", reviewsOn);
     $("model").textContent = `${m.name} · ${m.labels.length} findings · image ${m.image_size}px` +
       (m.calibrated_on ? " · calibrated on " + m.calibrated_on.dataset : " · not calibrated") +
       (m.gate && m.gate.fitted ? "" : " · no input gate fitted") +
@@ -70,7 +79,7 @@ function showLabels(labels) {
     mark.title = "threshold " + v.threshold;
     bar.append(fill, mark);
     const rule = v.member ? `${v.rule}, ${v.member}` : v.rule; // a routed model: the member that answered
-    const cells = [name, null, `${v.threshold.toFixed(3)} (${rule})`, v.present ? "YES" : "no"];
+    const cells = [name, null, `${v.threshold.toFixed(3)} (${rule})`, v.present ? "YES" : "no", ""];
     cells.forEach((text, i) => {
       const td = document.createElement("td");
       if (i === 1) {
@@ -79,6 +88,7 @@ function showLabels(labels) {
         td.textContent = text;
       }
       if (i === 3) td.className = v.present ? "yes" : "no";
+      if (i === 4) td.className = "reviewing verdict";
       if (i === 0 && !v.calibrated) {
         const flag = document.createElement("span");
         flag.className = "flag";
@@ -87,10 +97,62 @@ function showLabels(labels) {
       }
       tr.append(td);
     });
-    tr.addEventListener("click", () => heatmap(name));
+    tr.tabIndex = 0;
+    tr.addEventListener("click", () => { tr.focus(); heatmap(name); });
     body.append(tr);
   }
   $("results").hidden = false;
+  $("review").hidden = !reviewsOn;
+  $("review-status").textContent = "";
+}
+
+function setVerdict(tr, verdict) {
+  tr.dataset.verdict = verdict || "";
+  const cell = tr.querySelector(".verdict");
+  cell.textContent = verdict ? VERDICT_TEXT[verdict] : "";
+  cell.className = "reviewing verdict " + (verdict || "");
+}
+
+function onReviewKey(event) {
+  const tr = event.target.closest("tbody tr");
+  if (!tr || !reviewsOn) return;
+  const key = event.key.toLowerCase();
+  if (key in VERDICT_KEYS) {
+    setVerdict(tr, VERDICT_KEYS[key]);
+  } else if (key === "backspace" || key === "delete") {
+    setVerdict(tr, "");
+  } else if (key === "arrowdown" || key === "j") {
+    (tr.nextElementSibling || tr).focus();
+  } else if (key === "arrowup" || key === "k") {
+    (tr.previousElementSibling || tr).focus();
+  } else if (key === "enter") {
+    saveReview(event);
+  } else {
+    return;
+  }
+  event.preventDefault();
+}
+
+async function saveReview(event) {
+  event.preventDefault();
+  const verdicts = {};
+  for (const tr of $("labels").querySelectorAll("tbody tr")) {
+    if (tr.dataset.verdict) verdicts[tr.dataset.label] = tr.dataset.verdict;
+  }
+  const reviewer = $("reviewer").value.trim();
+  if (!reviewer) { $("review-status").textContent = "give the reviewer's name first"; $("reviewer").focus(); return; }
+  if (!Object.keys(verdicts).length) { $("review-status").textContent = "mark at least one finding (p / a / u)"; return; }
+  localStorage.setItem("cxrclip-reviewer", reviewer);
+  const body = { image_sha256: shownSha, reviewer, verdicts, comment: $("comment").value || null };
+  if (lastReview !== null) body.supersedes = lastReview;
+  try {
+    const out = await call("/v1/reviews", JSON.stringify(body), true);
+    lastReview = out.review.id;
+    $("review-status").textContent = `review ${out.review.id} saved (${Object.keys(verdicts).length} findings` +
+      (out.review.supersedes ? `, corrects review ${out.review.supersedes})` : ")");
+  } catch (e) {
+    $("review-status").textContent = "not saved: " + e.message;
+  }
 }
 
 async function predict(file) {
@@ -100,6 +162,8 @@ async function predict(file) {
   form.append("file", file);
   try {
     const out = await call("/v1/predict", form);
+    shownSha = out.image_sha256;
+    lastReview = null;
     $("preview").src = out.preview;
     $("heatmap").hidden = true;
     $("figure").hidden = false;
@@ -173,6 +237,9 @@ function setup() {
   });
   $("file").addEventListener("change", (e) => { if (e.target.files.length) predict(e.target.files[0]); });
   $("query").addEventListener("submit", compare);
+  $("review").addEventListener("submit", saveReview);
+  $("labels").addEventListener("keydown", onReviewKey);
+  $("reviewer").value = localStorage.getItem("cxrclip-reviewer") || "";
   loadModel();
 }
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -17,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from cxrclip.exceptions import ConfigError, InputError
 from cxrclip.reviews.store import ReviewStore, head_revision, metadata
 
+ARTIFACTS = Path(__file__).parent / "artifacts"
 LABELS = ["Pneumothorax", "Chest tube in place"]
 SHOWN = {"Pneumothorax": {"probability": 0.31, "threshold": 0.4, "present": False, "calibrated": True}}
 
@@ -286,3 +288,68 @@ def test_agreement_counts_the_calls_against_the_verdicts():
     assert (a["tp"], a["fp"], a["fn"], a["tn"], a["reviewed"]) == (3, 1, 1, 5, 10)
     assert a["sensitivity"]["value"] == 0.75 and a["ppv"]["value"] == 0.75
     assert agreement([], "Pneumothorax")["sensitivity"] is None
+
+
+def test_in_chromium_a_reviewer_corrects_two_labels_with_the_keyboard_and_sees_it_in_the_monitor(
+    tiny_clip_checkpoint, demo_data, tmp_path
+):
+    import shutil
+    import socket
+    import threading
+
+    chromium = shutil.which("chromium")
+    if not chromium:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it with apt-get)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    import uvicorn
+
+    from cxrclip.serve.app import ServeSettings, Service, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = tmp_path / "reviews.sqlite"
+    settings = ServeSettings(model_path=str(tiny_clip_checkpoint), port=port, db=str(db))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, Service(settings)), host="127.0.0.1", port=port,
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu",
+                                        "--disable-background-networking", "--no-first-run"])  # fmt: skip
+            try:
+                page = browser.new_page()
+                page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(url) or
+                           r.request.url.startswith("data:") else r.abort())  # fmt: skip
+                page.goto(url + "/", timeout=30_000)
+                page.set_input_files("#file", str(sorted((demo_data / "images").glob("test_*.png"))[0]))
+                rows = page.locator("#labels tbody tr")
+                rows.nth(12).wait_for(timeout=60_000)
+                first, second = rows.nth(0).get_attribute("data-label"), rows.nth(1).get_attribute("data-label")
+                page.fill("#reviewer", "Dr. Lin")
+                rows.nth(0).focus()
+                page.keyboard.press("p")
+                page.keyboard.press("ArrowDown")
+                page.keyboard.press("a")
+                page.keyboard.press("Enter")
+                page.locator("#review-status", has_text="saved").wait_for(timeout=30_000)
+                assert rows.nth(0).locator(".verdict").inner_text() == "present"
+                page.goto(url + "/monitor", timeout=30_000)
+                row = page.locator(f'#agreement tbody tr[data-label="{first}"]')
+                row.wait_for(timeout=30_000)
+                assert row.locator("td").nth(1).inner_text() == "1"  # one reviewed case for this finding
+                assert "1 reviews" in page.inner_text("#model") and page.locator("#charts figure").count() == 13
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "monitor-page.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    (saved,) = ReviewStore(db).list()  # the SQLite file holds exactly that review
+    assert saved["reviewer"] == "Dr. Lin" and saved["verdicts"] == {first: "present", second: "absent"}

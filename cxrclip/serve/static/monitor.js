@@ -35,6 +35,11 @@ function chart(name, info) {
     "aria-label": `share called YES for ${name}` });
   box.append(svg("line", { x1: pad, y1: y(0), x2: width - pad, y2: y(0), stroke: "#9aa5b1" }));
   box.append(svg("line", { x1: pad, y1: y(1), x2: width - pad, y2: y(1), stroke: "#dde2e7" }));
+  for (const [v, text] of [[0, "0%"], [1, "100%"]]) {
+    const label = svg("text", { x: 2, y: y(v) + 4, "font-size": 9, fill: "#5b6875" });
+    label.textContent = text;
+    box.append(label);
+  }
   const banded = points.filter((p) => p.band);
   if (banded.length) {
     const upper = banded.map((p) => `${x(points.indexOf(p))},${y(p.band[1])}`);

@@ -158,6 +158,24 @@ def _data_config(csv_path: str, split: str, args: argparse.Namespace) -> DataCon
     )
 
 
+def _reviews_export(args: argparse.Namespace) -> int:
+    from cxrclip.data.prompts import load_prompts
+    from cxrclip.exceptions import exit_on_user_error
+    from cxrclip.reviews.export import export_reviews
+    from cxrclip.reviews.store import ReviewStore
+
+    with exit_on_user_error():
+        if "://" not in args.db and not Path(args.db).is_file():
+            raise ConfigError(f"--db {args.db}: no such review database")
+        summary = export_reviews(ReviewStore(args.db), args.out, _label_names(args.labels), load_prompts(args.prompts))
+    print(f"{summary['images']} reviewed images ({summary['reviews']} reviews, {summary['corrected']} corrected, "
+          f"{summary['images_kept']} with the image kept) from {summary['store']}:")  # fmt: skip
+    for kind, path in summary["files"].items():
+        print(f"  {kind:7s} {path}")
+    print("read the test CSV with --blank-labels excluded (blank = can't tell or not reviewed)")
+    return 0
+
+
 def _pacs(argv: list[str]) -> int:
     from cxrclip.pacs.worker import main as pacs_main
 
@@ -413,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-rule", action="append", help="per-label rule, e.g. 'Pneumothorax:sensitivity=0.95'")
     p.add_argument("--method", choices=["platt", "isotonic"], default="platt")
     p.add_argument("--min-positives", type=int, default=5, help="fewer positives: the label stays uncalibrated")
+    p.add_argument("--blank-labels", choices=["error", "excluded", "negative"], default="error",
+                   help="cls: what a blank 0/1 cell means (reviewed cases: excluded)")  # fmt: skip
     p.add_argument("--out", help="write the calibrated checkpoint here (default: rewrite --checkpoint atomically)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompt file (zero-shot scores)")
     p.add_argument("--labels", help="a text file with one label name per line (default: the 13 CGMH labels)")
@@ -496,6 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     add_data_args(p)
     p.set_defaults(func=_demo_data)
+
+    p = sub.add_parser("reviews", help="the reviews saved in cxrclip serve: export them as data")
+    reviews = p.add_subparsers(dest="reviews_command", required=True)
+    q = reviews.add_parser("export", help="the reviewed cases as a CGMH test CSV (and a train CSV of kept images)")
+    q.add_argument("--db", required=True, help="the review store: a SQLite file or postgresql+psycopg://...")
+    q.add_argument("--out", required=True, help="folder for reviewed_test.csv, reviewed_train.csv, export.json")
+    q.add_argument("--labels", help="a text file with one label name per line (default: the 13 CGMH labels)")
+    q.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompt file (the test CSV's text column)")
+    q.set_defaults(func=_reviews_export)
 
     p = sub.add_parser("to-dicom", help="wrap a PNG/JPEG film as a DICOM radiograph (to try cxrclip pacs on a PACS)")
     p.add_argument("image", help="a PNG or JPEG film")

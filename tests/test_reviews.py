@@ -3,6 +3,7 @@ schema equal to the code's tables, a newer schema refused, kill -9 during saves,
 
 from __future__ import annotations
 
+import ast
 import datetime
 import os
 import signal
@@ -353,3 +354,38 @@ def test_in_chromium_a_reviewer_corrects_two_labels_with_the_keyboard_and_sees_i
         thread.join(timeout=10)
     (saved,) = ReviewStore(db).list()  # the SQLite file holds exactly that review
     assert saved["reviewer"] == "Dr. Lin" and saved["verdicts"] == {first: "present", second: "absent"}
+
+
+def test_export_writes_csvs_that_validate_data_accepts(reviewing, demo_data, tmp_path, capsys):
+    import csv
+    import hashlib
+    import json
+
+    from cxrclip.cli import main as cli_main
+
+    client, service = reviewing
+    films = sorted((demo_data / "images").glob("test_*.png"))[:3]
+    shas = []
+    for film in films:
+        png = film.read_bytes()
+        assert client.post("/v1/predict", files={"file": (film.name, png, "image/png")}).status_code == 200
+        shas.append(hashlib.sha256(png).hexdigest())
+    post = lambda **b: client.post("/v1/reviews", json={"reviewer": "Dr. Lin", **b}).json()["review"]  # noqa: E731
+    first = post(image_sha256=shas[0], verdicts={"Pneumothorax": "present", "Foreign body": "absent"})
+    post(image_sha256=shas[0], verdicts={"Pneumothorax": "absent", "Foreign body": "absent"}, supersedes=first["id"])
+    post(image_sha256=shas[1], verdicts={"Pneumothorax": "unsure", "Chest tube in place": "present"})
+    out = tmp_path / "export"
+    assert cli_main(["reviews", "export", "--db", service.settings.db, "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "reviewed_test.csv").open()))
+    assert len(rows) == 2  # two images reviewed; the correction replaced the first review
+    assert rows[0]["Pneumothorax"] == "0" and rows[0]["Foreign body"] == "0" and rows[0]["Chest tube in place"] == ""
+    assert rows[1]["Pneumothorax"] == "" and rows[1]["Chest tube in place"] == "1"
+    assert "chest tube" in rows[1]["text"].lower()
+    summary = json.loads((out / "export.json").read_text())
+    assert (summary["reviews"], summary["corrected"], summary["images"], summary["images_kept"]) == (3, 1, 2, 2)
+    capsys.readouterr()
+    assert cli_main(["validate-data", str(out / "reviewed_test.csv"), "--split", "test", "--blank-labels",
+                     "excluded"]) == 0  # fmt: skip
+    assert cli_main(["validate-data", str(out / "reviewed_train.csv"), "--split", "train"]) == 0
+    train = list(csv.DictReader((out / "reviewed_train.csv").open()))
+    assert [ast.literal_eval(r["text_label"]) for r in train] == [[], ["Chest tube in place"]]

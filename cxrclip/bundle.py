@@ -163,6 +163,7 @@ def export_bundle(
             "model": loaded.model_config,
             "calibration": predictor.calibration.to_dict(),
             "gate": loaded.checkpoint.get("gate"),  # the input gate (cxrclip fit-gate); None: not fitted
+            "site_calibrations": loaded.checkpoint.get("site_calibrations") or {},  # cxrclip calibrate --site
             "card": _card(loaded, checkpoint, predictor.calibration),
             "onnx_max_abs_difference": onnx_error,
             "files": {name: _sha256((tmp / name).read_bytes()) for name in files},

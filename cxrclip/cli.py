@@ -121,8 +121,9 @@ def _calibrate(args: argparse.Namespace) -> int:
             )
         else:
             calibration = calibrate_checkpoint(
-                args.checkpoint, [data], settings, out=args.out, device=args.device, text_encoder=args.text_encoder
-            )
+                args.checkpoint, [data], settings, out=args.out, device=args.device, text_encoder=args.text_encoder,
+                site=args.site,
+            )  # fmt: skip
     print(f"calibration stored in {args.out or args.checkpoint} (fitted on {args.data}, {split} format):")
     width = max(len(n) for n in calibration.labels)
     for name, c in calibration.labels.items():
@@ -200,6 +201,7 @@ def _serve(args: argparse.Namespace) -> int:
             text_encoder=args.text_encoder,
             gate=not args.no_gate,
             db=None if args.no_reviews else args.db,
+            site=args.site,
             keep_images=args.keep_images,
         )
         serve(settings)
@@ -433,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-positives", type=int, default=5, help="fewer positives: the label stays uncalibrated")
     p.add_argument("--blank-labels", choices=["error", "excluded", "negative"], default="error",
                    help="cls: what a blank 0/1 cell means (reviewed cases: excluded)")  # fmt: skip
+    p.add_argument("--site", help="store this as the calibration of site NAME, beside the model's own "
+                   "(inference.py / serve / pacs --site NAME use it)")  # fmt: skip
     p.add_argument("--out", help="write the calibrated checkpoint here (default: rewrite --checkpoint atomically)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompt file (zero-shot scores)")
     p.add_argument("--labels", help="a text file with one label name per line (default: the 13 CGMH labels)")
@@ -474,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gate", action="store_true", help="show labels even for inputs the gate refuses (recorded)")
     p.add_argument("--db", default="cxrclip-reviews.sqlite", help="the review store: a SQLite file (default "
                    "./cxrclip-reviews.sqlite) or postgresql+psycopg://... shared by several servers")  # fmt: skip
+    p.add_argument("--site", help="answer with this site's calibration (cxrclip calibrate --site NAME)")
     p.add_argument("--no-reviews", action="store_true", help="no review store: the page shows no review controls")
     p.add_argument("--keep-images", metavar="DIR", help="keep each reviewed image here (default: only its SHA-256)")
     p.set_defaults(func=_serve)

@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="for DICOM input: write each answer as a DICOM Comprehensive SR here (the file cxrclip pacs stores)",
     )
+    p.add_argument("--site", help="answer with this site's calibration (cxrclip calibrate --site NAME)")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             text_encoder=args.text_encoder,
             gate=not args.no_gate,
+            site=args.site,
         )
         results, failed = predict_files(predictor, images, threshold, args.batch_size)
         refused = [r for r in results if not r["analysed"]]

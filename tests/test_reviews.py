@@ -389,3 +389,45 @@ def test_export_writes_csvs_that_validate_data_accepts(reviewing, demo_data, tmp
     assert cli_main(["validate-data", str(out / "reviewed_train.csv"), "--split", "train"]) == 0
     train = list(csv.DictReader((out / "reviewed_train.csv").open()))
     assert [ast.literal_eval(r["text_label"]) for r in train] == [[], ["Chest tube in place"]]
+
+
+def test_a_site_calibration_is_stored_beside_the_models_own_selected_and_reported(
+    tiny_clip_checkpoint, demo_data, tmp_path
+):
+    import shutil as sh
+
+    import torch
+
+    from cxrclip.cli import main as cli_main
+    from cxrclip.predict import load_predictor
+    from cxrclip.predict.card import model_card
+    from cxrclip.scoring.calibration import Calibration
+
+    ckpt = tmp_path / "model.tar"
+    sh.copy(tiny_clip_checkpoint, ckpt)
+    before = torch.load(ckpt, weights_only=False, map_location="cpu").get("calibration")
+    args = ["calibrate", "--checkpoint", str(ckpt), "--data", str(demo_data / "test.csv"), "--split", "cls",
+            "--min-positives", "1", "--site", "hannover", "--device", "cpu"]  # fmt: skip
+    assert cli_main(args) == 0
+    state = torch.load(ckpt, weights_only=False, map_location="cpu")
+    assert state.get("calibration") == before  # the model's own calibration is untouched
+    site = state["site_calibrations"]["hannover"]
+    assert site["fitted_on"]["site"] == "hannover" and site["fitted_on"]["rows"] == 12
+
+    default = load_predictor(ckpt, device="cpu")
+    local = load_predictor(ckpt, device="cpu", site="hannover")
+    assert local.calibration.to_dict() == Calibration.from_dict(site).for_labels(local.label_names).to_dict()
+    film = sorted((demo_data / "images").glob("test_*.png"))[0]
+    a, b = default.predict([film])[0], local.predict([film])[0]
+    assert a["calibration"] == "default" and b["calibration"] == "hannover"
+    assert {n: v["threshold"] for n, v in b["labels"].items()} == {
+        n: round(float(t), 4) for n, t in zip(local.label_names, local.calibration.thresholds)
+    }
+    card = model_card(local, str(ckpt))
+    assert card["calibration"] == "hannover" and card["sites"] == ["hannover"]
+    with pytest.raises(InputError, match="no calibration for that site \\(sites: hannover\\)"):
+        load_predictor(ckpt, device="cpu", site="taipei")
+    # a bundle exported afterwards carries it
+    assert cli_main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "bundle")]) == 0
+    bundled = load_predictor(tmp_path / "bundle", site="hannover")
+    assert bundled.calibration.to_dict() == local.calibration.to_dict() and bundled.sites() == ["hannover"]

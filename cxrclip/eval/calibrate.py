@@ -75,10 +75,12 @@ def calibrate_checkpoint(
     loader_cfg: LoaderSpec | Mapping | None = None,
     device: str | torch.device | None = None,
     text_encoder: str | None = None,
+    site: str | None = None,
 ) -> Calibration:
     """Fit the calibration of a checkpoint — a CLIP model (zero-shot scores) or a linear probe (its logits) —
     on the rows of ``data`` (all with the same label list) and write the checkpoint back (to ``out`` if
-    given) with it under ``calibration``, atomically."""
+    given) with it under ``calibration``, atomically. ``site``: store it as that site's calibration, under
+    ``site_calibrations[site]``, beside the model's own (which stays as it was)."""
     data = [dc for dc in data if usable(dc)]
     if not data:
         raise CalibrationError("no validation data with label sets to calibrate on (need image + text_label rows)")
@@ -104,8 +106,13 @@ def calibrate_checkpoint(
         "files": [{"path": str(dc.csv_path), "sha256": file_sha256(dc.csv_path)} for dc in data],
     }
     prompts = file_sha256(data[0].prompts_file) if "probe" not in ckpt else None
+    if site:
+        fitted_on["site"] = site
     calibration = fit_calibration(logits, labels, names, settings, fitted_on, prompts)
-    ckpt["calibration"] = calibration.to_dict()
+    if site:
+        ckpt["site_calibrations"] = {**(ckpt.get("site_calibrations") or {}), site: calibration.to_dict()}
+    else:
+        ckpt["calibration"] = calibration.to_dict()
     target = save_checkpoint(out or checkpoint, {k: v for k, v in ckpt.items() if k != "format"})
     flagged = [n for n, c in calibration.labels.items() if not c.calibrated]
     log.info(

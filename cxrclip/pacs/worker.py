@@ -49,6 +49,7 @@ class WorkerSettings:
     gate: bool = True
     device: str | None = None
     text_encoder: str | None = None
+    site: str | None = None
     verify: bool | str = True
     creds: Credentials = Credentials()
 
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="search once, answer what is due, then exit")
     p.add_argument("--status", action="store_true", help="print the job store's counts and failures, then exit")
     p.add_argument("--no-gate", action="store_true", help="answer images the input gate refuses (recorded in the SR)")
+    p.add_argument("--site", help="answer with this site's calibration (cxrclip calibrate --site NAME)")
     p.add_argument("--threads", type=int, help="CPU threads for the model (split the cores between workers)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--text_encoder", "--text-encoder", help="local folder of the text encoder (offline)")
@@ -301,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             modalities=tuple(m.upper() for m in (args.modality or ("CR", "DX"))), report_refusals=args.report_refusals,
             heatmap_labels=tuple(args.heatmap or ()), lease_s=args.lease, max_attempts=args.max_attempts,
             once=args.once, gate=not args.no_gate, device=args.device, text_encoder=args.text_encoder, verify=verify,
+            site=args.site,
             creds=credentials(args.user, args.password_file, args.token_file),
         )  # fmt: skip
         pacs = DicomWeb(settings.dicomweb, settings.creds, verify=settings.verify)
@@ -316,8 +319,9 @@ def make_worker(settings: WorkerSettings, pacs: DicomWeb, store: JobStore) -> Wo
     from cxrclip.predict.card import model_card
 
     predictor = load_predictor(
-        settings.model_path, device=settings.device, text_encoder=settings.text_encoder, gate=settings.gate
-    )
+        settings.model_path, device=settings.device, text_encoder=settings.text_encoder, gate=settings.gate,
+        site=settings.site,
+    )  # fmt: skip
     return Worker(settings, predictor, model_card(predictor, settings.model_path), pacs, store)
 
 

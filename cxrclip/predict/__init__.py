@@ -27,18 +27,28 @@ def load_predictor(
     image_size: int | None = None,
     text_encoder: str | None = None,
     gate: bool = True,
+    site: str | None = None,
 ):
     """The predictor a path needs: a routed model (a folder with ``routed.json``), an inference bundle (a folder with
-    ``bundle.json``) or a checkpoint. ``gate=False`` (``--no-gate``): the gate's verdicts are recorded, not enforced."""
+    ``bundle.json``) or a checkpoint. ``gate=False`` (``--no-gate``): the gate's verdicts are recorded, not enforced.
+    ``site``: answer with that site's calibration (``cxrclip calibrate --site``)."""
     if is_routed(model_path):
         if image_size or prompts or labels:
             raise InputError("a routed model keeps each member's own preprocessing, prompts and labels")
+        if site:
+            raise InputError("--site: a routed model answers with each member's own calibration")
         return RoutedPredictor.create(model_path, device=device, text_encoder=text_encoder, gate=gate, texts=texts)
     if is_bundle(model_path):
         if image_size:
             raise InputError("a bundle keeps the preprocessing it was exported with; image_size cannot change")
-        return BundlePredictor.create(model_path, prompts=prompts, texts=texts, labels=labels, device=device, gate=gate)
-    return Predictor.create(
-        str(model_path), prompts=prompts, texts=texts, labels=labels, device=device, image_size=image_size,
-        text_encoder=text_encoder, gate=gate,
-    )  # fmt: skip
+        predictor = BundlePredictor.create(
+            model_path, prompts=prompts, texts=texts, labels=labels, device=device, gate=gate
+        )
+    else:
+        predictor = Predictor.create(
+            str(model_path), prompts=prompts, texts=texts, labels=labels, device=device, image_size=image_size,
+            text_encoder=text_encoder, gate=gate,
+        )  # fmt: skip
+    if site:
+        predictor.use_site(site)
+    return predictor

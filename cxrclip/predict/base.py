@@ -45,6 +45,24 @@ class PredictorBase:
     preprocess: PreprocessSpec  # the one preprocessing spec: size, steps, normalization (``transform`` runs it)
     gate: InputGate  # asked before any label is scored (cxrclip/predict/gate.py)
     encoders: dict  # {"image_encoder": name, "text_encoder": name}
+    calibration_name: str = "default"  # or the site whose calibration answers (``use_site``)
+
+    def sites(self) -> list[str]:
+        """The sites with a calibration of their own (``cxrclip calibrate --site NAME``)."""
+        return sorted((getattr(self, "stored", None) or {}).get("site_calibrations") or {})
+
+    def use_site(self, site: str) -> None:
+        """Answer with the calibration and operating points fitted on ``site``'s reviewed cases instead of the
+        model's own."""
+        stored = (getattr(self, "stored", None) or {}).get("site_calibrations") or {}
+        if site not in stored:
+            have = ", ".join(sorted(stored)) or "none"
+            raise InputError(
+                f"--site {site}: this model has no calibration for that site (sites: {have}); fit one with "
+                "`cxrclip calibrate --checkpoint CKPT --data REVIEWED.csv --site NAME`"
+            )
+        self.calibration = Calibration.from_dict(stored[site]).for_labels(self.label_names)
+        self.calibration_name = site
 
     def operating_points(self, threshold: float | Mapping[str, float] | None) -> tuple[np.ndarray, list[str]]:
         """Per label (threshold, rule): the calibration's, unless ``--threshold`` / ``--thresholds`` override."""
@@ -117,9 +135,8 @@ class PredictorBase:
                 }
                 for j, n in enumerate(self.label_names)
             }
-            results.append(
-                {"image": str(path), "analysed": True, "gate": verdict.to_dict(), "ranking": ranking, "labels": labels}
-            )
+            results.append({"image": str(path), "analysed": True, "gate": verdict.to_dict(), "ranking": ranking,
+                            "labels": labels, "calibration": self.calibration_name})  # fmt: skip
         return results
 
     def picture_of(self, image: np.ndarray, label: str | None = None) -> np.ndarray:

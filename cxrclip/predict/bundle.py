@@ -204,7 +204,9 @@ class BundlePredictor(PredictorBase):
     @property
     def stored(self) -> dict:
         """What the bundle stores beside the weights (its calibration, its gate)."""
-        return {"calibration": self.bundle.manifest["calibration"], "gate": self.bundle.manifest.get("gate")}
+        manifest = self.bundle.manifest
+        return {"calibration": manifest["calibration"], "gate": manifest.get("gate"),
+                "site_calibrations": manifest.get("site_calibrations") or {}}  # fmt: skip
 
     def label_embeddings(self, bank, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """The stored prompt embeddings where the labels' sentences are the ones exported; else embedded anew with

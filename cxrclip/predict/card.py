@@ -34,6 +34,8 @@ def model_card(predictor, path: str) -> dict:
             for n, c in calibration.labels.items()
         },
         "calibrated_on": calibration.fitted_on or None,
+        "calibration": predictor.calibration_name,  # "default", or the site whose calibration answers
+        "sites": predictor.sites() if hasattr(predictor, "sites") else [],
         "gate": predictor.gate.describe(),
         "disclaimer": DISCLAIMER,
     }

@@ -61,6 +61,7 @@ class ServeSettings:
     gate: bool = True  # False (--no-gate): a refused input still gets its labels, with the gate's verdict beside them
     db: str | None = None  # the review store (a SQLite file or a PostgreSQL URL); None: reviews are off
     keep_images: str | None = None  # a folder: reviewed images are kept there (by SHA-256); None: only their hash
+    site: str | None = None  # answer with this site's calibration (cxrclip calibrate --site NAME)
 
     def check(self) -> None:
         local = self.host in ("127.0.0.1", "localhost", "::1")
@@ -100,8 +101,10 @@ class Service:
         self.settings = settings
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
         self.predictor = load_predictor(
-            settings.model_path, device=settings.device, text_encoder=settings.text_encoder, gate=settings.gate
-        )
+            settings.model_path, device=settings.device, text_encoder=settings.text_encoder, gate=settings.gate,
+            site=settings.site,
+        )  # fmt: skip
+        self.calibration_name = self.predictor.calibration_name
         self.card = model_card(self.predictor, settings.model_path)
         self.reviews = ReviewStore(settings.db) if settings.db else None
         if settings.keep_images:
@@ -109,8 +112,6 @@ class Service:
         self._recent: OrderedDict[str, dict] = OrderedDict()  # image SHA-256 → what was shown, for its review
         self._recent_lock = threading.Lock()
         self._seen: OrderedDict[str, None] = OrderedDict()  # images already logged for the monitor
-
-    calibration_name = "default"
 
     def _first_sight(self, sha: str) -> bool:
         with self._recent_lock:

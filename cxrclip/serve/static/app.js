@@ -41,6 +41,7 @@ async function loadModel() {
     document.body.classList.toggle("reviews-on", reviewsOn);
     $("model").textContent = `${m.name} · ${m.labels.length} findings · image ${m.image_size}px` +
       (m.calibrated_on ? " · calibrated on " + m.calibrated_on.dataset : " · not calibrated") +
+      (m.calibration && m.calibration !== "default" ? " · answering with site calibration " + m.calibration : "") +
       (m.gate && m.gate.fitted ? "" : " · no input gate fitted") +
       (m.gate && !m.gate.enforced ? " · input gate OFF (--no-gate)" : "") +
       (m.routing ? " · routed: " + m.routing.members.map((x) => `${x.name} (${x.labels.length})`).join(", ") : "");

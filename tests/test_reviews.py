@@ -261,6 +261,7 @@ def test_the_monitor_flags_the_day_a_labels_yes_share_leaves_its_band_and_only_t
     ptx = report["labels"]["Pneumothorax"]
     assert ptx["flagged"] == ["2026-11-06"]
     assert [p["share"] for p in ptx["series"]] == [0.1] * 5 + [0.6]
+    assert ptx["series"][0]["mean_probability"] == round((4 * 0.9 + 36 * 0.1) / 40, 4)
     low, high = expected_band(0.1, 40)
     assert ptx["series"][0]["band"] == [round(low, 4), round(high, 4)]
     assert high == pytest.approx(0.1 + 1.959964 * (0.1 * 0.9 / 40) ** 0.5)

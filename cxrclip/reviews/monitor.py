@@ -1,7 +1,8 @@
 """What ``/monitor`` shows, computed from the prediction log and the reviews (plain Python, no plotting here — the page
 draws it from ``/v1/monitor``):
 
-- per label and per day (or week): how many images were analysed, the share called YES, and the band that share is
+- per label and per day (or week): how many images were analysed, the share called YES, the mean probability (a
+  score shift shows here before it crosses a threshold), and the band that share is
   expected to stay in — the validation prevalence ± its binomial 95 % range for that many images; a period whose share
   leaves the band is flagged;
 - per day: the share refused by the input gate and the mean gate score (a shift in what arrives);
@@ -73,9 +74,10 @@ def monitor_report(
         series, flagged = [], []
         p0 = prevalence.get(label)
         for key in periods:
-            calls = [r["labels"][label][1] for r in by_period[key] if r["analysed"] and label in r["labels"]]
-            n, yes = len(calls), sum(calls)
-            point = {"period": key, "analysed": n, "yes": yes, "share": round(yes / n, 4) if n else None}
+            seen = [r["labels"][label] for r in by_period[key] if r["analysed"] and label in r["labels"]]
+            n, yes = len(seen), sum(bool(called) for _, called in seen)
+            point = {"period": key, "analysed": n, "yes": yes, "share": round(yes / n, 4) if n else None,
+                     "mean_probability": round(sum(p for p, _ in seen) / n, 4) if n else None}  # fmt: skip
             if n and p0 is not None:
                 low, high = expected_band(p0, n)
                 point["band"] = [round(low, 4), round(high, 4)]

@@ -57,7 +57,8 @@ function chart(name, info) {
   points.forEach((p, i) => {
     const dot = svg("circle", { cx: x(i), cy: y(p.share), r: 4, fill: p.flag ? "#b3261e" : "#2f6fbf" });
     const title = svg("title", {});
-    title.textContent = `${p.period}: ${p.yes} of ${p.analysed} YES` + (p.band ? `, band ${p.band[0]}–${p.band[1]}` : "");
+    title.textContent = `${p.period}: ${p.yes} of ${p.analysed} YES, mean probability ${p.mean_probability}` +
+      (p.band ? `, band ${p.band[0]}–${p.band[1]}` : "");
     dot.append(title);
     dot.dataset.flag = p.flag ? "1" : "0";
     box.append(dot);

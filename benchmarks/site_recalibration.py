@@ -30,8 +30,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+NEW_SITE = ("url", "github.com")  # --new-site FIELD=TEXT: metadata rows whose FIELD contains TEXT
+
+
 def is_new_site(row: dict) -> bool:
-    return "github.com" in row.get("url", "")
+    field, text = NEW_SITE
+    return text in (row.get(field) or "")
 
 
 def read_rows(data: Path) -> dict[str, dict]:
@@ -118,7 +122,12 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=200)
     p.add_argument("--min-count", type=int, default=5, help="report labels with ≥ this many new-site positives and "
                    "negatives (the others are listed as too small to tell)")  # fmt: skip
+    p.add_argument("--new-site", default="url=github.com", help="FIELD=TEXT: the metadata.csv rows whose FIELD "
+                   "contains TEXT are the new site (default: the Hannover films)")  # fmt: skip
     args = p.parse_args()
+    global NEW_SITE
+    field, _, text = args.new_site.partition("=")
+    NEW_SITE = (field, text)
     from cxrclip.data.images import read_image
     from cxrclip.eval.calibrate import calibrate_checkpoint
     from cxrclip.predict.checkpoint import Predictor

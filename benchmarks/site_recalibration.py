@@ -7,10 +7,11 @@ The new site: the films of cxr_real_dev whose metadata url is on github.com (one
 Medical School: 79 films, 37 patients). Site A: every other film. The model is trained on site A's train split and
 calibrated on site A's valid split (the Hannover films never seen). Then, R times: draw reviewed Hannover patients
 until at least N films (whole patients, so the reviewed and the scored films never share a patient), fit the site
-calibration on them exactly as `cxrclip calibrate --site` does (same rules and minimum counts: a label with too few
-reviewed positives or negatives stays uncalibrated), and score both calibrations on the remaining Hannover films:
-F1, sensitivity, specificity at each one's operating point, and ECE of its probabilities. Intervals are the 2.5th and
-97.5th percentiles over the R draws (the uncertainty of which cases happened to be reviewed, on this one site).
+calibration on them exactly as `cxrclip calibrate --site` does (same rules and minimum counts: a label with too
+few reviewed positives or negatives keeps site A's calibration), and score both calibrations on the remaining
+Hannover films: F1, sensitivity, specificity at each one's operating point, and ECE of its probabilities. Intervals
+are the 2.5th and 97.5th percentiles over the R draws (the uncertainty of which cases happened to be reviewed, on
+this one site).
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def main() -> None:
                 taken += int((patients == pid).sum())
             reviewed = np.isin(patients, chosen)
             scored = ~reviewed
-            site_cal = fit_calibration(logits[reviewed], y[reviewed], names, settings)
+            site_cal = fit_calibration(logits[reviewed], y[reviewed], names, settings).over(site_a_cal)
             for n in shown:
                 j = names.index(n)
                 a_cal, s_cal = site_a_cal.labels[n], site_cal.labels[n]

@@ -432,3 +432,25 @@ def test_a_site_calibration_is_stored_beside_the_models_own_selected_and_reporte
     assert cli_main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "bundle")]) == 0
     bundled = load_predictor(tmp_path / "bundle", site="hannover")
     assert bundled.calibration.to_dict() == local.calibration.to_dict() and bundled.sites() == ["hannover"]
+
+
+def test_a_label_the_site_cannot_calibrate_keeps_the_models_own_calibration():
+    import numpy as np
+
+    from cxrclip.scoring.calibration import CalibrationSettings, fit_calibration
+
+    rng = np.random.default_rng(0)
+    names = ["Pneumothorax", "Foreign body"]
+    logits = rng.normal(size=(200, 2))
+    labels = (logits + rng.normal(scale=0.5, size=(200, 2)) > 0).astype(int)
+    model_own = fit_calibration(logits, labels, names, CalibrationSettings())
+    site_labels = labels[:12].copy()
+    site_labels[:, 1] = 0  # the site reviewed no positive "Foreign body"
+    site = fit_calibration(logits[:12] + 0.5, site_labels, names, CalibrationSettings(min_positives=2, min_negatives=2))
+    merged = site.over(model_own)
+    assert merged.labels["Pneumothorax"] == site.labels["Pneumothorax"] and site.labels["Pneumothorax"].calibrated
+    kept = merged.labels["Foreign body"]
+    assert not site.labels["Foreign body"].calibrated and kept.calibrated
+    assert (kept.method, kept.params, kept.threshold) == (model_own.labels["Foreign body"].method,
+            model_own.labels["Foreign body"].params, model_own.labels["Foreign body"].threshold)  # fmt: skip
+    assert kept.note.startswith("the model's own calibration kept")

@@ -22,7 +22,14 @@ from cxrclip.model.probe import load_probe, probe_logits, probe_transform
 from cxrclip.predict.bundle import is_bundle
 from cxrclip.predict.routed import MANIFEST as ROUTED_MANIFEST
 from cxrclip.predict.routed import member_sha256, open_routed
-from cxrclip.scoring.calibration import Calibration, CalibrationError, CalibrationSettings, file_sha256, fit_calibration
+from cxrclip.scoring.calibration import (
+    Calibration,
+    CalibrationError,
+    CalibrationSettings,
+    file_sha256,
+    fit_calibration,
+    stored_calibration,
+)
 from cxrclip.spec import LoaderSpec, RunSpec
 
 log = logging.getLogger(__name__)
@@ -109,7 +116,8 @@ def calibrate_checkpoint(
     if site:
         fitted_on["site"] = site
     calibration = fit_calibration(logits, labels, names, settings, fitted_on, prompts)
-    if site:
+    if site:  # a label the site cannot calibrate keeps the model's own calibration
+        calibration = calibration.over(stored_calibration(ckpt, names))
         ckpt["site_calibrations"] = {**(ckpt.get("site_calibrations") or {}), site: calibration.to_dict()}
     else:
         ckpt["calibration"] = calibration.to_dict()

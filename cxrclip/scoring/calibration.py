@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +217,20 @@ class Calibration:
         """The same calibration over ``names``; labels it does not know get the flagged fallback."""
         missing = LabelCalibration.fallback(fallback_threshold, "not in the calibration")
         labels = {n: self.labels.get(n, missing) for n in names}
+        return Calibration(labels, self.fitted_on, self.prompts_sha256, self.created, self.version)
+
+    def over(self, base: Calibration) -> Calibration:
+        """A site's calibration on top of the model's own: a label the site has too few reviewed cases to
+        calibrate keeps ``base``'s calibration and operating point (said in its note), instead of falling back to
+        the raw score."""
+        labels = {}
+        for name, c in self.labels.items():
+            kept = base.labels.get(name)
+            if c.calibrated or kept is None or not kept.calibrated:
+                labels[name] = c
+            else:
+                note = f"the model's own calibration kept: {c.note or 'too few reviewed cases at the site'}"
+                labels[name] = replace(kept, note=note)
         return Calibration(labels, self.fitted_on, self.prompts_sha256, self.created, self.version)
 
     # -- use --------------------------------------------------------------------------------------------

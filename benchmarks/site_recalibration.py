@@ -178,13 +178,14 @@ def main() -> None:
                 taken += int((patients == pid).sum())
             reviewed = np.isin(patients, chosen)
             scored = ~reviewed
-            site_cal = fit_calibration(logits[reviewed], y[reviewed], names, settings).over(site_a_cal)
+            fitted = fit_calibration(logits[reviewed], y[reviewed], names, settings)
+            site_cal = fitted.over(site_a_cal)
             for n in shown:
                 j = names.index(n)
                 a_cal, s_cal = site_a_cal.labels[n], site_cal.labels[n]
                 draws[n]["A"].append(metrics(y[scored, j], a_cal.probability(logits[scored, j]), a_cal.threshold))
                 draws[n]["site"].append(metrics(y[scored, j], s_cal.probability(logits[scored, j]), s_cal.threshold))
-                draws[n]["fitted"] += s_cal.calibrated
+                draws[n]["fitted"] += fitted.labels[n].calibrated  # the site's own fit, before site A fills in
         for n in shown:
             row = {"label": n, "reviewed": n_reviewed, "site_fitted_share": draws[n]["fitted"] / args.draws}
             for key in ("f1", "sensitivity", "specificity", "ece"):

@@ -253,6 +253,11 @@ class RoutedPredictor:
     def candidates(self) -> list[str]:
         return self.members[self.default].candidates
 
+    calibration_name = "default"  # each member answers with its own calibration; no site calibration here
+
+    def sites(self) -> list[str]:
+        return []
+
     def card(self) -> dict:
         """The routing for ``/v1/model``: each member, its file and hash, and the labels it answers."""
         return {
@@ -309,7 +314,7 @@ class RoutedPredictor:
             }
             base = answers[self.default][i]
             results.append({"image": str(path), "analysed": True, "gate": gate, "ranking": base["ranking"],
-                            "labels": labels})  # fmt: skip
+                            "labels": labels, "calibration": self.calibration_name})  # fmt: skip
         return results
 
     def picture_of(self, image: np.ndarray, label: str | None = None) -> np.ndarray:

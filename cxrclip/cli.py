@@ -177,6 +177,22 @@ def _reviews_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_users(path: str | None) -> tuple[tuple[str, str], ...]:
+    """--users FILE: a JSON object {reader name: their bearer token}."""
+    if not path:
+        return ()
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--users {path}: cannot read a JSON object {{name: token}} ({e})") from e
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) and len(v) >= 16
+                                             for k, v in data.items()):  # fmt: skip
+        raise ConfigError(f"--users {path}: expected {{name: token}} with tokens of at least 16 characters")
+    if len(set(data.values())) != len(data):
+        raise ConfigError(f"--users {path}: two readers share a token")
+    return tuple(data.items())
+
+
 def _pacs(argv: list[str]) -> int:
     from cxrclip.pacs.worker import main as pacs_main
 
@@ -200,6 +216,7 @@ def _serve(args: argparse.Namespace) -> int:
             device=args.device,
             text_encoder=args.text_encoder,
             gate=not args.no_gate,
+            users=_read_users(args.users),
             db=None if args.no_reviews else args.db,
             site=args.site,
             keep_images=args.keep_images,
@@ -479,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default="cxrclip-reviews.sqlite", help="the review store: a SQLite file (default "
                    "./cxrclip-reviews.sqlite) or postgresql+psycopg://... shared by several servers")  # fmt: skip
     p.add_argument("--site", help="answer with this site's calibration (cxrclip calibrate --site NAME)")
+    p.add_argument("--users", metavar="FILE", help="a JSON file {reader name: token}: each reader's own bearer token; "
+                   "their reviews are signed with their name")  # fmt: skip
     p.add_argument("--no-reviews", action="store_true", help="no review store: the page shows no review controls")
     p.add_argument("--keep-images", metavar="DIR", help="keep each reviewed image here (default: only its SHA-256)")
     p.set_defaults(func=_serve)

@@ -454,3 +454,35 @@ def test_a_label_the_site_cannot_calibrate_keeps_the_models_own_calibration():
     assert (kept.method, kept.params, kept.threshold) == (model_own.labels["Foreign body"].method,
             model_own.labels["Foreign body"].params, model_own.labels["Foreign body"].threshold)  # fmt: skip
     assert kept.note.startswith("the model's own calibration kept")
+
+
+def test_a_readers_own_token_signs_the_review_with_their_name(tiny_clip_checkpoint, demo_data, tmp_path):
+    import hashlib
+
+    from fastapi.testclient import TestClient
+
+    from cxrclip.cli import _read_users
+    from cxrclip.serve.app import ServeSettings, Service, create_app
+
+    users = tmp_path / "users.json"
+    users.write_text('{"Dr. Lin": "lin-0123456789abcdef", "Dr. Wu": "wu-0123456789abcdef0"}')
+    settings = ServeSettings(model_path=str(tiny_clip_checkpoint), db=str(tmp_path / "r.sqlite"),
+                             users=_read_users(str(users)))  # fmt: skip
+    client = TestClient(create_app(settings, Service(settings)))
+    assert client.get("/v1/model").status_code == 401
+    wu = {"Authorization": "Bearer wu-0123456789abcdef0"}
+    assert client.get("/v1/model", headers=wu).json()["user"] == "Dr. Wu"
+    png = sorted((demo_data / "images").glob("test_*.png"))[0].read_bytes()
+    assert client.post("/v1/predict", files={"file": ("f.png", png, "image/png")}, headers=wu).status_code == 200
+    body = {
+        "image_sha256": hashlib.sha256(png).hexdigest(),
+        "reviewer": "Dr. Lin",
+        "verdicts": {"Pneumothorax": "absent"},
+    }
+    saved = client.post("/v1/reviews", json=body, headers=wu).json()["review"]
+    assert saved["reviewer"] == "Dr. Wu"  # the token's reader, not the name typed in the body
+    for bad, words in (('{"a": "short"}', "at least 16"), ('{"a": "0123456789abcdefX", "b": "0123456789abcdefX"}',
+                       "share a token"), ("[1]", "expected")):  # fmt: skip
+        users.write_text(bad)
+        with pytest.raises(ConfigError, match=words):
+            _read_users(str(users))

@@ -52,6 +52,7 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None
+    users: tuple[tuple[str, str], ...] = ()  # (name, token): each reader's own token; a review is signed by its name
     insecure: bool = False
     max_upload_mb: float = 50.0
     workers: int = 2
@@ -65,7 +66,7 @@ class ServeSettings:
 
     def check(self) -> None:
         local = self.host in ("127.0.0.1", "localhost", "::1")
-        if not local and not self.token and not self.insecure:
+        if not local and not self.token and not self.users and not self.insecure:
             raise ConfigError(
                 f"--host {self.host} exposes the server beyond this machine: give --token TOKEN (clients send "
                 "'Authorization: Bearer TOKEN'), or --insecure if the network is protected otherwise"
@@ -83,7 +84,7 @@ RECENT_PREDICTIONS = 1000  # images whose shown answer is kept for a review
 
 class ReviewIn(BaseModel):
     image_sha256: str = Field(description="the image_sha256 /v1/predict returned")
-    reviewer: str = Field(description="who reviews (the login field of the page)")
+    reviewer: str = Field("", description="who reviews (the page's field); a reader's own token (--users) overrides")
     verdicts: dict[str, Literal["present", "absent", "unsure"]] = Field(description="label → verdict")
     comment: str | None = None
     supersedes: int | None = Field(None, description="the id of the review this one corrects")
@@ -217,11 +218,16 @@ def create_app(settings: ServeSettings, service: Service | None = None):
         request_id = uuid.uuid4().hex
         request.state.request_id = request_id
         path = request.url.path
-        if path.startswith("/v1/") and settings.token:
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {settings.token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+        request.state.user = None
+        if path.startswith("/v1/") and (settings.token or settings.users):
+            given = request.headers.get("authorization", "").encode()
+            accepted, user = False, None
+            for name, token in ((None, settings.token), *settings.users):  # every comparison runs: constant time
+                if token and hmac.compare_digest(given, f"Bearer {token}".encode()):
+                    accepted, user = True, user or name
+            if not accepted:
                 return error(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)", request_id)
+            request.state.user = user
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_bytes + 1024 * 1024:
             return error(413, f"upload larger than {settings.max_upload_mb:g} MB", request_id)
@@ -273,8 +279,8 @@ def create_app(settings: ServeSettings, service: Service | None = None):
         return {"status": "ok"}
 
     @app.get("/v1/model")
-    async def model():
-        return {**service.card, "reviews": service.reviews is not None}
+    async def model(request: Request):
+        return {**service.card, "reviews": service.reviews is not None, "user": request.state.user}
 
     @app.post("/v1/predict")
     async def predict(
@@ -290,8 +296,9 @@ def create_app(settings: ServeSettings, service: Service | None = None):
 
     @app.post("/v1/reviews")
     async def add_review(request: Request, body: ReviewIn):
+        reviewer = request.state.user or body.reviewer  # a reader's own token signs the review with their name
         saved = await anyio.to_thread.run_sync(
-            service.review, body.image_sha256, body.reviewer, dict(body.verdicts), body.comment, body.supersedes,
+            service.review, body.image_sha256, reviewer, dict(body.verdicts), body.comment, body.supersedes,
             limiter=limiter,
         )  # fmt: skip
         return {"request_id": request.state.request_id, "review": saved}

@@ -38,6 +38,10 @@ async function loadModel() {
   try {
     const m = await call("/v1/model");
     reviewsOn = Boolean(m.reviews);
+    if (m.user) { // signed in with a reader's own token: reviews carry that name
+      $("reviewer").value = m.user;
+      $("reviewer").readOnly = true;
+    }
     document.body.classList.toggle("reviews-on", reviewsOn);
     $("model").textContent = `${m.name} · ${m.labels.length} findings · image ${m.image_size}px` +
       (m.calibrated_on ? " · calibrated on " + m.calibrated_on.dataset : " · not calibrated") +

@@ -2,6 +2,7 @@
 passes in ``config.attributes["connection"]`` (never from an alembic.ini)."""
 
 from alembic import context
+
 from cxrclip.reviews.store import metadata
 
 connection = context.config.attributes["connection"]

@@ -48,7 +48,6 @@ from cxrclip.exceptions import ConfigError
 from cxrclip.io import database_url, redact_url
 
 SCHEMA_LOCK = 0x63787263  # a PostgreSQL advisory lock key ("cxrc") held while the tables are created
-STATES = ("baseline", "pending", "working", "done", "refused", "failed")
 FINAL = ("done", "refused", "failed")
 
 metadata = MetaData()
@@ -129,11 +128,6 @@ class JobStore:
         with self.engine.connect() as conn:
             return conn.execute(select(cursor.c.value).where(cursor.c.name == name)).scalar()
 
-    def set_once(self, name: str, value: str) -> str:
-        """Store ``value`` under ``name`` unless a value is there already; the stored value either way."""
-        self._insert_ignore(cursor, [{"name": name, "value": value, "updated_at": _now()}], "name")
-        return self.get(name)
-
     def put(self, name: str, value: str) -> None:
         with self.engine.begin() as conn:
             if conn.execute(
@@ -153,15 +147,6 @@ class JobStore:
             for f in found
         ]  # fmt: skip
         return self._insert_ignore(jobs, rows, "sop_uid") if rows else 0
-
-    def known(self, sop_uids: Iterable[str]) -> set[str]:
-        uids = list(sop_uids)
-        found: set[str] = set()
-        with self.engine.connect() as conn:
-            for i in range(0, len(uids), 500):
-                part = uids[i : i + 500]
-                found |= set(conn.execute(select(jobs.c.sop_uid).where(jobs.c.sop_uid.in_(part))).scalars())
-        return found
 
     def claim(self, worker: str, lease_s: float, max_attempts: int) -> Job | None:
         """Take the oldest pending job that is due, for ``lease_s`` seconds; None when there is none. A job that

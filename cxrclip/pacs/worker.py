@@ -123,9 +123,8 @@ class Worker:
             recent = (datetime.date.today() - datetime.timedelta(days=self.s.lookback_days)).strftime("%Y%m%d")
             window = max(since, recent)
         found = [row for m in self.s.modalities for row in self.pacs.find_instances(m, window)]
-        fresh = [row for row in found if row["sop_uid"] not in self.store.known(r["sop_uid"] for r in found)]
         baseline = self.store.get("baseline") == "pending"
-        new = self.store.add(fresh, state="baseline" if baseline else "pending")
+        new = self.store.add(found, state="baseline" if baseline else "pending")  # the known ones are left as they are
         if baseline:
             self.store.put("baseline", "done")
             log.info(
@@ -202,9 +201,13 @@ class Worker:
 
         return overlay(self.predictor.picture_of(image, label), self.predictor.heatmap_of(image, label))
 
+    def wait_s(self) -> float:
+        """Until the next search: the poll interval, doubled per consecutive failed call to the PACS, at most 60 s."""
+        return min(MAX_BACKOFF_S, self.s.poll_s * 2 ** max(self.outage - 1, 0))
+
     def backoff(self, error: str) -> float:
         self.outage += 1
-        delay = min(MAX_BACKOFF_S, self.s.poll_s * 2 ** (self.outage - 1))
+        delay = self.wait_s()
         log.warning("PACS unavailable: %s — attempt %d failed, trying again in %.0f s (the worker keeps running)",
                     error, self.outage, delay)  # fmt: skip
         return delay
@@ -230,7 +233,7 @@ class Worker:
             if self.s.once and not self.outage:
                 break
             self.store.release_stale()
-            self.stop.wait(self.s.poll_s if not self.outage else min(MAX_BACKOFF_S, self.s.poll_s * 2**self.outage))
+            self.stop.wait(self.wait_s())
         counts = self.store.counts()
         log.info("stopped; job store: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "empty")
 

@@ -363,6 +363,20 @@ def test_wrong_password_stops_the_worker_with_a_clear_error(orthanc, tiny_clip_c
     assert "Traceback" not in done.stderr
 
 
+def test_status_reads_the_job_store_without_a_model_or_a_server(tmp_path, capsys):
+    from cxrclip.pacs.worker import main as pacs_main
+
+    store = JobStore(tmp_path / "j.sqlite")
+    store.add([{"sop_uid": "1.2.3", "study_uid": "1.2", "series_uid": "1.2.0", "modality": "DX"}])
+    store.finish("1.2.3", "failed", error="cannot decode DICOM instance 1.2.3")
+    assert pacs_main(["--status", "--db", str(tmp_path / "j.sqlite")]) == 0
+    out = capsys.readouterr().out
+    assert "job store: failed 1" in out and "failed 1.2.3: cannot decode DICOM instance 1.2.3" in out
+    with pytest.raises(SystemExit) as stopped:  # without --status, the worker needs both
+        pacs_main(["--db", str(tmp_path / "j.sqlite"), "--dicomweb", "http://127.0.0.1:9/dicom-web"])
+    assert stopped.value.code == 2 and "--model_path" in capsys.readouterr().err
+
+
 def test_job_store_claims_are_exclusive_and_dead_workers_release(tmp_path):
     one, two = JobStore(tmp_path / "j.sqlite"), JobStore(tmp_path / "j.sqlite")
     rows = [{"sop_uid": f"1.2.{i}", "study_uid": "1.2", "series_uid": "1.2.0", "modality": "DX"} for i in range(6)]

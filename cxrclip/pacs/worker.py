@@ -245,9 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "SR stored back (STOW-RS), exactly once. Research software: not for diagnostic use.",
     )
     p.add_argument("--dicomweb", help="the DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
-    p.add_argument(
-        "--model_path", "--model-path", required=True, help="a checkpoint, an export bundle or a routed model"
-    )
+    p.add_argument("--model_path", "--model-path", help="a checkpoint, an export bundle or a routed model")
     p.add_argument("--db", default="cxrclip-pacs.sqlite", help="job store: a SQLite file, or postgresql+psycopg://...")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between searches (default 5)")
     p.add_argument("--since", help="analyse studies from this date on (YYYY-MM-DD); default: what arrives after the "

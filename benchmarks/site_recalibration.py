@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -145,7 +146,7 @@ def main() -> None:
 
     cal_args = argparse.Namespace(image_root=None, labels=None, prompts=str(site_a / "prompts.json"))
     valid = _data_config(str(site_a / "valid.csv"), "valid", cal_args)
-    valid = type(valid)(**{**valid.__dict__, "label_names": tuple(names)})
+    valid = dataclasses.replace(valid, label_names=tuple(names))
     settings = CalibrationSettings()
     site_a_cal = calibrate_checkpoint(ckpt, [valid], settings, device="cpu")
 

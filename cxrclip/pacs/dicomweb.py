@@ -22,6 +22,11 @@ TAG = {
 }
 
 
+def _first(item: dict, tag: str):
+    """The first value of one attribute of a DICOM JSON object (None when absent or empty)."""
+    return ((item.get(tag) or {}).get("Value") or [None])[0]
+
+
 class PacsUnavailable(Exception):
     """The server cannot be reached or answers 5xx / 429 / 408: worth trying again later."""
 
@@ -118,7 +123,7 @@ class DicomWeb:
                 offset=offset,
             )
             for item in batch:
-                row = {k: (item.get(tag) or {}).get("Value", [None])[0] for k, tag in TAG.items()}
+                row = {k: _first(item, tag) for k, tag in TAG.items()}
                 if row["sop_uid"] and row["study_uid"] and row["series_uid"]:
                     found.append(row)
             if len(batch) < page:
@@ -132,7 +137,7 @@ class DicomWeb:
             study_instance_uid=study_uid,
             search_filters={"SOPInstanceUID": sop_uid},
         )
-        return any((item.get(TAG["sop_uid"]) or {}).get("Value", [None])[0] == sop_uid for item in found)
+        return any(_first(item, TAG["sop_uid"]) == sop_uid for item in found)
 
     def retrieve(self, study_uid: str, series_uid: str, sop_uid: str):
         return self._call("WADO-RS retrieve", self.client.retrieve_instance, study_uid, series_uid, sop_uid)

@@ -25,6 +25,7 @@ whose measurement groups describe regions, not a whole-image classifier::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import uuid
@@ -45,7 +46,9 @@ UID_NAMESPACE = uuid.UUID("6b0d3c1e-7a52-4c55-9d7e-2f0c8a1f4e21")  # cxrclip's n
 NOTICE = f"{DISCLAIMER} Each finding must be checked by a radiologist; probabilities come from a zero-shot model."
 
 
+@functools.lru_cache(maxsize=1)
 def _codes():
+    """The concepts of the template, made once (every SR reuses them; nothing mutates them)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -70,7 +73,6 @@ def _codes():
         "yes": codes.SCT.Yes,
         "no": codes.SCT.No,
         "unit": hd.sr.CodedConcept("1", "UCUM", "no units"),
-        "private": private,
     }
 
 

@@ -35,7 +35,7 @@ def model_card(predictor, path: str) -> dict:
         },
         "calibrated_on": calibration.fitted_on or None,
         "calibration": predictor.calibration_name,  # "default", or the site whose calibration answers
-        "sites": predictor.sites() if hasattr(predictor, "sites") else [],
+        "sites": predictor.sites(),
         "gate": predictor.gate.describe(),
         "disclaimer": DISCLAIMER,
     }

@@ -23,8 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cxrclip.io import atomic_write_text, redact_url
-
-NORMAL_SENTENCE = "no tubes, lines or air leaks are seen."
+from cxrclip.synthetic import NORMAL_SENTENCE
 
 
 def export_reviews(store, out: str | Path, labels: Sequence[str], bank=None) -> dict:

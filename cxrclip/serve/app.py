@@ -105,7 +105,6 @@ class Service:
             settings.model_path, device=settings.device, text_encoder=settings.text_encoder, gate=settings.gate,
             site=settings.site,
         )  # fmt: skip
-        self.calibration_name = self.predictor.calibration_name
         self.card = model_card(self.predictor, settings.model_path)
         self.reviews = ReviewStore(settings.db) if settings.db else None
         if settings.keep_images:
@@ -133,11 +132,16 @@ class Service:
             while len(self._recent) > RECENT_PREDICTIONS:
                 self._recent.popitem(last=False)
 
+    def store(self) -> ReviewStore:
+        """The review store, or 503 when the server runs without one (``--no-reviews``)."""
+        if self.reviews is None:
+            raise ApiError(503, "reviews are off: start cxrclip serve with --db FILE_OR_URL")
+        return self.reviews
+
     def review(self, sha: str, reviewer: str, verdicts: dict, comment: str | None, supersedes: int | None) -> dict:
         """Save a reviewer's verdicts on an image this server predicted (what it showed is taken from its own
         record, never from the client)."""
-        if self.reviews is None:
-            raise ApiError(503, "reviews are off: start cxrclip serve with --db FILE_OR_URL")
+        store = self.store()
         with self._recent_lock:
             entry = self._recent.get(sha)
         if entry is None:
@@ -147,9 +151,9 @@ class Service:
             kind = (sniff_format(entry["data"]) or "bin").lower().replace("jpeg", "jpg").replace("dicom", "dcm")
             path = str(atomic_write_bytes(Path(self.settings.keep_images) / f"{sha}.{kind}", entry["data"]))
         try:
-            return self.reviews.add(
+            return store.add(
                 reviewer=reviewer, image_sha256=sha, model_sha256=self.card["checkpoint_sha256"],
-                calibration=self.calibration_name, shown=entry["shown"], verdicts=verdicts,
+                calibration=self.predictor.calibration_name, shown=entry["shown"], verdicts=verdicts,
                 labels=self.predictor.label_names, comment=comment, image_name=entry["name"], image_path=path,
                 supersedes=supersedes,
             )  # fmt: skip
@@ -157,11 +161,12 @@ class Service:
             raise ApiError(422, str(e)) from e
 
     def monitor(self, period: str) -> dict:
+        store = self.store()
         report = monitor_report(
-            self.reviews.predictions(), self.reviews.current(), self.predictor.label_names,
+            store.predictions(), store.current(), self.predictor.label_names,
             validation_prevalence(self.predictor.calibration), period,
         )  # fmt: skip
-        return {"model": self.card["name"], "calibration": self.calibration_name, **report}
+        return {"model": self.card["name"], "calibration": self.predictor.calibration_name, **report}
 
     def predict(self, data: bytes, name: str, heatmap: str | None, texts: Sequence[str]) -> dict:
 
@@ -179,7 +184,7 @@ class Service:
         sha = hashlib.sha256(data).hexdigest()
         out = {"input": facts, "image_sha256": sha, **result, "preview": _data_url(png_bytes(gray))}
         if self.reviews is not None and self._first_sight(sha):  # the monitor counts each image once
-            self.reviews.log_prediction(sha, self.card["checkpoint_sha256"], self.calibration_name, result)
+            self.reviews.log_prediction(sha, self.card["checkpoint_sha256"], self.predictor.calibration_name, result)
         if not result["analysed"]:  # refused by the input gate: no label, free-text or heatmap answer
             return out
         self.remember(sha, name, data, result["labels"])
@@ -309,21 +314,18 @@ def create_app(settings: ServeSettings, service: Service | None = None):
 
     @app.get("/v1/monitor")
     async def monitor(period: Literal["day", "week"] = "day"):
-        if service.reviews is None:
-            raise ApiError(503, "monitoring needs the review store: start cxrclip serve with --db FILE_OR_URL")
         return await anyio.to_thread.run_sync(service.monitor, period, limiter=limiter)
 
     @app.get("/v1/reviews")
     async def list_reviews(since: str | None = None, limit: int = 1000):
-        if service.reviews is None:
-            raise ApiError(503, "reviews are off: start cxrclip serve with --db FILE_OR_URL")
+        store = service.store()
         try:
             after = datetime.datetime.fromisoformat(since) if since else None
         except ValueError as e:
             raise ApiError(422, f"since={since!r}: expected an ISO 8601 time, e.g. 2026-11-29T08:00:00+00:00") from e
         if after is not None and after.tzinfo is None:
             after = after.replace(tzinfo=datetime.timezone.utc)
-        rows = await anyio.to_thread.run_sync(service.reviews.list, after, max(1, min(limit, 10000)))
+        rows = await anyio.to_thread.run_sync(store.list, after, max(1, min(limit, 10000)))
         return {"reviews": rows}
 
     @app.post("/v1/predict/batch")

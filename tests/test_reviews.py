@@ -296,34 +296,19 @@ def test_in_chromium_a_reviewer_corrects_two_labels_with_the_keyboard_and_sees_i
     tiny_clip_checkpoint, demo_data, tmp_path
 ):
     import shutil
-    import socket
-    import threading
 
     chromium = shutil.which("chromium")
     if not chromium:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it with apt-get)")
     playwright = pytest.importorskip("playwright.sync_api")
-    import uvicorn
-
     from cxrclip.serve.app import ServeSettings, Service, create_app
+    from tests.servers import CHROMIUM_ARGS, live_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     db = tmp_path / "reviews.sqlite"
-    settings = ServeSettings(model_path=str(tiny_clip_checkpoint), port=port, db=str(db))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, Service(settings)), host="127.0.0.1", port=port,
-                                           log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    settings = ServeSettings(model_path=str(tiny_clip_checkpoint), db=str(db))
+    with live_app(create_app(settings, Service(settings))) as url:
         with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu",
-                                        "--disable-background-networking", "--no-first-run"])  # fmt: skip
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page()
                 page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(url) or
@@ -350,9 +335,6 @@ def test_in_chromium_a_reviewer_corrects_two_labels_with_the_keyboard_and_sees_i
                 page.screenshot(path=str(ARTIFACTS / "monitor-page.png"), full_page=True)
             finally:
                 browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     (saved,) = ReviewStore(db).list()  # the SQLite file holds exactly that review
     assert saved["reviewer"] == "Dr. Lin" and saved["verdicts"] == {first: "present", second: "absent"}
 

@@ -4,15 +4,14 @@ heatmaps, and the page in a real (Debian) Chromium that must not request anythin
 import io
 import json
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from tests.servers import CHROMIUM_ARGS, live_app
 
 pytestmark = pytest.mark.usefixtures("minilm_tokenizer")
 pytest.importorskip("fastapi")
@@ -233,30 +232,12 @@ def test_every_encoder_exposes_a_feature_map_consistent_with_its_forward(preset)
 
 
 # -- the page in a real browser --------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def live_server(service):
-    import uvicorn
-
     from cxrclip.serve.app import ServeSettings, create_app
 
-    port = free_port()
-    app = create_app(ServeSettings(model_path=service.settings.model_path, port=port), service)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the server did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with live_app(create_app(ServeSettings(model_path=service.settings.model_path), service)) as url:
+        yield url
 
 
 def test_the_page_in_chromium_shows_labels_a_heatmap_a_refusal_banner_and_stays_local(live_server, demo_data, tmp_path):
@@ -266,18 +247,7 @@ def test_the_page_in_chromium_shows_labels_a_heatmap_a_refusal_banner_and_stays_
     playwright = pytest.importorskip("playwright.sync_api")
     outside = []
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=chromium,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                "--disable-quic",
-            ],  # fmt: skip
-        )
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
 

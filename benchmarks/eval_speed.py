@@ -62,8 +62,13 @@ def timed(fn, repeat: int = 3) -> float:
 
 
 def metric_rows(ns: list[int], loop_n: int, dim: int, n_labels: int) -> list[dict]:
-    from cxrclip.eval.metrics import binary_metrics, retrieval_metrics
+    from cxrclip.eval import metrics
+    from cxrclip.eval.metrics import binary_metrics, retrieval_metrics, tile_candidates
+    from cxrclip.hardware import this_cpu
 
+    cpu = this_cpu()
+    candidates = tile_candidates(cpu)
+    print(f"CPU: {cpu.describe()}; retrieval tile candidates (rows, texts): {candidates}", flush=True)
     rows = []
     for size in ns:
         n, m = parse_size(size)
@@ -72,28 +77,41 @@ def metric_rows(ns: list[int], loop_n: int, dim: int, n_labels: int) -> list[dic
         txt = F.normalize(torch.randn(m, dim, generator=g), dim=-1)
         gt = torch.arange(n) % m
         repeat = 1 if n * m > 4e8 else 5
-        # interleaved, best of `repeat` each; the floor is the faster of the two ways to run the product alone
-        # (4096-row chunks, or 2048² tiles)
-        times = {"rows": [], "tiles": [], "ours": []}
+        metrics._CHOSEN.clear()
+        retrieval_metrics(img[: min(n, 8192)], txt, gt[: min(n, 8192)])  # the once-per-process probe
+        chosen = metrics._CHOSEN.get((dim, 4), candidates[0])
+        # interleaved, best of `repeat` each; the floor is the fastest way to run the product alone (4096-row
+        # chunks, or any candidate tile); each candidate tile's own time beside the chosen one's
+        times = {"rows": [], "ours": [], **{t: [] for t in candidates}, **{("bare", *t): [] for t in candidates}}
         before = rss_mb()
         for _ in range(repeat):
             times["rows"].append(timed(lambda img=img, txt=txt: bare_product(img, txt), 1))
-            times["tiles"].append(timed(lambda img=img, txt=txt: bare_product(img, txt, 2048, 2048), 1))
+            for t in candidates:
+                times[("bare", *t)].append(timed(lambda img=img, txt=txt, t=t: bare_product(img, txt, *t), 1))
             times["ours"].append(timed(lambda img=img, txt=txt, gt=gt: retrieval_metrics(img, txt, gt), 1))
+            if n * m <= 4e8:
+                for t in candidates:
+                    metrics._CHOSEN[(dim, 4)] = t
+                    times[t].append(timed(lambda img=img, txt=txt, gt=gt: retrieval_metrics(img, txt, gt), 1))
+                metrics._CHOSEN[(dim, 4)] = chosen
         extra_mb = rss_mb() - before
-        bare, ours = min(times["rows"] + times["tiles"]), min(times["ours"])
+        bare = min(min(v) for k, v in times.items() if k == "rows" or (isinstance(k, tuple) and k[0] == "bare"))
+        ours = min(times["ours"])
         labels = np.random.default_rng(0).integers(0, 2, (n, n_labels))
         probs = np.random.default_rng(1).random((n, n_labels))
         zs = timed(lambda labels=labels, probs=probs: binary_metrics(probs, labels, [str(i) for i in range(n_labels)]))
         rows.append(
             {
                 "benchmark": "metrics",
+                "cpu": cpu.model,
                 "n": n,
                 "texts": m,
                 "dim": dim,
+                "tile_chosen": list(chosen),
                 "matmul_s": round(bare, 3),
                 "retrieval_s": round(ours, 3),
                 "ratio_to_matmul": round(ours / bare, 2),
+                "ratio_per_tile": {f"{t[0]}x{t[1]}": round(min(times[t]) / bare, 2) for t in candidates if times[t]},
                 "zeroshot_binary_s": round(zs, 3),
                 "peak_rss_mb": round(rss_mb()),
                 "retrieval_extra_peak_mb": round(extra_mb),

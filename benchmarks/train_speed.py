@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cxrclip.hardware import this_cpu
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -70,16 +72,24 @@ def run_one(args: argparse.Namespace) -> dict:
     trainer.model.train()
     batches = iter(trainer.train_loader)
     tokens, times = [], []
+    parts = {"data": 0.0, "forward_loss": 0.0, "backward": 0.0, "optimizer": 0.0}
     compile_s = 0.0
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
         batch = next(batches)
+        t_data = time.perf_counter()
         losses = trainer.forward_loss(batch)
+        t_fwd = time.perf_counter()
         trainer.scaler.scale(losses["loss"]).backward()
+        t_bwd = time.perf_counter()
         trainer.optimizer_step()
+        end = time.perf_counter()
         if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(end - start)
             tokens.append(batch.tokens["input_ids"].shape[1])
+            for name, (a, b) in {"data": (start, t_data), "forward_loss": (t_data, t_fwd),
+                                 "backward": (t_fwd, t_bwd), "optimizer": (t_bwd, end)}.items():  # fmt: skip
+                parts[name] += b - a
         elif i == 0:
             compile_s = time.perf_counter() - start  # the first step: includes compilation with --compile
     seconds = sum(times)
@@ -100,7 +110,10 @@ def run_one(args: argparse.Namespace) -> dict:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "final_loss": round(float(losses["loss"]), 4),
         "torch_threads": torch.get_num_threads(),
-        "channels_last": args.channels_last[0] == "true",
+        "channels_last": args.channels_last[0],
+        "nhwc": trainer.channels_last,
+        "cpu": this_cpu().describe(),
+        "s_per_step_parts": {k: round(v / args.steps, 3) for k, v in parts.items()},
         "compile": args.compile[0] == "true",
         "fused_adamw": args.fused,
         "first_step_s": round(compile_s, 2),
@@ -118,12 +131,12 @@ def encoder_floor(trainer, batch, steps: int, text: bool = False) -> float:
     text tower too (both captions through it, AdamW over every weight): the two bare towers, no loss, no data."""
     import torch
 
-    model, run = trainer.model, trainer.run
+    model = trainer.model
     prefixes = ("image_encoder.", "image_projection.") + (("text_encoder.", "text_projection.") if text else ())
     params = [p for n, p in model.named_parameters() if n.startswith(prefixes) and p.requires_grad]
     texts = [t for t in (batch.tokens, batch.tokens2) if t is not None] if text else []
     opt = torch.optim.AdamW(params, lr=1e-6, fused=bool(trainer.optimizer.defaults.get("fused")))
-    fmt = torch.channels_last if run.channels_last else torch.contiguous_format
+    fmt = torch.channels_last if trainer.channels_last else torch.contiguous_format
     views = batch.image_views if batch.image_views is not None else batch.images
     images = torch.cat([batch.images, views]).contiguous(memory_format=fmt)
     times = []
@@ -153,7 +166,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--data", help="a folder with train.csv (default: synthetic data made for the run)")
-    p.add_argument("--channels-last", nargs="+", default=["false"], choices=["false", "true"])
+    p.add_argument("--channels-last", nargs="+", default=["auto"], choices=["auto", "false", "true"],
+                   help="auto: the default (NHWC for CNN image encoders); false: the old default")  # fmt: skip
     p.add_argument("--compile", nargs="+", default=["false"], choices=["false", "true"])
     p.add_argument("--fused", action="store_true", help="fused AdamW (optimizer.config.fused=true)")
     p.add_argument("--no-floor", dest="floor", action="store_false", help="skip timing the bare image encoder")
@@ -222,11 +236,16 @@ def main() -> None:
     print("|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
-            f"| {r['model']} | {r['amp']} | {r['padding']} | {r['channels_last']} | {r['compile']} | "
+            f"| {r['model']} | {r['amp']} | {r['padding']} | {r['channels_last']} ({'NHWC' if r['nhwc'] else 'NCHW'}) "
+            f"| {r['compile']} | "
             f"{r['fused_adamw']} | {r['samples_per_s']:.2f} | {r['s_per_step']:.3f} | {r['floor_s_per_step']} | "
             f"{r['pct_of_floor']} | {r['floor_both_s_per_step']} | {r['pct_of_floor_both']} | {r['first_step_s']} | "
             f"{r['peak_rss_mb']:.0f} |"
         )
+    print("\nwhere a step's time goes (s): data wait, forward + loss, backward, optimizer")
+    for r in results:
+        print(f"{r['model']} {r['amp']} channels_last={r['channels_last']}: {r['s_per_step_parts']}")
+    print(f"CPU: {results[0]['cpu']}" if results else "")
     for r in results:
         print(json.dumps(r))
 

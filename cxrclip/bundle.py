@@ -129,8 +129,9 @@ def export_bundle(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
     predictor = Predictor.create(
-        str(checkpoint), prompts=prompts, labels=labels, device="cpu", text_encoder=text_encoder
+        str(checkpoint), prompts=prompts, labels=labels, device="cpu", text_encoder=text_encoder, precision="fp32"
     )
+    predictor.loaded.model.set_channels_last(False)  # exported in the ONNX (NCHW) layout
     loaded = predictor.loaded
     state = loaded.model.state_dict()
     image_state = {k: v.contiguous() for k, v in state.items() if k.startswith(IMAGE_PREFIXES)}

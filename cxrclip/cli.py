@@ -14,6 +14,7 @@ from cxrclip.data.prompts import PromptFileError
 from cxrclip.data.records import load_records, summarize
 from cxrclip.data.schema import DataConfig, DataValidationError
 from cxrclip.exceptions import ConfigError
+from cxrclip.hardware import PRECISION_HELP, PRECISIONS
 from cxrclip.synthetic import CGMH_LABELS, DEFAULT_PROMPTS, NORMAL_SENTENCE, generate_demo_data
 
 SPLIT_TYPES = {"train": "imagetext", "valid": "imagetext", "test": "imagetext_eval", "cls": "image_classification"}
@@ -214,6 +215,7 @@ def _serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             cors_origins=tuple(args.cors_origin or ()),
             device=args.device,
+            precision=args.precision,
             text_encoder=args.text_encoder,
             gate=not args.no_gate,
             users=_read_users(args.users),
@@ -491,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="predictions run at once (a bounded thread pool)")
     p.add_argument("--cors-origin", action="append", help="allow this web origin to call the API (default: none)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--text-encoder", help="local folder of the text encoder (offline)")
     p.add_argument("--no-gate", action="store_true", help="show labels even for inputs the gate refuses (recorded)")
     p.add_argument("--db", default="cxrclip-reviews.sqlite", help="the review store: a SQLite file (default "

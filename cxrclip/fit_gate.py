@@ -87,7 +87,9 @@ def fit_gate_checkpoint(
     if problems:
         listed = "\n  ".join(problems[:MAX_LISTED])
         raise GateError(f"{len(problems)} image(s) cannot be used:\n  {listed}")
-    predictor = Predictor.create(str(checkpoint), device=device, text_encoder=text_encoder, gate=False)
+    predictor = Predictor.create(
+        str(checkpoint), device=device, text_encoder=text_encoder, gate=False, precision="fp32"
+    )  # fitted on fp32 embeddings
     kept: list[np.ndarray] = []
     emb, failed = [], []
     for start in range(0, len(items), batch_size):

@@ -13,6 +13,7 @@ from pathlib import Path
 from cxrclip.data.cells import image_csv
 from cxrclip.data.images import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
 from cxrclip.exceptions import InputError, exit_on_user_error
+from cxrclip.hardware import PRECISION_HELP, PRECISIONS
 from cxrclip.io import atomic_write_text
 from cxrclip.predict import PredictorBase, load_predictor
 from cxrclip.predict.gradcam import write_overlay
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--output", help="CSV file for folder/CSV input (default: predictions.csv next to the input)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--text_encoder", "--text-encoder", help="local folder of the text encoder (offline)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=32)
     p.add_argument("--heatmap", metavar="DIR", help="write Grad-CAM overlays (PNG) of each image's YES labels here")
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             text_encoder=args.text_encoder,
             gate=not args.no_gate,
             site=args.site,
+            precision=args.precision,
         )
         results, failed = predict_files(predictor, images, threshold, args.batch_size)
         refused = [r for r in results if not r["analysed"]]

@@ -104,6 +104,7 @@ class EvalSpec:
     auroc_ci: str = "delong"
     text_encoder: str | None = None
     image_encoder: str | None = None
+    precision: str = "auto"  # the image encoder's: auto (bf16 on a CPU with native bf16), fp32, bf16
 
     @classmethod
     def from_mapping(cls, section: Mapping) -> EvalSpec:
@@ -114,6 +115,7 @@ class EvalSpec:
             auroc_ci=str(section.get("auroc_ci", "delong")),
             text_encoder=section.get("text_encoder"),
             image_encoder=section.get("image_encoder"),
+            precision=str(section.get("precision") or "auto"),
         )
 
 

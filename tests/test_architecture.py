@@ -9,7 +9,7 @@ import cxrclip
 ROOT = Path(cxrclip.__file__).parent
 # lowest first; a module may import from its own layer and the layers before it
 LAYERS = [
-    ["cxrclip.exceptions", "cxrclip.io", "cxrclip.paths"],
+    ["cxrclip.exceptions", "cxrclip.io", "cxrclip.paths", "cxrclip.hardware"],
     ["cxrclip.config", "cxrclip.data"],
     ["cxrclip.spec"],
     ["cxrclip.scoring", "cxrclip.model"],

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from cxrclip.exceptions import ConfigError, OutputError
+from cxrclip.model.speed import parse_channels_last
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAMES = ("model-last.tar", "model-best.tar")
@@ -30,7 +31,7 @@ class RunSettings:
     tensorboard_dir: Path
     overwrite: bool = False
     log_every: int = 10
-    channels_last: bool = False
+    channels_last: bool | str = "auto"  # auto: NHWC for a convolutional image encoder (cxrclip.model.speed)
     compile: bool = False
     ema_decay: float | None = None  # an exponential moving average of the weights is what gets saved and evaluated
     ema_warmup: bool = True  # the decay grows with the step (timm's warmup), so a short run is not pulled to its start
@@ -54,7 +55,7 @@ class RunSettings:
             tensorboard_dir=Path(base["output"]["tensorboard"]),
             overwrite=bool(base.get("overwrite", False)),
             log_every=max(1, int(base.get("log_every", 10))),
-            channels_last=bool(base.get("channels_last", False)),
+            channels_last=parse_channels_last(base.get("channels_last", "auto")),
             compile=bool(base.get("compile", False)),
             ema_decay=ema_decay,
             ema_warmup=bool(base.get("ema_warmup", True)),

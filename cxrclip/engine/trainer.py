@@ -28,21 +28,32 @@ from cxrclip.model.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from cxrclip.model.speed import use_channels_last
 from cxrclip.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
 
-def speed_up_image_encoder(model: torch.nn.Module, run: RunSettings) -> None:
-    """``base.channels_last``: the image encoder's weights (and its inputs) in NHWC, the layout oneDNN and cuDNN
-    convolutions prefer. ``base.compile``: the image encoder compiled by TorchInductor in place (its state-dict keys
-    stay the same; the first steps pay the compile time)."""
+def channels_last_image_encoder(model: torch.nn.Module, run: RunSettings, device: torch.device, autocast: bool) -> bool:
+    """``base.channels_last`` (auto: on for a convolutional image encoder, ``cxrclip.model.speed``): the image
+    encoder's weights, and the image batches, in NHWC, the layout oneDNN and cuDNN convolutions prefer. Returns
+    whether it is on."""
     encoder = getattr(model, "image_encoder", None)
     if encoder is None:
-        return
-    if run.channels_last:
+        return False
+    on = use_channels_last(run.channels_last, encoder, device, autocast)
+    if hasattr(model, "set_channels_last"):
+        model.set_channels_last(on)
+    elif on:
         encoder.to(memory_format=torch.channels_last)
-    if run.compile:
+    return on
+
+
+def compile_image_encoder(model: torch.nn.Module, run: RunSettings) -> None:
+    """``base.compile``: the image encoder compiled by TorchInductor in place (its state-dict keys stay the same;
+    the first steps pay the compile time)."""
+    encoder = getattr(model, "image_encoder", None)
+    if encoder is not None and run.compile:
         encoder.compile()
 
 
@@ -116,13 +127,14 @@ class Trainer:
                 f"{loaders['train'].batch_size}; lower dataloader.train.batch_size"
             )
         self.model = self.task.build_model().to(env.device)
-        self.ema = make_ema(self.model, self.run)
-        speed_up_image_encoder(self.model, self.run)
+        self.autocast, self.amp_dtype, use_scaler = autocast_settings(self.run, env.device)
+        self.channels_last = channels_last_image_encoder(self.model, self.run, env.device, self.autocast)
+        self.ema = make_ema(self.model, self.run)  # a copy in the same memory format
+        compile_image_encoder(self.model, self.run)
         self.loss_fn = self.task.loss_fn
         self.optimizer = build_optimizer(self.model, self.spec.optimizer)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / self.run.grad_accum_steps)
         self.scheduler = build_scheduler(self.optimizer, self.spec.schedule, self.steps_per_epoch)
-        self.autocast, self.amp_dtype, use_scaler = autocast_settings(self.run, env.device)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=use_scaler)
         self.ddp = (
             torch.nn.parallel.DistributedDataParallel(
@@ -138,13 +150,15 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.run.tensorboard_dir))
             log.info(
-                "device %s, %d process(es), per-process batch %d, %d steps/epoch, %d epochs, autocast %s",
+                "device %s, %d process(es), per-process batch %d, %d steps/epoch, %d epochs, autocast %s, "
+                "image encoder %s",
                 env.device,
                 env.world_size,
                 self.train_loader.batch_size,
                 self.steps_per_epoch,
                 self.total_epochs,
                 self.amp_dtype if self.autocast else "off",
+                "NHWC (channels_last)" if self.channels_last else "NCHW",
             )
 
     @property
@@ -203,7 +217,7 @@ class Trainer:
     # -- loops -------------------------------------------------------------------------------------
     def forward_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         with torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.autocast):
-            batch = batch.to(self.env.device, self.run.channels_last)
+            batch = batch.to(self.env.device, self.channels_last)
             out = self.ddp(batch)
         return self.loss_fn(out, batch)
 

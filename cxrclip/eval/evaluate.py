@@ -111,9 +111,11 @@ def evaluation_predictor(path: Path, spec: RunSpec, device: torch.device, data: 
             raise ConfigError(
                 "a routed model is evaluated with each member's own preprocessing: leave base.image_size null"
             )
-        return RoutedPredictor.create(path, device=str(device), text_encoder=spec.test.text_encoder)
+        return RoutedPredictor.create(
+            path, device=str(device), text_encoder=spec.test.text_encoder, precision=spec.test.precision
+        )
     if is_bundle(path):
-        return BundlePredictor.create(path)
+        return BundlePredictor.create(path, precision=spec.test.precision)
     labelled = next((dc for dc in data if dc.prompt_path and dc.label_names), None)
     return Predictor.create(
         str(path),
@@ -123,6 +125,7 @@ def evaluation_predictor(path: Path, spec: RunSpec, device: torch.device, data: 
         image_size=spec.image_size,
         text_encoder=spec.test.text_encoder,
         image_encoder=spec.test.image_encoder,
+        precision=spec.test.precision,
     )
 
 

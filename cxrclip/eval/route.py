@@ -21,7 +21,7 @@ from cxrclip.predict.routed import Member, RoutingError, write_routed
 
 def validation_scores(path: str | Path, images: Sequence[Path], names: Sequence[str], device=None) -> np.ndarray:
     """Zero-shot label logits (images × names) of one candidate, each image preprocessed as that model was."""
-    predictor = Predictor.create(str(path), labels=list(names), device=device, gate=False)
+    predictor = Predictor.create(str(path), labels=list(names), device=device, gate=False, precision="fp32")
     out = []
     for start in range(0, len(images), 32):
         batch = [predictor.transform(read_image(p)) for p in images[start : start + 32]]

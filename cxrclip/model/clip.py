@@ -72,6 +72,14 @@ class CXRClip(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         self.frozen = tuple(freeze)
         self._freeze(self.frozen)
+        self.image_memory_format = torch.contiguous_format
+
+    def set_channels_last(self, on: bool) -> CXRClip:
+        """The image encoder's weights, and every image batch it is given, in NHWC (``on``) or NCHW: the same
+        function, the layout oneDNN and cuDNN convolutions prefer (:mod:`cxrclip.model.speed` decides when)."""
+        self.image_memory_format = torch.channels_last if on else torch.contiguous_format
+        self.image_encoder.to(memory_format=self.image_memory_format)
+        return self
 
     def _freeze(self, prefixes: Sequence[str]) -> None:
         """Lock the parameters under these module names (e.g. ``text_encoder``: a locked text tower, as LiT
@@ -96,6 +104,8 @@ class CXRClip(nn.Module):
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim == 4:
+            images = images.contiguous(memory_format=self.image_memory_format)
         return F.normalize(self.image_projection(self.image_encoder(images)).float(), dim=-1)
 
     def encode_text(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:

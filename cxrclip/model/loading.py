@@ -15,6 +15,7 @@ from cxrclip.data.transforms import build_transform, spec_transform
 from cxrclip.model.checkpoint import CheckpointError, load_checkpoint, plain_config
 from cxrclip.model.clip import CXRClip, build_model
 from cxrclip.model.encoders import build_image_encoder, build_tokenizer
+from cxrclip.model.speed import use_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,10 @@ def load_model(
     device: str | torch.device = "cpu",
     text_encoder: str | None = None,
     image_encoder: str | None = None,
+    channels_last: bool | str = "auto",
 ) -> LoadedModel:
-    """Load a CLIP checkpoint strictly (every weight must be used and every weight must be present)."""
+    """Load a CLIP checkpoint strictly (every weight must be used and every weight must be present).
+    ``channels_last``: the image encoder in NHWC (auto: when it is convolutional, :mod:`cxrclip.model.speed`)."""
     ckpt = load_checkpoint(path)
     config = plain_config(ckpt.get("config"))
     if "model" not in config or "image_encoder" not in config.get("model", {}):
@@ -143,6 +146,7 @@ def load_model(
     name = text_encoder or model_cfg["text_encoder"]["name"]
     tokenizer = build_tokenizer({"pretrained_model_name_or_path": name})
     model.to(device).eval()
+    model.set_channels_last(use_channels_last(channels_last, model.image_encoder, device))
     return LoadedModel(model, model_cfg, tokenizer, ckpt, Path(path))
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from cxrclip.data.images import ImageReadError, dicom_image
 from cxrclip.exceptions import ConfigError, exit_on_user_error
+from cxrclip.hardware import PRECISION_HELP, PRECISIONS
 from cxrclip.pacs.dicomweb import Credentials, DicomWeb, PacsRejected, PacsUnavailable, credentials
 from cxrclip.pacs.sr import build_heatmap_capture, build_sr, sr_uids
 from cxrclip.pacs.store import Job, JobStore, worker_id
@@ -48,6 +49,7 @@ class WorkerSettings:
     once: bool = False
     gate: bool = True
     device: str | None = None
+    precision: str = "auto"
     text_encoder: str | None = None
     site: str | None = None
     verify: bool | str = True
@@ -268,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", help="answer with this site's calibration (cxrclip calibrate --site NAME)")
     p.add_argument("--threads", type=int, help="CPU threads for the model (split the cores between workers)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--text_encoder", "--text-encoder", help="local folder of the text encoder (offline)")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
@@ -304,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             modalities=tuple(m.upper() for m in (args.modality or ("CR", "DX"))), report_refusals=args.report_refusals,
             heatmap_labels=tuple(args.heatmap or ()), lease_s=args.lease, max_attempts=args.max_attempts,
             once=args.once, gate=not args.no_gate, device=args.device, text_encoder=args.text_encoder, verify=verify,
-            site=args.site,
+            site=args.site, precision=args.precision,
             creds=credentials(args.user, args.password_file, args.token_file),
         )  # fmt: skip
         pacs = DicomWeb(settings.dicomweb, settings.creds, verify=settings.verify)
@@ -321,7 +324,7 @@ def make_worker(settings: WorkerSettings, pacs: DicomWeb, store: JobStore) -> Wo
 
     predictor = load_predictor(
         settings.model_path, device=settings.device, text_encoder=settings.text_encoder, gate=settings.gate,
-        site=settings.site,
+        site=settings.site, precision=settings.precision,
     )  # fmt: skip
     return Worker(settings, predictor, model_card(predictor, settings.model_path), pacs, store)
 

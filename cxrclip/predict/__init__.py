@@ -28,26 +28,30 @@ def load_predictor(
     text_encoder: str | None = None,
     gate: bool = True,
     site: str | None = None,
+    precision: str = "auto",
 ):
     """The predictor a path needs: a routed model (a folder with ``routed.json``), an inference bundle (a folder with
     ``bundle.json``) or a checkpoint. ``gate=False`` (``--no-gate``): the gate's verdicts are recorded, not enforced.
-    ``site``: answer with that site's calibration (``cxrclip calibrate --site``)."""
+    ``site``: answer with that site's calibration (``cxrclip calibrate --site``). ``precision``: the image
+    encoder's, auto / fp32 / bf16 (auto: bf16 on a CPU with native bf16; a bundle under ONNX Runtime stays fp32)."""
     if is_routed(model_path):
         if image_size or prompts or labels:
             raise InputError("a routed model keeps each member's own preprocessing, prompts and labels")
         if site:
             raise InputError("--site: a routed model answers with each member's own calibration")
-        return RoutedPredictor.create(model_path, device=device, text_encoder=text_encoder, gate=gate, texts=texts)
+        return RoutedPredictor.create(
+            model_path, device=device, text_encoder=text_encoder, gate=gate, texts=texts, precision=precision
+        )
     if is_bundle(model_path):
         if image_size:
             raise InputError("a bundle keeps the preprocessing it was exported with; image_size cannot change")
         predictor = BundlePredictor.create(
-            model_path, prompts=prompts, texts=texts, labels=labels, device=device, gate=gate
+            model_path, prompts=prompts, texts=texts, labels=labels, device=device, gate=gate, precision=precision
         )
     else:
         predictor = Predictor.create(
             str(model_path), prompts=prompts, texts=texts, labels=labels, device=device, image_size=image_size,
-            text_encoder=text_encoder, gate=gate,
+            text_encoder=text_encoder, gate=gate, precision=precision,
         )  # fmt: skip
     if site:
         predictor.use_site(site)

@@ -46,6 +46,7 @@ class PredictorBase:
     gate: InputGate  # asked before any label is scored (cxrclip/predict/gate.py)
     encoders: dict  # {"image_encoder": name, "text_encoder": name}
     calibration_name: str = "default"  # or the site whose calibration answers (``use_site``)
+    precision: str = "fp32"  # the image encoder's: fp32 or bf16 (cxrclip/model/speed.py)
 
     def sites(self) -> list[str]:
         """The sites with a calibration of their own (``cxrclip calibrate --site NAME``)."""

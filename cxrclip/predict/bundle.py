@@ -15,6 +15,7 @@ import numpy as np
 
 from cxrclip.data.preprocess import PreprocessSpec
 from cxrclip.exceptions import InputError, UserError
+from cxrclip.hardware import resolve_precision
 from cxrclip.predict.base import PredictorBase, label_bank, read_texts
 from cxrclip.predict.gate import stored_gate
 from cxrclip.scoring.calibration import Calibration
@@ -109,6 +110,7 @@ class Bundle:
         from cxrclip.model.clip import CXRClip, build_projection
         from cxrclip.model.encoders import build_image_encoder
         from cxrclip.model.loading import architecture_only
+        from cxrclip.model.speed import use_channels_last
 
         arch = architecture_only(self.manifest["model"], text_encoder=str(self.check_text_folder()))
         state = {k: torch.from_numpy(v.copy()) for k, v in self.arrays(IMAGE_WEIGHTS).items()}
@@ -123,20 +125,27 @@ class Bundle:
             model.image_projection = build_projection(arch.get("projection_head"), model.image_encoder.out_dim)
             model.logit_scale = torch.nn.Parameter(torch.zeros(()))
             model.encode_image = lambda x: CXRClip.encode_image(model, x)
+            model.set_channels_last = lambda on: CXRClip.set_channels_last(model, on)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise BundleError(
                 f"{self.path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-        return model.to(device).eval()
+        model.to(device).eval().set_channels_last(use_channels_last("auto", model.image_encoder, device))
+        return model
 
 
 class BundlePredictor(PredictorBase):
     """Inference from a bundle: ONNX Runtime for the image encoder (PyTorch when ``device`` is given or the bundle
     has no ONNX file), the stored prompt embeddings; the text tower only for free-text candidates/queries."""
 
-    def __init__(self, bundle: Bundle, device: str | None = None, gate: bool = True):
+    def __init__(self, bundle: Bundle, device: str | None = None, gate: bool = True, precision: str = "auto"):
         self.bundle, self.device = bundle, device
+        self.precision = resolve_precision(precision, device or "cpu")
+        if self.precision == "bf16" and device is None and precision != "bf16":
+            self.precision = "fp32"  # auto: ONNX Runtime (fp32: it has no bf16 kernels on x86 CPUs), not torch
+        elif self.precision == "bf16" and device is None:
+            self.device = device = "cpu"  # bf16 asked for: the bundle's PyTorch weights under bf16 autocast
         self.label_names = bundle.labels
         self.preprocess = bundle.preprocess()
         self.transform = self.preprocess.numpy()
@@ -168,8 +177,11 @@ class BundlePredictor(PredictorBase):
         labels: Sequence[str] | None = None,
         device: str | None = None,
         gate: bool = True,
+        precision: str = "auto",
     ) -> BundlePredictor:
-        predictor = cls(Bundle(path), device, gate)
+        """``precision``: ONNX Runtime runs fp32 (it has no bf16 kernels on x86 CPUs), so ``auto`` keeps it; ``bf16``
+        runs the bundle's PyTorch weights under bf16 autocast instead (imports torch)."""
+        predictor = cls(Bundle(path), device, gate, precision)
         if labels and list(labels) != predictor.label_names:
             predictor.select_labels(labels)
         if prompts:
@@ -236,7 +248,9 @@ class BundlePredictor(PredictorBase):
             return self._session.run(None, {"image": batch})[0]
         import torch
 
-        with torch.no_grad():
+        from cxrclip.model.speed import autocast
+
+        with torch.no_grad(), autocast(self.precision, self.device or "cpu"):
             model = self.torch_model()
             return model.encode_image(torch.from_numpy(batch).to(self.device or "cpu")).float().cpu().numpy()
 

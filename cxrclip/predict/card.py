@@ -27,6 +27,7 @@ def model_card(predictor, path: str) -> dict:
         **({"bundle_sha256": file_sha256(bundle.path / "bundle.json"), "backend": predictor.backend} if bundle else {}),
         **predictor.encoders,
         "image_size": predictor.preprocess.size,
+        "precision": predictor.precision,
         "preprocess": predictor.preprocess.to_dict(),
         "labels": predictor.label_names,
         "operating_points": {

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cxrclip.hardware import resolve_precision
 from cxrclip.predict.base import PredictorBase, label_bank, read_texts
 from cxrclip.predict.gate import stored_gate
 from cxrclip.scoring.calibration import stored_calibration
@@ -22,9 +23,11 @@ class Predictor(PredictorBase):
     and the checkpoint's calibration (per-label probability map and operating point)."""
 
     def __init__(
-        self, loaded: LoadedModel, names, candidates, candidate_emb, scorer, calibration, preprocess, device, gate=True
-    ):
+        self, loaded: LoadedModel, names, candidates, candidate_emb, scorer, calibration, preprocess, device, gate=True,
+        precision: str = "fp32",
+    ):  # fmt: skip
         self.loaded, self.device, self.calibration = loaded, device, calibration
+        self.precision = precision
         from cxrclip.data.transforms import spec_transform  # torch
 
         self.preprocess, self.transform = preprocess, spec_transform(preprocess)
@@ -49,13 +52,17 @@ class Predictor(PredictorBase):
         text_encoder: str | None = None,
         image_encoder: str | None = None,
         gate: bool = True,
+        precision: str = "auto",
     ) -> PredictorBase:
         """A predictor for a checkpoint (:func:`cxrclip.predict.load_predictor` takes bundles and routed models too).
-        ``gate=False`` (``--no-gate``): the input gate's verdicts are recorded but do not hide the labels."""
+        ``gate=False`` (``--no-gate``): the input gate's verdicts are recorded but do not hide the labels.
+        ``precision``: the image encoder's (auto: bf16 on a CPU with native bf16, else fp32; prompts, scores,
+        calibration and gate stay fp32, :mod:`cxrclip.model.speed`); its image encoder is NHWC when convolutional."""
         from cxrclip.model.embed import LabelScorer, embed_texts  # torch: loaded with the checkpoint
         from cxrclip.model.loading import default_device, load_model
 
         dev = default_device(device)
+        precision = resolve_precision(precision, dev)
         loaded = load_model(model_path, device=dev, text_encoder=text_encoder, image_encoder=image_encoder)
         bank, names = label_bank(prompts, labels, loaded.config)
         scorer = LabelScorer.create(loaded.model, loaded.tokenizer, bank, names, dev)
@@ -66,7 +73,7 @@ class Predictor(PredictorBase):
             candidates, candidate_emb = names, scorer.pos_emb
         calibration = stored_calibration(loaded.checkpoint, names)
         preprocess = loaded.preprocess_spec(image_size)
-        return cls(loaded, names, candidates, candidate_emb, scorer, calibration, preprocess, dev, gate)
+        return cls(loaded, names, candidates, candidate_emb, scorer, calibration, preprocess, dev, gate, precision)
 
     @property
     def stored(self) -> dict:
@@ -93,6 +100,8 @@ class Predictor(PredictorBase):
         """L2-normalized image embeddings (float32, on the CPU) of preprocessed images (a list or a batch tensor)."""
         import torch
 
-        with torch.no_grad():
+        from cxrclip.model.speed import autocast
+
+        with torch.no_grad(), autocast(self.precision, self.device):
             batch = tensors if isinstance(tensors, torch.Tensor) else torch.stack([torch.as_tensor(t) for t in tensors])
             return self.loaded.model.encode_image(batch.to(self.device)).float().cpu().numpy()

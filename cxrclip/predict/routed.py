@@ -182,11 +182,13 @@ def open_routed(path: Path) -> tuple[dict, dict[str, Path]]:
     return manifest, paths
 
 
-def member_predictor(path, *, labels, device=None, text_encoder=None, gate=True, texts=None):
+def member_predictor(path, *, labels, device=None, text_encoder=None, gate=True, texts=None, precision="auto"):
     """A member's own predictor over the labels it answers: a bundle's or a checkpoint's."""
     if is_bundle(path):
-        return BundlePredictor.create(path, labels=labels, device=device, gate=gate, texts=texts)
-    return Predictor.create(str(path), labels=labels, device=device, text_encoder=text_encoder, gate=gate, texts=texts)
+        return BundlePredictor.create(path, labels=labels, device=device, gate=gate, texts=texts, precision=precision)
+    return Predictor.create(
+        str(path), labels=labels, device=device, text_encoder=text_encoder, gate=gate, texts=texts, precision=precision
+    )
 
 
 class RoutedGate:
@@ -216,6 +218,7 @@ class RoutedPredictor:
         base = members[default]
         self.preprocess, self.transform = base.preprocess, base.transform
         self.encoders, self.scale = base.encoders, base.scale
+        self.precision = "/".join(sorted({m.precision for m in members.values()}))
         self.calibration = Calibration(
             {n: members[self.routes[n]].calibration.labels[n] for n in self.label_names},
             base.calibration.fitted_on,
@@ -233,6 +236,7 @@ class RoutedPredictor:
         text_encoder: str | None = None,
         gate: bool = True,
         texts: str | None = None,
+        precision: str = "auto",
     ) -> RoutedPredictor:
         path = Path(path)
         manifest, paths = open_routed(path)
@@ -246,6 +250,7 @@ class RoutedPredictor:
                 text_encoder=text_encoder,
                 gate=gate,
                 texts=texts if m["name"] == manifest["default"] else None,
+                precision=precision,
             )
         return cls(path, manifest, members, manifest["default"])
 

@@ -58,6 +58,7 @@ class ServeSettings:
     workers: int = 2
     cors_origins: tuple[str, ...] = ()
     device: str | None = None
+    precision: str = "auto"  # the image encoder's (cxrclip/hardware.py resolve_precision)
     text_encoder: str | None = None
     gate: bool = True  # False (--no-gate): a refused input still gets its labels, with the gate's verdict beside them
     db: str | None = None  # the review store (a SQLite file or a PostgreSQL URL); None: reviews are off
@@ -103,7 +104,7 @@ class Service:
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
         self.predictor = load_predictor(
             settings.model_path, device=settings.device, text_encoder=settings.text_encoder, gate=settings.gate,
-            site=settings.site,
+            site=settings.site, precision=settings.precision,
         )  # fmt: skip
         self.card = model_card(self.predictor, settings.model_path)
         self.reviews = ReviewStore(settings.db) if settings.db else None

@@ -63,7 +63,9 @@ def report(part: str, **figures) -> None:
     print("RESULT " + json.dumps({"part": part, **figures}), flush=True)
 
 
-def train_steps(data: Path, model: str, amp: str, batch: int, steps: int, device: str, image_size: int) -> dict:
+def train_steps(
+    data: Path, model: str, amp: str, batch: int, steps: int, device: str, image_size: int, channels_last: str = "auto"
+) -> dict:
     import torch
 
     from cxrclip.config import compose
@@ -85,6 +87,7 @@ def train_steps(data: Path, model: str, amp: str, batch: int, steps: int, device
             f"base.amp_dtype={amp if amp != 'off' else 'fp16'}",
             f"base.output.checkpoint={out}/c",
             f"base.output.tensorboard={out}/tb",
+            f"base.channels_last={channels_last}",
         ],
     )
     trainer = Trainer(cfg, DistEnv(device=torch.device(device)))
@@ -111,6 +114,8 @@ def train_steps(data: Path, model: str, amp: str, batch: int, steps: int, device
         "model": model,
         "amp": amp,
         "batch": batch,
+        "channels_last": channels_last,
+        "nhwc": trainer.channels_last,
         "samples_per_s": round(steps * batch / sum(times), 1),
         "s_per_step": round(sum(times) / steps, 4),
         "peak_gpu_mb": round(peak) if peak else None,
@@ -176,7 +181,24 @@ def embed_and_infer(data: Path, device: str, n_images: int, batch: int) -> dict:
         predictor.predict([p])
         latencies.append(time.perf_counter() - start)
     latencies.sort()
+    # the image encoder alone on one batch: fp32 / bf16 autocast (--precision bf16) × NCHW / NHWC
+    from cxrclip.model.speed import autocast
+
+    model, x = predictor.loaded.model, torch.randn(batch, 3, 224, 224, device=device)
+    encoder_ms = {}
+    for precision in ("fp32", "bf16"):
+        for nhwc in (False, True):
+            model.set_channels_last(nhwc)
+            with torch.no_grad(), autocast(precision, device):
+                for i in range(8):  # 3 warm-up, 5 timed
+                    if i == 3:
+                        torch.cuda.synchronize()
+                        start = time.perf_counter()
+                    model.encode_image(x)
+                torch.cuda.synchronize()
+            encoder_ms[f"{precision}_{'NHWC' if nhwc else 'NCHW'}"] = round((time.perf_counter() - start) / 5 * 1000, 2)
     return {
+        f"encoder_ms_per_batch_{batch}": encoder_ms,
         "embed_images_per_s": round(len(images) / embed_s, 1),
         "warm_inference_p50_s": round(latencies[len(latencies) // 2], 4),
         "warm_inference_max_s": round(latencies[-1], 4),
@@ -224,13 +246,17 @@ def main() -> int:
         return 0 if smoke["loss_finite"] else 1
     steps = 3 if args.quick else 10
     ok = True
-    for amp in ("fp16", "bf16"):
-        for batch in (64, 128):
-            r = train_steps(data, "r50_minilm", amp, batch, steps, "cuda", 224)
-            report("train", **r)
-            ok &= r["loss_finite"]
-            speed = f"{r['samples_per_s']:8.1f} samples/s, {r['s_per_step']:.3f} s/step"
-            print(f"train {amp:4s} batch {batch:3d}: {speed}, peak {r['peak_gpu_mb']} MB, finite {r['loss_finite']}")
+    # the old default (NCHW) against the new (auto: NHWC under autocast on CUDA), same batch; fp32 stays NCHW
+    for amp, batch, layout in [("fp16", 64, "false"), ("fp16", 64, "auto"), ("fp16", 128, "auto"),
+                               ("bf16", 64, "false"), ("bf16", 64, "auto"), ("bf16", 128, "auto"),
+                               ("off", 64, "auto")]:  # fmt: skip
+        r = train_steps(data, "r50_minilm", amp, batch, steps, "cuda", 224, layout)
+        report("train", **r)
+        ok &= r["loss_finite"]
+        speed = f"{r['samples_per_s']:8.1f} samples/s, {r['s_per_step']:.3f} s/step"
+        shape = "NHWC" if r["nhwc"] else "NCHW"
+        memory = f"peak {r['peak_gpu_mb']} MB, finite {r['loss_finite']}"
+        print(f"train {amp:4s} batch {batch:3d} {shape}: {speed}, {memory}")
     nccl = nccl_check(timeout=180)
     report("nccl", **nccl)
     ok &= nccl["ok"]
@@ -238,6 +264,7 @@ def main() -> int:
     e = embed_and_infer(data, "cuda", n_images=256 if args.quick else n, batch=128)
     report("embed_infer", **e)
     print(f"embedding {e['embed_images_per_s']} images/s; warm inference p50 {e['warm_inference_p50_s']} s")
+    print(f"image encoder, one batch of 128 (ms): {e['encoder_ms_per_batch_128']}")
     return 0 if ok else 1
 
 

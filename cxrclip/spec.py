@@ -104,7 +104,7 @@ class EvalSpec:
     auroc_ci: str = "delong"
     text_encoder: str | None = None
     image_encoder: str | None = None
-    precision: str = "auto"  # the image encoder's: auto (bf16 on a CPU with native bf16), fp32, bf16
+    precision: str = "auto"  # the image encoder's: auto (= fp32), fp32, bf16 (opt-in, cxrclip/hardware.py)
 
     @classmethod
     def from_mapping(cls, section: Mapping) -> EvalSpec:

@@ -47,12 +47,15 @@ def test_cpuinfo_and_sysfs_caches_are_read(tmp_path):
     assert amd.vendor == "amd" and not amd.native_bf16 and amd.l2_bytes is None
 
 
-def test_precision_auto_is_bf16_only_where_the_cpu_has_it():
-    assert resolve_precision("auto", "cpu", XEON) == "bf16"
-    assert resolve_precision(None, "cpu", EPYC) == "fp32"
-    assert resolve_precision("auto", "cuda:0", XEON) == "fp32"  # not measured on GPUs: unchanged there
+def test_precision_auto_is_fp32_and_bf16_is_kept_when_asked_for(caplog):
+    # auto is fp32 on every machine: bf16 moved the demo's calibrated probabilities by up to 0.17 (PERFORMANCE.md)
+    assert {resolve_precision(p, d, c) for p in ("auto", None) for d in ("cpu", "cuda:0") for c in (XEON, EPYC)} == {
+        "fp32"
+    }
     assert resolve_precision("fp32", "cpu", XEON) == "fp32"
-    assert resolve_precision("bf16", "cpu", EPYC) == "bf16"  # asked for: kept (emulated, with a warning)
+    assert resolve_precision("bf16", "cpu", XEON) == "bf16" and not caplog.records
+    assert resolve_precision("bf16", "cpu", EPYC) == "bf16"  # asked for: kept, emulated, with a warning
+    assert "emulated, slower than fp32" in caplog.text
     with pytest.raises(ConfigError, match="precision must be one of"):
         resolve_precision("fp16", "cpu", XEON)
 
@@ -107,24 +110,23 @@ def test_the_probe_chooses_a_tile_and_the_ranks_do_not_depend_on_it(cpu, monkeyp
     assert got["retrieval_i2t"]["Recall@5"] == pytest.approx(float((i2t <= 5).double().mean()))
 
 
-def test_bf16_answers_what_fp32_does(tiny_clip_checkpoint, demo_data):
-    """bf16 on the image encoder moves a calibrated probability by less than 0.01 and changes no decision that is
-    further than that from its threshold (the demo's test set: docs/PERFORMANCE.md)."""
+def test_bf16_runs_the_image_encoder_in_bf16_and_only_when_asked(tiny_clip_checkpoint, demo_data):
+    """``--precision bf16`` runs the image encoder under bf16 autocast (the probabilities move a little), the default
+    runs fp32; the rest of the answer (prompts, calibration, gate) is fp32 in both."""
     from cxrclip.data.images import read_image
     from cxrclip.predict import load_predictor
 
     images = sorted((demo_data / "images").glob("test_*.png"))
-    fp32 = load_predictor(tiny_clip_checkpoint, device="cpu", precision="fp32")
+    fp32 = load_predictor(tiny_clip_checkpoint, device="cpu")
     bf16 = load_predictor(tiny_clip_checkpoint, device="cpu", precision="bf16")
     assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    assert np.array_equal(fp32.pos_emb, bf16.pos_emb)  # prompts: fp32 in both
     conv = next(m for m in fp32.loaded.model.image_encoder.modules() if isinstance(m, nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # auto: NHWC for the CNN on the CPU
     tensors = [fp32.transform(read_image(path)) for path in images]
-    p32, p16 = (fp32.calibration.probabilities(fp32.logits(p.embed(tensors))) for p in (fp32, bf16))
-    diff = np.abs(p32 - p16)
-    assert 0 < diff.max() < 0.01  # it did run in bf16, and close
-    thresholds = fp32.calibration.thresholds[None, :]
-    far = np.abs(p32 - thresholds) > diff.max()
-    assert ((p32 >= thresholds) == (p16 >= thresholds))[far].all()
-    present = [[lab["present"] for lab in r["labels"].values()] for r in bf16.predict(images)]
-    assert np.array_equal(np.array(present)[far], (p16 >= thresholds)[far])  # what predict() says, too
+    e32, e16 = fp32.embed(tensors), bf16.embed(tensors)
+    assert e16.dtype == np.float32 and np.allclose(np.linalg.norm(e16, axis=1), 1, atol=1e-5)
+    diff = np.abs(e32 - e16).max()
+    assert 0 < diff < 0.1  # it did run in bf16 (8-bit mantissa), and stayed close
+    again = load_predictor(tiny_clip_checkpoint, device="cpu").embed(tensors)
+    assert np.array_equal(again, e32)  # fp32 is deterministic: the same embedding twice

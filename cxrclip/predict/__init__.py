@@ -33,7 +33,7 @@ def load_predictor(
     """The predictor a path needs: a routed model (a folder with ``routed.json``), an inference bundle (a folder with
     ``bundle.json``) or a checkpoint. ``gate=False`` (``--no-gate``): the gate's verdicts are recorded, not enforced.
     ``site``: answer with that site's calibration (``cxrclip calibrate --site``). ``precision``: the image
-    encoder's, auto / fp32 / bf16 (auto: bf16 on a CPU with native bf16; a bundle under ONNX Runtime stays fp32)."""
+    encoder's, auto (= fp32) / fp32 / bf16 (opt-in; a bundle under ONNX Runtime runs fp32)."""
     if is_routed(model_path):
         if image_size or prompts or labels:
             raise InputError("a routed model keeps each member's own preprocessing, prompts and labels")

@@ -142,10 +142,8 @@ class BundlePredictor(PredictorBase):
     def __init__(self, bundle: Bundle, device: str | None = None, gate: bool = True, precision: str = "auto"):
         self.bundle, self.device = bundle, device
         self.precision = resolve_precision(precision, device or "cpu")
-        if self.precision == "bf16" and device is None and precision != "bf16":
-            self.precision = "fp32"  # auto: ONNX Runtime (fp32: it has no bf16 kernels on x86 CPUs), not torch
-        elif self.precision == "bf16" and device is None:
-            self.device = device = "cpu"  # bf16 asked for: the bundle's PyTorch weights under bf16 autocast
+        if self.precision == "bf16" and device is None:  # ONNX Runtime has no bf16 kernels on x86 CPUs:
+            self.device = device = "cpu"  # bf16 asked for runs the bundle's PyTorch weights under bf16 autocast
         self.label_names = bundle.labels
         self.preprocess = bundle.preprocess()
         self.transform = self.preprocess.numpy()
@@ -179,7 +177,7 @@ class BundlePredictor(PredictorBase):
         gate: bool = True,
         precision: str = "auto",
     ) -> BundlePredictor:
-        """``precision``: ONNX Runtime runs fp32 (it has no bf16 kernels on x86 CPUs), so ``auto`` keeps it; ``bf16``
+        """``precision``: auto (= fp32) and fp32 run ONNX Runtime (it has no bf16 kernels on x86 CPUs); ``bf16``
         runs the bundle's PyTorch weights under bf16 autocast instead (imports torch)."""
         predictor = cls(Bundle(path), device, gate, precision)
         if labels and list(labels) != predictor.label_names:

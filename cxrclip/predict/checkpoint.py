@@ -56,7 +56,7 @@ class Predictor(PredictorBase):
     ) -> PredictorBase:
         """A predictor for a checkpoint (:func:`cxrclip.predict.load_predictor` takes bundles and routed models too).
         ``gate=False`` (``--no-gate``): the input gate's verdicts are recorded but do not hide the labels.
-        ``precision``: the image encoder's (auto: bf16 on a CPU with native bf16, else fp32; prompts, scores,
+        ``precision``: the image encoder's (auto = fp32; bf16 is opt-in, cxrclip/hardware.py; prompts, scores,
         calibration and gate stay fp32, :mod:`cxrclip.model.speed`); its image encoder is NHWC when convolutional."""
         from cxrclip.model.embed import LabelScorer, embed_texts  # torch: loaded with the checkpoint
         from cxrclip.model.loading import default_device, load_model

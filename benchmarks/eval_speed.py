@@ -61,6 +61,45 @@ def timed(fn, repeat: int = 3) -> float:
     return best
 
 
+def profile_tiles(n: int, dim: int) -> list[dict]:
+    """Where the retrieval metric's time goes, per candidate tile: the product, the two comparison passes and
+    their two int16 sums, each summed over the whole N × N (the same steps as ``retrieval_metrics``)."""
+    from cxrclip.eval.metrics import tile_candidates
+    from cxrclip.hardware import this_cpu
+
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(n, dim, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(n, dim, generator=g), dim=-1)
+    limit = torch.full((n,), 0.1)
+    rows = []
+    for rows_, cols in tile_candidates(this_cpu()):
+        parts = dict.fromkeys(("product", "compare_texts", "sum_texts", "compare_images", "sum_images"), 0.0)
+        buffer = torch.empty(rows_ * cols, dtype=torch.bool)
+        above, i2t = torch.zeros(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)
+        for r in range(0, n, rows_):
+            for c in range(0, n, cols):
+                t0 = time.perf_counter()
+                sim = img[r : r + rows_] @ txt[c : c + cols].t()
+                t1 = time.perf_counter()
+                mask = buffer[: sim.numel()].view(sim.shape)
+                torch.gt(sim, limit[None, c : c + cols], out=mask)
+                t2 = time.perf_counter()
+                above[c : c + cols] += mask.view(torch.uint8).sum(dim=0, dtype=torch.int16)
+                t3 = time.perf_counter()
+                torch.gt(sim, limit[r : r + rows_, None], out=mask)
+                t4 = time.perf_counter()
+                i2t[r : r + rows_] += mask.view(torch.uint8).sum(dim=1, dtype=torch.int16)
+                t5 = time.perf_counter()
+                for key, a, b in (("product", t0, t1), ("compare_texts", t1, t2), ("sum_texts", t2, t3),
+                                  ("compare_images", t3, t4), ("sum_images", t4, t5)):  # fmt: skip
+                    parts[key] += b - a
+        total = sum(parts.values())
+        rows.append({"benchmark": "tile_profile", "n": n, "tile": f"{rows_}x{cols}",
+                     **{k: round(v, 3) for k, v in parts.items()},
+                     "passes_over_product": round((total - parts["product"]) / parts["product"], 2)})  # fmt: skip
+    return rows
+
+
 def metric_rows(ns: list[int], loop_n: int, dim: int, n_labels: int) -> list[dict]:
     from cxrclip.eval import metrics
     from cxrclip.eval.metrics import binary_metrics, retrieval_metrics, tile_candidates
@@ -171,8 +210,11 @@ def main() -> None:
     p.add_argument("--checkpoint", help="a checkpoint for the inference latency rows")
     p.add_argument("--image", help="an image for the inference rows (default: a synthetic one)")
     p.add_argument("--warm", type=int, default=10)
+    p.add_argument("--profile", type=int, default=10_000, help="N for the per-part profile of each tile (0: none)")
     args = p.parse_args()
     rows = metric_rows(args.n, args.loop_n, args.dim, args.labels)
+    if args.profile:
+        rows += profile_tiles(args.profile, args.dim)
     if args.checkpoint:
         image = args.image
         if image is None:

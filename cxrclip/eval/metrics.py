@@ -106,14 +106,16 @@ def retrieval_metrics(
     probe = len(candidates) > 1 and n * m >= PROBE_MIN_PAIRS
     if not probe:
         candidates = candidates[:1]
-    largest = max(r * min(c, m) for r, c in candidates)
+    largest = max(min(r, n) * min(c, m) for r, c in candidates)
     buffer = torch.empty(largest, dtype=torch.bool)  # comparisons land here, counted as uint8 → int16
+    product = torch.empty(largest, dtype=image_emb.dtype)  # every tile's similarities, in one warm allocation
 
     def count(r0: int, r1: int, cols: int) -> None:
         """Rows r0:r1 against every text, ``cols`` texts at a time (tile sides ≤ 32767: int16 sums fit)."""
         rows = image_emb[r0:r1]
         for c in range(0, m, cols):
-            sim = rows @ text_emb[c : c + cols].t()
+            block = text_emb[c : c + cols]
+            sim = torch.mm(rows, block.t(), out=product[: rows.shape[0] * block.shape[0]].view(len(rows), len(block)))
             mask = buffer[: sim.numel()].view(sim.shape)
             torch.gt(sim, col_limit[None, c : c + cols], out=mask)
             above[c : c + cols] += mask.view(torch.uint8).sum(dim=0, dtype=torch.int16)

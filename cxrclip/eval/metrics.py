@@ -52,7 +52,7 @@ def tile_candidates(cpu: CpuInfo) -> list[tuple[int, int]]:
     Each tile is one matrix product followed by two comparison passes over its result, so the passes are cheap
     when the tile is still in a cache: a **L3 tile** (square, its similarities + mask within 2/3 of the L3: 2048²
     for 32 MB, what was tuned on the AMD EPYC) and an **L2 tile** (1024 text columns, as many image rows as keep it
-    within ~75 % of one core's L2: 256 rows for 1 MB, 512 for 2 MB), whose passes stay in the core's own cache — on
+    within ~75 % of one core's L2: 128 rows for 1 MB, 256 for 2 MB), whose passes stay in the core's own cache — on
     a CPU whose product is fast and whose L3 is shared over a mesh (Intel Xeon) the passes weigh more, and there
     the L2 tile comes first. The caches come from the OS (:func:`cxrclip.hardware.this_cpu`); unknown sizes count
     as 1 MB of L2 and 32 MB of L3."""
@@ -115,7 +115,7 @@ def retrieval_metrics(
         rows = image_emb[r0:r1]
         for c in range(0, m, cols):
             block = text_emb[c : c + cols]
-            sim = torch.mm(rows, block.t(), out=product[: rows.shape[0] * block.shape[0]].view(len(rows), len(block)))
+            sim = torch.mm(rows, block.t(), out=product[: len(rows) * len(block)].view(len(rows), len(block)))
             mask = buffer[: sim.numel()].view(sim.shape)
             torch.gt(sim, col_limit[None, c : c + cols], out=mask)
             above[c : c + cols] += mask.view(torch.uint8).sum(dim=0, dtype=torch.int16)

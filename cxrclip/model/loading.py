@@ -125,10 +125,9 @@ def load_model(
     device: str | torch.device = "cpu",
     text_encoder: str | None = None,
     image_encoder: str | None = None,
-    channels_last: bool | str = "auto",
 ) -> LoadedModel:
-    """Load a CLIP checkpoint strictly (every weight must be used and every weight must be present).
-    ``channels_last``: the image encoder in NHWC (auto: when it is convolutional, :mod:`cxrclip.model.speed`)."""
+    """Load a CLIP checkpoint strictly (every weight must be used and every weight must be present); its image
+    encoder in NHWC where that is faster (a CNN on the CPU, :func:`cxrclip.model.speed.use_channels_last`)."""
     ckpt = load_checkpoint(path)
     config = plain_config(ckpt.get("config"))
     if "model" not in config or "image_encoder" not in config.get("model", {}):
@@ -146,7 +145,7 @@ def load_model(
     name = text_encoder or model_cfg["text_encoder"]["name"]
     tokenizer = build_tokenizer({"pretrained_model_name_or_path": name})
     model.to(device).eval()
-    model.set_channels_last(use_channels_last(channels_last, model.image_encoder, device))
+    model.set_channels_last(use_channels_last("auto", model.image_encoder, device))
     return LoadedModel(model, model_cfg, tokenizer, ckpt, Path(path))
 
 

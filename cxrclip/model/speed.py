@@ -21,8 +21,6 @@ from torch import nn
 
 from cxrclip.exceptions import ConfigError
 
-CHANNELS_LAST = ("auto", True, False)
-
 
 def is_convolutional(encoder: nn.Module) -> bool:
     """A CNN (many 2-D convolutions), not a transformer with a patch-embedding convolution."""
@@ -49,9 +47,8 @@ def use_channels_last(setting, encoder: nn.Module, device: torch.device | str, a
     setting = parse_channels_last(setting)
     if setting != "auto":
         return setting
-    if not is_convolutional(encoder):
-        return False
-    return torch.device(device).type == "cpu" or (torch.device(device).type == "cuda" and autocast)
+    kind = torch.device(device).type
+    return is_convolutional(encoder) and (kind == "cpu" or (kind == "cuda" and autocast))
 
 
 def autocast(precision: str, device: torch.device | str):

@@ -4,6 +4,7 @@ the store, the PACS going down and coming back, and two workers on one PostgreSQ
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
@@ -223,19 +224,65 @@ def test_worker_answers_each_kind_and_its_sr_equals_inference_json(
     assert {k: len(v) for k, v in srs_by_source(pacs).items()} == {k: 1 for k in found}
 
 
-def test_first_start_leaves_what_is_there_and_answers_what_arrives(orthanc, tiny_clip_checkpoint, demo_data, tmp_path):
-    old, new = films(demo_data, 2)
+def days_ago(n: int) -> str:
+    return (datetime.date.today() - datetime.timedelta(days=n)).strftime("%Y%m%d")
+
+
+@pytest.mark.parametrize("trigger", ["changes", "qido"])
+def test_nothing_is_lost_after_downtime_or_during_warm_up_and_late_studies_are_skipped_with_a_reason(
+    trigger, orthanc, tiny_clip_checkpoint, demo_data, tmp_path, capsys
+):
+    from cxrclip.pacs.worker import main as pacs_main
+
+    pixels = films(demo_data, 7)
     pacs = orthanc.client()
-    before = radiograph_dicom(old)
+    before = radiograph_dicom(pixels[0])
     upload(pacs, [before])
     db = tmp_path / "jobs.sqlite"
-    worker_in_process(tiny_clip_checkpoint, orthanc, db).run()  # no --since: the first start takes a baseline
-    after = radiograph_dicom(new)
-    upload(pacs, [after])
-    worker_in_process(tiny_clip_checkpoint, orthanc, db).run()
+    # 1. the first start: what is there is left alone; a film that arrives while the model warms up is answered
+    during = radiograph_dicom(pixels[1])
+    worker = worker_in_process(tiny_clip_checkpoint, orthanc, db, trigger=trigger)
+    warm_up = worker.warm_up
+    worker.warm_up = lambda: (upload(pacs, [during]), warm_up())
+    worker.run()
+    # 2. stopped; meanwhile films of three days ago arrive (a weekend), one of them a late send of an old study
+    weekend = [radiograph_dicom(p, study_date=days_ago(3)) for p in pixels[2:4]]
+    too_old = radiograph_dicom(pixels[4], study_date=days_ago(30))
+    upload(pacs, [*weekend, too_old])
+    worker_in_process(tiny_clip_checkpoint, orthanc, db, trigger=trigger).run()
+    # 3. QIDO: down for ten days (its last search ten days ago): a film of then is answered, from a window that
+    #    starts at the last search. The change feed knows the real arrival (today), so there it is a late send.
+    JobStore(db).put("swept_at", days_ago(10) + "T180000")
+    long_ago = radiograph_dicom(pixels[5], study_date=days_ago(10))
+    upload(pacs, [long_ago])
+    worker_in_process(tiny_clip_checkpoint, orthanc, db, trigger=trigger).run()
+
     states = {r["sop_uid"]: r["state"] for r in JobStore(db).rows()}
-    assert states == {before.SOPInstanceUID: "baseline", after.SOPInstanceUID: "done"}
-    assert sorted(srs_by_source(pacs)) == [after.SOPInstanceUID]
+    answered = [during, *weekend] + ([long_ago] if trigger == "qido" else [])
+    assert {u: states.get(u) for u in (a.SOPInstanceUID for a in answered)} == {
+        a.SOPInstanceUID: "done" for a in answered
+    }
+    assert sorted(srs_by_source(pacs)) == sorted(a.SOPInstanceUID for a in answered)
+    assert states.get(before.SOPInstanceUID) == ("baseline" if trigger == "qido" else None)
+    if trigger == "changes":  # the feed sees every arrival: the old study is recorded, with its reason
+        assert states[too_old.SOPInstanceUID] == states[long_ago.SOPInstanceUID] == "skipped"
+        capsys.readouterr()
+        assert pacs_main(["--status", "--skipped", "--db", str(db)]) == 0
+        out = capsys.readouterr().out
+        assert "skipped 2" in out and "10 days before it reached the PACS" in out
+        assert f"skipped {too_old.SOPInstanceUID}" in out and "30 days before it reached the PACS" in out
+    else:  # QIDO searches by StudyDate: a study older than --accept-late-days is outside every search
+        assert too_old.SOPInstanceUID not in states
+
+
+def test_a_trigger_the_server_lacks_is_a_clear_error(orthanc, tiny_clip_checkpoint, tmp_path):
+    from cxrclip.exceptions import ConfigError
+
+    worker = worker_in_process(
+        tiny_clip_checkpoint, orthanc, tmp_path / "jobs.sqlite", trigger="changes", changes_url=orthanc.url + "/nowhere"
+    )
+    with pytest.raises(ConfigError, match="has no change feed"):
+        worker.run()
 
 
 def start_worker(ckpt, orthanc: Orthanc, db, log: Path, *extra: str, env=None) -> subprocess.Popen:

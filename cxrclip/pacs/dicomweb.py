@@ -19,6 +19,7 @@ TAG = {
     "sop_uid": "00080018",
     "modality": "00080060",
     "sop_class": "00080016",
+    "study_date": "00080020",
 }
 
 
@@ -33,6 +34,10 @@ class PacsUnavailable(Exception):
 
 class PacsRejected(Exception):
     """The server answered with a 4xx other than 408/429: retrying the same request will not help."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class DicomWeb:
             session.auth = (creds.user, creds.password)
         if creds.token:
             session.headers["Authorization"] = f"Bearer {creds.token}"
+        self.session, self.timeout = session, timeout
         self.client = DICOMwebClient(self.url, session=session, timeout=timeout)
         self.client.set_http_retry_params(retry=False)  # the worker retries, with backoff, and says so in its log
 
@@ -97,13 +103,16 @@ class DicomWeb:
         import requests
 
         try:
-            return fn(*args, **kwargs)
+            response = fn(*args, **kwargs)
+            if isinstance(response, requests.Response):
+                response.raise_for_status()
+            return response
         except requests.HTTPError as e:
             status = e.response.status_code if e.response is not None else 0
             message = f"{what}: HTTP {status} from {self.url}"
             if status >= 500 or status in (408, 429):
                 raise PacsUnavailable(message) from e
-            raise PacsRejected(message + (" (check the credentials)" if status in (401, 403) else "")) from e
+            raise PacsRejected(message + (" (check the credentials)" if status in (401, 403) else ""), status) from e
         except (requests.ConnectionError, requests.Timeout) as e:
             raise PacsUnavailable(f"{what}: cannot reach {self.url} ({type(e).__name__})") from e
 
@@ -118,7 +127,7 @@ class DicomWeb:
                 "QIDO-RS search",
                 self.client.search_for_instances,
                 search_filters=filters,
-                fields=["Modality", "StudyDate"],
+                fields=["Modality", "StudyDate", "StudyInstanceUID", "SeriesInstanceUID"],
                 limit=page,
                 offset=offset,
             )
@@ -146,3 +155,62 @@ class DicomWeb:
         return self._call(
             "STOW-RS store", self.client.store_instances, datasets=list(datasets), study_instance_uid=study_uid
         )
+
+
+class OrthancChanges:
+    """Orthanc's change feed (``GET /changes``, REST API beside DICOMweb): every stored instance once, in order, by a
+    sequence number — no date window, so a late send or a study with an old or absent StudyDate is seen too.
+    PACS-specific: :func:`changes_feed` tells whether the server has one."""
+
+    def __init__(self, pacs: DicomWeb, root: str):
+        self.pacs, self.root = pacs, root.rstrip("/")
+
+    def _get(self, what: str, path: str, **params):
+        return self.pacs._call(
+            what, self.pacs.session.get, f"{self.root}{path}", params=params, timeout=self.pacs.timeout
+        ).json()
+
+    def last(self) -> int:
+        """The sequence number of the newest change (0 on an empty server)."""
+        return int(self._get("change feed", "/changes", last="")["Last"])
+
+    def since(self, seq: int, limit: int = 200) -> tuple[list[tuple[str, str]], int, bool]:
+        """``([(instance id, arrival time), ...], last sequence read, done)`` of the new instances after ``seq``."""
+        page = self._get("change feed", "/changes", since=seq, limit=limit)
+        new = [(c["ID"], c.get("Date", "")) for c in page["Changes"] if c.get("ChangeType") == "NewInstance"]
+        return new, int(page["Last"]), bool(page["Done"])
+
+    def instance(self, orthanc_id: str) -> dict | None:
+        """The UIDs, modality and StudyDate of one instance (None when it was deleted since it arrived)."""
+        try:
+            tags = self._get("instance tags", f"/instances/{orthanc_id}/tags", short="")
+        except PacsRejected as e:
+            if e.status == 404:
+                return None
+            raise
+        row = {k: _short(tags.get(f"{tag[:4]},{tag[4:]}".lower())) for k, tag in TAG.items()}
+        return row if row["sop_uid"] and row["study_uid"] and row["series_uid"] else None
+
+
+def _short(value):
+    """One value of Orthanc's ``?short`` tags (a string, a list for multi-valued text, None)."""
+    if isinstance(value, list):
+        value = value[0] if value and isinstance(value[0], str) else None
+    return value.strip() or None if isinstance(value, str) else None
+
+
+def changes_feed(pacs: DicomWeb, root: str | None = None) -> OrthancChanges | None:
+    """The server's change feed when it has one (Orthanc: ``/changes`` at the REST root, by default the DICOMweb
+    URL's parent), else None — then the worker searches with QIDO-RS."""
+    if root is None:
+        root = pacs.url.rsplit("/", 1)[0]
+    feed = OrthancChanges(pacs, root)
+    try:
+        feed.last()
+    except PacsRejected as e:
+        if e.status in (401, 403):
+            raise
+        return None
+    except (ValueError, KeyError, TypeError):  # not JSON, or not Orthanc's answer
+        return None
+    return feed

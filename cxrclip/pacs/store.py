@@ -8,6 +8,8 @@ One row per SOP Instance UID the worker has seen, in one of these states::
     done      its SR is in the PACS (``sr_uid``)
     refused   the input gate refused it (``reason``; ``sr_uid`` when --report-refusals stored an SR saying so)
     failed    will not be retried (``error``: an undecodable image, or too many attempts)
+    skipped   found, not answered by policy (``reason``: its StudyDate is more than ``--accept-late-days`` before it
+              reached the PACS)
 
 Exactly once: a job is claimed in one transaction (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, ``BEGIN IMMEDIATE`` on
 SQLite, and an update that only succeeds while the row is still pending), the SR's UID is a function of the image
@@ -48,7 +50,7 @@ from cxrclip.exceptions import ConfigError
 from cxrclip.io import database_url, redact_url
 
 SCHEMA_LOCK = 0x63787263  # a PostgreSQL advisory lock key ("cxrc") held while the tables are created
-FINAL = ("done", "refused", "failed")
+FINAL = ("done", "refused", "failed", "skipped")
 
 metadata = MetaData()
 jobs = Table(
@@ -130,23 +132,30 @@ class JobStore:
 
     def put(self, name: str, value: str) -> None:
         with self.engine.begin() as conn:
-            if conn.execute(
-                update(cursor).where(cursor.c.name == name).values(value=value, updated_at=_now())
-            ).rowcount:
-                return
-        self._insert_ignore(cursor, [{"name": name, "value": value, "updated_at": _now()}], "name")
+            self._put(conn, name, value)
+
+    def _put(self, conn, name: str, value: str) -> None:
+        if not conn.execute(
+            update(cursor).where(cursor.c.name == name).values(value=value, updated_at=_now())
+        ).rowcount:
+            self._insert_ignore(cursor, [{"name": name, "value": value, "updated_at": _now()}], "name", conn)
 
     # --- jobs ---------------------------------------------------------------------------------------------------
-    def add(self, found: Iterable[Mapping], state: str = "pending") -> int:
-        """Record instances found on the PACS (``sop_uid``, ``study_uid``, ``series_uid``, ``modality``); one already
-        known is left as it is. Returns how many were new."""
+    def add(self, found: Iterable[Mapping], state: str = "pending", cursor: Mapping[str, str] | None = None) -> int:
+        """Record instances found on the PACS (``sop_uid``, ``study_uid``, ``series_uid``, ``modality``, and a
+        ``reason`` for a skipped one); one already known is left as it is. ``cursor`` values are stored in the same
+        transaction (what was read and how far it was read never disagree). Returns how many were new."""
         now = _now()
         rows = [
-            {**{k: f.get(k) for k in ("sop_uid", "study_uid", "series_uid", "modality")}, "state": state,
+            {**{k: f.get(k) for k in ("sop_uid", "study_uid", "series_uid", "modality", "reason")}, "state": state,
              "attempts": 0, "not_before": 0.0, "found_at": now, "updated_at": now}
             for f in found
         ]  # fmt: skip
-        return self._insert_ignore(jobs, rows, "sop_uid") if rows else 0
+        with self.engine.begin() as conn:
+            new = self._insert_ignore(jobs, rows, "sop_uid", conn) if rows else 0
+            for name, value in (cursor or {}).items():
+                self._put(conn, name, value)
+        return new
 
     def claim(self, worker: str, lease_s: float, max_attempts: int) -> Job | None:
         """Take the oldest pending job that is due, for ``lease_s`` seconds; None when there is none. A job that
@@ -225,13 +234,12 @@ class JobStore:
         with self.engine.begin() as conn:
             conn.execute(update(jobs).where(jobs.c.sop_uid == sop_uid).values(**values, updated_at=_now()))
 
-    def _insert_ignore(self, table: Table, rows: list[dict], key: str) -> int:
+    def _insert_ignore(self, table: Table, rows: list[dict], key: str, conn) -> int:
         if self.engine.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         else:
             from sqlalchemy.dialects.sqlite import insert
-        with self.engine.begin() as conn:
-            return conn.execute(insert(table).on_conflict_do_nothing(index_elements=[key]), rows).rowcount
+        return conn.execute(insert(table).on_conflict_do_nothing(index_elements=[key]), rows).rowcount
 
 
 def _dead_here(worker: str, host: str) -> bool:

@@ -1,11 +1,16 @@
 """``cxrclip pacs``: a worker that reads new radiographs from a PACS over DICOMweb and writes each answer back as a
 DICOM Comprehensive SR, exactly once, through crashes and PACS outages.
 
-Finding new instances: DICOMweb has no "arrived after" query, so the worker lists the instances of the wanted
-modalities whose StudyDate is in a window (from ``--since`` on the first sweep, then the last ``--lookback-days``)
-and records every SOP Instance UID it has not seen in the job store. A UID is never fetched twice and no arrival time
-is compared, so two instances arriving in the same second are both found. On the very first start without
-``--since``, what is already on the PACS is recorded as ``baseline`` and left alone.
+Finding new instances (``--trigger``): where the PACS has a change feed (Orthanc's ``/changes``) the worker reads
+every new instance once, in order, by sequence number — the instances and the sequence number it read up to are
+stored in one transaction, so a worker that was down for days reads on from where it stopped. Elsewhere DICOMweb has
+no "arrived after" query: the worker lists the instances whose StudyDate is on or after the day of its last
+completed search (less ``--lookback-days``), and every ``--late-sweep`` seconds from ``--accept-late-days`` back, so
+a late send is found too. Either way every SOP Instance UID it has not seen goes into the job store (a UID is never
+fetched twice); a study whose StudyDate is more than ``--accept-late-days`` before it reached the PACS is recorded as
+``skipped`` with its reason (``--status --skipped``), never silently left out. On the very first start without
+``--since``, what is already on the PACS is recorded as ``baseline`` and left alone — taken before the model warms
+up, so that a film arriving during the warm-up is answered.
 """
 
 from __future__ import annotations
@@ -25,7 +30,15 @@ import numpy as np
 from cxrclip.data.images import ImageReadError, dicom_image
 from cxrclip.exceptions import ConfigError, exit_on_user_error
 from cxrclip.hardware import PRECISION_HELP, PRECISIONS
-from cxrclip.pacs.dicomweb import Credentials, DicomWeb, PacsRejected, PacsUnavailable, credentials
+from cxrclip.pacs.dicomweb import (
+    Credentials,
+    DicomWeb,
+    OrthancChanges,
+    PacsRejected,
+    PacsUnavailable,
+    changes_feed,
+    credentials,
+)
 from cxrclip.pacs.sr import build_heatmap_capture, build_sr, sr_uids
 from cxrclip.pacs.store import Job, JobStore, worker_id
 
@@ -40,7 +53,11 @@ class WorkerSettings:
     db: str = "cxrclip-pacs.sqlite"
     poll_s: float = 5.0
     since: str | None = None  # YYYYMMDD
-    lookback_days: int = 1
+    lookback_days: int = 1  # QIDO: the margin before the last completed sweep's date
+    trigger: str = "auto"  # changes | qido | auto (the change feed where the server has one)
+    changes_url: str | None = None  # the REST root holding /changes; default: the DICOMweb URL's parent
+    accept_late_days: int = 7
+    late_sweep_s: float = 600.0
     modalities: tuple[str, ...] = ("CR", "DX")
     report_refusals: bool = False
     heatmap_labels: tuple[str, ...] = ()
@@ -70,6 +87,22 @@ def fault_point(name: str) -> None:
 _FAULTS: dict[str, int] = {}
 
 
+def _today() -> str:
+    return datetime.date.today().strftime("%Y%m%d")
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+
+
+def _date(text: str) -> datetime.date:
+    return datetime.datetime.strptime(text[:8], "%Y%m%d").date()
+
+
+def _days_before(day: str, days: int) -> str:
+    return (_date(day) - datetime.timedelta(days=days)).strftime("%Y%m%d")
+
+
 def parse_date(text: str) -> str:
     for fmt in ("%Y-%m-%d", "%Y%m%d"):
         try:
@@ -85,25 +118,59 @@ class Worker:
         self.id = worker_id()
         self.stop = threading.Event()
         self.outage = 0  # consecutive failed calls to the PACS
+        self.late_swept = -float("inf")  # QIDO: when the last search reaching --accept-late-days back ran
         unknown = sorted(set(settings.heatmap_labels) - set(predictor.label_names))
         if unknown:
             raise ConfigError(f"--heatmap {unknown}: not a label of this model; labels: {predictor.label_names}")
 
     # --- finding -------------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """The cursor: the start date (``--since``, else today on the very first start)."""
-        today = datetime.date.today().strftime("%Y%m%d")
+        """Choose the trigger, take the first start's baseline (before the warm-up, so that nothing arriving during
+        it is mistaken for baseline), warm up, and take back the jobs of a stopped worker."""
+        self.feed = self._trigger()
         if self.s.since:
             if self.store.get("since") != self.s.since:
-                self.store.put("since", self.s.since)
-                self.store.put("swept", "")
-        elif self.store.get("since") is None:
-            self.store.put("since", today)
-            self.store.put("baseline", "pending")
+                for name, value in (
+                    ("since", self.s.since),
+                    ("swept_at", ""),
+                    ("changes_seq", "0"),
+                    ("started", _now_iso()),
+                ):
+                    self.store.put(name, value)
+        elif self.store.get("started") is None and self.store.get("since") is None:
+            self.baseline()
         self.warm_up()
         released = self.store.release_stale()
         if released:
             log.info("%d job(s) of a stopped worker taken back; each is checked against the PACS first", released)
+
+    def _trigger(self) -> OrthancChanges | None:
+        if self.s.trigger == "qido":
+            log.info("finding new instances with QIDO-RS searches (StudyDate window from the last completed sweep)")
+            return None
+        feed = changes_feed(self.pacs, self.s.changes_url)
+        if feed is None and self.s.trigger == "changes":
+            raise ConfigError(
+                f"--trigger changes: {self.s.changes_url or self.pacs.url.rsplit('/', 1)[0]} has no change feed "
+                "(Orthanc's /changes); give --changes-url or use --trigger qido"
+            )
+        log.info("finding new instances %s", f"in the change feed at {feed.root}" if feed else
+                 "with QIDO-RS searches (the server has no change feed)")  # fmt: skip
+        return feed
+
+    def baseline(self) -> None:
+        """The very first start without ``--since``: what is on the PACS now is left alone (``baseline``)."""
+        started = _now_iso()
+        if self.feed is not None:
+            self.store.put("changes_seq", str(self.feed.last()))
+            self.store.put("started", started)
+            log.info("first start: the change feed is followed from now on; what is on the PACS is left alone")
+            return
+        window = _days_before(_today(), self.s.accept_late_days)  # as far back as a later late-sweep looks
+        found = [row for m in self.s.modalities for row in self.pacs.find_instances(m, window)]
+        cursor = {"swept_at": started, "started": started}
+        new = self.store.add(found, state="baseline", cursor=cursor)
+        log.info("first start: %d instance(s) already on the PACS left alone (baseline); --since analyses them", new)
 
     def warm_up(self) -> None:
         """One prediction and one SR on a generated film before watching: the first real instance then waits for
@@ -117,26 +184,84 @@ class Worker:
         build_sr(ds, result, self.card)
 
     def poll(self) -> int:
-        """Record the instances not seen before; returns how many."""
-        since = self.store.get("since")
-        swept = bool(self.store.get("swept"))
-        window = since
+        """Record the instances not seen before; returns how many are to be answered."""
+        found = self._from_changes() if self.feed is not None else self._from_qido()
+        if found:
+            log.info("found %d new instance(s)", found)
+        return found
+
+    def _from_changes(self) -> int:
+        """Every new instance after the stored sequence number, exactly once: the instances and the new sequence
+        number are recorded in one transaction."""
+        seq = int(self.store.get("changes_seq") or 0)
+        last = self.feed.last()
+        if last < seq:
+            log.warning("the change feed restarted (last %d < cursor %d): reading it from the start", last, seq)
+            seq = 0
+        since, pending = self.store.get("since"), 0
+        while True:
+            changes, seq, done = self.feed.since(seq)
+            rows, before = [], []
+            for orthanc_id, arrived in changes:
+                row = self.feed.instance(orthanc_id)
+                if row is None or (row["modality"] or "").upper() not in self.s.modalities:
+                    continue
+                older = since and row["study_date"] and row["study_date"] < since
+                (before if older else rows).append({**row, "arrived": arrived[:8] or _today()})
+            self.store.add(before, state="baseline")  # --since: studies before it are left alone
+            pending += self._record(rows, {"changes_seq": str(seq)})
+            if done:
+                return pending
+
+    def _from_qido(self) -> int:
+        """QIDO-RS has no "arrived after": search by StudyDate from the last completed sweep (less
+        ``--lookback-days``), and every ``--late-sweep`` seconds from ``--accept-late-days`` back, for late sends."""
+        started = _now_iso()
+        since = self.store.get("since") or ""
+        swept = self.store.get("swept_at") or ""
+        window = since or _today()
+        cursor = {"swept_at": started}
         if swept:
-            recent = (datetime.date.today() - datetime.timedelta(days=self.s.lookback_days)).strftime("%Y%m%d")
-            window = max(since, recent)
-        found = [row for m in self.s.modalities for row in self.pacs.find_instances(m, window)]
-        baseline = self.store.get("baseline") == "pending"
-        new = self.store.add(found, state="baseline" if baseline else "pending")  # the known ones are left as they are
-        if baseline:
-            self.store.put("baseline", "done")
-            log.info(
-                "first start: %d instance(s) already on the PACS left alone (baseline); --since analyses them", new
-            )
-        elif new:
-            log.info("found %d new instance(s)", new)
-        if not swept:
-            self.store.put("swept", "1")
-        return 0 if baseline else new
+            window = max(since, _days_before(swept[:8], self.s.lookback_days))
+        late = time.monotonic() - self.late_swept >= self.s.late_sweep_s  # and the first search of each start
+        if swept and late:
+            window = min(window, max(since, _days_before(_today(), self.s.accept_late_days)))
+        found = [
+            {**row, "arrived": swept[:8] or _today()}
+            for m in self.s.modalities
+            for row in self.pacs.find_instances(m, window)
+        ]
+        if late:
+            self.late_swept = time.monotonic()
+        return self._record(found, cursor)
+
+    def _record(self, rows: list[dict], cursor: dict[str, str]) -> int:
+        """New instances go in as pending, or as ``skipped`` when their StudyDate is more than
+        ``--accept-late-days`` before they reached the PACS (the earliest they could have, for QIDO); the cursor
+        moves in the same transaction."""
+        on_time, late = [], []
+        for row in rows:
+            reason = self._late(row)
+            (late if reason else on_time).append({**row, "reason": reason} if reason else row)
+        skipped = self.store.add(late, state="skipped")
+        if skipped:
+            log.warning("%d instance(s) skipped (e.g. %s: %s); cxrclip pacs --status --skipped lists them", skipped,
+                        late[0]["sop_uid"], late[0]["reason"])  # fmt: skip
+        return self.store.add(on_time, cursor=cursor)
+
+    def _late(self, row: dict) -> str | None:
+        study, arrived = row.get("study_date"), row.get("arrived")
+        since = self.store.get("since")
+        if not (study and arrived) or (since and study >= since):  # --since asked for these
+            return None
+        try:
+            days = (_date(arrived) - _date(study)).days
+        except ValueError:
+            return None  # a malformed StudyDate is not a reason to skip a film
+        if days <= self.s.accept_late_days:
+            return None
+        return (f"StudyDate {study} is {days} days before it reached the PACS ({arrived}); the policy accepts "
+                f"{self.s.accept_late_days} (--accept-late-days)")  # fmt: skip
 
     # --- answering ---------------------------------------------------------------------------------------------
     def process_next(self) -> bool:
@@ -216,7 +341,14 @@ class Worker:
 
     # --- the loop ------------------------------------------------------------------------------------------------
     def run(self) -> None:
-        self.start()
+        while not self.stop.is_set():
+            try:
+                self.start()
+                break
+            except PacsRejected as e:
+                raise ConfigError(f"the PACS refused: {e}") from e
+            except PacsUnavailable as e:
+                self.stop.wait(self.backoff(str(e)))
         log.info("watching %s for %s every %.0f s (job store %s)", self.pacs.url, "/".join(self.s.modalities),
                  self.s.poll_s, self.store.engine.url.render_as_string(hide_password=True))  # fmt: skip
         while not self.stop.is_set():
@@ -252,7 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll", type=float, default=5.0, help="seconds between searches (default 5)")
     p.add_argument("--since", help="analyse studies from this date on (YYYY-MM-DD); default: what arrives after the "
                    "first start")  # fmt: skip
-    p.add_argument("--lookback-days", type=int, default=1, help="StudyDate window of each search after the first")
+    p.add_argument("--trigger", choices=("auto", "changes", "qido"), default="auto", help="how new instances are "
+                   "found: the PACS's change feed (Orthanc /changes: every arrival once, by sequence number) or "
+                   "QIDO-RS searches by StudyDate; auto: the feed where the server has one")  # fmt: skip
+    p.add_argument("--changes-url", help="the REST root that serves /changes (default: the DICOMweb URL's parent)")
+    p.add_argument("--accept-late-days", type=int, default=7, help="answer a study whose StudyDate is up "
+                   "to N days before it reached the PACS (default 7); older ones are recorded as skipped, with why")  # fmt: skip
+    p.add_argument("--lookback-days", type=int, default=1, help="QIDO: each search starts this many days before the "
+                   "last completed search (default 1)")  # fmt: skip
+    p.add_argument("--late-sweep", type=float, default=600.0, help="QIDO: seconds between the searches that reach "
+                   "--accept-late-days back, for late sends (default 600)")  # fmt: skip
     p.add_argument("--modality", action="append", help="modalities to answer (repeat; default CR and DX)")
     p.add_argument("--report-refusals", action="store_true", help="store an SR saying why an image was not analysed")
     p.add_argument("--heatmap", action="append", metavar="LABEL", help="also store the Grad-CAM of LABEL as a "
@@ -266,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int, default=5, help="attempts per instance before it is marked failed")
     p.add_argument("--once", action="store_true", help="search once, answer what is due, then exit")
     p.add_argument("--status", action="store_true", help="print the job store's counts and failures, then exit")
+    p.add_argument("--skipped", action="store_true", help="with --status: list the skipped instances and why")
     p.add_argument("--no-gate", action="store_true", help="answer images the input gate refuses (recorded in the SR)")
     p.add_argument("--site", help="answer with this site's calibration (cxrclip calibrate --site NAME)")
     p.add_argument("--threads", type=int, help="CPU threads for the model (split the cores between workers)")
@@ -276,11 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def print_status(store: JobStore) -> None:
+def print_status(store: JobStore, skipped: bool = False) -> None:
     counts = store.counts()
     print("job store:", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "empty")
     for row in store.rows("failed")[-20:]:
         print(f"failed {row['sop_uid']}: {row['error']}")
+    if skipped:
+        for row in store.rows("skipped"):
+            print(f"skipped {row['sop_uid']} (study {row['study_uid']}): {row['reason']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch at import and by the bundle's runtime
         store = JobStore(args.db)
         if args.status:
-            print_status(store)
+            print_status(store, skipped=args.skipped)
             return 0
         if not (args.dicomweb and args.model_path):
             raise ConfigError("cxrclip pacs needs --dicomweb URL and --model_path MODEL (or --status)")
@@ -304,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = WorkerSettings(
             dicomweb=args.dicomweb, model_path=args.model_path, db=args.db, poll_s=args.poll,
             since=parse_date(args.since) if args.since else None, lookback_days=args.lookback_days,
+            trigger=args.trigger, changes_url=args.changes_url, accept_late_days=args.accept_late_days,
+            late_sweep_s=args.late_sweep,
             modalities=tuple(m.upper() for m in (args.modality or ("CR", "DX"))), report_refusals=args.report_refusals,
             heatmap_labels=tuple(args.heatmap or ()), lease_s=args.lease, max_attempts=args.max_attempts,
             once=args.once, gate=not args.no_gate, device=args.device, text_encoder=args.text_encoder, verify=verify,

@@ -388,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "found: the PACS's change feed (Orthanc /changes: every arrival once, by sequence number) or "
                    "QIDO-RS searches by StudyDate; auto: the feed where the server has one")  # fmt: skip
     p.add_argument("--changes-url", help="the REST root that serves /changes (default: the DICOMweb URL's parent)")
-    p.add_argument("--accept-late-days", type=int, default=7, help="answer a study whose StudyDate is up "
-                   "to N days before it reached the PACS (default 7); older ones are recorded as skipped, with why")  # fmt: skip
+    p.add_argument("--accept-late-days", type=int, default=7, help="answer a study whose StudyDate "
+                   "is up to N days before it reached the PACS (default 7); older: recorded as skipped")  # fmt: skip
     p.add_argument("--lookback-days", type=int, default=1, help="QIDO: each search starts this many days before the "
                    "last completed search (default 1)")  # fmt: skip
     p.add_argument("--late-sweep", type=float, default=600.0, help="QIDO: seconds between the searches that reach "

@@ -180,7 +180,7 @@ def write_srs(predictor: PredictorBase, model_path: str, results: Sequence[dict]
     PACS worker stores with."""
     import pydicom
 
-    from cxrclip.pacs.sr import build_sr, write_sr
+    from cxrclip.pacs.sr import SourceError, build_sr, write_sr
     from cxrclip.predict.card import model_card
 
     card = model_card(predictor, model_path)
@@ -189,10 +189,14 @@ def write_srs(predictor: PredictorBase, model_path: str, results: Sequence[dict]
             print(f"--sr_out: {result['image']} is not DICOM; no SR", file=sys.stderr)
             continue
         source = pydicom.dcmread(result["image"], stop_before_pixels=True)
-        for needed in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            if needed not in source:
-                raise InputError(f"--sr_out: {result['image']} has no {needed}; an SR cannot reference it")
-        print(f"SR: {write_sr(build_sr(source, result, card), folder)}", file=sys.stderr)
+        try:
+            sr = build_sr(source, result, card)
+        except SourceError as e:
+            result["sr_error"] = str(e)
+            print(f"--sr_out: {result['image']}: {e}; no SR", file=sys.stderr)
+            continue
+        result["sr"] = str(write_sr(sr, folder))
+        print(f"SR: {result['sr']}", file=sys.stderr)
 
 
 def read_thresholds(path: str | None, threshold: float | None):

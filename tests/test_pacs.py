@@ -487,3 +487,82 @@ def test_two_workers_on_one_postgresql_table_take_different_instances(
     found = srs_by_source(pacs)
     assert sorted(found) == sorted(s.SOPInstanceUID for s in sources) and all(len(v) == 1 for v in found.values())
     store.close()
+
+
+def decoded_name(ds) -> str:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return str(ds.get("PatientName") or "")
+
+
+def test_every_archive_variant_gets_an_sr_or_a_one_line_reason_from_inference_py(
+    tiny_clip_checkpoint, tmp_path, capsys
+):
+    from cxrclip.infer import main as infer_main
+    from tests.dicom_variants import variants
+
+    need(None if shutil.which("dciodvfy") else "dciodvfy (Debian dicom3tools) is not installed")
+    folder, out = tmp_path / "films", tmp_path / "srs"
+    folder.mkdir()
+    corpus = dict(variants())
+    no_uid = radiograph_dicom(np.eye(64) * 1000)
+    del no_uid.SOPInstanceUID  # a file no answer can reference
+    corpus["no_sop_instance_uid"] = no_uid
+    for name, ds in corpus.items():
+        ds.save_as(folder / f"{name}.dcm", enforce_file_format=name != "no_sop_instance_uid")
+    capsys.readouterr()
+    code = infer_main(["--model_path", str(tiny_clip_checkpoint), "--image_path", str(folder), "--sr_out", str(out),
+                       "--json", "--device", "cpu", "--output", str(tmp_path / "p.csv")])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    assert "Traceback" not in captured.err
+    results = {Path(r["image"]).stem: r for r in json.loads(captured.out)}
+    assert sorted(results) == sorted(corpus)
+    assert (
+        results["no_sop_instance_uid"]["sr_error"] == "the image has no SOPInstanceUID; an answer cannot reference it"
+    )
+    for name, result in results.items():
+        assert result["analysed"] or result["reason"], name
+        if name == "no_sop_instance_uid":
+            continue
+        sr = pydicom.dcmread(result["sr"])
+        assert dciodvfy_errors(sr, tmp_path) == [], name
+        source = corpus[name]
+        assert read_sr(sr)["source"] == source.SOPInstanceUID
+        assert sr.SpecificCharacterSet == "ISO_IR 192"
+        assert decoded_name(sr) == decoded_name(source), name  # transcoded, not mangled
+        for keyword in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "PatientID", "AccessionNumber"):
+            assert keyword in sr, (name, keyword)  # Type 2: present, empty where the source lacks it
+    assert decoded_name(pydicom.dcmread(results["korean_iso2022_ir149"]["sr"])) == "Hong^Gildong=洪^吉洞=홍^길동"
+    assert pydicom.dcmread(results["type2_absent"]["sr"]).PatientBirthDate == ""
+    assert pydicom.dcmread(results["malformed_dates"]["sr"]).StudyDate == ""  # "2026-12-07" is no DA value
+    assert "malformed Window Center / Width (VOI LUT) not applied" in " ".join(results["malformed_window"]["warnings"])
+
+
+def test_every_archive_variant_through_the_worker_is_answered_or_refused_with_a_reason(
+    orthanc, tiny_clip_checkpoint, tmp_path, caplog
+):
+    from tests.dicom_variants import variants
+
+    corpus = dict(variants())
+    pacs = orthanc.client()
+    upload(pacs, corpus.values())
+    db = tmp_path / "jobs.sqlite"
+    worker = worker_in_process(tiny_clip_checkpoint, orthanc, db, since="19000101", report_refusals=True,
+                               heatmap_labels=("Pneumothorax",))  # fmt: skip
+    worker.run()
+    rows = {r["sop_uid"]: r for r in JobStore(db).rows()}
+    states = {name: rows[ds.SOPInstanceUID]["state"] for name, ds in corpus.items()}
+    assert set(states.values()) <= {"done", "refused"}, states
+    assert "unexpected error" not in caplog.text
+    found = srs_by_source(pacs)
+    for name, ds in corpus.items():
+        (sr,) = found[ds.SOPInstanceUID]
+        assert dciodvfy_errors(sr["dataset"], tmp_path) == [], name
+        assert decoded_name(sr["dataset"]) == decoded_name(ds), name
+        if states[name] == "done":
+            assert sr["analysed"] and set(sr["labels"]) == set(worker.predictor.label_names)
+        else:
+            assert sr["reason"] == rows[ds.SOPInstanceUID]["reason"]

@@ -83,13 +83,27 @@ def dicom_image(ds, facts: dict | None = None, name="DICOM") -> np.ndarray:
     if pixels.ndim == 3:
         _warn(facts, f"{photometric} colour DICOM averaged to grayscale")
         return to_uint8(pixels.mean(axis=-1))
-    image = apply_modality_lut(pixels, ds)
-    image = apply_voi_lut(image, ds, index=0)
+    image = _lut(apply_modality_lut, pixels, ds, facts, "Rescale Slope / Intercept")
+    image = _lut(lambda a, d: apply_voi_lut(a, d, index=0), image, ds, facts, "Window Center / Width (VOI LUT)")
     image = to_uint8(image)
     if photometric == "MONOCHROME1":
         image = 255 - image
         _warn(facts, "MONOCHROME1: inverted so that bone is bright")
     return image
+
+
+def _lut(apply, pixels: np.ndarray, ds, facts: dict | None, what: str) -> np.ndarray:
+    """One LUT step; a malformed one (a value that is not a number, an empty slope) is left out with a warning, as
+    viewers do — the image is scaled to its own range afterwards either way."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's "invalid value for VR DS"; the warning below says it once
+            return apply(pixels, ds)
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
+        _warn(facts, f"malformed {what} not applied ({type(e).__name__})")
+        return pixels
 
 
 def _warn(facts: dict | None, text: str) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -111,11 +112,75 @@ def derived_uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(UID_NAMESPACE, '|'.join(parts)).int}"
 
 
+# What an answer copies from the radiograph (Patient, General Study and the reference): Type 1 UIDs, the rest
+# Type 2 — written empty where the archive's file lacks them or holds a value that is not valid for its VR.
+REFERENCE = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
+COPIED = {
+    "PatientName": "PN", "PatientID": "LO", "PatientBirthDate": "DA", "PatientSex": "CS", "AccessionNumber": "SH",
+    "StudyID": "SH", "StudyDate": "DA", "StudyTime": "TM", "ReferringPhysicianName": "PN",
+}  # fmt: skip
+VALID = {
+    "DA": re.compile(r"\d{8}"),
+    "TM": re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?"),
+    "CS": re.compile(r"[A-Z0-9 _]{0,16}"),
+}
+MAX_LENGTH = {"PN": 64 * 5, "LO": 64, "SH": 16, "CS": 16, "DA": 8, "TM": 16}
+
+
+class SourceError(ValueError):
+    """The radiograph lacks what an answer must reference (one of :data:`REFERENCE`)."""
+
+
+def evidence_of(source):
+    """The radiograph's identity as an answer copies it: the UIDs, and the patient and study attributes decoded from
+    whatever character set the archive declared (single or multi-valued, with ISO 2022 code extensions) into
+    Python text — the answer is written in UTF-8 (ISO_IR 192), so every name survives, transcoded. An attribute
+    the source lacks, or holds malformed (a date that is not a date), is written empty, as Type 2 allows."""
+    from pydicom.dataset import Dataset
+
+    out = Dataset()
+    for keyword in REFERENCE:
+        value = _text(source, keyword)
+        if not value:
+            raise SourceError(f"the image has no {keyword}; an answer cannot reference it")
+        setattr(out, keyword, value)
+    for keyword, vr in COPIED.items():
+        value = _text(source, keyword)
+        pattern = VALID.get(vr)
+        if pattern is not None and not pattern.fullmatch(value.upper() if vr == "CS" else value):
+            value = ""
+        if keyword == "PatientSex" and value not in ("M", "F", "O"):
+            value = ""
+        setattr(out, keyword, value[: MAX_LENGTH[vr]])
+    out.SpecificCharacterSet = "ISO_IR 192"
+    return out
+
+
+def _text(source, keyword: str) -> str:
+    """One attribute as text; absent, undecodable or unparsable values are ''."""
+    import warnings
+
+    if keyword not in source:
+        return ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about each odd character set; the answer is UTF-8 anyway
+        try:
+            value = source[keyword].value
+        except Exception:  # a value pydicom cannot convert to its VR (a malformed date, a broken escape sequence)
+            return ""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return "".join(ch for ch in str(value) if ch.isprintable()).strip()
+
+
 def build_sr(source, result: Mapping, card: Mapping):
     """A Comprehensive SR answering ``source`` (the radiograph's dataset; its pixel data is not needed) with one
     prediction ``result`` (as ``inference.py --json`` prints it) by the model ``card`` (:func:`model_card`)."""
     import highdicom as hd
 
+    source = evidence_of(source)
     c = _codes()
     rel = hd.sr.RelationshipTypeValues
     root = hd.sr.ContainerContentItem(name=c["report"], template_id=None)
@@ -219,7 +284,7 @@ def build_heatmap_capture(source, rgb: np.ndarray, label: str, card: Mapping):
 
     series_uid, sop_uid = sr_uids(source.SOPInstanceUID, card["checkpoint_sha256"], kind=f"heatmap:{label}")
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
+        ref_dataset=evidence_of(source),
         pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8),
         photometric_interpretation="RGB",
         bits_allocated=8,

@@ -39,7 +39,7 @@ from cxrclip.pacs.dicomweb import (
     changes_feed,
     credentials,
 )
-from cxrclip.pacs.sr import build_heatmap_capture, build_sr, sr_uids
+from cxrclip.pacs.sr import SourceError, build_heatmap_capture, build_sr, sr_uids
 from cxrclip.pacs.store import Job, JobStore, worker_id
 
 log = logging.getLogger("cxrclip.pacs")
@@ -276,7 +276,7 @@ class Worker:
             delay = self.backoff(str(e))
             self.store.retry(job.sop_uid, str(e), delay)
             return False
-        except PacsRejected as e:
+        except (PacsRejected, SourceError) as e:  # retrying will not help: the reason is recorded, in one line
             self.store.finish(job.sop_uid, "failed", error=str(e))
             log.error("instance %s failed: %s", job.sop_uid, e)
         except Exception as e:  # a bug or an unexpected file: recorded, retried up to --max-attempts, never silent

@@ -30,6 +30,14 @@ def _training_data_config(config: Mapping) -> dict:
     return {}
 
 
+def with_reading_warnings(results: list[dict], facts) -> list[dict]:
+    """Each answer carries what reading its file had to work around (a malformed LUT, a multi-frame file, ...)."""
+    for result, found in zip(results, facts or ()):
+        if found and found.get("warnings"):
+            result["warnings"] = list(found["warnings"])
+    return results
+
+
 class PredictorBase:
     """What every predictor does once it has embeddings: rank the candidates, score each label, apply the
     calibration and the operating points. Subclasses provide ``transform`` (image array → model input),
@@ -95,7 +103,8 @@ class PredictorBase:
         if not len(arrays):
             return []
         checks = [precheck(a, f) for a, f in zip(arrays, facts or [None] * len(arrays))]
-        return self.predict_embeddings(images, self.embed([self.transform(a) for a in arrays]), checks, threshold)
+        results = self.predict_embeddings(images, self.embed([self.transform(a) for a in arrays]), checks, threshold)
+        return with_reading_warnings(results, facts)
 
     def logits(self, emb) -> np.ndarray:
         """Zero-shot label logits of image embeddings."""

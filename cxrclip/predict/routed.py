@@ -31,7 +31,7 @@ import numpy as np
 from cxrclip.data.images import read_image
 from cxrclip.exceptions import InputError, OutputError, UserError
 from cxrclip.io import atomic_write_text, file_sha256
-from cxrclip.predict.base import label_bank
+from cxrclip.predict.base import label_bank, with_reading_warnings
 from cxrclip.predict.bundle import MANIFEST as BUNDLE_MANIFEST
 from cxrclip.predict.bundle import Bundle, BundlePredictor, is_bundle
 from cxrclip.predict.checkpoint import Predictor
@@ -320,7 +320,7 @@ class RoutedPredictor:
             base = answers[self.default][i]
             results.append({"image": str(path), "analysed": True, "gate": gate, "ranking": base["ranking"],
                             "labels": labels, "calibration": self.calibration_name})  # fmt: skip
-        return results
+        return with_reading_warnings(results, facts)
 
     def picture_of(self, image: np.ndarray, label: str | None = None) -> np.ndarray:
         """The default member's picture, or (``label``) the picture of the member that answers it."""

@@ -136,7 +136,7 @@ def variants() -> list[tuple[str, pydicom.Dataset]]:
         add(name, _charset(name, file))
     ds = radiograph_dicom(film)
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds[0x00100010] = DataElement(0x00100010, "PN", "Müller^Jürgen".encode("utf-8"))  # declared Latin-1, holds UTF-8
+    ds[0x00100010] = DataElement(0x00100010, "PN", "Müller^Jürgen".encode())  # declared Latin-1, holds UTF-8
     add("wrongly_declared_charset", ds)
     ds = radiograph_dicom(film)
     ds.SpecificCharacterSet = "ISO_IR 999"

@@ -47,11 +47,31 @@ def check_store(store: ReviewStore) -> None:
     assert [r["reviewer"] for r in store.list()] == ["Dr. Lin"] * 3
 
 
+def check_bounds(store: ReviewStore) -> None:
+    """Every field of the append-only store is bounded, and refused the same way on SQLite and PostgreSQL."""
+    before = len(store.list())
+    for change, message in [
+        ({"reviewer": "x" * 10_000}, "reviewer: 10000 characters, at most 128"),
+        ({"comment": "y" * 4001}, "comment: 4001 characters, at most 4000"),
+        ({"comment": "apical\x00PTX"}, "comment: control character U\\+0000 at position 6"),
+        ({"comment": "\x1b[31mred"}, "control character U\\+001B"),
+        ({"reviewer": "Dr.\tLin"}, "reviewer: control character U\\+0009"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            review(store, **change)
+    assert len(store.list()) == before
+    kept = review(store, reviewer="x" * 128, comment="line one\n\tline two " + "z" * 3970, image_name="a\x00b.png")
+    assert kept["reviewer"] == "x" * 128 and kept["comment"].startswith("line one\n\tline two")
+    assert kept["image_name"] == "a?b.png"
+    assert store.list()[-1]["comment"] == kept["comment"]
+
+
 def test_reviews_are_append_only_and_corrections_are_new_rows(tmp_path):
     store = ReviewStore(tmp_path / "reviews.sqlite")
     assert store.revision == head_revision()
     check_store(store)
-    assert len(ReviewStore(tmp_path / "reviews.sqlite").list()) == 3  # reopened: migrated once, nothing lost
+    check_bounds(store)
+    assert len(ReviewStore(tmp_path / "reviews.sqlite").list()) == 4  # reopened: migrated once, nothing lost
 
 
 @pytest.mark.parametrize(
@@ -144,6 +164,7 @@ def test_the_same_store_on_postgresql(postgres):
     store = ReviewStore(postgres.new_database("reviews"))
     assert store.revision == head_revision()
     check_store(store)
+    check_bounds(store)
     store.close()
 
 
@@ -197,6 +218,15 @@ def test_a_review_through_the_api_records_what_the_server_showed(reviewing, demo
         ({"verdicts": {"Pneumothorax": "maybe"}}, 422, "verdicts"),
         ({"reviewer": ""}, 422, "reviewer's name"),
         ({"supersedes": 12345}, 422, "no review 12345"),
+        ({"reviewer": "x" * 10_000}, 422, "body.reviewer: String should have at most 128 characters"),
+        ({"comment": "c" * 4001}, 422, "body.comment: String should have at most 4000 characters"),
+        ({"comment": "c" * 2_000_000}, 413, "review body larger than 64 KB"),
+        ({"comment": "a\x00b"}, 422, "comment: control character U+0000"),
+        (
+            {"verdicts": {f"label {i}": "absent" for i in range(65)}},
+            422,
+            "body.verdicts: Dictionary should have at most",
+        ),
     ],
 )
 def test_a_bad_review_gets_its_status_and_reason(reviewing, demo_data, change, status, words):

@@ -37,6 +37,27 @@ from cxrclip.io import database_url, redact_url
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERDICTS = ("present", "absent", "unsure")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# The store is append-only: what goes in stays, so every field is bounded (USER_GUIDE 5d).
+MAX_REVIEWER = 128  # characters
+MAX_COMMENT = 4000  # characters
+MAX_IMAGE_NAME = 255
+# C0 controls, DEL and C1 controls: PostgreSQL's text refuses NUL, SQLite keeps it; both refuse them here, alike.
+# A comment may hold tabs and line breaks.
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+NAME_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def bounded_text(value: str | None, what: str, limit: int, control: re.Pattern = CONTROL) -> str:
+    """``value`` stripped, or an :class:`InputError` naming the field when it is too long or holds control
+    characters (NUL included)."""
+    value = (value or "").strip()
+    if len(value) > limit:
+        raise InputError(f"{what}: {len(value)} characters, at most {limit}")
+    bad = control.search(value)
+    if bad:
+        raise InputError(f"{what}: control character U+{ord(bad.group()):04X} at position {bad.start()} is not allowed")
+    return value
+
 
 metadata = MetaData()
 reviews = Table(
@@ -147,9 +168,11 @@ class ReviewStore:
     ) -> dict:
         """Save one review (checked first: a known label for every verdict, a verdict from :data:`VERDICTS`, a
         reviewer, a SHA-256, an existing review to supersede); returns it as stored."""
-        reviewer = (reviewer or "").strip()
+        reviewer = bounded_text(reviewer, "reviewer", MAX_REVIEWER, NAME_CONTROL)
         if not reviewer:
             raise InputError("a review needs the reviewer's name")
+        comment = bounded_text(comment, "comment", MAX_COMMENT)
+        image_name = NAME_CONTROL.sub("?", str(image_name or ""))[:MAX_IMAGE_NAME]
         if not SHA256.match(image_sha256 or ""):
             raise InputError("image_sha256 must be 64 lowercase hex digits")
         unknown = sorted(set(verdicts) - set(labels))
@@ -162,15 +185,15 @@ class ReviewStore:
             raise InputError("a review needs a verdict for at least one label")
         row = {
             "created_at": datetime.datetime.now(datetime.timezone.utc),
-            "reviewer": reviewer[:128],
+            "reviewer": reviewer,
             "image_sha256": image_sha256,
-            "image_name": (image_name or None) and str(image_name)[:255],
+            "image_name": image_name or None,
             "image_path": image_path,
             "model_sha256": model_sha256,
             "calibration": calibration,
             "shown": json.dumps(shown, sort_keys=True),
             "verdicts": json.dumps(dict(verdicts), sort_keys=True),
-            "comment": (comment or "").strip() or None,
+            "comment": comment or None,
             "supersedes": supersedes,
         }
         with self.engine.begin() as conn:

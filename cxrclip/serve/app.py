@@ -36,7 +36,7 @@ from cxrclip.predict import load_predictor
 from cxrclip.predict.card import DISCLAIMER, model_card
 from cxrclip.predict.gradcam import overlay, png_bytes
 from cxrclip.reviews.monitor import monitor_report, validation_prevalence
-from cxrclip.reviews.store import ReviewStore
+from cxrclip.reviews.store import MAX_COMMENT, MAX_REVIEWER, ReviewStore
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -80,14 +80,20 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
 
+MAX_VERDICTS = 64  # labels per review (a model has 13; unknown ones are refused by name)
+MAX_REVIEW_BODY = 64 * 1024  # bytes of a POST /v1/reviews body: the longest comment, name and verdicts fit
 RECENT_PREDICTIONS = 1000  # images whose shown answer is kept for a review
 
 
 class ReviewIn(BaseModel):
-    image_sha256: str = Field(description="the image_sha256 /v1/predict returned")
-    reviewer: str = Field("", description="who reviews (the page's field); a reader's own token (--users) overrides")
-    verdicts: dict[str, Literal["present", "absent", "unsure"]] = Field(description="label → verdict")
-    comment: str | None = None
+    image_sha256: str = Field(description="the image_sha256 /v1/predict returned", max_length=64)
+    reviewer: str = Field("", description="who reviews (the page's field); a reader's own token (--users) overrides; "
+                          "no control characters", max_length=MAX_REVIEWER)  # fmt: skip
+    verdicts: dict[str, Literal["present", "absent", "unsure"]] = Field(
+        description="label → verdict", max_length=MAX_VERDICTS
+    )
+    comment: str | None = Field(None, description="free text; tabs and line breaks, no other control characters",
+                                max_length=MAX_COMMENT)  # fmt: skip
     supersedes: int | None = Field(None, description="the id of the review this one corrects")
 
 
@@ -235,6 +241,11 @@ def create_app(settings: ServeSettings, service: Service | None = None):
                 return error(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)", request_id)
             request.state.user = user
         length = request.headers.get("content-length")
+        if path == "/v1/reviews" and request.method == "POST":  # a review is small: its body is capped on its own
+            if not (length and length.isdigit()):
+                return error(411, "a review needs a Content-Length header", request_id)
+            if int(length) > MAX_REVIEW_BODY:
+                return error(413, f"review body larger than {MAX_REVIEW_BODY // 1024} KB", request_id)
         if length and length.isdigit() and int(length) > max_bytes + 1024 * 1024:
             return error(413, f"upload larger than {settings.max_upload_mb:g} MB", request_id)
         response = await call_next(request)

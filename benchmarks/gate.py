@@ -7,8 +7,9 @@ Splits (patients never cross): frontal films — cxr_real_dev train + valid → 
 (``cxrclip fit-gate`` holds out 30 % of the patients to choose the threshold at 1 % false refusals), test.csv →
 test; other images — gate.csv's patients, 60 % to fit-gate (which again holds out 30 %), 40 % to test; generated
 negatives (noise, shapes, rotated and inverted films) made from fit films for fitting and from test films for the
-test. Two heads on the same split: the gate (logistic regression on the model's image embedding) and a dedicated
-tiny head (logistic regression on 32×32 pixels). The checkpoint is ``--checkpoint`` or, by default, the
+test. Two gates on the same split, fitted by ``cxrclip fit-gate``: the default (logistic regression on the model's
+image embedding and a 32×32 thumbnail) and the embedding alone (``--embedding-only``, the gate before issue 32).
+The test adds the negative of every held-out frontal film. The checkpoint is ``--checkpoint`` or, by default, the
 offline CPU model untrained (ImageNet EfficientNet-Lite0; with both towers locked — the small-data recipe — a
 trained model has this same encoder).
 """
@@ -88,14 +89,6 @@ def report(name: str, scores: np.ndarray, kinds: np.ndarray, threshold: float) -
     return out
 
 
-def pixel_features(images: list[np.ndarray], side: int = 32) -> np.ndarray:
-    from PIL import Image
-
-    return np.stack(
-        [np.asarray(Image.fromarray(a).resize((side, side)), dtype=np.float32).ravel() / 255.0 for a in images]
-    )
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real", type=Path, required=True, help="cxr_real_dev (frontal films, metadata.csv)")
@@ -112,7 +105,7 @@ def main() -> None:
     from cxrclip.data.images import read_image
     from cxrclip.fit_gate import fit_gate_checkpoint, summary_lines
     from cxrclip.predict.checkpoint import Predictor
-    from cxrclip.predict.gate import FRONTAL, InputGate, choose_threshold, generated_negatives, group_split, precheck
+    from cxrclip.predict.gate import FRONTAL, InputGate, generated_negatives, group_split, pixel_features, precheck
 
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -135,19 +128,18 @@ def main() -> None:
     assert not fit_patients & {r["patient_id"] for r, t in zip(gate_rows, test_mask) if t}
 
     ckpt = args.checkpoint or untrained_checkpoint(args.out, args.image_size, args.seed)
+    frontal_csv = str(write_csv(args.out / "frontal_fit.csv", frontal_rows))
+    other_csv = str(write_csv(args.out / "other_fit.csv", other_fit))
+    gates = {}
+    for name, pixels in (("gate: embedding + 32×32 pixels (default)", True), ("gate: embedding only (before)", False)):
+        target = args.out / ("gated.tar" if pixels else "gated_embedding_only.tar")
+        gates[name] = fit_gate_checkpoint(ckpt, [frontal_csv], [other_csv], out=target, generated=args.generated,
+                                          seed=args.seed, device="cpu", pixels=pixels)  # fmt: skip
+        print(f"fit-gate, {name}, validation part:")
+        for line in summary_lines(gates[name]):
+            print("  " + line)
     gated = args.out / "gated.tar"
-    gate = fit_gate_checkpoint(
-        ckpt,
-        [str(write_csv(args.out / "frontal_fit.csv", frontal_rows))],
-        [str(write_csv(args.out / "other_fit.csv", other_fit))],
-        out=gated,
-        generated=args.generated,
-        seed=args.seed,
-        device="cpu",
-    )
-    print("fit-gate, validation part:")
-    for line in summary_lines(gate):
-        print("  " + line)
+    gate = next(iter(gates.values()))
 
     # the held-out test: frontal test films, held-out patients' laterals and CT slices, generated negatives
     predictor = Predictor.create(str(gated), device="cpu")
@@ -155,15 +147,21 @@ def main() -> None:
     test_kinds = [FRONTAL] * len(frontal_test) + [k for _, k in other_test]
     made, made_kinds = generated_negatives(test_images[: len(frontal_test)], 60, seed=args.seed + 1000)
     test_images += made
-    test_kinds = np.asarray(test_kinds + [f"generated {k}" for k in made_kinds])
+    # every held-out frontal film's negative, as a PNG/JPEG export of a MONOCHROME1 image often is
+    test_images += [255 - a for a in test_images[: len(frontal_test)]]
+    test_kinds = np.asarray(test_kinds + [f"generated {k}" for k in made_kinds] + ["negative of a test film"]
+                            * len(frontal_test))  # fmt: skip
     emb = np.concatenate(
         [
             predictor.embed([predictor.transform(a) for a in test_images[i : i + 32]])
             for i in range(0, len(test_images), 32)
         ]
     )
-    scores, _ = predictor.gate.image_gate.scores(emb)
-    results = [report("gate on the image embedding", scores, test_kinds, gate.threshold)]
+    thumbs = np.stack([pixel_features(a) for a in test_images])
+    results = []
+    for name, g in gates.items():
+        scores, _ = g.scores(emb, thumbs if g.pixel_side else None)
+        results.append(report(name, scores, test_kinds, g.threshold))
     verdicts = predictor.gate.verdicts(emb, [precheck(a) for a in test_images])
     refused_kinds = {}
     for v, k in zip(verdicts, test_kinds):
@@ -171,31 +169,6 @@ def main() -> None:
             refused_kinds.setdefault(str(k), {}).setdefault(v.kind, 0)
             refused_kinds[str(k)][v.kind] += 1
     results[0]["reason_given_per_true_kind"] = refused_kinds
-
-    # a dedicated tiny head on 32×32 pixels, fitted and thresholded on the same rows as the gate
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    fit_images = [read_image(r["image"]) for r in frontal_rows] + [read_image(r["image"]) for r in other_fit]
-    fit_kinds = [FRONTAL] * len(frontal_rows) + [r["kind"] for r in other_fit]
-    fit_groups = [r["patient_id"] for r in frontal_rows] + [r["patient_id"] for r in other_fit]
-    extra, extra_kinds = generated_negatives(fit_images[:64], args.generated, seed=args.seed)
-    fit_images += extra
-    fit_kinds += extra_kinds
-    fit_groups += [f"generated:{i}" for i in range(len(extra))]
-    fit_kinds = np.asarray(fit_kinds)
-    valid = np.zeros(len(fit_kinds), dtype=bool)
-    for kind in sorted(set(fit_kinds)):
-        rows = np.flatnonzero(fit_kinds == kind)
-        valid[rows] = group_split([fit_groups[i] for i in rows], 0.3, args.seed)
-    x = pixel_features(fit_images)
-    scaler = StandardScaler().fit(x[~valid])
-    head = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000)
-    head.fit(scaler.transform(x[~valid]), fit_kinds[~valid] != FRONTAL)
-    valid_frontal = valid & (fit_kinds == FRONTAL)
-    tiny_threshold = choose_threshold(head.predict_proba(scaler.transform(x[valid_frontal]))[:, 1], 0.01)
-    tiny_scores = head.predict_proba(scaler.transform(pixel_features(test_images)))[:, 1]
-    results.append(report("dedicated tiny head (32×32 pixels)", tiny_scores, test_kinds, tiny_threshold))
 
     # latency: the same predictor with and without its gate, one image at a time, same run
     sample = [(test_images[i], None) for i in range(0, len(frontal_test), max(1, len(frontal_test) // 20))]

@@ -243,6 +243,7 @@ def _fit_gate(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
             text_encoder=args.text_encoder,
+            pixels=not args.embedding_only,
         )
     print(f"input gate stored in {args.out or args.checkpoint}:")
     for line in summary_lines(gate):
@@ -477,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generated", type=int, default=100, help="add N generated negatives (noise, rotated, inverted)")
     p.add_argument("--target-frr", type=float, default=0.01, help="false refusals of frontal films allowed (0.01)")
     p.add_argument("--valid", type=float, default=0.3, help="share held out (whole patients) to choose the threshold")
+    p.add_argument("--embedding-only", action="store_true", help="read the image embedding only, not also a 32×32 "
+                   "thumbnail (the thumbnail is what catches inverted films)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the checkpoint with its gate here (default: rewrite --checkpoint atomically)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")

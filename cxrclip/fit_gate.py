@@ -15,7 +15,15 @@ from cxrclip.data.images import IMAGE_SUFFIXES, ImageReadError, read_image
 from cxrclip.data.schema import csv_line
 from cxrclip.model.checkpoint import save_checkpoint
 from cxrclip.predict.checkpoint import Predictor
-from cxrclip.predict.gate import FRONTAL, GateError, ImageGate, fit_image_gate, generated_negatives, group_split
+from cxrclip.predict.gate import (
+    FRONTAL,
+    GateError,
+    ImageGate,
+    fit_image_gate,
+    generated_negatives,
+    group_split,
+    pixel_features,
+)
 
 log = logging.getLogger(__name__)
 GROUP_COLUMNS = ("patient_id", "patient", "PatientID", "subject_id")
@@ -72,10 +80,12 @@ def fit_gate_checkpoint(
     batch_size: int = 32,
     device: str | None = None,
     text_encoder: str | None = None,
+    pixels: bool = True,
 ) -> ImageGate:
     """Embed every image with the checkpoint's own model and test transform, fit the gate on the fit part, choose
     its threshold on the validation part (whole patients on one side), and write the checkpoint back (to
-    ``out`` if given) with it, atomically. Every unreadable image is listed before anything is fitted."""
+    ``out`` if given) with it, atomically. Every unreadable image is listed before anything is fitted. ``pixels``:
+    the gate also reads a thumbnail of each image (what catches inverted films)."""
     if not frontal:
         raise GateError("fit-gate needs frontal chest radiographs (--frontal FOLDER_OR_CSV)")
     if not other and generated <= 0:
@@ -91,7 +101,7 @@ def fit_gate_checkpoint(
         str(checkpoint), device=device, text_encoder=text_encoder, gate=False, precision="fp32"
     )  # fitted on fp32 embeddings
     kept: list[np.ndarray] = []
-    emb, failed = [], []
+    emb, thumbs, failed = [], [], []
     for start in range(0, len(items), batch_size):
         tensors = []
         for x in items[start : start + batch_size]:
@@ -103,6 +113,7 @@ def fit_gate_checkpoint(
             if x.kind == FRONTAL and len(kept) < KEEP_FOR_GENERATED:
                 kept.append(_downsized(image))
             tensors.append(predictor.transform(image))
+            thumbs.append(pixel_features(image))
         if tensors:
             emb.append(predictor.embed(tensors))
     if failed:
@@ -114,9 +125,11 @@ def fit_gate_checkpoint(
         images, made = generated_negatives(kept, generated, seed=seed)
         for start in range(0, len(images), batch_size):
             emb.append(predictor.embed([predictor.transform(a) for a in images[start : start + batch_size]]))
+        thumbs += [pixel_features(a) for a in images]
         kinds += made
         groups += [f"generated:{i}" for i in range(len(made))]
     emb = np.concatenate(emb)
+    thumbs_arr = np.stack(thumbs) if pixels else None
     kinds_arr = np.asarray(kinds)
     valid = np.zeros(len(kinds), dtype=bool)
     for kind in sorted(set(kinds)):  # each kind split on its own, so every kind is on both sides
@@ -138,8 +151,10 @@ def fit_gate_checkpoint(
     fit_kinds = [k for k, v in zip(kinds, valid) if not v]
     valid_kinds = [k for k, v in zip(kinds, valid) if v]
     gate = fit_image_gate(
-        emb[~valid], fit_kinds, emb[valid], valid_kinds, target_frr=target_frr, c=c, fitted_on=fitted_on
-    )
+        emb[~valid], fit_kinds, emb[valid], valid_kinds, target_frr=target_frr, c=c, fitted_on=fitted_on,
+        pixels_fit=None if thumbs_arr is None else thumbs_arr[~valid],
+        pixels_valid=None if thumbs_arr is None else thumbs_arr[valid],
+    )  # fmt: skip
     ckpt = {k: v for k, v in predictor.loaded.checkpoint.items() if k != "format"}
     ckpt["gate"] = gate.to_dict()
     target = save_checkpoint(out or checkpoint, ckpt)
@@ -164,6 +179,7 @@ def summary_lines(gate: ImageGate) -> list[str]:
         f"kinds: {', '.join(gate.kinds)}; fitted on {gate.evidence.get('fit_rows')}",
         f"threshold {gate.threshold:.4f} (refused when 1 − P(frontal) is above it; target false refusals "
         f"{gate.target_frr:.1%} of frontal films)",
+        f"reads: {gate.evidence.get('reads', 'image embedding')}",
         f"validation AUROC frontal vs other: {valid.get('auroc', float('nan')):.4f}",
     ]
     f = valid.get("frontal", {})

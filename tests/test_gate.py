@@ -24,6 +24,7 @@ from cxrclip.predict.gate import (
     generated_negatives,
     group_split,
     pixel_check,
+    pixel_features,
     precheck,
     wilson,
 )
@@ -284,8 +285,10 @@ def test_fit_gate_end_to_end_and_the_bundle_gives_the_same_scores(tiny_clip_chec
     got = [r["gate"]["score"] for r in theirs.predict(images)]
     want = [r["gate"]["score"] for r in ours.predict(images)]
     arrays = [read_image(p) for p in images]
-    exact_ours = ours.gate.image_gate.scores(ours.embed([ours.transform(a) for a in arrays]))[0]
-    exact_theirs = theirs.gate.image_gate.scores(theirs.embed([theirs.transform(a) for a in arrays]))[0]
+    thumbs = np.stack([pixel_features(a) for a in arrays])
+    assert stored["pixel_side"] == 32 and thumbs.shape == (6, 32 * 32)
+    exact_ours = ours.gate.image_gate.scores(ours.embed([ours.transform(a) for a in arrays]), thumbs)[0]
+    exact_theirs = theirs.gate.image_gate.scores(theirs.embed([theirs.transform(a) for a in arrays]), thumbs)[0]
     np.testing.assert_allclose(exact_theirs, exact_ours, atol=1e-5)
     assert got == want
     assert [r["analysed"] for r in theirs.predict(images)] == [r["analysed"] for r in ours.predict(images)]
@@ -316,3 +319,41 @@ def test_evaluation_reports_what_the_gate_would_refuse(refusing, passing, demo_d
     assert results["input_gate"]["by_kind"] == {"lateral": 12}
     results = evaluate(eval_cfg(demo_data, passing, tmp_path))["cgmh"][passing]
     assert results["input_gate"]["refused"] == 0 and results["input_gate"]["by_kind"] == {}
+
+
+def test_the_pixel_part_refuses_negatives_that_the_embedding_cannot_tell_apart():
+    """A negative film embeds close to its positive; the thumbnail tells them apart at once. Here the embedding is
+    made identical for both: an embedding-only gate is at chance, the gate with pixels refuses every negative."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:96] / 96.0
+    films, emb = [], []
+    for _ in range(120):
+        cx, w = rng.uniform(0.25, 0.35), rng.uniform(0.08, 0.14)
+        lungs = np.exp(-(((xx - cx) / w) ** 2 + ((yy - 0.5) / 0.3) ** 2))
+        lungs += np.exp(-(((xx - 1 + cx) / w) ** 2 + ((yy - 0.5) / 0.3) ** 2))
+        films.append(np.clip(230 - 170 * lungs + rng.normal(0, 8, xx.shape), 0, 255).astype(np.uint8))
+        emb.append(rng.normal(size=16))
+    images = films + [255 - f for f in films]
+    kinds = np.array([FRONTAL] * 120 + ["inverted"] * 120)
+    x = np.concatenate([emb, emb])  # the same embedding for a film and its negative
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    thumbs = np.stack([pixel_features(a) for a in images])
+    assert thumbs.shape == (240, 32 * 32) and thumbs.min() >= 0 and thumbs.max() <= 1
+    np.testing.assert_allclose(thumbs[120:], 1 - thumbs[:120], atol=1 / 255 + 1e-6)  # the negative's thumbnail
+    fit = np.arange(240) % 2 == 0
+    blind = fit_image_gate(x[fit], kinds[fit], x[~fit], kinds[~fit], target_frr=0.05)
+    seeing = fit_image_gate(x[fit], kinds[fit], x[~fit], kinds[~fit], target_frr=0.05, pixels_fit=thumbs[fit],
+                            pixels_valid=thumbs[~fit])  # fmt: skip
+    assert blind.evidence["valid"]["auroc"] < 0.65 and blind.evidence["valid"]["inverted"]["rate"] > 0.5
+    assert seeing.pixel_side == 32 and seeing.evidence["reads"] == "image embedding + 32×32 pixels"
+    assert seeing.evidence["valid"]["auroc"] == 1.0 and seeing.evidence["valid"]["inverted"]["missed"] == 0
+    # every path reads the thumbnail from the prechecks; a round trip keeps the gate exactly
+    checks = [precheck(a) for a in images]
+    verdicts = InputGate(seeing).verdicts(x, checks)
+    assert [v.kind for v, k in zip(verdicts, kinds) if k == "inverted" and not v.analysed].count("inverted") >= 115
+    again = ImageGate.from_dict(seeing.to_dict())
+    np.testing.assert_array_equal(again.scores(x, thumbs)[0], seeing.scores(x, thumbs)[0])
+    with pytest.raises(GateError, match="also reads the image's pixels"):
+        seeing.scores(x)
+    old = {k: v for k, v in blind.to_dict().items() if k != "pixel_side"}  # stored before the pixel part
+    assert ImageGate.from_dict(old).pixel_side == 0

@@ -164,6 +164,9 @@ def gate_report(stored: Mapping | None, image_emb: torch.Tensor) -> dict | None:
     gate = stored_gate(stored, int(image_emb.shape[1]), where="the evaluated model").image_gate
     if gate is None:
         return None
+    if gate.pixel_side:
+        return {"note": "this gate also reads the pixels, which evaluation does not keep: its refusals are not "
+                "counted here (inference, serve and the PACS worker apply it)"}  # fmt: skip
     scores, kinds = gate.scores(image_emb.float().numpy())
     refused = scores > gate.threshold
     by_kind: dict[str, int] = {}

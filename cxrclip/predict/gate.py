@@ -10,8 +10,11 @@ probability:
    and left to the image stage, never taken as a pass.
 2. **The pixels**: a blank or constant image is unreadable.
 3. **The image itself**: :class:`ImageGate`, a multinomial logistic regression over the model's own image
-   embedding (frontal vs lateral / CT / not a radiograph / ...), fitted by ``cxrclip fit-gate``. Its score is
-   1 − P(frontal); the threshold is chosen on validation frontal films for a target false-refusal rate (1 %).
+   embedding and a 32×32 thumbnail of the pixels (frontal vs lateral / CT / not a radiograph / inverted / ...),
+   fitted by ``cxrclip fit-gate``. The embedding knows anatomy but is nearly blind to polarity — a negative film
+   embeds close to its positive — while the thumbnail sees at once that the lungs are bright and the mediastinum
+   dark. Its score is 1 − P(frontal); the threshold is chosen on validation frontal films for a target
+   false-refusal rate (1 %).
 
 Scoring is NumPy only (the bundle predicts without torch); fitting uses scikit-learn.
 """
@@ -46,6 +49,7 @@ OTHER_PARTS = ("ABDOMEN", "PELVIS", "SKULL", "HEAD", "BRAIN", "HAND", "FOOT", "K
                "ELBOW", "WRIST", "SPINE", "NECK", "LEG", "ARM", "EXTREMITY", "BREAST", "FINGER", "FEMUR", "TIBIA",
                "HUMERUS", "FOREARM", "JAW", "SINUS", "DENTAL", "TEETH", "HEART")  # fmt: skip
 MIN_CONTRAST = 2.0  # grey-level standard deviation under which an image is taken as blank
+PIXEL_SIDE = 32  # the thumbnail the image stage reads beside the embedding (side × side grey levels)
 
 
 class GateError(UserError, ValueError):
@@ -64,6 +68,7 @@ class Precheck:
     kind: str | None = None
     reason: str | None = None
     notes: tuple[str, ...] = ()
+    pixels: np.ndarray | None = field(default=None, compare=False, repr=False)  # pixel_features(image)
 
     @property
     def refused(self) -> bool:
@@ -128,13 +133,27 @@ def pixel_check(image: np.ndarray) -> Precheck:
     return Precheck()
 
 
+def pixel_features(image: np.ndarray, side: int = PIXEL_SIDE) -> np.ndarray:
+    """The image as the gate's pixel part reads it: a ``side`` × ``side`` area-averaged thumbnail, grey levels in
+    [0, 1] (the same on every path: the image as read, before the model's transform)."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.ndim != 2 or min(image.shape) < 1:
+        return np.zeros(side * side, dtype=np.float32)
+    thumb = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).resize((side, side), Image.Resampling.BOX)
+    return np.asarray(thumb, dtype=np.float32).ravel() / 255.0
+
+
 def precheck(image: np.ndarray, facts: Mapping | None = None) -> Precheck:
-    """Stages 1 and 2 together: the first refusal, else the DICOM stage's notes."""
+    """Stages 1 and 2 together: the first refusal, else the DICOM stage's notes; the thumbnail for stage 3."""
     dicom = dicom_check(facts)
+    thumb = pixel_features(image)
     if dicom.refused:
-        return dicom
+        return Precheck(dicom.kind, dicom.reason, dicom.notes, thumb)
     pixels = pixel_check(image)
-    return Precheck(pixels.kind, pixels.reason, dicom.notes) if pixels.refused else dicom
+    kind, reason = (pixels.kind, pixels.reason) if pixels.refused else (None, None)
+    return Precheck(kind, reason, dicom.notes, thumb)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -145,9 +164,10 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ImageGate:
-    """Stage 3: frontal chest radiograph vs the other kinds, over the model's L2-normalized image embedding.
-    ``coef`` (kinds × dim) and ``intercept`` already hold the standardization; ``score`` = 1 − P(frontal);
-    an image is refused when its score is above ``threshold``."""
+    """Stage 3: frontal chest radiograph vs the other kinds, over the model's L2-normalized image embedding and,
+    when ``pixel_side`` > 0, the image's :func:`pixel_features` after it. ``coef`` (kinds × (dim + side²)) and
+    ``intercept`` already hold the standardization; ``score`` = 1 − P(frontal); an image is refused when its
+    score is above ``threshold``. (A gate stored before the pixel part has ``pixel_side`` 0 and reads the same.)"""
 
     kinds: tuple[str, ...]
     coef: np.ndarray
@@ -155,6 +175,7 @@ class ImageGate:
     threshold: float
     target_frr: float
     evidence: dict = field(default_factory=dict)
+    pixel_side: int = 0
 
     def __post_init__(self):
         if FRONTAL not in self.kinds or len(self.kinds) < 2:
@@ -164,18 +185,27 @@ class ImageGate:
 
     @property
     def dim(self) -> int:
-        return int(self.coef.shape[1])
+        """The embedding's size (the pixel part comes after it)."""
+        return int(self.coef.shape[1]) - self.pixel_side**2
 
-    def probabilities(self, emb) -> np.ndarray:
-        """Images × kinds: P(kind | embedding)."""
+    def probabilities(self, emb, pixels=None) -> np.ndarray:
+        """Images × kinds: P(kind | embedding, pixels); ``pixels``: :func:`pixel_features` per image, needed when
+        the gate reads them."""
         emb = np.asarray(emb, dtype=np.float64)
         if emb.ndim != 2 or emb.shape[1] != self.dim:
             raise GateError(f"the gate was fitted on {self.dim}-d embeddings, got {emb.shape}: refit it for this model")
+        if self.pixel_side:
+            if pixels is None:
+                raise GateError("this gate also reads the image's pixels: pass pixel_features() of each image")
+            pixels = np.asarray(pixels, dtype=np.float64).reshape(len(emb), -1)
+            if pixels.shape[1] != self.pixel_side**2:
+                raise GateError(f"the gate reads {self.pixel_side}² pixels, got {pixels.shape[1]}")
+            emb = np.concatenate([emb, pixels], axis=1)
         return _softmax(emb @ self.coef.T + self.intercept)
 
-    def scores(self, emb) -> tuple[np.ndarray, list[str]]:
+    def scores(self, emb, pixels=None) -> tuple[np.ndarray, list[str]]:
         """Per image: 1 − P(frontal), and the most likely kind other than frontal."""
-        probs = self.probabilities(emb)
+        probs = self.probabilities(emb, pixels)
         j = self.kinds.index(FRONTAL)
         others = probs.copy()
         others[:, j] = -1.0
@@ -190,6 +220,7 @@ class ImageGate:
             "threshold": float(self.threshold),
             "target_frr": float(self.target_frr),
             "evidence": json.loads(json.dumps(self.evidence, default=float)),  # plain data: weights_only loads it
+            "pixel_side": int(self.pixel_side),
         }
 
     @classmethod
@@ -204,6 +235,7 @@ class ImageGate:
                 float(data["threshold"]),
                 float(data["target_frr"]),
                 dict(data.get("evidence") or {}),
+                int(data.get("pixel_side", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise GateError(f"the stored gate cannot be read ({e}); fit it again with `cxrclip fit-gate`") from e
@@ -259,7 +291,10 @@ class InputGate:
         if len(prechecks) != len(emb):
             raise ValueError(f"{len(prechecks)} prechecks for {len(emb)} embeddings")
         if self.image_gate is not None and len(emb):
-            scores, kinds = self.image_gate.scores(emb)
+            pixels = [p.pixels for p in prechecks] if self.image_gate.pixel_side else None
+            if pixels is not None and any(p is None for p in pixels):
+                raise GateError("this gate also reads the image's pixels: the prechecks carry none")
+            scores, kinds = self.image_gate.scores(emb, None if pixels is None else np.stack(pixels))
         else:
             scores, kinds = [None] * len(emb), [None] * len(emb)
         threshold = None if self.image_gate is None else self.image_gate.threshold
@@ -323,10 +358,10 @@ def wilson(k: int, n: int, z: float = 1.959964) -> list[float] | None:
     return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
-def rates(gate: ImageGate, emb: np.ndarray, kinds: Sequence[str]) -> dict:
+def rates(gate: ImageGate, emb: np.ndarray, kinds: Sequence[str], pixels: np.ndarray | None = None) -> dict:
     """False-refusal rate of frontal films and the miss rate (let through) of each other kind, with Wilson
     intervals, at the gate's threshold."""
-    scores, _ = gate.scores(emb)
+    scores, _ = gate.scores(emb, pixels)
     kinds = np.asarray(kinds)
     out: dict = {}
     frontal = kinds == FRONTAL
@@ -353,9 +388,12 @@ def fit_image_gate(
     target_frr: float = 0.01,
     c: float = 1.0,
     fitted_on: Mapping | None = None,
+    pixels_fit: np.ndarray | None = None,
+    pixels_valid: np.ndarray | None = None,
 ) -> ImageGate:
-    """A multinomial logistic regression (standardized inputs, balanced kinds) on the fit rows; the threshold
-    from the validation frontal films; the validation rates as its evidence."""
+    """A multinomial logistic regression (standardized inputs, balanced kinds) on the fit rows — the embeddings,
+    and the :func:`pixel_features` after them when given; the threshold from the validation frontal films; the
+    validation rates as its evidence."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -368,6 +406,10 @@ def fit_image_gate(
     kinds = (FRONTAL, *[k for k in present if k != FRONTAL])
     y = np.array([kinds.index(k) for k in kinds_fit])
     x = np.asarray(emb_fit, dtype=np.float64)
+    side = 0
+    if pixels_fit is not None:
+        side = math.isqrt(np.asarray(pixels_fit).shape[1])
+        x = np.concatenate([x, np.asarray(pixels_fit, dtype=np.float64)], axis=1)
     scaler = StandardScaler().fit(x)
     lr = LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
     lr.fit(scaler.transform(x), y)
@@ -378,18 +420,22 @@ def fit_image_gate(
     folded_coef = coef / scale
     folded_intercept = intercept - folded_coef @ scaler.mean_
     kinds_valid = np.asarray([str(k) for k in kinds_valid])
-    provisional = ImageGate(kinds, folded_coef, folded_intercept, 1.0, target_frr)
-    scores, _ = provisional.scores(np.asarray(emb_valid)[kinds_valid == FRONTAL])
+    provisional = ImageGate(kinds, folded_coef, folded_intercept, 1.0, target_frr, pixel_side=side)
+    frontal = kinds_valid == FRONTAL
+    scores, _ = provisional.scores(
+        np.asarray(emb_valid)[frontal], None if pixels_valid is None else np.asarray(pixels_valid)[frontal]
+    )
     threshold = choose_threshold(scores, target_frr)
-    gate = ImageGate(kinds, folded_coef, folded_intercept, threshold, target_frr)
+    gate = ImageGate(kinds, folded_coef, folded_intercept, threshold, target_frr, pixel_side=side)
     counts = {k: int((np.asarray(kinds_fit) == k).sum()) for k in kinds}
     evidence = {
         "fit_rows": counts,
-        "valid": rates(gate, np.asarray(emb_valid), kinds_valid),
+        "valid": rates(gate, np.asarray(emb_valid), kinds_valid, pixels_valid),
         "C": c,
+        "reads": f"image embedding + {side}×{side} pixels" if side else "image embedding",
         **({"fitted_on": dict(fitted_on)} if fitted_on else {}),
     }
-    return ImageGate(kinds, folded_coef, folded_intercept, threshold, target_frr, evidence)
+    return ImageGate(kinds, folded_coef, folded_intercept, threshold, target_frr, evidence, side)
 
 
 # ------------------------------------------------------------------------------------------ generated negatives

@@ -8,6 +8,19 @@ import pytest  # noqa: E402
 from cxrclip.synthetic import generate_demo_data  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A command's ``logging.basicConfig(force=True)`` (the PACS worker's main) binds the root logger to the stream
+    pytest captured for that test, closed afterwards: later tests would print "--- Logging error ---"."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """A small synthetic dataset (train/valid/test CSVs + 64 px images), made once per test session."""

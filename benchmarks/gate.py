@@ -73,7 +73,8 @@ def bootstrap_auroc(y: np.ndarray, s: np.ndarray, n_boot: int = 2000, seed: int 
 
 
 def report(name: str, scores: np.ndarray, kinds: np.ndarray, threshold: float) -> dict:
-    from cxrclip.predict.gate import FRONTAL, wilson
+    from cxrclip.predict.gate import FRONTAL
+    from cxrclip.scoring.intervals import wilson
 
     y = (kinds != FRONTAL).astype(int)
     auroc, ci = bootstrap_auroc(y, scores)
@@ -81,11 +82,11 @@ def report(name: str, scores: np.ndarray, kinds: np.ndarray, threshold: float) -
     out = {"head": name, "threshold": round(float(threshold), 4), "auroc": round(auroc, 4), "auroc_ci95": ci}
     frontal = kinds == FRONTAL
     k, n = int(refused[frontal].sum()), int(frontal.sum())
-    out["frontal_false_refusals"] = {"k": k, "n": n, "rate": round(k / n, 4), "ci95": wilson(k, n)}
+    out["frontal_false_refusals"] = {"k": k, "n": n, "rate": round(k / n, 4), "ci95": wilson(k, n, 4)}
     for kind in sorted(set(kinds[~frontal])):
         rows = kinds == kind
         k, n = int((~refused[rows]).sum()), int(rows.sum())
-        out[f"miss_{kind}"] = {"k": k, "n": n, "rate": round(k / n, 4), "ci95": wilson(k, n)}
+        out[f"miss_{kind}"] = {"k": k, "n": n, "rate": round(k / n, 4), "ci95": wilson(k, n, 4)}
     return out
 
 

@@ -10,12 +10,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cxrclip.data.prompts import PromptFileError
+from cxrclip.data.prompts import DEFAULT_PROMPTS, NORMAL_SENTENCE, PromptFileError
 from cxrclip.data.records import load_records, summarize
 from cxrclip.data.schema import DataConfig, DataValidationError
 from cxrclip.exceptions import ConfigError
 from cxrclip.hardware import PRECISION_HELP, PRECISIONS
-from cxrclip.synthetic import CGMH_LABELS, DEFAULT_PROMPTS, NORMAL_SENTENCE, generate_demo_data
+from cxrclip.synthetic import CGMH_LABELS, generate_demo_data
 
 SPLIT_TYPES = {"train": "imagetext", "valid": "imagetext", "test": "imagetext_eval", "cls": "image_classification"}
 

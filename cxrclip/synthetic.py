@@ -19,14 +19,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cxrclip.data.prompts import PromptBank, load_prompts
+from cxrclip.data.prompts import DEFAULT_PROMPTS, NORMAL_SENTENCE, PromptBank, load_prompts
 from cxrclip.exceptions import ConfigError
 from cxrclip.io import atomic_write_bytes, atomic_write_text
-from cxrclip.paths import PROJECT_ROOT, config_labels
+from cxrclip.paths import config_labels
 
 CGMH_LABELS = config_labels("cgmh")  # configs/labels/cgmh.yaml: the one list of the 13 labels
-DEFAULT_PROMPTS = PROJECT_ROOT / "datasets" / "train_prompts_cgmh.json"
-NORMAL_SENTENCE = "no tubes, lines or air leaks are seen."
 
 # (device, probability present); present devices are "in place" with probability 0.6.
 DEVICES = (("Endotracheal tube", 0.3), ("NG tube", 0.3), ("Chest tube", 0.2), ("Pigtail", 0.2))

@@ -26,8 +26,8 @@ from cxrclip.predict.gate import (
     pixel_check,
     pixel_features,
     precheck,
-    wilson,
 )
+from cxrclip.scoring.intervals import wilson
 
 pytestmark = pytest.mark.usefixtures("minilm_tokenizer")
 PIXELS = (np.arange(64 * 64).reshape(64, 64) * 3) % 4096
@@ -120,7 +120,7 @@ def test_threshold_rule_group_split_and_wilson():
     mask = group_split(groups, 0.4, seed=1)
     for g in set(groups):  # a patient is on one side only
         assert len({bool(m) for m, h in zip(mask, groups) if h == g}) == 1
-    assert wilson(0, 10) == [0.0, 0.2775] and wilson(5, 10) == [0.2366, 0.7634]
+    assert wilson(0, 10, 4) == [0.0, 0.2775] and wilson(5, 10, 4) == [0.2366, 0.7634]
 
 
 def test_fitting_folds_the_scaler_and_matches_scikit_learn():

@@ -277,7 +277,8 @@ def at(day: int, hour: int = 9) -> str:
 
 
 def test_the_monitor_flags_the_day_a_labels_yes_share_leaves_its_band_and_only_that_day():
-    from cxrclip.reviews.monitor import expected_band, monitor_report, wilson
+    from cxrclip.reviews.monitor import expected_band, monitor_report
+    from cxrclip.scoring.intervals import wilson
 
     stream = []
     for day in range(1, 7):  # 40 images a day; 4 YES (10 %, the validation prevalence) — then day 6: 24 YES (60 %)

@@ -9,8 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxrclip.exceptions import UserError
+from cxrclip.paths import PROJECT_ROOT
 
 KINDS = ("pos", "neg", "unc")
+DEFAULT_PROMPTS = PROJECT_ROOT / "datasets" / "train_prompts_cgmh.json"  # the CGMH prompt file the project ships
+NORMAL_SENTENCE = "no tubes, lines or air leaks are seen."  # the report of a study with no positive label
 
 
 class PromptFileError(UserError, ValueError):

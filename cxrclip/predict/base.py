@@ -11,15 +11,13 @@ import numpy as np
 
 from cxrclip.data.images import read_image
 from cxrclip.data.preprocess import PreprocessSpec
-from cxrclip.data.prompts import load_prompts
+from cxrclip.data.prompts import DEFAULT_PROMPTS, load_prompts
 from cxrclip.exceptions import InputError
 from cxrclip.paths import resolve_user_path
 from cxrclip.predict.gate import InputGate, Precheck, precheck
 from cxrclip.predict.gradcam import display_image, grad_cam
 from cxrclip.scoring.calibration import Calibration, sigmoid
 from cxrclip.scoring.zeroshot import label_logits, softmax
-
-DEFAULT_PROMPTS = "datasets/train_prompts_cgmh.json"
 
 
 def _training_data_config(config: Mapping) -> dict:

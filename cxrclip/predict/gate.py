@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from cxrclip.exceptions import UserError
+from cxrclip.scoring.intervals import wilson
 
 FRONTAL = "frontal"
 FORMAT = 1
@@ -348,16 +349,6 @@ def choose_threshold(frontal_scores: np.ndarray, target_frr: float) -> float:
     return float(s[k - 1])
 
 
-def wilson(k: int, n: int, z: float = 1.959964) -> list[float] | None:
-    """The Wilson 95 % interval of a proportion k/n."""
-    if n == 0:
-        return None
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
-
-
 def rates(gate: ImageGate, emb: np.ndarray, kinds: Sequence[str], pixels: np.ndarray | None = None) -> dict:
     """False-refusal rate of frontal films and the miss rate (let through) of each other kind, with Wilson
     intervals, at the gate's threshold."""
@@ -367,11 +358,11 @@ def rates(gate: ImageGate, emb: np.ndarray, kinds: Sequence[str], pixels: np.nda
     frontal = kinds == FRONTAL
     refused = scores > gate.threshold
     k, n = int(refused[frontal].sum()), int(frontal.sum())
-    out["frontal"] = {"n": n, "false_refusals": k, "rate": round(k / n, 4) if n else None, "ci95": wilson(k, n)}
+    out["frontal"] = {"n": n, "false_refusals": k, "rate": round(k / n, 4) if n else None, "ci95": wilson(k, n, 4)}
     for kind in sorted({str(k) for k in kinds[~frontal]}):
         rows = kinds == kind
         k, n = int((~refused[rows]).sum()), int(rows.sum())
-        out[kind] = {"n": n, "missed": k, "rate": round(k / n, 4), "ci95": wilson(k, n)}
+        out[kind] = {"n": n, "missed": k, "rate": round(k / n, 4), "ci95": wilson(k, n, 4)}
     if frontal.any() and (~frontal).any():
         from sklearn.metrics import roc_auc_score
 

@@ -22,8 +22,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from cxrclip.data.prompts import NORMAL_SENTENCE
 from cxrclip.io import atomic_write_text, redact_url
-from cxrclip.synthetic import NORMAL_SENTENCE
 
 
 def export_reviews(store, out: str | Path, labels: Sequence[str], bank=None) -> dict:

@@ -17,17 +17,7 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
-Z95 = 1.959964
-
-
-def wilson(k: int, n: int) -> tuple[float, float] | None:
-    """The Wilson score 95 % interval of k successes in n; None when n = 0."""
-    if n <= 0:
-        return None
-    p = k / n
-    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+from cxrclip.scoring.intervals import Z95, wilson
 
 
 def expected_band(prevalence: float, n: int) -> tuple[float, float]:

@@ -163,13 +163,13 @@ def _data_config(csv_path: str, split: str, args: argparse.Namespace) -> DataCon
 def _reviews_export(args: argparse.Namespace) -> int:
     from cxrclip.data.prompts import load_prompts
     from cxrclip.exceptions import exit_on_user_error
+    from cxrclip.io import database_url
     from cxrclip.reviews.export import export_reviews
     from cxrclip.reviews.store import ReviewStore
 
     with exit_on_user_error():
-        if "://" not in args.db and not Path(args.db).is_file():
-            raise ConfigError(f"--db {args.db}: no such review database")
-        summary = export_reviews(ReviewStore(args.db), args.out, _label_names(args.labels), load_prompts(args.prompts))
+        store = ReviewStore(database_url(args.db, must_exist=True))
+        summary = export_reviews(store, args.out, _label_names(args.labels), load_prompts(args.prompts))
     print(f"{summary['images']} reviewed images ({summary['reviews']} reviews, {summary['corrected']} corrected, "
           f"{summary['images_kept']} with the image kept) from {summary['store']}:")  # fmt: skip
     for kind, path in summary["files"].items():

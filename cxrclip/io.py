@@ -89,8 +89,9 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def database_url(db: str | Path, option: str = "--db") -> str:
-    """A database option: a SQLAlchemy URL (``postgresql+psycopg://...``, ``sqlite:///...``) or a SQLite file path."""
+def database_url(db: str | Path, option: str = "--db", must_exist: bool = False) -> str:
+    """A database option — the one rule for "a URL or a file": a SQLAlchemy URL (``postgresql+psycopg://...``,
+    ``sqlite:///...``) as it is, else a SQLite file path (``must_exist``: one that is already there)."""
     from cxrclip.exceptions import ConfigError
 
     text = str(db)
@@ -99,6 +100,8 @@ def database_url(db: str | Path, option: str = "--db") -> str:
     path = Path(text).expanduser()
     if not path.parent.exists():
         raise ConfigError(f"{option} {db}: folder {path.parent} does not exist")
+    if must_exist and not path.is_file():
+        raise ConfigError(f"{option} {db}: no such database file")
     return f"sqlite:///{path.resolve()}"
 
 

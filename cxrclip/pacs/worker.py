@@ -30,6 +30,7 @@ import numpy as np
 from cxrclip.data.images import ImageReadError, dicom_image
 from cxrclip.exceptions import ConfigError, exit_on_user_error
 from cxrclip.hardware import PRECISION_HELP, PRECISIONS
+from cxrclip.io import database_url
 from cxrclip.pacs.dicomweb import (
     Credentials,
     DicomWeb,
@@ -437,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_user_error(debug=args.debug):
         if args.threads:
             os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch at import and by the bundle's runtime
-        store = JobStore(args.db)
+        store = JobStore(database_url(args.db, must_exist=True) if args.status else args.db)  # --status creates none
         if args.status:
             print_status(store, skipped=args.skipped)
             return 0

@@ -14,7 +14,7 @@ from cxrclip.data.prompts import DEFAULT_PROMPTS, NORMAL_SENTENCE, PromptFileErr
 from cxrclip.data.records import load_records, summarize
 from cxrclip.data.schema import DataConfig, DataValidationError
 from cxrclip.exceptions import ConfigError
-from cxrclip.hardware import PRECISION_HELP, PRECISIONS
+from cxrclip.predict.factory import PredictorOptions
 from cxrclip.synthetic import CGMH_LABELS, generate_demo_data
 
 SPLIT_TYPES = {"train": "imagetext", "valid": "imagetext", "test": "imagetext_eval", "cls": "image_classification"}
@@ -206,7 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     with exit_on_user_error():
         settings = ServeSettings(
-            model_path=args.model_path,
+            model=PredictorOptions.from_args(args),
             host=args.host,
             port=args.port,
             token=args.token,
@@ -214,13 +214,8 @@ def _serve(args: argparse.Namespace) -> int:
             max_upload_mb=args.max_upload_mb,
             workers=args.workers,
             cors_origins=tuple(args.cors_origin or ()),
-            device=args.device,
-            precision=args.precision,
-            text_encoder=args.text_encoder,
-            gate=not args.no_gate,
             users=_read_users(args.users),
             db=None if args.no_reviews else args.db,
-            site=args.site,
             keep_images=args.keep_images,
         )
         serve(settings)
@@ -487,7 +482,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_fit_gate)
 
     p = sub.add_parser("serve", help="a local web page and REST API over a checkpoint (FastAPI + uvicorn)")
-    p.add_argument("--model_path", "--model-path", required=True, help="a model-best.tar or published .tar")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /v1/* (needed to bind elsewhere)")
@@ -495,17 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="larger uploads get 413")
     p.add_argument("--workers", type=int, default=2, help="predictions run at once (a bounded thread pool)")
     p.add_argument("--cors-origin", action="append", help="allow this web origin to call the API (default: none)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    p.add_argument("--text-encoder", help="local folder of the text encoder (offline)")
-    p.add_argument("--no-gate", action="store_true", help="show labels even for inputs the gate refuses (recorded)")
     p.add_argument("--db", default="cxrclip-reviews.sqlite", help="the review store: a SQLite file (default "
                    "./cxrclip-reviews.sqlite) or postgresql+psycopg://... shared by several servers")  # fmt: skip
-    p.add_argument("--site", help="answer with this site's calibration (cxrclip calibrate --site NAME)")
     p.add_argument("--users", metavar="FILE", help="a JSON file {reader name: token}: each reader's own bearer token; "
                    "their reviews are signed with their name")  # fmt: skip
     p.add_argument("--no-reviews", action="store_true", help="no review store: the page shows no review controls")
     p.add_argument("--keep-images", metavar="DIR", help="keep each reviewed image here (default: only its SHA-256)")
+    PredictorOptions.add_arguments(p)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(

@@ -13,9 +13,8 @@ from pathlib import Path
 from cxrclip.data.cells import image_csv
 from cxrclip.data.images import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
 from cxrclip.exceptions import InputError, exit_on_user_error
-from cxrclip.hardware import PRECISION_HELP, PRECISIONS
 from cxrclip.io import atomic_write_text
-from cxrclip.predict import PredictorBase, load_predictor
+from cxrclip.predict import PredictorBase, PredictorOptions, open_predictor
 from cxrclip.predict.gradcam import write_overlay
 
 
@@ -101,7 +100,6 @@ def to_csv(results: Sequence[dict], failed: Sequence[tuple[Path, str]] = (), nam
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Rank candidate texts for chest X-rays with a CXR-CLIP checkpoint.")
-    p.add_argument("--model_path", "--model-path", required=True, help="a model-best.tar / published .tar")
     p.add_argument("--image_path", "--image-path", required=True, help="an image (JPEG/PNG/DICOM), a folder or a CSV")
     p.add_argument("--texts", help="candidate texts: a JSON list or one per line (default: one per label)")
     p.add_argument("--prompts", help="prompt file (default: the one the checkpoint was trained with)")
@@ -112,25 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=20, help="candidates shown in the table")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--output", help="CSV file for folder/CSV input (default: predictions.csv next to the input)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    p.add_argument("--text_encoder", "--text-encoder", help="local folder of the text encoder (offline)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=32)
     p.add_argument("--heatmap", metavar="DIR", help="write Grad-CAM overlays (PNG) of each image's YES labels here")
     p.add_argument("--heatmap-label", action="append", help="the label(s) to draw (default: those called YES)")
-    p.add_argument(
-        "--no-gate",
-        action="store_true",
-        help="show the labels even for an input the gate refuses (lateral, CT, not a radiograph); recorded in output",
-    )
     p.add_argument(
         "--sr_out",
         "--sr-out",
         metavar="DIR",
         help="for DICOM input: write each answer as a DICOM Comprehensive SR here (the file cxrclip pacs stores)",
     )
-    p.add_argument("--site", help="answer with this site's calibration (cxrclip calibrate --site NAME)")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    PredictorOptions.add_arguments(p)
     return p
 
 
@@ -175,15 +165,14 @@ def write_heatmaps(
             print(f"heatmap: {path}", file=sys.stderr)
 
 
-def write_srs(predictor: PredictorBase, model_path: str, results: Sequence[dict], folder: Path) -> None:
+def write_srs(predictor: PredictorBase, results: Sequence[dict], folder: Path) -> None:
     """One SR per DICOM input (a refused one gets the SR that says why), beside nothing else: the same builder the
     PACS worker stores with."""
     import pydicom
 
     from cxrclip.pacs.sr import SourceError, build_sr, write_sr
-    from cxrclip.predict.card import model_card
 
-    card = model_card(predictor, model_path)
+    card = predictor.card()
     for result in results:
         if not is_dicom(result["image"]):
             print(f"--sr_out: {result['image']} is not DICOM; no SR", file=sys.stderr)
@@ -224,22 +213,13 @@ def main(argv: list[str] | None = None) -> int:
             read_image(images[0])  # a bad file fails here, in one line, before the model is loaded
         if args.sr_out and not any(is_dicom(p) for p in images):
             raise InputError(f"--sr_out: no DICOM input in {args.image_path}; an SR answers a DICOM image")
-        predictor = load_predictor(
-            args.model_path,
-            prompts=args.prompts,
-            texts=args.texts,
-            device=args.device,
-            text_encoder=args.text_encoder,
-            gate=not args.no_gate,
-            site=args.site,
-            precision=args.precision,
-        )
+        predictor = open_predictor(PredictorOptions.from_args(args), prompts=args.prompts, texts=args.texts)
         results, failed = predict_files(predictor, images, threshold, args.batch_size)
         refused = [r for r in results if not r["analysed"]]
         if args.heatmap:
             write_heatmaps(predictor, results, Path(args.heatmap), args.heatmap_label)
         if args.sr_out:
-            write_srs(predictor, args.model_path, results, Path(args.sr_out))
+            write_srs(predictor, results, Path(args.sr_out))
         if single:
             print(json.dumps(results[0], indent=2) if args.json else format_table(results[0], args.top))
             return 0

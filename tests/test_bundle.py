@@ -13,6 +13,7 @@ import torch
 from cxrclip.bundle import export_bundle
 from cxrclip.data.preprocess import Preprocess, resized_shape
 from cxrclip.data.transforms import build_transform
+from cxrclip.predict import PredictorOptions
 from cxrclip.predict.bundle import Bundle, BundleError, BundlePredictor
 
 pytestmark = pytest.mark.usefixtures("minilm_tokenizer")
@@ -166,7 +167,7 @@ def test_serve_accepts_a_bundle(bundle, demo_data):
 
     from cxrclip.serve.app import ServeSettings, create_app
 
-    client = TestClient(create_app(ServeSettings(model_path=str(bundle))))
+    client = TestClient(create_app(ServeSettings(model=PredictorOptions(str(bundle)))))
     card = client.get("/v1/model").json()
     assert card["backend"] == "onnxruntime" and len(card["bundle_sha256"]) == 64
     image = sorted((demo_data / "images").glob("test_*.png"))[0]

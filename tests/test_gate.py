@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxrclip.predict import PredictorOptions
 from cxrclip.predict.bundle import BundlePredictor
 from cxrclip.predict.gate import (
     FRONTAL,
@@ -238,7 +239,7 @@ def test_the_server_refuses_on_single_and_batch_and_reports_the_gate(refusing, d
 
     from cxrclip.serve.app import ServeSettings, create_app
 
-    client = TestClient(create_app(ServeSettings(model_path=refusing)))
+    client = TestClient(create_app(ServeSettings(model=PredictorOptions(refusing))))
     card = client.get("/v1/model").json()
     assert card["gate"]["fitted"] is True and card["gate"]["kinds"] == ["frontal", "lateral"]
     png = sorted((demo_data / "images").glob("test_*.png"))[0].read_bytes()
@@ -249,7 +250,7 @@ def test_the_server_refuses_on_single_and_batch_and_reports_the_gate(refusing, d
     assert not {"labels", "ranking", "texts", "heatmap"} & set(body)
     batch = client.post("/v1/predict/batch", files=[("files", ("a.png", png, "image/png"))]).json()["results"]
     assert batch[0]["analysed"] is False and "labels" not in batch[0]
-    off = TestClient(create_app(ServeSettings(model_path=refusing, gate=False)))
+    off = TestClient(create_app(ServeSettings(model=PredictorOptions(refusing, gate=False))))
     assert off.get("/v1/model").json()["gate"]["enforced"] is False
     body = off.post("/v1/predict", files={"file": ("a.png", png, "image/png")}).json()
     assert body["analysed"] is True and len(body["labels"]) == 13 and body["gate"]["enforced"] is False

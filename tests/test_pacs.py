@@ -25,6 +25,7 @@ from PIL import Image
 from cxrclip.pacs.dicomweb import Credentials, DicomWeb, PacsRejected, PacsUnavailable, credentials
 from cxrclip.pacs.sr import build_sr, read_sr, sr_uids
 from cxrclip.pacs.store import JobStore
+from cxrclip.predict import PredictorOptions
 from cxrclip.synthetic import radiograph_dicom
 from tests.servers import PASSWORD, USER, Orthanc, orthanc_missing
 
@@ -102,8 +103,8 @@ def dciodvfy_errors(ds, tmp_path) -> list[str]:
 def worker_in_process(ckpt, orthanc: Orthanc, db: Path, **options):
     from cxrclip.pacs.worker import WorkerSettings, make_worker
 
-    settings = WorkerSettings(dicomweb=orthanc.dicomweb, model_path=str(ckpt), db=str(db), device="cpu", once=True,
-                              poll_s=0.1, **options)  # fmt: skip
+    model = PredictorOptions(str(ckpt), device="cpu")
+    settings = WorkerSettings(dicomweb=orthanc.dicomweb, model=model, db=str(db), once=True, poll_s=0.1, **options)
     return make_worker(settings, orthanc.client(), JobStore(db))
 
 

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from cxrclip.exceptions import ConfigError, InputError
+from cxrclip.predict import PredictorOptions
 from cxrclip.reviews.store import ReviewStore, head_revision, metadata
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -175,7 +176,7 @@ def reviewing(tiny_clip_checkpoint, tmp_path):
 
     from cxrclip.serve.app import ServeSettings, Service, create_app
 
-    settings = ServeSettings(model_path=str(tiny_clip_checkpoint), db=str(tmp_path / "reviews.sqlite"),
+    settings = ServeSettings(model=PredictorOptions(str(tiny_clip_checkpoint)), db=str(tmp_path / "reviews.sqlite"),
                              keep_images=str(tmp_path / "kept"))  # fmt: skip
     service = Service(settings)
     return TestClient(create_app(settings, service)), service
@@ -244,7 +245,7 @@ def test_reviews_are_off_without_a_store(tiny_clip_checkpoint):
 
     from cxrclip.serve.app import ServeSettings, Service, create_app
 
-    settings = ServeSettings(model_path=str(tiny_clip_checkpoint))
+    settings = ServeSettings(model=PredictorOptions(str(tiny_clip_checkpoint)))
     client = TestClient(create_app(settings, Service(settings)))
     answer = client.get("/v1/reviews")
     assert answer.status_code == 503 and "--db" in answer.json()["error"]["message"]
@@ -336,7 +337,7 @@ def test_in_chromium_a_reviewer_corrects_two_labels_with_the_keyboard_and_sees_i
     from tests.servers import CHROMIUM_ARGS, live_app
 
     db = tmp_path / "reviews.sqlite"
-    settings = ServeSettings(model_path=str(tiny_clip_checkpoint), db=str(db))
+    settings = ServeSettings(model=PredictorOptions(str(tiny_clip_checkpoint)), db=str(db))
     with live_app(create_app(settings, Service(settings))) as url:
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
@@ -414,7 +415,6 @@ def test_a_site_calibration_is_stored_beside_the_models_own_selected_and_reporte
 
     from cxrclip.cli import main as cli_main
     from cxrclip.predict import load_predictor
-    from cxrclip.predict.card import model_card
     from cxrclip.scoring.calibration import Calibration
 
     ckpt = tmp_path / "model.tar"
@@ -437,7 +437,7 @@ def test_a_site_calibration_is_stored_beside_the_models_own_selected_and_reporte
     assert {n: v["threshold"] for n, v in b["labels"].items()} == {
         n: round(float(t), 4) for n, t in zip(local.label_names, local.calibration.thresholds)
     }
-    card = model_card(local, str(ckpt))
+    card = local.card()
     assert card["calibration"] == "hannover" and card["sites"] == ["hannover"]
     with pytest.raises(InputError, match="no calibration for that site \\(sites: hannover\\)"):
         load_predictor(ckpt, device="cpu", site="taipei")
@@ -479,7 +479,7 @@ def test_a_readers_own_token_signs_the_review_with_their_name(tiny_clip_checkpoi
 
     users = tmp_path / "users.json"
     users.write_text('{"Dr. Lin": "lin-0123456789abcdef", "Dr. Wu": "wu-0123456789abcdef0"}')
-    settings = ServeSettings(model_path=str(tiny_clip_checkpoint), db=str(tmp_path / "r.sqlite"),
+    settings = ServeSettings(model=PredictorOptions(str(tiny_clip_checkpoint)), db=str(tmp_path / "r.sqlite"),
                              users=_read_users(str(users)))  # fmt: skip
     client = TestClient(create_app(settings, Service(settings)))
     assert client.get("/v1/model").status_code == 401

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cxrclip.eval.route import paired_delong
+from cxrclip.predict import PredictorOptions
 from cxrclip.predict.routed import Member, RoutingError, assign_labels
 
 pytestmark = pytest.mark.usefixtures("minilm_tokenizer")
@@ -84,7 +85,7 @@ def test_routed_equals_each_member_label_by_label(routed, tiny_clip_checkpoint, 
             assert g["labels"][name]["member"] == "rest"
             assert g["labels"][name]["probability"] == pytest.approx(r["labels"][name]["probability"], abs=1e-6)
         assert g["ranking"] == r["ranking"]  # the default member ranks the candidates
-    sizes = {m["name"]: m["image_size"] for m in model.card()["members"]}
+    sizes = {m["name"]: m["image_size"] for m in model.routing()["members"]}
     assert sizes == {"tube": 48, "rest": 32}
 
 
@@ -94,7 +95,7 @@ def test_the_server_and_its_card_treat_a_routed_model_as_one(routed, demo_data):
     from cxrclip.predict import load_predictor
     from cxrclip.serve.app import ServeSettings, create_app
 
-    client = TestClient(create_app(ServeSettings(model_path=str(routed))))
+    client = TestClient(create_app(ServeSettings(model=PredictorOptions(str(routed)))))
     card = client.get("/v1/model").json()
     assert card["routing"]["default"] == "rest" and [m["name"] for m in card["routing"]["members"]] == ["tube", "rest"]
     assert card["routing"]["members"][0]["labels"] == TUBES and len(card["labels"]) == 13

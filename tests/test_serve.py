@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cxrclip.predict import PredictorOptions
 from tests.servers import CHROMIUM_ARGS, live_app
 
 pytestmark = pytest.mark.usefixtures("minilm_tokenizer")
@@ -22,7 +23,7 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 def service(tiny_clip_checkpoint):
     from cxrclip.serve.app import ServeSettings, Service
 
-    return Service(ServeSettings(model_path=str(tiny_clip_checkpoint), max_upload_mb=1.0))
+    return Service(ServeSettings(model=PredictorOptions(str(tiny_clip_checkpoint)), max_upload_mb=1.0))
 
 
 def client_for(service, **settings):
@@ -30,7 +31,7 @@ def client_for(service, **settings):
 
     from cxrclip.serve.app import ServeSettings, create_app
 
-    merged = {"model_path": service.settings.model_path, "max_upload_mb": 1.0, **settings}
+    merged = {"model": service.settings.model, "max_upload_mb": 1.0, **settings}
     return TestClient(create_app(ServeSettings(**merged), service))
 
 
@@ -70,7 +71,7 @@ def test_predict_returns_what_inference_json_returns(client, service, demo_data,
     body = response.json()
     assert body["request_id"] == response.headers["x-request-id"] and len(body["request_id"]) == 32
     assert body["input"]["format"] == "PNG" and body["preview"].startswith("data:image/png;base64,")
-    infer_json(service.settings.model_path, image)
+    infer_json(service.settings.model.model_path, image)
     cli = json.loads(capsys.readouterr().out)
     assert body["labels"] == cli["labels"] and body["ranking"] == cli["ranking"]
     assert "default-src 'self'" in response.headers["content-security-policy"]
@@ -153,9 +154,9 @@ def test_token_and_binding_rules(service, demo_data):
     assert secured.get("/v1/model", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert secured.get("/v1/model", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     with pytest.raises(ConfigError, match="--token"):
-        ServeSettings(model_path="x", host="0.0.0.0").check()
-    ServeSettings(model_path="x", host="0.0.0.0", token="t").check()
-    ServeSettings(model_path="x", host="0.0.0.0", insecure=True).check()
+        ServeSettings(model=PredictorOptions("x"), host="0.0.0.0").check()
+    ServeSettings(model=PredictorOptions("x"), host="0.0.0.0", token="t").check()
+    ServeSettings(model=PredictorOptions("x"), host="0.0.0.0", insecure=True).check()
     plain = client_for(service).get("/v1/model", headers={"Origin": "http://elsewhere.example"})
     assert "access-control-allow-origin" not in plain.headers  # no CORS unless asked
 
@@ -236,7 +237,7 @@ def test_every_encoder_exposes_a_feature_map_consistent_with_its_forward(preset)
 def live_server(service):
     from cxrclip.serve.app import ServeSettings, create_app
 
-    with live_app(create_app(ServeSettings(model_path=service.settings.model_path), service)) as url:
+    with live_app(create_app(ServeSettings(model=service.settings.model), service)) as url:
         yield url
 
 

@@ -23,10 +23,9 @@ from cxrclip.exceptions import ConfigError
 from cxrclip.model.checkpoint import CheckpointError
 from cxrclip.model.loading import default_device
 from cxrclip.paths import resolve_user_path
-from cxrclip.predict.bundle import BundlePredictor, is_bundle
-from cxrclip.predict.checkpoint import Predictor
+from cxrclip.predict.factory import PredictorOptions, open_predictor, predictor_kind
 from cxrclip.predict.gate import stored_gate
-from cxrclip.predict.routed import RoutedPredictor, is_routed
+from cxrclip.predict.routed import RoutedPredictor
 from cxrclip.scoring.calibration import Calibration, file_sha256, sigmoid, stored_calibration
 from cxrclip.scoring.zeroshot import label_logits
 from cxrclip.spec import EvalSpec, RunSpec
@@ -40,7 +39,7 @@ def checkpoint_paths(spec) -> list[Path]:
     paths: list[Path] = []
     for s in specs:
         p = resolve_user_path(str(s))
-        if is_bundle(p) or is_routed(p):
+        if predictor_kind(p) != "checkpoint":  # a bundle or routed model: a folder that is one model
             paths.append(p)
         elif p.is_dir():
             paths += sorted(p.glob("*.tar"))
@@ -48,7 +47,7 @@ def checkpoint_paths(spec) -> list[Path]:
             paths += sorted(Path(m) for m in glob.glob(str(p)))
         else:
             paths.append(p)
-    missing = [str(p) for p in paths if not (p.is_file() or is_bundle(p) or is_routed(p))]
+    missing = [str(p) for p in paths if not (p.is_file() or predictor_kind(p) != "checkpoint")]
     if not paths or missing:
         raise CheckpointError(f"no checkpoint found for test.checkpoint={spec!r}" + (f": {missing}" if missing else ""))
     return paths
@@ -106,26 +105,22 @@ def evaluation_predictor(path: Path, spec: RunSpec, device: torch.device, data: 
     """The predictor of a checkpoint, a bundle or a routed model, as evaluation needs it: a number in
     ``base.image_size`` resizes a checkpoint's images; ``test.text_encoder`` / ``test.image_encoder`` override
     a checkpoint's towers (offline copies)."""
-    if is_routed(path):
-        if spec.image_size is not None:
-            raise ConfigError(
-                "a routed model is evaluated with each member's own preprocessing: leave base.image_size null"
-            )
-        return RoutedPredictor.create(
-            path, device=str(device), text_encoder=spec.test.text_encoder, precision=spec.test.precision
+    kind = predictor_kind(path)
+    if kind == "routed" and spec.image_size is not None:
+        raise ConfigError(
+            "a routed model is evaluated with each member's own preprocessing: leave base.image_size null"
         )
-    if is_bundle(path):
-        return BundlePredictor.create(path, precision=spec.test.precision)
+    options = PredictorOptions(str(path), device=str(device), precision=spec.test.precision,
+                               text_encoder=spec.test.text_encoder)  # fmt: skip
+    if kind != "checkpoint":  # a bundle answers with the prompts it was exported with, a routed model per member
+        return open_predictor(replace(options, device=None) if kind == "bundle" else options)
     labelled = next((dc for dc in data if dc.prompt_path and dc.label_names), None)
-    return Predictor.create(
-        str(path),
+    return open_predictor(
+        options,
         prompts=str(labelled.prompts_file) if labelled else None,
         labels=list(labelled.label_names) if labelled else None,
-        device=str(device),
         image_size=spec.image_size,
-        text_encoder=spec.test.text_encoder,
         image_encoder=spec.test.image_encoder,
-        precision=spec.test.precision,
     )
 
 

@@ -29,7 +29,6 @@ import numpy as np
 
 from cxrclip.data.images import ImageReadError, dicom_image
 from cxrclip.exceptions import ConfigError, exit_on_user_error
-from cxrclip.hardware import PRECISION_HELP, PRECISIONS
 from cxrclip.io import database_url
 from cxrclip.pacs.dicomweb import (
     Credentials,
@@ -42,6 +41,7 @@ from cxrclip.pacs.dicomweb import (
 )
 from cxrclip.pacs.sr import SourceError, build_heatmap_capture, build_sr, sr_uids
 from cxrclip.pacs.store import Job, JobStore, worker_id
+from cxrclip.predict.factory import PredictorOptions, open_predictor
 
 log = logging.getLogger("cxrclip.pacs")
 MAX_BACKOFF_S = 60.0
@@ -50,7 +50,7 @@ MAX_BACKOFF_S = 60.0
 @dataclass
 class WorkerSettings:
     dicomweb: str
-    model_path: str
+    model: PredictorOptions
     db: str = "cxrclip-pacs.sqlite"
     poll_s: float = 5.0
     since: str | None = None  # YYYYMMDD
@@ -65,11 +65,6 @@ class WorkerSettings:
     lease_s: float = 600.0
     max_attempts: int = 5
     once: bool = False
-    gate: bool = True
-    device: str | None = None
-    precision: str = "auto"
-    text_encoder: str | None = None
-    site: str | None = None
     verify: bool | str = True
     creds: Credentials = Credentials()
 
@@ -381,7 +376,6 @@ def build_parser() -> argparse.ArgumentParser:
         "SR stored back (STOW-RS), exactly once. Research software: not for diagnostic use.",
     )
     p.add_argument("--dicomweb", help="the DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
-    p.add_argument("--model_path", "--model-path", help="a checkpoint, an export bundle or a routed model")
     p.add_argument("--db", default="cxrclip-pacs.sqlite", help="job store: a SQLite file, or postgresql+psycopg://...")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between searches (default 5)")
     p.add_argument("--since", help="analyse studies from this date on (YYYY-MM-DD); default: what arrives after the "
@@ -410,13 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="search once, answer what is due, then exit")
     p.add_argument("--status", action="store_true", help="print the job store's counts and failures, then exit")
     p.add_argument("--skipped", action="store_true", help="with --status: list the skipped instances and why")
-    p.add_argument("--no-gate", action="store_true", help="answer images the input gate refuses (recorded in the SR)")
-    p.add_argument("--site", help="answer with this site's calibration (cxrclip calibrate --site NAME)")
-    p.add_argument("--threads", type=int, help="CPU threads for the model (split the cores between workers)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    p.add_argument("--text_encoder", "--text-encoder", help="local folder of the text encoder (offline)")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    PredictorOptions.add_arguments(p, required=False)  # --status needs no model
     return p
 
 
@@ -436,8 +425,6 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("highdicom", "dicomweb_client"):  # one line per module copied / request made
         logging.getLogger(noisy).setLevel(logging.WARNING)
     with exit_on_user_error(debug=args.debug):
-        if args.threads:
-            os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch at import and by the bundle's runtime
         store = JobStore(database_url(args.db, must_exist=True) if args.status else args.db)  # --status creates none
         if args.status:
             print_status(store, skipped=args.skipped)
@@ -449,14 +436,13 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("--no-verify-tls: the server's identity is not checked; use only on a trusted network")
             verify = False
         settings = WorkerSettings(
-            dicomweb=args.dicomweb, model_path=args.model_path, db=args.db, poll_s=args.poll,
+            dicomweb=args.dicomweb, model=PredictorOptions.from_args(args), db=args.db, poll_s=args.poll,
             since=parse_date(args.since) if args.since else None, lookback_days=args.lookback_days,
             trigger=args.trigger, changes_url=args.changes_url, accept_late_days=args.accept_late_days,
             late_sweep_s=args.late_sweep,
             modalities=tuple(m.upper() for m in (args.modality or ("CR", "DX"))), report_refusals=args.report_refusals,
             heatmap_labels=tuple(args.heatmap or ()), lease_s=args.lease, max_attempts=args.max_attempts,
-            once=args.once, gate=not args.no_gate, device=args.device, text_encoder=args.text_encoder, verify=verify,
-            site=args.site, precision=args.precision,
+            once=args.once, verify=verify,
             creds=credentials(args.user, args.password_file, args.token_file),
         )  # fmt: skip
         pacs = DicomWeb(settings.dicomweb, settings.creds, verify=settings.verify)
@@ -468,14 +454,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def make_worker(settings: WorkerSettings, pacs: DicomWeb, store: JobStore) -> Worker:
-    from cxrclip.predict import load_predictor
-    from cxrclip.predict.card import model_card
-
-    predictor = load_predictor(
-        settings.model_path, device=settings.device, text_encoder=settings.text_encoder, gate=settings.gate,
-        site=settings.site, precision=settings.precision,
-    )  # fmt: skip
-    return Worker(settings, predictor, model_card(predictor, settings.model_path), pacs, store)
+    predictor = open_predictor(settings.model)
+    return Worker(settings, predictor, predictor.card(), pacs, store)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from cxrclip.data.images import read_image
 from cxrclip.data.preprocess import PreprocessSpec
 from cxrclip.data.prompts import DEFAULT_PROMPTS, load_prompts
 from cxrclip.exceptions import InputError
+from cxrclip.io import file_sha256
 from cxrclip.paths import resolve_user_path
+from cxrclip.predict.card import model_card
 from cxrclip.predict.gate import InputGate, Precheck, precheck
 from cxrclip.predict.gradcam import display_image, grad_cam
 from cxrclip.scoring.calibration import Calibration, sigmoid
@@ -53,6 +55,17 @@ class PredictorBase:
     encoders: dict  # {"image_encoder": name, "text_encoder": name}
     calibration_name: str = "default"  # or the site whose calibration answers (``use_site``)
     precision: str = "fp32"  # the image encoder's: fp32 or bf16 (cxrclip/model/speed.py)
+    source: Path | None = None  # the checkpoint file it was opened from
+
+    def identity(self) -> dict:
+        """Its name and the SHA-256 that names the model in every answer (a bundle says more)."""
+        if self.source is None:
+            raise InputError("a predictor made without a source file has no identity; open it with open_predictor")
+        return {"name": self.source.name, "checkpoint_sha256": file_sha256(self.source)}
+
+    def card(self) -> dict:
+        """What ``GET /v1/model`` and the DICOM SR say about this model (:func:`cxrclip.predict.card.model_card`)."""
+        return model_card(self)
 
     def sites(self) -> list[str]:
         """The sites with a calibration of their own (``cxrclip calibrate --site NAME``)."""

@@ -16,6 +16,7 @@ import numpy as np
 from cxrclip.data.preprocess import PreprocessSpec
 from cxrclip.exceptions import InputError, UserError
 from cxrclip.hardware import resolve_precision
+from cxrclip.io import file_sha256
 from cxrclip.predict.base import PredictorBase, label_bank, read_texts
 from cxrclip.predict.gate import stored_gate
 from cxrclip.scoring.calibration import Calibration
@@ -200,6 +201,15 @@ class BundlePredictor(PredictorBase):
         self.calibration = self.calibration.for_labels(self.label_names)
         if self.candidates == self.bundle.labels:
             self.candidates, self.candidate_emb = list(self.label_names), self.pos_emb
+
+    def identity(self) -> dict:
+        """The checkpoint it was exported from (its SHA-256 names the model), and the bundle's own hash."""
+        return {
+            "name": self.bundle.path.name,
+            "checkpoint_sha256": self.bundle.manifest["card"]["checkpoint_sha256"],
+            "bundle_sha256": file_sha256(self.bundle.path / MANIFEST),
+            "backend": self.backend,
+        }
 
     @property
     def backend(self) -> str:

@@ -5,6 +5,7 @@ predictor's path never imports them."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -73,7 +74,9 @@ class Predictor(PredictorBase):
             candidates, candidate_emb = names, scorer.pos_emb
         calibration = stored_calibration(loaded.checkpoint, names)
         preprocess = loaded.preprocess_spec(image_size)
-        return cls(loaded, names, candidates, candidate_emb, scorer, calibration, preprocess, dev, gate, precision)
+        predictor = cls(loaded, names, candidates, candidate_emb, scorer, calibration, preprocess, dev, gate, precision)
+        predictor.source = Path(model_path)
+        return predictor
 
     @property
     def stored(self) -> dict:

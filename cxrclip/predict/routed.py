@@ -33,8 +33,8 @@ from cxrclip.exceptions import InputError, OutputError, UserError
 from cxrclip.io import atomic_write_text, file_sha256
 from cxrclip.predict.base import label_bank, with_reading_warnings
 from cxrclip.predict.bundle import MANIFEST as BUNDLE_MANIFEST
-from cxrclip.predict.bundle import Bundle, BundlePredictor, is_bundle
-from cxrclip.predict.checkpoint import Predictor
+from cxrclip.predict.bundle import Bundle, is_bundle
+from cxrclip.predict.card import model_card
 from cxrclip.predict.gate import precheck
 from cxrclip.scoring.calibration import Calibration
 
@@ -182,15 +182,6 @@ def open_routed(path: Path) -> tuple[dict, dict[str, Path]]:
     return manifest, paths
 
 
-def member_predictor(path, *, labels, device=None, text_encoder=None, gate=True, texts=None, precision="auto"):
-    """A member's own predictor over the labels it answers: a bundle's or a checkpoint's."""
-    if is_bundle(path):
-        return BundlePredictor.create(path, labels=labels, device=device, gate=gate, texts=texts, precision=precision)
-    return Predictor.create(
-        str(path), labels=labels, device=device, text_encoder=text_encoder, gate=gate, texts=texts, precision=precision
-    )
-
-
 class RoutedGate:
     """The members' gates seen as one (for ``/v1/model``)."""
 
@@ -227,33 +218,6 @@ class RoutedPredictor:
         )
         self.gate = RoutedGate(members)
 
-    @classmethod
-    def create(
-        cls,
-        path: str | Path,
-        *,
-        device: str | None = None,
-        text_encoder: str | None = None,
-        gate: bool = True,
-        texts: str | None = None,
-        precision: str = "auto",
-    ) -> RoutedPredictor:
-        path = Path(path)
-        manifest, paths = open_routed(path)
-        members = {}
-        for m in manifest["members"]:
-            where = paths[m["name"]]
-            members[m["name"]] = member_predictor(
-                str(where),
-                labels=m["labels"],
-                device=device,
-                text_encoder=text_encoder,
-                gate=gate,
-                texts=texts if m["name"] == manifest["default"] else None,
-                precision=precision,
-            )
-        return cls(path, manifest, members, manifest["default"])
-
     @property
     def candidates(self) -> list[str]:
         return self.members[self.default].candidates
@@ -263,7 +227,16 @@ class RoutedPredictor:
     def sites(self) -> list[str]:
         return []
 
+    def identity(self) -> dict:
+        """Named by its manifest (which names each member's hash), with the routing."""
+        return {"name": self.path.name, "checkpoint_sha256": file_sha256(self.path / MANIFEST),
+                "routing": self.routing()}  # fmt: skip
+
     def card(self) -> dict:
+        """What ``GET /v1/model`` and the DICOM SR say about this model."""
+        return model_card(self)
+
+    def routing(self) -> dict:
         """The routing for ``/v1/model``: each member, its file and hash, and the labels it answers."""
         return {
             "default": self.default,

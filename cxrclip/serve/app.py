@@ -32,8 +32,8 @@ from starlette.formparsers import MultiPartParser
 from cxrclip.data.images import ImageReadError, UnsupportedImageError, decode_image_bytes, sniff_format
 from cxrclip.exceptions import ConfigError, InputError
 from cxrclip.io import atomic_write_bytes, redact_url
-from cxrclip.predict import load_predictor
-from cxrclip.predict.card import DISCLAIMER, model_card
+from cxrclip.predict import PredictorOptions, open_predictor
+from cxrclip.predict.card import DISCLAIMER
 from cxrclip.predict.gradcam import overlay, png_bytes
 from cxrclip.reviews.monitor import monitor_report, validation_prevalence
 from cxrclip.reviews.store import MAX_COMMENT, MAX_REVIEWER, ReviewStore
@@ -48,7 +48,7 @@ CSP = (
 
 @dataclass(frozen=True)
 class ServeSettings:
-    model_path: str
+    model: PredictorOptions
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None
@@ -57,13 +57,8 @@ class ServeSettings:
     max_upload_mb: float = 50.0
     workers: int = 2
     cors_origins: tuple[str, ...] = ()
-    device: str | None = None
-    precision: str = "auto"  # the image encoder's (cxrclip/hardware.py resolve_precision)
-    text_encoder: str | None = None
-    gate: bool = True  # False (--no-gate): a refused input still gets its labels, with the gate's verdict beside them
     db: str | None = None  # the review store (a SQLite file or a PostgreSQL URL); None: reviews are off
     keep_images: str | None = None  # a folder: reviewed images are kept there (by SHA-256); None: only their hash
-    site: str | None = None  # answer with this site's calibration (cxrclip calibrate --site NAME)
 
     def check(self) -> None:
         local = self.host in ("127.0.0.1", "localhost", "::1")
@@ -108,11 +103,8 @@ class Service:
 
         self.settings = settings
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
-        self.predictor = load_predictor(
-            settings.model_path, device=settings.device, text_encoder=settings.text_encoder, gate=settings.gate,
-            site=settings.site, precision=settings.precision,
-        )  # fmt: skip
-        self.card = model_card(self.predictor, settings.model_path)
+        self.predictor = open_predictor(settings.model)
+        self.card = self.predictor.card()
         self.reviews = ReviewStore(settings.db) if settings.db else None
         if settings.keep_images:
             Path(settings.keep_images).mkdir(parents=True, exist_ok=True)

@@ -129,12 +129,11 @@ def floor(args, images) -> dict:
     from cxrclip.data.images import dicom_image
     from cxrclip.pacs.sr import build_sr
     from cxrclip.predict import load_predictor
-    from cxrclip.predict.card import model_card
     from cxrclip.synthetic import radiograph_dicom
 
     torch.set_num_threads(os.cpu_count() or 1)
     predictor = load_predictor(args.model_path, device=args.device)
-    card = model_card(predictor, args.model_path)
+    card = predictor.card()
     dss = [radiograph_dicom(images[i % len(images)]) for i in range(20)]
     decode, predict, sr, total = [], [], [], []
     for ds in dss:

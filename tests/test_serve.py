@@ -132,9 +132,31 @@ def test_a_dicom_without_pixels_and_an_unknown_heatmap_label(client, tmp_path, d
 
 
 def test_uploads_up_to_the_cap_stay_in_memory(client):
+    """Starlette spools a part over 1 MB to a temporary file; the server's own parser keeps an accepted upload (the
+    cap of these tests' server is 1 MB) in memory — set on its parser, Starlette's class is left as it is."""
+    import asyncio
+
+    from starlette.datastructures import Headers
     from starlette.formparsers import MultiPartParser
 
-    assert MultiPartParser.spool_max_size >= 1024 * 1024 + 1  # the cap of these tests' server is 1 MB
+    from cxrclip.serve.deps import InMemoryParser
+
+    boundary = "cxrclipboundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+    body = head.encode() + b"\0" * (1024 * 1024 + 10) + f"\r\n--{boundary}--\r\n".encode()
+
+    async def in_memory(parser_class, spool: int | None) -> bool:
+        async def stream():
+            yield body
+
+        parser = parser_class(Headers({"content-type": f"multipart/form-data; boundary={boundary}"}), stream())
+        if spool:
+            parser.spool_max_size = spool
+        return (await parser.parse())["file"]._in_memory
+
+    assert asyncio.run(in_memory(InMemoryParser, client.app.state.runtime.settings.max_bytes + (1 << 20)))
+    assert not asyncio.run(in_memory(MultiPartParser, None))  # what Starlette alone would do: spooled to disk
+    assert MultiPartParser.spool_max_size == 1024 * 1024  # no global patch
 
 
 def test_decompression_bombs_are_refused(client):
@@ -286,3 +308,52 @@ def test_the_page_in_chromium_shows_labels_a_heatmap_a_refusal_banner_and_stays_
         finally:
             browser.close()
     assert outside == [], f"the page requested non-local URLs: {outside}"
+
+
+def test_every_answer_is_documented_and_validates_against_openapi_json(tiny_clip_checkpoint, demo_data, tmp_path):
+    """/openapi.json has a schema for every 2xx answer, and real answers — analysed, refused, a batch with a bad
+    file, a review, the review list, the monitor, the model, an error — validate against it."""
+    import hashlib
+
+    import jsonschema
+    from fastapi.testclient import TestClient
+
+    from cxrclip.serve.app import ServeSettings, create_app
+
+    settings = ServeSettings(model=PredictorOptions(str(tiny_clip_checkpoint)), db=str(tmp_path / "r.sqlite"))
+    client = TestClient(create_app(settings))
+    spec = client.get("/openapi.json").json()
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
+            assert "$ref" in schema, f"{method.upper()} {path}: no schema for its answer"
+
+    def check(method: str, path: str, response, status: int = 200) -> dict:
+        assert response.status_code == status, response.text
+        schema = spec["paths"][path][method]["responses"][str(status)]["content"]["application/json"]["schema"]
+        jsonschema.Draft202012Validator({**schema, "components": spec["components"]}).validate(response.json())
+        return response.json()
+
+    png = demo_png(demo_data)
+    blank = io.BytesIO()
+    Image.new("L", (64, 64), 128).save(blank, format="PNG")
+    check("get", "/healthz", client.get("/healthz"))
+    check("get", "/v1/model", client.get("/v1/model"))
+    form = {"heatmap": "Pneumothorax", "texts": ["a tube"]}
+    answer = check("post", "/v1/predict", client.post("/v1/predict", files={"file": ("a.png", png)}, data=form))
+    assert answer["analysed"] and answer["heatmap"]["label"] == "Pneumothorax" and answer["texts"]
+    refused = check("post", "/v1/predict", client.post("/v1/predict", files={"file": ("b.png", blank.getvalue())}))
+    assert not refused["analysed"] and "labels" not in refused  # no label answer, not even null
+    files = [("files", ("a.png", png, "image/png")), ("files", ("x.png", b"not an image", "image/png"))]
+    batch = check("post", "/v1/predict/batch", client.post("/v1/predict/batch", files=files))
+    assert "labels" in batch["results"][0] and batch["results"][1]["error"]["status"] == 415
+    body = {
+        "image_sha256": hashlib.sha256(png).hexdigest(),
+        "reviewer": "Dr. Lin",
+        "verdicts": {"Pneumothorax": "absent"},
+    }
+    check("post", "/v1/reviews", client.post("/v1/reviews", json=body))
+    assert len(check("get", "/v1/reviews", client.get("/v1/reviews"))["reviews"]) == 1
+    check("get", "/v1/monitor", client.get("/v1/monitor"))
+    conflict = client.post("/v1/reviews", json={**body, "image_sha256": "0" * 64})
+    check("post", "/v1/reviews", conflict, 409)

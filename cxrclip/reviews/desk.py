@@ -1,0 +1,69 @@
+"""The review workflow of a server: what it showed for each image it predicted (so a review records the server's own
+answer, never what a client claims), the reviewed images it keeps, and saving a review into the store."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+
+from cxrclip.data.images import sniff_format
+from cxrclip.exceptions import InputError
+from cxrclip.io import atomic_write_bytes
+from cxrclip.reviews.store import ReviewStore
+
+RECENT_PREDICTIONS = 1000  # images whose shown answer is kept for a review
+SHOWN_FIELDS = ("probability", "threshold", "rule", "present", "calibrated")
+
+
+class NotShown(InputError):
+    """A review of an image this server did not predict (recently)."""
+
+
+class ReviewDesk:
+    """One server's reviews: ``remember`` what was shown, ``review`` saves a reader's verdicts against it."""
+
+    def __init__(self, store: ReviewStore, keep_images: str | None = None):
+        self.store, self.keep_images = store, keep_images
+        if keep_images:
+            Path(keep_images).mkdir(parents=True, exist_ok=True)
+        self._recent: OrderedDict[str, dict] = OrderedDict()  # image SHA-256 → what was shown, for its review
+        self._seen: OrderedDict[str, None] = OrderedDict()  # images already logged for the monitor
+        self._lock = threading.Lock()
+
+    def first_sight(self, sha: str) -> bool:
+        """True the first time an image is seen (the monitor counts each image once)."""
+        with self._lock:
+            if sha in self._seen:
+                return False
+            self._seen[sha] = None
+            while len(self._seen) > 10 * RECENT_PREDICTIONS:
+                self._seen.popitem(last=False)
+            return True
+
+    def remember(self, sha: str, name: str, data: bytes, labels: Mapping) -> None:
+        shown = {n: {k: v[k] for k in SHOWN_FIELDS} for n, v in labels.items()}
+        entry = {"name": name, "shown": shown, "data": data if self.keep_images else None}
+        with self._lock:
+            self._recent[sha] = entry
+            self._recent.move_to_end(sha)
+            while len(self._recent) > RECENT_PREDICTIONS:
+                self._recent.popitem(last=False)
+
+    def review(self, sha: str, reviewer: str, verdicts: dict, comment: str | None, supersedes: int | None, *,
+               model_sha256: str, calibration: str, labels) -> dict:  # fmt: skip
+        """Save a reader's verdicts on an image this server predicted; :class:`NotShown` when it did not."""
+        with self._lock:
+            entry = self._recent.get(sha)
+        if entry is None:
+            raise NotShown(f"image {sha[:12]}…: not predicted by this server (recently); predict it, then review")
+        path = None
+        if entry["data"] is not None:
+            kind = (sniff_format(entry["data"]) or "bin").lower().replace("jpeg", "jpg").replace("dicom", "dcm")
+            path = str(atomic_write_bytes(Path(self.keep_images) / f"{sha}.{kind}", entry["data"]))
+        return self.store.add(
+            reviewer=reviewer, image_sha256=sha, model_sha256=model_sha256, calibration=calibration,
+            shown=entry["shown"], verdicts=verdicts, labels=labels, comment=comment, image_name=entry["name"],
+            image_path=path, supersedes=supersedes,
+        )  # fmt: skip

@@ -567,3 +567,51 @@ def test_every_archive_variant_through_the_worker_is_answered_or_refused_with_a_
             assert sr["analysed"] and set(sr["labels"]) == set(worker.predictor.label_names)
         else:
             assert sr["reason"] == rows[ds.SOPInstanceUID]["reason"]
+
+
+OLD_JOB_STORE = """
+CREATE TABLE cxrclip_pacs_jobs (id INTEGER PRIMARY KEY, sop_uid VARCHAR(64) NOT NULL UNIQUE,
+    study_uid VARCHAR(64) NOT NULL, series_uid VARCHAR(64) NOT NULL, modality VARCHAR(16), state VARCHAR(16) NOT NULL,
+    attempts INTEGER NOT NULL, worker VARCHAR(128), lease_until FLOAT, not_before FLOAT NOT NULL, sr_uid VARCHAR(64),
+    reason TEXT, error TEXT, result TEXT, found_at DATETIME NOT NULL, started_at DATETIME, finished_at DATETIME,
+    updated_at DATETIME NOT NULL);
+CREATE TABLE cxrclip_pacs_cursor (name VARCHAR(64) PRIMARY KEY, value TEXT NOT NULL, updated_at DATETIME NOT NULL);
+INSERT INTO cxrclip_pacs_jobs (sop_uid, study_uid, series_uid, modality, state, attempts, not_before, sr_uid, found_at,
+    updated_at) VALUES ('1.2.3', '1.2', '1.2.9', 'DX', 'done', 1, 0, '2.25.7', '2026-11-30 08:00:00',
+    '2026-11-30 08:00:01');
+INSERT INTO cxrclip_pacs_cursor VALUES ('since', '20261130', '2026-11-30 08:00:00')
+"""
+
+
+def test_a_job_store_made_before_migrations_is_upgraded_in_place_and_a_newer_one_refused(tmp_path, capsys):
+    """A job store written by cxrclip before the store had migrations (tables made directly, no version row) is
+    adopted as revision 0001, upgraded in place (0002 adds study_date) and keeps its jobs and cursor."""
+    import sqlalchemy as sa
+
+    from cxrclip.exceptions import ConfigError
+    from cxrclip.migrate import head_revision
+    from cxrclip.pacs.store import MIGRATIONS
+    from cxrclip.pacs.worker import main as pacs_main
+
+    db = tmp_path / "old-jobs.sqlite"
+    engine = sa.create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:  # the tables as the old create_all made them, one job and the cursor
+        for statement in OLD_JOB_STORE.strip().split(";\n"):
+            conn.execute(sa.text(statement))
+    engine.dispose()
+
+    store = JobStore(db)
+    assert store.revision == head_revision(MIGRATIONS) == "0002_study_date"
+    (row,) = store.rows()
+    assert (row["sop_uid"], row["state"], row["sr_uid"], row["study_date"]) == ("1.2.3", "done", "2.25.7", None)
+    assert store.get("since") == "20261130"
+    late = {"sop_uid": "1.2.4", "study_uid": "1.2", "series_uid": "1.2.9", "modality": "DX", "study_date": "19980312"}
+    store.add([{**late, "reason": "too old"}], state="skipped")
+    store.close()
+    assert pacs_main(["--status", "--skipped", "--db", str(db)]) == 0
+    assert "skipped 1.2.4 (study 1.2, StudyDate 19980312): too old" in capsys.readouterr().out
+    assert JobStore(db).revision == "0002_study_date"  # reopened: nothing to do
+    with sa.create_engine(f"sqlite:///{db}").begin() as conn:
+        conn.execute(sa.text("UPDATE cxrclip_pacs_alembic_version SET version_num = '0099_from_the_future'"))
+    with pytest.raises(ConfigError, match="job store .* has schema revision 0099_from_the_future, newer than"):
+        JobStore(db)

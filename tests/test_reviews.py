@@ -254,12 +254,13 @@ def test_reviews_are_off_without_a_store(tiny_clip_checkpoint):
 def test_an_older_database_is_migrated_and_keeps_its_reviews(tmp_path):
     from alembic import command
 
-    from cxrclip.reviews.store import _alembic_config
+    from cxrclip.migrate import alembic_config
+    from cxrclip.reviews.store import MIGRATIONS
 
     path = tmp_path / "reviews.sqlite"
     store = ReviewStore(path)
     saved = review(store)
-    config = _alembic_config()
+    config = alembic_config(MIGRATIONS)
     with store.engine.begin() as conn:  # back to the first schema, as an older cxrclip left it
         config.attributes["connection"] = conn
         command.downgrade(config, "0001_reviews")

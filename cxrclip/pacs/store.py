@@ -42,14 +42,16 @@ from sqlalchemy import (
     event,
     func,
     select,
-    text,
     update,
 )
 
 from cxrclip.exceptions import ConfigError
 from cxrclip.io import database_url, redact_url
+from cxrclip.migrate import upgrade_schema
 
-SCHEMA_LOCK = 0x63787263  # a PostgreSQL advisory lock key ("cxrc") held while the tables are created
+SCHEMA_LOCK = 0x63787263  # a PostgreSQL advisory lock key ("cxrc") held while the schema is migrated
+MIGRATIONS = Path(__file__).parent / "migrations"
+VERSION_TABLE = "cxrclip_pacs_alembic_version"  # its own: the review store may share the database
 FINAL = ("done", "refused", "failed", "skipped")
 
 metadata = MetaData()
@@ -70,6 +72,7 @@ jobs = Table(
     Column("reason", Text),
     Column("error", Text),
     Column("result", Text),  # the labels as inference.py --json gives them (JSON), for audit and monitoring
+    Column("study_date", String(8)),  # the StudyDate the late-study policy read (migration 0002)
     Column("found_at", DateTime(timezone=True), nullable=False),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
@@ -110,12 +113,13 @@ class JobStore:
             if self.url.startswith("sqlite"):
                 self.engine = create_engine(self.url, connect_args={"timeout": 60})
                 _sqlite_immediate(self.engine)
-                metadata.create_all(self.engine)
             else:
                 self.engine = create_engine(self.url, pool_pre_ping=True)
-                with self.engine.begin() as conn:  # workers starting together: one creates the tables, the rest wait
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
-                    metadata.create_all(conn)
+            # workers starting together: one migrates, the rest wait; a store made before migrations is adopted
+            self.revision = upgrade_schema(self.engine, MIGRATIONS, version_table=VERSION_TABLE, lock_key=SCHEMA_LOCK,
+                                           what="job store", adopt=_adopt)  # fmt: skip
+        except ConfigError:
+            raise
         except Exception as e:  # a wrong URL, a missing driver, a server that refuses
             raise ConfigError(
                 f"--db {redact_url(self.url)}: cannot open the job store ({type(e).__name__}: {e})"
@@ -147,7 +151,8 @@ class JobStore:
         transaction (what was read and how far it was read never disagree). Returns how many were new."""
         now = _now()
         rows = [
-            {**{k: f.get(k) for k in ("sop_uid", "study_uid", "series_uid", "modality", "reason")}, "state": state,
+            {**{k: f.get(k) for k in ("sop_uid", "study_uid", "series_uid", "modality", "reason", "study_date")},
+             "state": state,
              "attempts": 0, "not_before": 0.0, "found_at": now, "updated_at": now}
             for f in found
         ]  # fmt: skip
@@ -240,6 +245,13 @@ class JobStore:
         else:
             from sqlalchemy.dialects.sqlite import insert
         return conn.execute(insert(table).on_conflict_do_nothing(index_elements=[key]), rows).rowcount
+
+
+def _adopt(conn) -> str | None:
+    """A job store made before it had migrations holds the tables of revision 0001."""
+    from sqlalchemy import inspect
+
+    return "0001_jobs" if inspect(conn).has_table(jobs.name) else None
 
 
 def _dead_here(worker: str, host: str) -> bool:

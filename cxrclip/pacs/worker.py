@@ -416,7 +416,10 @@ def print_status(store: JobStore, skipped: bool = False) -> None:
         print(f"failed {row['sop_uid']}: {row['error']}")
     if skipped:
         for row in store.rows("skipped"):
-            print(f"skipped {row['sop_uid']} (study {row['study_uid']}): {row['reason']}")
+            print(
+                f"skipped {row['sop_uid']} (study {row['study_uid']}, StudyDate {row['study_date'] or '-'}): "
+                f"{row['reason']}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

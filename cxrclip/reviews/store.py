@@ -31,6 +31,7 @@ from sqlalchemy import (
     select,
 )
 
+from cxrclip import migrate
 from cxrclip.exceptions import ConfigError, InputError
 from cxrclip.io import database_url, redact_url
 
@@ -91,41 +92,14 @@ predictions = Table(
 SCHEMA_LOCK = 0x63787276  # PostgreSQL advisory lock key ("cxrv") held while migrating
 
 
-def _alembic_config():
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    return config
-
-
 def head_revision() -> str:
-    from alembic.script import ScriptDirectory
-
-    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    return migrate.head_revision(MIGRATIONS)
 
 
 def upgrade(engine) -> str:
     """Bring the database to this cxrclip's schema (creating it when empty); refuse one from a newer cxrclip."""
-    from alembic import command
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
-    from sqlalchemy import text
-
-    config = _alembic_config()
-    known = {r.revision for r in ScriptDirectory.from_config(config).walk_revisions()}
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
-        current = MigrationContext.configure(conn).get_current_revision()
-        if current is not None and current not in known:
-            raise ConfigError(
-                f"the review database {redact_url(str(engine.url))} has schema revision {current}, newer than this "
-                f"cxrclip knows (up to {head_revision()}): upgrade cxrclip, or give --db another database"
-            )
-        config.attributes["connection"] = conn
-        command.upgrade(config, "head")
-        return MigrationContext.configure(conn).get_current_revision()
+    return migrate.upgrade_schema(engine, MIGRATIONS, version_table="alembic_version", lock_key=SCHEMA_LOCK,
+                                  what="review database")  # fmt: skip
 
 
 def _utc(value: datetime.datetime) -> datetime.datetime:

@@ -46,6 +46,7 @@ from cxrclip.predict.bundle import (
 from cxrclip.predict.checkpoint import Predictor
 from cxrclip.predict.routed import MANIFEST as ROUTED_MANIFEST
 from cxrclip.predict.routed import Member, RoutingError, assign_labels, member_labels, write_routed
+from cxrclip.scoring.calibration import SITE_CALIBRATIONS, site_calibrations
 
 log = logging.getLogger(__name__)
 UTC = datetime.timezone.utc
@@ -164,7 +165,7 @@ def export_bundle(
             "model": loaded.model_config,
             "calibration": predictor.calibration.to_dict(),
             "gate": loaded.checkpoint.get("gate"),  # the input gate (cxrclip fit-gate); None: not fitted
-            "site_calibrations": loaded.checkpoint.get("site_calibrations") or {},  # cxrclip calibrate --site
+            SITE_CALIBRATIONS: site_calibrations(loaded.checkpoint),  # cxrclip calibrate --site
             "card": _card(loaded, checkpoint, predictor.calibration),
             "onnx_max_abs_difference": onnx_error,
             "files": {name: _sha256((tmp / name).read_bytes()) for name in files},

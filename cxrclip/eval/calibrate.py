@@ -29,6 +29,7 @@ from cxrclip.scoring.calibration import (
     file_sha256,
     fit_calibration,
     stored_calibration,
+    with_site_calibration,
 )
 from cxrclip.spec import LoaderSpec, RunSpec
 
@@ -118,7 +119,7 @@ def calibrate_checkpoint(
     calibration = fit_calibration(logits, labels, names, settings, fitted_on, prompts)
     if site:  # a label the site cannot calibrate keeps the model's own calibration
         calibration = calibration.over(stored_calibration(ckpt, names))
-        ckpt["site_calibrations"] = {**(ckpt.get("site_calibrations") or {}), site: calibration.to_dict()}
+        ckpt = with_site_calibration(ckpt, site, calibration)
     else:
         ckpt["calibration"] = calibration.to_dict()
     target = save_checkpoint(out or checkpoint, {k: v for k, v in ckpt.items() if k != "format"})

@@ -18,7 +18,7 @@ from cxrclip.paths import resolve_user_path
 from cxrclip.predict.card import model_card
 from cxrclip.predict.gate import InputGate, Precheck, precheck
 from cxrclip.predict.gradcam import display_image, grad_cam
-from cxrclip.scoring.calibration import Calibration, sigmoid
+from cxrclip.scoring.calibration import Calibration, sigmoid, site_calibrations
 from cxrclip.scoring.zeroshot import label_logits, softmax
 
 
@@ -69,12 +69,12 @@ class PredictorBase:
 
     def sites(self) -> list[str]:
         """The sites with a calibration of their own (``cxrclip calibrate --site NAME``)."""
-        return sorted((getattr(self, "stored", None) or {}).get("site_calibrations") or {})
+        return sorted(site_calibrations(getattr(self, "stored", None)))
 
     def use_site(self, site: str) -> None:
         """Answer with the calibration and operating points fitted on ``site``'s reviewed cases instead of the
         model's own."""
-        stored = (getattr(self, "stored", None) or {}).get("site_calibrations") or {}
+        stored = site_calibrations(getattr(self, "stored", None))
         if site not in stored:
             have = ", ".join(sorted(stored)) or "none"
             raise InputError(

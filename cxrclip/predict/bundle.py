@@ -19,7 +19,7 @@ from cxrclip.hardware import resolve_precision
 from cxrclip.io import file_sha256
 from cxrclip.predict.base import PredictorBase, label_bank, read_texts
 from cxrclip.predict.gate import stored_gate
-from cxrclip.scoring.calibration import Calibration
+from cxrclip.scoring.calibration import SITE_CALIBRATIONS, Calibration, site_calibrations
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class BundlePredictor(PredictorBase):
         """What the bundle stores beside the weights (its calibration, its gate)."""
         manifest = self.bundle.manifest
         return {"calibration": manifest["calibration"], "gate": manifest.get("gate"),
-                "site_calibrations": manifest.get("site_calibrations") or {}}  # fmt: skip
+                SITE_CALIBRATIONS: site_calibrations(manifest)}  # fmt: skip
 
     def label_embeddings(self, bank, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """The stored prompt embeddings where the labels' sentences are the ones exported; else embedded anew with

@@ -309,6 +309,19 @@ def brier_score(y: np.ndarray, p: np.ndarray) -> float:
     return float(brier_score_loss(np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)))
 
 
+SITE_CALIBRATIONS = "site_calibrations"  # the key, in a checkpoint and a bundle, of {site: calibration}
+
+
+def site_calibrations(stored: Mapping | None) -> dict:
+    """``{site: calibration dict}`` stored beside a model's own calibration (``cxrclip calibrate --site``)."""
+    return dict((stored or {}).get(SITE_CALIBRATIONS) or {})
+
+
+def with_site_calibration(stored: Mapping, site: str, calibration: Calibration) -> dict:
+    """A copy of a checkpoint's entries with ``site``'s calibration stored (the model's own is untouched)."""
+    return {**stored, SITE_CALIBRATIONS: {**site_calibrations(stored), site: calibration.to_dict()}}
+
+
 def stored_calibration(checkpoint: Mapping, names: Sequence[str], fallback_threshold: float = 0.5) -> Calibration:
     """The checkpoint's calibration over ``names``, or the flagged uncalibrated fallback."""
     data = checkpoint.get("calibration")

@@ -115,7 +115,8 @@ def run_demo(
         "      inverted films (with real laterals and CT slices: `cxrclip fit-gate --other`, docs/USER_GUIDE.md)",
         flush=True,
     )
-    gate = fit_gate_checkpoint(ckpt, [str(paths["train"]), str(paths["valid"])], generated=150, seed=seed)
+    gate = fit_gate_checkpoint(ckpt, [str(paths["train"]), str(paths["valid"])], generated=150, seed=seed,
+                               synthetic_only=True)  # fmt: skip
     print("\n".join("      " + line for line in summary_lines(gate)), flush=True)
     print(f"[5/5] inference on a test image, and on one the model was not made for {at()}", flush=True)
     predictor = load_predictor(ckpt)

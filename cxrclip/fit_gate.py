@@ -81,11 +81,13 @@ def fit_gate_checkpoint(
     device: str | None = None,
     text_encoder: str | None = None,
     pixels: bool = True,
+    synthetic_only: bool = False,
 ) -> ImageGate:
     """Embed every image with the checkpoint's own model and test transform, fit the gate on the fit part, choose
     its threshold on the validation part (whole patients on one side), and write the checkpoint back (to
     ``out`` if given) with it, atomically. Every unreadable image is listed before anything is fitted. ``pixels``:
-    the gate also reads a thumbnail of each image (what catches inverted films)."""
+    the gate also reads a thumbnail of each image (what catches inverted films). ``synthetic_only``: the frontal
+    films are synthetic (the demo's) — recorded, and every refusal and ``/v1/model`` say so."""
     if not frontal:
         raise GateError("fit-gate needs frontal chest radiographs (--frontal FOLDER_OR_CSV)")
     if not other and generated <= 0:
@@ -147,6 +149,7 @@ def fit_gate_checkpoint(
         "valid_frac": valid_frac,
         "seed": seed,
         "split": "by patient where the CSV has a patient column, else by image",
+        **({"synthetic_only": True} if synthetic_only else {}),
     }
     fit_kinds = [k for k, v in zip(kinds, valid) if not v]
     valid_kinds = [k for k, v in zip(kinds, valid) if v]

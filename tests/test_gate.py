@@ -358,3 +358,19 @@ def test_the_pixel_part_refuses_negatives_that_the_embedding_cannot_tell_apart()
         seeing.scores(x)
     old = {k: v for k, v in blind.to_dict().items() if k != "pixel_side"}  # stored before the pixel part
     assert ImageGate.from_dict(old).pixel_side == 0
+
+
+def test_a_gate_fitted_only_on_synthetic_films_says_so_in_every_refusal_and_in_its_description():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(0, 1, (60, 8)) + 2, rng.normal(0, 1, (60, 8)) - 2])
+    kinds = np.array([FRONTAL] * 60 + ["lateral"] * 60)
+    demo = fit_image_gate(x[::2], kinds[::2], x[1::2], kinds[1::2], fitted_on={"synthetic_only": True})
+    real = fit_image_gate(x[::2], kinds[::2], x[1::2], kinds[1::2], fitted_on={"frontal": ["valid.csv"]})
+    lateral = x[60:61]
+    (said,) = InputGate(demo).verdicts(lateral, [Precheck()])
+    assert not said.analysed and said.reason.startswith("lateral view (gate score")
+    assert "seen only the demo's synthetic films" in said.reason and "cxrclip fit-gate" in said.reason
+    assert "synthetic films" in InputGate(demo).describe()["note"]
+    (plain,) = InputGate(real).verdicts(lateral, [Precheck()])
+    assert plain.reason == f"lateral view (gate score {plain.score:.2f})" and "note" not in InputGate(real).describe()
+    assert ImageGate.from_dict(demo.to_dict()).synthetic_only  # stored with the gate

@@ -185,6 +185,11 @@ class ImageGate:
             raise GateError(f"gate weights of shape {self.coef.shape} / {self.intercept.shape} for kinds {self.kinds}")
 
     @property
+    def synthetic_only(self) -> bool:
+        """Fitted on synthetic frontal films only (the demo's): its refusals of real films mean little."""
+        return bool((self.evidence.get("fitted_on") or {}).get("synthetic_only"))
+
+    @property
     def dim(self) -> int:
         """The embedding's size (the pixel part comes after it)."""
         return int(self.coef.shape[1]) - self.pixel_side**2
@@ -265,6 +270,10 @@ class Verdict:
         return out
 
 
+SYNTHETIC_ONLY = (
+    "this model's gate has seen only the demo's synthetic films, not real radiographs: fit one on your own frontal "
+    "films with `cxrclip fit-gate --checkpoint CKPT --frontal FRONTAL.csv --other OTHER.csv` (docs/USER_GUIDE.md 5b)"
+)
 NO_IMAGE_GATE = (
     "no image gate fitted for this model (`cxrclip fit-gate` fits one): only DICOM attributes and blank images "
     "were checked"
@@ -284,8 +293,9 @@ class InputGate:
         if self.image_gate is None:
             return {"fitted": False, "enforced": self.enforced, "note": NO_IMAGE_GATE}
         g = self.image_gate
-        return {"fitted": True, "enforced": self.enforced, "kinds": list(g.kinds), "threshold": g.threshold,
-                "target_frr": g.target_frr, "evidence": g.evidence}  # fmt: skip
+        out = {"fitted": True, "enforced": self.enforced, "kinds": list(g.kinds), "threshold": g.threshold,
+               "target_frr": g.target_frr, "evidence": g.evidence}  # fmt: skip
+        return {**out, "note": SYNTHETIC_ONLY} if g.synthetic_only else out
 
     def verdicts(self, emb, prechecks: Sequence[Precheck]) -> list[Verdict]:
         emb = np.asarray(emb)
@@ -307,6 +317,8 @@ class InputGate:
                 verdict = Verdict(False, pre.kind, pre.reason, stage, score, threshold, notes=pre.notes)
             elif score is not None and score > threshold:
                 reason = f"{describe(kind)} (gate score {score:.2f})"
+                if self.image_gate.synthetic_only:  # the refusal may say more about the gate than about the image
+                    reason += f"; {SYNTHETIC_ONLY}"
                 verdict = Verdict(False, kind, reason, "image", score, threshold, notes=pre.notes)
             elif score is not None:
                 verdict = Verdict(True, FRONTAL, None, "image", score, threshold, notes=pre.notes)

@@ -10,11 +10,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cxrclip.data.prompts import DEFAULT_PROMPTS, NORMAL_SENTENCE, PromptFileError
+from cxrclip.data.images import ImageReadError, read_image
+from cxrclip.data.prompts import DEFAULT_PROMPTS, NORMAL_SENTENCE, PromptFileError, load_prompts
 from cxrclip.data.records import load_records, summarize
-from cxrclip.data.schema import DataConfig, DataValidationError
-from cxrclip.exceptions import ConfigError
+from cxrclip.data.schema import DataConfig, DataValidationError, Problems
+from cxrclip.exceptions import ConfigError, exit_on_user_error
+from cxrclip.io import atomic_write, database_url
+from cxrclip.paths import CONFIG_DIR
+from cxrclip.predict.bundle import Bundle
 from cxrclip.predict.factory import PredictorOptions
+from cxrclip.predict.routed import MANIFEST, Member, RoutingError, is_routed, write_routed
+from cxrclip.scoring.calibration import CalibrationError, CalibrationSettings
 from cxrclip.synthetic import CGMH_LABELS, generate_demo_data
 
 SPLIT_TYPES = {"train": "imagetext", "valid": "imagetext", "test": "imagetext_eval", "cls": "image_classification"}
@@ -35,9 +41,6 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _to_dicom(args: argparse.Namespace) -> int:
-    from cxrclip.data.images import read_image
-    from cxrclip.exceptions import exit_on_user_error
-    from cxrclip.io import atomic_write
     from cxrclip.synthetic import radiograph_dicom
 
     with exit_on_user_error():
@@ -80,8 +83,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _decode_all(records, csv_path: Path) -> None:
-    from cxrclip.data.images import ImageReadError, read_image
-    from cxrclip.data.schema import Problems
 
     problems = Problems(str(csv_path))
     for r in records:
@@ -95,9 +96,6 @@ def _decode_all(records, csv_path: Path) -> None:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from cxrclip.eval.calibrate import calibrate_checkpoint, calibrate_routed
-    from cxrclip.exceptions import exit_on_user_error
-    from cxrclip.predict.routed import is_routed
-    from cxrclip.scoring.calibration import CalibrationError, CalibrationSettings
 
     with exit_on_user_error():
         split = args.split or ("valid" if "text_label" in _csv_header(args.data) else "cls")
@@ -161,9 +159,6 @@ def _data_config(csv_path: str, split: str, args: argparse.Namespace) -> DataCon
 
 
 def _reviews_export(args: argparse.Namespace) -> int:
-    from cxrclip.data.prompts import load_prompts
-    from cxrclip.exceptions import exit_on_user_error
-    from cxrclip.io import database_url
     from cxrclip.reviews.export import export_reviews
     from cxrclip.reviews.store import ReviewStore
 
@@ -201,7 +196,6 @@ def _pacs(argv: list[str]) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cxrclip.exceptions import exit_on_user_error
     from cxrclip.serve.app import ServeSettings, serve
 
     with exit_on_user_error():
@@ -223,7 +217,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _fit_gate(args: argparse.Namespace) -> int:
-    from cxrclip.exceptions import exit_on_user_error
     from cxrclip.fit_gate import fit_gate_checkpoint, summary_lines
 
     with exit_on_user_error():
@@ -247,7 +240,6 @@ def _fit_gate(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from cxrclip.exceptions import exit_on_user_error
     from cxrclip.model.checkpoint import convert_checkpoint
 
     with exit_on_user_error():
@@ -258,8 +250,6 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _route(args: argparse.Namespace) -> int:
     from cxrclip.eval.route import route_by_validation
-    from cxrclip.exceptions import exit_on_user_error
-    from cxrclip.predict.routed import MANIFEST, Member, RoutingError, write_routed
 
     with exit_on_user_error():
         if bool(args.member) == bool(args.candidates):
@@ -288,9 +278,6 @@ def _route(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from cxrclip.bundle import export_bundle, export_routed_bundle
-    from cxrclip.exceptions import exit_on_user_error
-    from cxrclip.predict.bundle import Bundle
-    from cxrclip.predict.routed import MANIFEST, Member, RoutingError
 
     if args.member:
         with exit_on_user_error():
@@ -335,7 +322,6 @@ def _export(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from cxrclip.demo import run_demo
-    from cxrclip.exceptions import exit_on_user_error
 
     with exit_on_user_error():
         sizes = {k: v for k, v in _data_size(args).items() if k != "image_size"}
@@ -351,7 +337,6 @@ def _hydra_job(config_name: str, target: str) -> Callable[[argparse.Namespace], 
         import importlib
 
         from cxrclip.config import compose
-        from cxrclip.exceptions import exit_on_user_error
 
         with exit_on_user_error():
             overrides = list(args.overrides)
@@ -375,9 +360,7 @@ def _train(args: argparse.Namespace) -> int:
     """``train.py``'s job in this process, under Hydra's own entry point (run folder, logging, ``--multirun``)."""
     import hydra
 
-    from cxrclip.exceptions import exit_on_user_error
     from cxrclip.jobs import pretrain
-    from cxrclip.paths import CONFIG_DIR
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
     def main(cfg) -> None:

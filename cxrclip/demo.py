@@ -153,6 +153,6 @@ def run_demo(
         "yes_per_image": binary["YES_per_image"],
         "true_per_image": binary["true_per_image"],
         "recall5_i2t": recall5,
-        "refused": not refusal["analysed"],
+        "refused": not refusal.analysed,
         "seconds": time.perf_counter() - start,
     }

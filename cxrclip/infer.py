@@ -15,6 +15,7 @@ from cxrclip.data.images import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_i
 from cxrclip.exceptions import InputError, exit_on_user_error
 from cxrclip.io import atomic_write_text
 from cxrclip.predict import PredictorBase, PredictorOptions, open_predictor
+from cxrclip.predict.answer import Answer
 from cxrclip.predict.gradcam import write_overlay
 
 
@@ -34,37 +35,35 @@ def list_images(image_path: str) -> list[Path]:
     return [p]
 
 
-def format_table(result: dict, top: int) -> str:
-    gate = result.get("gate") or {}
-    lines = [f"image: {result['image']}", ""]
-    if not result.get("analysed", True):
+def format_table(result: Answer, top: int) -> str:
+    gate = result.gate
+    lines = [f"image: {result.image}", ""]
+    if not result.analysed:
         return "\n".join(
             lines
             + [
-                f"NOT ANALYSED: {result['reason']}",
+                f"NOT ANALYSED: {result.reason}",
                 "(this model answers frontal chest radiographs only: no label probability is shown for this input;",
                 " --no-gate shows them anyway, recorded in the output)",
             ]
         )
-    if gate.get("reason"):
-        lines += [f"WARNING --no-gate: the input gate would refuse this image: {gate['reason']}", ""]
+    if gate.reason:
+        lines += [f"WARNING --no-gate: the input gate would refuse this image: {gate.reason}", ""]
     lines.append(f"{'rank':>4}  {'prob':>6}  {'sim':>7}  candidate")
-    for k, r in enumerate(result["ranking"][:top], 1):
-        lines.append(f"{k:>4}  {r['probability']:6.3f}  {r['similarity']:7.4f}  {r['text']}")
-    width = max(len(n) for n in result["labels"])
+    for k, r in enumerate(result.ranking[:top], 1):
+        lines.append(f"{k:>4}  {r.probability:6.3f}  {r.similarity:7.4f}  {r.text}")
+    width = max(len(n) for n in result.labels)
     lines += ["", f"{'label':<{width}}  P(yes)  threshold  {'rule':<16}  finding"]
     flagged = False
-    for name, v in result["labels"].items():
-        mark = "" if v.get("calibrated", True) else "  (uncalibrated)"
+    for name, v in result.labels.items():
+        mark = "" if v.calibrated else "  (uncalibrated)"
         flagged |= bool(mark)
-        decision = "YES" if v["present"] else "no"
-        p, t = v["probability"], v["threshold"]
-        lines.append(f"{name:<{width}}  {p:6.3f}  {t:9.3f}  {v['rule']:<16}  {decision}{mark}")
-    n_yes = sum(v["present"] for v in result["labels"].values())
-    lines += ["", f"{n_yes} of {len(result['labels'])} labels called YES."]
+        decision = "YES" if v.present else "no"
+        lines.append(f"{name:<{width}}  {v.probability:6.3f}  {v.threshold:9.3f}  {v.rule:<16}  {decision}{mark}")
+    lines += ["", f"{len(result.yes)} of {len(result.labels)} labels called YES."]
     if flagged:
         lines.append("(uncalibrated: the probability is the model's raw score and the threshold a fixed default.)")
-    if gate.get("stage") == "none":
+    if gate.stage == "none":
         lines.append("(input gate: no image gate fitted for this model; `cxrclip fit-gate` fits one.)")
     return "\n".join(lines)
 
@@ -72,27 +71,26 @@ def format_table(result: dict, top: int) -> str:
 CSV_FIELDS = (("", "probability"), (":threshold", "threshold"), (":rule", "rule"), (":present", "present"))
 
 
-def to_csv(results: Sequence[dict], failed: Sequence[tuple[Path, str]] = (), names: Sequence[str] = ()) -> str:
+def to_csv(results: Sequence[Answer], failed: Sequence[tuple[Path, str]] = (), names: Sequence[str] = ()) -> str:
     """One row per image: whether the gate let it through (``analysed``, ``reason``, ``gate_score``), the top
     candidate, then per label its probability, threshold, rule and decision (blank for a refused image);
     images that could not be read keep their row, with the reason in ``error``."""
-    names = next((list(r["labels"]) for r in results if "labels" in r), list(names))
+    names = next((list(r.labels) for r in results if r.labels), list(names))
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     per_label = [f"{n}{suffix}" for n in names for suffix, _ in CSV_FIELDS]
     head = ["image", "analysed", "reason", "gate_score", "top_candidate", "top_probability"]
     writer.writerow([*head, *per_label, "findings", "error"])
     for r in results:
-        gate = r.get("gate") or {}
-        head = [r["image"], "yes" if r.get("analysed", True) else "no", gate.get("reason") or "", gate.get("score", "")]
-        if "labels" not in r:
+        score = "" if r.gate.score is None else r.gate.score
+        head = [r.image, "yes" if r.analysed else "no", r.gate.reason or "", score]
+        if not r.labels:
             writer.writerow([*head, "", "", *([""] * len(per_label)), "", ""])
             continue
-        cells = [r["labels"][n][key] for n in names for _, key in CSV_FIELDS]
+        cells = [getattr(r.labels[n], key) for n in names for _, key in CSV_FIELDS]
         cells = ["YES" if c is True else "no" if c is False else c for c in cells]
-        findings = "; ".join(n for n in names if r["labels"][n]["present"])
-        top = r["ranking"][0]
-        writer.writerow([*head, top["text"], top["probability"], *cells, findings, ""])
+        top = r.ranking[0]
+        writer.writerow([*head, top.text, top.probability, *cells, "; ".join(n for n in names if n in r.yes), ""])
     for path, error in failed:
         writer.writerow([str(path), "no", "", "", "", "", *([""] * len(per_label)), "", error])
     return out.getvalue()
@@ -143,29 +141,27 @@ def predict_files(predictor: PredictorBase, images: Sequence[Path], threshold, b
 
 
 def write_heatmaps(
-    predictor: PredictorBase, results: Sequence[dict], folder: Path, labels: Sequence[str] | None
+    predictor: PredictorBase, results: Sequence[Answer], folder: Path, labels: Sequence[str] | None
 ) -> None:
     """``<image stem>.<label>.png`` overlays: the given labels, else each image's YES labels (else its top one);
     none for an image the gate refused."""
     import re
 
     for result in results:
-        if "labels" not in result:
+        if not result.labels:
             continue
-        image = read_image(result["image"])
-        chosen = labels or [n for n, v in result["labels"].items() if v["present"]]
-        if not chosen:
-            chosen = [max(result["labels"], key=lambda n: result["labels"][n]["probability"])]
+        image = read_image(result.image)
+        chosen = labels or result.yes or [max(result.labels, key=lambda n: result.labels[n].probability)]
         for label in chosen:
             cam = predictor.heatmap_of(image, label)
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
             path = write_overlay(
-                folder / f"{Path(result['image']).stem}.{slug}.png", predictor.picture_of(image, label), cam
+                folder / f"{Path(result.image).stem}.{slug}.png", predictor.picture_of(image, label), cam
             )
             print(f"heatmap: {path}", file=sys.stderr)
 
 
-def write_srs(predictor: PredictorBase, results: Sequence[dict], folder: Path) -> None:
+def write_srs(predictor: PredictorBase, results: Sequence[Answer], folder: Path) -> None:
     """One SR per DICOM input (a refused one gets the SR that says why), beside nothing else: the same builder the
     PACS worker stores with."""
     import pydicom
@@ -174,18 +170,18 @@ def write_srs(predictor: PredictorBase, results: Sequence[dict], folder: Path) -
 
     card = predictor.card()
     for result in results:
-        if not is_dicom(result["image"]):
-            print(f"--sr_out: {result['image']} is not DICOM; no SR", file=sys.stderr)
+        if not is_dicom(result.image):
+            print(f"--sr_out: {result.image} is not DICOM; no SR", file=sys.stderr)
             continue
-        source = pydicom.dcmread(result["image"], stop_before_pixels=True)
+        source = pydicom.dcmread(result.image, stop_before_pixels=True)
         try:
             sr = build_sr(source, result, card)
         except SourceError as e:
-            result["sr_error"] = str(e)
-            print(f"--sr_out: {result['image']}: {e}; no SR", file=sys.stderr)
+            result.sr_error = str(e)  # said in --json beside the answer
+            print(f"--sr_out: {result.image}: {e}; no SR", file=sys.stderr)
             continue
-        result["sr"] = str(write_sr(sr, folder))
-        print(f"SR: {result['sr']}", file=sys.stderr)
+        result.sr = str(write_sr(sr, folder))
+        print(f"SR: {result.sr}", file=sys.stderr)
 
 
 def read_thresholds(path: str | None, threshold: float | None):
@@ -215,16 +211,17 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--sr_out: no DICOM input in {args.image_path}; an SR answers a DICOM image")
         predictor = open_predictor(PredictorOptions.from_args(args), prompts=args.prompts, texts=args.texts)
         results, failed = predict_files(predictor, images, threshold, args.batch_size)
-        refused = [r for r in results if not r["analysed"]]
+        refused = [r for r in results if not r.analysed]
         if args.heatmap:
             write_heatmaps(predictor, results, Path(args.heatmap), args.heatmap_label)
         if args.sr_out:
             write_srs(predictor, results, Path(args.sr_out))
         if single:
-            print(json.dumps(results[0], indent=2) if args.json else format_table(results[0], args.top))
+            print(json.dumps(results[0].to_json(), indent=2) if args.json else format_table(results[0], args.top))
             return 0
         if args.json:
-            print(json.dumps(results + [{"image": str(p), "error": e} for p, e in failed], indent=2))
+            answers = [r.to_json() for r in results]
+            print(json.dumps(answers + [{"image": str(p), "error": e} for p, e in failed], indent=2))
         target = Path(args.output) if args.output else Path(args.image_path).with_suffix("") / "predictions.csv"
         if not args.output and not Path(args.image_path).is_dir():
             target = Path(args.image_path).parent / "predictions.csv"

@@ -86,7 +86,7 @@ def test_bundle_answers_as_its_checkpoint(bundle, calibrated, demo_data):
         emb = predictor.embed(inputs)
         np.testing.assert_allclose(emb, ref_emb, atol=1e-5)
         np.testing.assert_allclose(predictor.calibration.probabilities(predictor.logits(emb)), ref_prob, atol=1e-5)
-        got, want = predictor.predict(images), reference.predict(images)
+        got, want = [r.to_json() for r in predictor.predict(images)], [r.to_json() for r in reference.predict(images)]
         for g, w in zip(got, want):
             assert [r["text"] for r in g["ranking"]] == [r["text"] for r in w["ranking"]]
             for name, v in w["labels"].items():
@@ -144,7 +144,7 @@ def test_inference_from_a_bundle_imports_neither_torch_nor_transformers(bundle, 
     result = json.loads(run.stdout)
     from cxrclip.predict import load_predictor
 
-    want = load_predictor(str(calibrated), device="cpu").predict([image])[0]
+    want = load_predictor(str(calibrated), device="cpu").predict([image])[0].to_json()
     for name, v in want["labels"].items():
         assert result["labels"][name]["probability"] == pytest.approx(v["probability"], abs=1e-4)
 

@@ -65,14 +65,14 @@ def test_checkpoint_folder_and_glob_are_expanded(demo_data, tiny_ckpt, tmp_path)
 def test_predictor_ranks_every_label_and_reports_several_findings(demo_data, tiny_ckpt):
     predictor = load_predictor(str(tiny_ckpt))
     images = sorted((demo_data / "images").glob("test_*.png"))[:3]
-    results = predictor.predict(images, threshold=0.0)
+    results = [r.to_json() for r in predictor.predict(images, threshold=0.0)]
     r = results[0]
     assert len(r["ranking"]) == 13 and len(r["labels"]) == 13
     sims = [c["similarity"] for c in r["ranking"]]
     assert sims == sorted(sims, reverse=True)
     assert sum(c["probability"] for c in r["ranking"]) == pytest.approx(1.0, abs=1e-3)
     assert all(v["present"] for v in r["labels"].values())  # threshold 0: every label reported, not just one
-    again = predictor.predict(images[:1])[0]
+    again = predictor.predict(images[:1])[0].to_json()
     assert again["ranking"][0] == r["ranking"][0]
 
 
@@ -114,7 +114,7 @@ def test_inference_on_dicom(demo_data, tiny_ckpt, tmp_path):
 
     png = np.asarray(Image.open(sorted((demo_data / "images").glob("test_*.png"))[0])).astype(np.uint16) * 16
     dcm = write_dicom(tmp_path / "x.dcm", png, PhotometricInterpretation="MONOCHROME1")
-    result = load_predictor(str(tiny_ckpt)).predict([dcm])[0]
+    result = load_predictor(str(tiny_ckpt)).predict([dcm])[0].to_json()
     assert len(result["labels"]) == 13
 
 

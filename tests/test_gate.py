@@ -283,8 +283,8 @@ def test_fit_gate_end_to_end_and_the_bundle_gives_the_same_scores(tiny_clip_chec
     bundle = export_bundle(out, tmp_path / "bundle")
     images = sorted((demo_data / "images").glob("test_*.png"))[:4] + sorted((other / "lateral").glob("*.png"))[:2]
     ours, theirs = load_predictor(str(out), device="cpu"), BundlePredictor.create(bundle)
-    got = [r["gate"]["score"] for r in theirs.predict(images)]
-    want = [r["gate"]["score"] for r in ours.predict(images)]
+    got = [r.gate.score for r in theirs.predict(images)]
+    want = [r.gate.score for r in ours.predict(images)]
     arrays = [read_image(p) for p in images]
     thumbs = np.stack([pixel_features(a) for a in arrays])
     assert stored["pixel_side"] == 32 and thumbs.shape == (6, 32 * 32)
@@ -292,7 +292,7 @@ def test_fit_gate_end_to_end_and_the_bundle_gives_the_same_scores(tiny_clip_chec
     exact_theirs = theirs.gate.image_gate.scores(theirs.embed([theirs.transform(a) for a in arrays]), thumbs)[0]
     np.testing.assert_allclose(exact_theirs, exact_ours, atol=1e-5)
     assert got == want
-    assert [r["analysed"] for r in theirs.predict(images)] == [r["analysed"] for r in ours.predict(images)]
+    assert [r.analysed for r in theirs.predict(images)] == [r.analysed for r in ours.predict(images)]
 
 
 def test_fit_gate_lists_bad_inputs_before_any_work(tiny_clip_checkpoint, tmp_path):

@@ -1,5 +1,6 @@
 """The answer's outward form, pinned: ``inference.py --json`` (an analysed film, a refused one), its CSV and a saved
-review row, on the session's tiny checkpoint, against files written before the answer became typed (issue 33).
+review row, on the session's tiny checkpoint, against files written before the answer became typed (issue 33); the
+one change since is the ``answer_version`` field, added last.
 Keys, order, strings and decisions must match exactly; numbers to 2e-3 (the tiny model is trained in the test
 session, and another CPU sums in another order). ``CXRCLIP_WRITE_GOLDEN=1`` writes the files anew."""
 
@@ -88,8 +89,9 @@ def test_inference_json_csv_and_review_rows_keep_their_form(tiny_clip_checkpoint
     printed = capsys.readouterr().out
     answers = json.loads(printed)
     assert [a["analysed"] for a in answers] == [True, False]
-    want = [settle(a) for a in golden("inference.json", json.loads(printed))]
-    same([settle(a) for a in json.loads(printed)], want, "inference --json")
+    assert all(list(a)[-1] == "answer_version" and a.pop("answer_version") == 1 for a in answers)  # added, last
+    want = [settle(a) for a in golden("inference.json", json.loads(json.dumps(answers)))]
+    same([settle(a) for a in answers], want, "inference --json")
     rows = csv_rows((tmp_path / "p.csv").read_text(encoding="utf-8"))
     same(rows, golden("predictions.json", rows), "predictions.csv")
 

@@ -90,12 +90,12 @@ def test_inference_evaluation_and_probing_work_and_match_the_converted_checkpoin
 
     path = write_original_checkpoint(tmp_path)
     images = sorted((demo_data / "images").glob("test_*.png"))[:2]
-    original = load_predictor(str(path), image_size=64).predict(images)
+    original = [r.to_json() for r in load_predictor(str(path), image_size=64).predict(images)]
     assert main(["convert", "--checkpoint", str(path), "--out", str(tmp_path / "converted.tar")]) == 0
     assert "loads with weights_only=True" in capsys.readouterr().out
     converted = torch.load(tmp_path / "converted.tar", weights_only=True)  # no allowlist needed
     assert "optimizer" not in converted and converted["converted_from"]["path"] == str(path.resolve())
-    ours = load_predictor(str(tmp_path / "converted.tar"), image_size=64).predict(images)
+    ours = [r.to_json() for r in load_predictor(str(tmp_path / "converted.tar"), image_size=64).predict(images)]
     for a, b in zip(original, ours):
         assert a["labels"] == b["labels"] and a["ranking"] == b["ranking"]
 

@@ -26,6 +26,7 @@ from cxrclip.pacs.dicomweb import Credentials, DicomWeb, PacsRejected, PacsUnava
 from cxrclip.pacs.sr import build_sr, read_sr, sr_uids
 from cxrclip.pacs.store import JobStore
 from cxrclip.predict import PredictorOptions
+from cxrclip.predict.answer import Answer, GateVerdict
 from cxrclip.synthetic import radiograph_dicom
 from tests.servers import PASSWORD, USER, Orthanc, orthanc_missing
 
@@ -119,7 +120,8 @@ def test_sr_holds_every_value_and_passes_dciodvfy(tmp_path):
         "Chest tube malposition": {"probability": 0.0001, "threshold": 0.5, "rule": "given", "present": False,
                                    "calibrated": True, "uncalibrated_probability": 0.0002},
     }  # fmt: skip
-    sr = build_sr(source, {"analysed": True, "labels": labels}, card)
+    frontal = GateVerdict(analysed=True, kind="frontal", stage="image", score=0.02, threshold=0.4)
+    sr = build_sr(source, Answer(analysed=True, gate=frontal, labels=labels), card)
     back = read_sr(pydicom.dcmread(pydicom.filebase.DicomBytesIO(_bytes(sr))))
     assert back["analysed"] and back["source"] == source.SOPInstanceUID
     assert {n: {k: v[k] for k in LABEL_KEYS} for n, v in back["labels"].items()} == labels
@@ -134,8 +136,9 @@ def test_sr_holds_every_value_and_passes_dciodvfy(tmp_path):
     assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
         source.SOPInstanceUID
     )
-    refusal = build_sr(source, {"analysed": False, "reason": "lateral view (gate score 0.97)",
-                                "gate": {"score": 0.97}}, card)  # fmt: skip
+    reason = "lateral view (gate score 0.97)"
+    lateral = GateVerdict(analysed=False, kind="lateral", reason=reason, stage="image", score=0.97, threshold=0.4)
+    refusal = build_sr(source, Answer(analysed=False, reason=reason, gate=lateral), card)
     back = read_sr(refusal)
     assert not back["analysed"] and back["reason"] == "lateral view (gate score 0.97)" and back["gate_score"] == 0.97
     assert "labels" not in back

@@ -433,7 +433,7 @@ def test_a_site_calibration_is_stored_beside_the_models_own_selected_and_reporte
     local = load_predictor(ckpt, device="cpu", site="hannover")
     assert local.calibration.to_dict() == Calibration.from_dict(site).for_labels(local.label_names).to_dict()
     film = sorted((demo_data / "images").glob("test_*.png"))[0]
-    a, b = default.predict([film])[0], local.predict([film])[0]
+    a, b = default.predict([film])[0].to_json(), local.predict([film])[0].to_json()
     assert a["calibration"] == "default" and b["calibration"] == "hannover"
     assert {n: v["threshold"] for n, v in b["labels"].items()} == {
         n: round(float(t), 4) for n, t in zip(local.label_names, local.calibration.thresholds)

@@ -71,10 +71,12 @@ def test_routed_equals_each_member_label_by_label(routed, tiny_clip_checkpoint, 
 
     images = sorted((demo_data / "images").glob("test_*.png"))[:4]
     model = load_predictor(str(routed), device="cpu")
-    got = model.predict(images)
+    got = [r.to_json() for r in model.predict(images)]
     rest = [n for n in model.label_names if n not in TUBES]
-    tube_answers = load_predictor(str(ckpt48), labels=TUBES, device="cpu").predict(images)
-    rest_answers = load_predictor(str(tiny_clip_checkpoint), labels=rest, device="cpu").predict(images)
+    tube_answers = [r.to_json() for r in load_predictor(str(ckpt48), labels=TUBES, device="cpu").predict(images)]
+    rest_answers = [
+        r.to_json() for r in load_predictor(str(tiny_clip_checkpoint), labels=rest, device="cpu").predict(images)
+    ]
     assert model.label_names == TUBES + rest
     for g, t, r in zip(got, tube_answers, rest_answers):
         for name in TUBES:
@@ -103,7 +105,7 @@ def test_the_server_and_its_card_treat_a_routed_model_as_one(routed, demo_data):
     body = client.post(
         "/v1/predict", files={"file": ("a.png", image.read_bytes(), "image/png")}, data={"heatmap": TUBES[0]}
     ).json()
-    want = load_predictor(str(routed), device="cpu").predict([image])[0]
+    want = load_predictor(str(routed), device="cpu").predict([image])[0].to_json()
     assert body["labels"] == want["labels"] and body["heatmap"]["png"].startswith("data:image/png;base64,")
 
 
@@ -117,8 +119,8 @@ def test_a_routed_bundle_answers_as_the_routed_checkpoints_and_refuses_a_changed
         argv += ["--member", f"{m['name']}={m['path']}:{','.join(m['labels'])}"]
     assert cli_main(argv) == 0
     images = sorted((demo_data / "images").glob("test_*.png"))[:3]
-    got = load_predictor(str(tmp_path / "rb")).predict(images)
-    want = load_predictor(str(routed), device="cpu").predict(images)
+    got = [r.to_json() for r in load_predictor(str(tmp_path / "rb")).predict(images)]
+    want = [r.to_json() for r in load_predictor(str(routed), device="cpu").predict(images)]
     for g, w in zip(got, want):
         assert list(g["labels"]) == list(w["labels"])
         for name in g["labels"]:

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrclip import __version__
+from cxrclip.predict.answer import Answer, LabelAnswer
 from cxrclip.predict.card import DISCLAIMER
 
 logging.getLogger("highdicom").setLevel(logging.WARNING)  # otherwise a line per module it copies
@@ -175,9 +176,9 @@ def _text(source, keyword: str) -> str:
     return "".join(ch for ch in str(value) if ch.isprintable()).strip()
 
 
-def build_sr(source, result: Mapping, card: Mapping):
+def build_sr(source, result: Answer, card: Mapping):
     """A Comprehensive SR answering ``source`` (the radiograph's dataset; its pixel data is not needed) with one
-    prediction ``result`` (as ``inference.py --json`` prints it) by the model ``card`` (:func:`model_card`)."""
+    prediction ``result`` (an :class:`~cxrclip.predict.answer.Answer`) by the model ``card`` (``predictor.card()``)."""
     import highdicom as hd
 
     source = evidence_of(source)
@@ -208,11 +209,10 @@ def build_sr(source, result: Mapping, card: Mapping):
     items.append(
         hd.sr.ImageContentItem(c["source"], source.SOPClassUID, source.SOPInstanceUID, relationship_type=rel.CONTAINS)
     )
-    if not result.get("analysed", True):
-        items.append(hd.sr.TextContentItem(c["refused"], str(result["reason"])[:1024], relationship_type=rel.CONTAINS))
-        score = (result.get("gate") or {}).get("score")
-        if score is not None:
-            items.append(_num(c, c["gate_score"], score))
+    if not result.analysed:
+        items.append(hd.sr.TextContentItem(c["refused"], str(result.reason)[:1024], relationship_type=rel.CONTAINS))
+        if result.gate.score is not None:
+            items.append(_num(c, c["gate_score"], result.gate.score))
     root.ContentSequence = hd.sr.ContentSequence(items, is_root=False)
     series_uid, sop_uid = sr_uids(source.SOPInstanceUID, card["checkpoint_sha256"])
     sr = hd.sr.ComprehensiveSR(
@@ -230,14 +230,14 @@ def build_sr(source, result: Mapping, card: Mapping):
     # The label groups are highdicom content items too, appended after the document is built: passed through
     # ComprehensiveSR they cost ~170 ms per SR (it re-reads and searches the whole tree), appended ~25 ms.
     # They hold no references, so the evidence the constructor collected stays complete; dciodvfy checks the result.
-    if result.get("analysed", True):
-        for label, v in result["labels"].items():
+    if result.analysed:
+        for label, v in result.labels.items():
             sr.ContentSequence.append(_label_group(c, label, v))
     sr.SeriesDescription = "cxrclip AI findings - not for diagnostic use"
     return sr
 
 
-def _label_group(c, label: str, v: Mapping):
+def _label_group(c, label: str, v: LabelAnswer):
     import highdicom as hd
 
     rel = hd.sr.RelationshipTypeValues
@@ -246,12 +246,12 @@ def _label_group(c, label: str, v: Mapping):
         [
             hd.sr.CodeContentItem(c["finding"], finding_code(label), relationship_type=rel.CONTAINS),
             hd.sr.TextContentItem(c["label"], label, relationship_type=rel.CONTAINS),
-            _num(c, c["probability"], v["probability"]),
-            _num(c, c["threshold"], v["threshold"]),
-            hd.sr.TextContentItem(c["rule"], str(v["rule"]), relationship_type=rel.CONTAINS),
-            _yes_no(c, c["present"], v["present"]),
-            _yes_no(c, c["calibrated"], v["calibrated"]),
-            _num(c, c["uncalibrated"], v["uncalibrated_probability"]),
+            _num(c, c["probability"], v.probability),
+            _num(c, c["threshold"], v.threshold),
+            hd.sr.TextContentItem(c["rule"], str(v.rule), relationship_type=rel.CONTAINS),
+            _yes_no(c, c["present"], v.present),
+            _yes_no(c, c["calibrated"], v.calibrated),
+            _num(c, c["uncalibrated"], v.uncalibrated_probability),
         ],
         is_root=False,
     )

@@ -297,15 +297,15 @@ class Worker:
             log.warning("instance %s not analysed: %s", job.sop_uid, e)
             return
         result = self.predictor.predict_arrays([job.sop_uid], [image], [facts])[0]
-        if not result["analysed"]:
+        if not result.analysed:
             stored = None
             if self.s.report_refusals:
                 sr = build_sr(ds, result, self.card)
                 self.store.note_sr(job.sop_uid, sr.SOPInstanceUID)
                 self.pacs.store([sr], job.study_uid)
                 stored = sr.SOPInstanceUID
-            self.store.finish(job.sop_uid, "refused", sr_uid=stored, reason=result["reason"], worker=self.id)
-            log.info("instance %s refused by the input gate: %s%s", job.sop_uid, result["reason"],
+            self.store.finish(job.sop_uid, "refused", sr_uid=stored, reason=result.reason, worker=self.id)
+            log.info("instance %s refused by the input gate: %s%s", job.sop_uid, result.reason,
                      f" (SR {stored})" if stored else "")  # fmt: skip
             return
         sr = build_sr(ds, result, self.card)
@@ -315,9 +315,10 @@ class Worker:
         self.store.note_sr(job.sop_uid, sr.SOPInstanceUID)
         self.pacs.store([sr, *captures], job.study_uid)
         fault_point("stored")
-        self.store.finish(job.sop_uid, "done", sr_uid=sr.SOPInstanceUID, result=result["labels"], worker=self.id)
-        yes = [n for n, v in result["labels"].items() if v["present"]]
-        log.info("instance %s: %d of %d labels YES%s -> SR %s (%.2f s)", job.sop_uid, len(yes), len(result["labels"]),
+        labels = result.to_json()["labels"]  # kept in the job store as inference.py --json gives them
+        self.store.finish(job.sop_uid, "done", sr_uid=sr.SOPInstanceUID, result=labels, worker=self.id)
+        yes = result.yes
+        log.info("instance %s: %d of %d labels YES%s -> SR %s (%.2f s)", job.sop_uid, len(yes), len(labels),
                  f" ({', '.join(yes)})" if yes else "", sr.SOPInstanceUID, time.perf_counter() - started)  # fmt: skip
 
     def _overlay(self, image, label: str):

@@ -1,11 +1,16 @@
-"""The answer to one image, as data: the shape of what ``inference.py --json`` prints and ``POST /v1/predict``
-returns, written once as pydantic models. The server declares them as its response models (so ``/openapi.json``
-documents every answer), and a test validates real answers against them. Fields a kind of predictor adds (a routed
-model's ``member``) are declared; anything else a newer model adds is kept, not refused."""
+"""The answer to one image, as data. Every predictor produces :class:`Answer` objects; the writers (the table, the
+CSV, ``--json``, the server, the SR builder, the PACS worker) read them by attribute. ``to_json()`` is what
+``inference.py --json`` prints and ``POST /v1/predict`` returns (pinned by ``tests/test_golden.py``); the server
+declares these models as its response models, so ``/openapi.json`` documents every answer. Fields a kind of
+predictor adds (a routed model's ``member``) are declared; anything else a newer model adds is kept, not refused."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import BaseModel, ConfigDict, Field
+
+ANSWER_VERSION = 1  # the answer's JSON form; a change that breaks a reader of it gets a new number
 
 
 class Open(BaseModel):
@@ -56,3 +61,19 @@ class Answer(Open):
     labels: dict[str, LabelAnswer] | None = None
     calibration: str | None = Field(None, description="default, or the site whose calibration answered")
     warnings: list[str] | None = Field(None, description="what reading the file worked around")
+    answer_version: int = Field(ANSWER_VERSION, description="the version of this JSON form")
+
+    def to_json(self) -> dict:
+        """The JSON form: the fields this answer has, in order (a field it lacks is left out, never null), and the
+        version of the form last."""
+        return {**self.model_dump(exclude_unset=True, exclude={"answer_version"}), "answer_version": ANSWER_VERSION}
+
+    @classmethod
+    def of(cls, value: Answer | Mapping) -> Answer:
+        """An answer, from itself or from its JSON form."""
+        return value if isinstance(value, Answer) else cls.model_validate(value)
+
+    @property
+    def yes(self) -> list[str]:
+        """The labels called YES, in the model's order."""
+        return [n for n, v in (self.labels or {}).items() if v.present]

@@ -15,6 +15,7 @@ from cxrclip.data.prompts import DEFAULT_PROMPTS, load_prompts
 from cxrclip.exceptions import InputError
 from cxrclip.io import file_sha256
 from cxrclip.paths import resolve_user_path
+from cxrclip.predict.answer import Answer, GateVerdict, LabelAnswer, RankedText
 from cxrclip.predict.card import model_card
 from cxrclip.predict.gate import InputGate, Precheck, precheck
 from cxrclip.predict.gradcam import display_image, grad_cam
@@ -30,11 +31,11 @@ def _training_data_config(config: Mapping) -> dict:
     return {}
 
 
-def with_reading_warnings(results: list[dict], facts) -> list[dict]:
+def with_reading_warnings(results: list[Answer], facts) -> list[Answer]:
     """Each answer carries what reading its file had to work around (a malformed LUT, a multi-frame file, ...)."""
     for result, found in zip(results, facts or ()):
         if found and found.get("warnings"):
-            result["warnings"] = list(found["warnings"])
+            result.warnings = list(found["warnings"])
     return results
 
 
@@ -98,7 +99,9 @@ class PredictorBase:
             return np.array(values), rules
         return np.full(len(self.label_names), float(threshold)), [f"fixed={float(threshold):g}"] * len(self.label_names)
 
-    def predict(self, images: Sequence[str | Path], threshold: float | Mapping[str, float] | None = None) -> list[dict]:
+    def predict(
+        self, images: Sequence[str | Path], threshold: float | Mapping[str, float] | None = None
+    ) -> list[Answer]:
         """Per image: the input gate's verdict; for an image it lets through, every candidate ranked (similarity,
         softmax probability) and per label the calibrated probability, its threshold and rule, and the decision.
         A refused image gets its reason and no probability."""
@@ -108,7 +111,9 @@ class PredictorBase:
             arrays.append(read_image(path, facts[-1]))
         return self.predict_arrays(images, arrays, facts, threshold)
 
-    def predict_arrays(self, images: Sequence, arrays: Sequence[np.ndarray], facts=None, threshold=None) -> list[dict]:
+    def predict_arrays(
+        self, images: Sequence, arrays: Sequence[np.ndarray], facts=None, threshold=None
+    ) -> list[Answer]:
         """:meth:`predict` on images already read (``images`` names them; ``facts``: what reading each found,
         for the gate's DICOM stage)."""
         if not len(arrays):
@@ -121,7 +126,7 @@ class PredictorBase:
         """Zero-shot label logits of image embeddings."""
         return label_logits(np.asarray(emb), self.pos_emb, self.neg_emb, self.scale)
 
-    def predict_embeddings(self, images: Sequence, emb, checks: Sequence[Precheck], threshold=None) -> list[dict]:
+    def predict_embeddings(self, images: Sequence, emb, checks: Sequence[Precheck], threshold=None) -> list[Answer]:
         """:meth:`predict` on image embeddings and their images' prechecks (:func:`~cxrclip.predict.gate.precheck`)."""
         emb = np.asarray(emb, dtype=np.float32)
         verdicts = self.gate.verdicts(emb, checks)
@@ -132,32 +137,29 @@ class PredictorBase:
         limits, rules = self.operating_points(threshold)
         results = []
         for i, (path, verdict) in enumerate(zip(images, verdicts)):
+            gate = GateVerdict(**verdict.to_dict())
             if not verdict.analysed:  # no probability of any kind leaves for a refused input
-                refusal = {"analysed": False, "reason": verdict.reason, "gate": verdict.to_dict()}
-                results.append({"image": str(path), **refusal})
+                results.append(Answer(image=str(path), analysed=False, reason=verdict.reason, gate=gate))
                 continue
             order = np.argsort(-sims[i], kind="stable")
             ranking = [
-                {
-                    "text": self.candidates[j],
-                    "similarity": round(float(sims[i, j]), 4),
-                    "probability": round(float(probs[i, j]), 4),
-                }
+                RankedText(text=self.candidates[j], similarity=round(float(sims[i, j]), 4),
+                           probability=round(float(probs[i, j]), 4))
                 for j in order
-            ]
+            ]  # fmt: skip
             labels = {
-                n: {
-                    "probability": round(float(yes[i, j]), 4),
-                    "threshold": round(float(limits[j]), 4),
-                    "rule": rules[j],
-                    "present": bool(yes[i, j] >= limits[j]),
-                    "calibrated": self.calibration.labels[n].calibrated,
-                    "uncalibrated_probability": round(float(raw[i, j]), 4),
-                }
+                n: LabelAnswer(
+                    probability=round(float(yes[i, j]), 4),
+                    threshold=round(float(limits[j]), 4),
+                    rule=rules[j],
+                    present=bool(yes[i, j] >= limits[j]),
+                    calibrated=self.calibration.labels[n].calibrated,
+                    uncalibrated_probability=round(float(raw[i, j]), 4),
+                )
                 for j, n in enumerate(self.label_names)
             }
-            results.append({"image": str(path), "analysed": True, "gate": verdict.to_dict(), "ranking": ranking,
-                            "labels": labels, "calibration": self.calibration_name})  # fmt: skip
+            results.append(Answer(image=str(path), analysed=True, gate=gate, ranking=ranking, labels=labels,
+                                  calibration=self.calibration_name))  # fmt: skip
         return results
 
     def picture_of(self, image: np.ndarray, label: str | None = None) -> np.ndarray:

@@ -31,6 +31,7 @@ import numpy as np
 from cxrclip.data.images import read_image
 from cxrclip.exceptions import InputError, OutputError, UserError
 from cxrclip.io import atomic_write_text, file_sha256
+from cxrclip.predict.answer import Answer, GateVerdict
 from cxrclip.predict.base import label_bank, with_reading_warnings
 from cxrclip.predict.bundle import MANIFEST as BUNDLE_MANIFEST
 from cxrclip.predict.bundle import Bundle, is_bundle
@@ -253,7 +254,7 @@ class RoutedPredictor:
             "card": self.manifest.get("card", {}),
         }
 
-    def predict(self, images: Sequence[str | Path], threshold=None) -> list[dict]:
+    def predict(self, images: Sequence[str | Path], threshold=None) -> list[Answer]:
         arrays, facts = [], []
         for p in images:
             facts.append({})
@@ -268,7 +269,9 @@ class RoutedPredictor:
             return {k: v for k, v in threshold.items() if self.routes[k] == name}
         return threshold
 
-    def predict_arrays(self, images: Sequence, arrays: Sequence[np.ndarray], facts=None, threshold=None) -> list[dict]:
+    def predict_arrays(
+        self, images: Sequence, arrays: Sequence[np.ndarray], facts=None, threshold=None
+    ) -> list[Answer]:
         if not len(arrays):
             return []
         checks = [precheck(a, f) for a, f in zip(arrays, facts or [None] * len(arrays))]
@@ -278,21 +281,20 @@ class RoutedPredictor:
             answers[name] = member.predict_embeddings(images, emb, checks, self._member_threshold(name, threshold))
         results = []
         for i, path in enumerate(images):
-            refused = next((name for name in self.members if not answers[name][i]["analysed"]), None)
-            gates = {name: answers[name][i]["gate"] for name in self.members}
+            refused = next((name for name in self.members if not answers[name][i].analysed), None)
+            gates = {name: answers[name][i].gate.model_dump(exclude_unset=True) for name in self.members}
             if refused is not None:
-                reason = answers[refused][i]["reason"]
-                results.append({"image": str(path), "analysed": False, "reason": reason,
-                                "gate": {**gates[refused], "member": refused, "members": gates}})  # fmt: skip
+                gate = GateVerdict(**gates[refused], member=refused, members=gates)
+                results.append(Answer(image=str(path), analysed=False, reason=answers[refused][i].reason, gate=gate))
                 continue
             overridden = next((n for n in self.members if gates[n].get("reason")), None)
-            gate = {**gates[overridden or self.default], "member": overridden or self.default, "members": gates}
+            gate = GateVerdict(**gates[overridden or self.default], member=overridden or self.default, members=gates)
             labels = {
-                n: {**answers[self.routes[n]][i]["labels"][n], "member": self.routes[n]} for n in self.label_names
+                n: answers[self.routes[n]][i].labels[n].model_copy(update={"member": self.routes[n]})
+                for n in self.label_names
             }
-            base = answers[self.default][i]
-            results.append({"image": str(path), "analysed": True, "gate": gate, "ranking": base["ranking"],
-                            "labels": labels, "calibration": self.calibration_name})  # fmt: skip
+            results.append(Answer(image=str(path), analysed=True, gate=gate, ranking=answers[self.default][i].ranking,
+                                  labels=labels, calibration=self.calibration_name))  # fmt: skip
         return with_reading_warnings(results, facts)
 
     def picture_of(self, image: np.ndarray, label: str | None = None) -> np.ndarray:

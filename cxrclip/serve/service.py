@@ -105,17 +105,17 @@ class Service:
             raise ApiError(415, str(e)) from e
         except ImageReadError as e:
             raise ApiError(422, str(e)) from e
-        result = self.predictor.predict_arrays([name], [image], [facts])[0]
-        result.pop("image")
+        answer = self.predictor.predict_arrays([name], [image], [facts])[0].to_json()
+        answer.pop("image")
         sha = hashlib.sha256(data).hexdigest()
-        out = {"input": facts, "image_sha256": sha, **result,
+        out = {"input": facts, "image_sha256": sha, **answer,
                "preview": data_url(png_bytes(self.predictor.picture_of(image)))}  # fmt: skip
         if self.desk is not None and self.desk.first_sight(sha):  # the monitor counts each image once
-            self.reviews.log_prediction(sha, self.card["checkpoint_sha256"], self.predictor.calibration_name, result)
-        if not result["analysed"]:  # refused by the input gate: no label, free-text or heatmap answer
+            self.reviews.log_prediction(sha, self.card["checkpoint_sha256"], self.predictor.calibration_name, answer)
+        if not answer["analysed"]:  # refused by the input gate: no label, free-text or heatmap answer
             return out
         if self.desk is not None:
-            self.desk.remember(sha, name, data, result["labels"])
+            self.desk.remember(sha, name, data, answer["labels"])
         if texts:
             with self._tokenizer_lock:
                 out["texts"] = self.predictor.texts_of(image, texts)

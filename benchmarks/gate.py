@@ -104,9 +104,9 @@ def main() -> None:
     args.real, args.other, args.out = args.real.resolve(), args.other.resolve(), args.out.resolve()
 
     from cxrclip.data.images import read_image
-    from cxrclip.fit_gate import fit_gate_checkpoint, summary_lines
+    from cxrclip.fit_gate import fit_gate_checkpoint, generated_negatives, group_split, summary_lines
     from cxrclip.predict.checkpoint import Predictor
-    from cxrclip.predict.gate import FRONTAL, InputGate, generated_negatives, group_split, pixel_features, precheck
+    from cxrclip.predict.gate import FRONTAL, InputGate, pixel_features, precheck
 
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

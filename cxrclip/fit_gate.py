@@ -1,10 +1,12 @@
 """``cxrclip fit-gate``: fit the input gate's image stage on the user's frontal films and other images, choose its
-threshold on a patient-disjoint validation part, and store it in the checkpoint (key ``gate``)."""
+threshold on a patient-disjoint validation part, and store it in the checkpoint (key ``gate``). All of the gate's
+fitting lives here (scikit-learn); running it is ``cxrclip/predict/gate.py`` (NumPy only)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,20 +17,163 @@ from cxrclip.data.images import IMAGE_SUFFIXES, ImageReadError, read_image
 from cxrclip.data.schema import csv_line
 from cxrclip.model.checkpoint import save_checkpoint
 from cxrclip.predict.checkpoint import Predictor
-from cxrclip.predict.gate import (
-    FRONTAL,
-    GateError,
-    ImageGate,
-    fit_image_gate,
-    generated_negatives,
-    group_split,
-    pixel_features,
-)
+from cxrclip.predict.gate import FRONTAL, GateError, ImageGate, pixel_features
+from cxrclip.scoring.intervals import wilson
 
 log = logging.getLogger(__name__)
 GROUP_COLUMNS = ("patient_id", "patient", "PatientID", "subject_id")
 MAX_LISTED = 20
 KEEP_FOR_GENERATED = 64  # frontal films kept (downsized) to make rotated / inverted negatives from
+
+
+# --------------------------------------------------------------------------------------- the gate's image stage
+
+
+def group_split(groups: Sequence[str], valid_frac: float, seed: int) -> np.ndarray:
+    """A boolean mask of the validation rows: whole groups (patients) go to one side, about ``valid_frac``
+    of the rows."""
+    groups = [str(g) for g in groups]
+    unique = sorted(set(groups))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(unique)
+    target, taken, chosen = valid_frac * len(groups), 0, set()
+    counts = {g: groups.count(g) for g in unique}
+    for g in unique:
+        if taken >= target:
+            break
+        chosen.add(g)
+        taken += counts[g]
+    return np.array([g in chosen for g in groups])
+
+
+def choose_threshold(frontal_scores: np.ndarray, target_frr: float) -> float:
+    """The smallest score threshold that refuses at most ``target_frr`` of the validation frontal films
+    (refused when score > threshold)."""
+    s = np.sort(np.asarray(frontal_scores, dtype=np.float64))
+    if not len(s):
+        raise GateError("no validation frontal films to choose the gate's threshold on")
+    k = max(1, math.ceil((1.0 - target_frr) * len(s)))
+    return float(s[k - 1])
+
+
+def rates(gate: ImageGate, emb: np.ndarray, kinds: Sequence[str], pixels: np.ndarray | None = None) -> dict:
+    """False-refusal rate of frontal films and the miss rate (let through) of each other kind, with Wilson
+    intervals, at the gate's threshold."""
+    scores, _ = gate.scores(emb, pixels)
+    kinds = np.asarray(kinds)
+    out: dict = {}
+    frontal = kinds == FRONTAL
+    refused = scores > gate.threshold
+    k, n = int(refused[frontal].sum()), int(frontal.sum())
+    out["frontal"] = {"n": n, "false_refusals": k, "rate": round(k / n, 4) if n else None, "ci95": wilson(k, n, 4)}
+    for kind in sorted({str(k) for k in kinds[~frontal]}):
+        rows = kinds == kind
+        k, n = int((~refused[rows]).sum()), int(rows.sum())
+        out[kind] = {"n": n, "missed": k, "rate": round(k / n, 4), "ci95": wilson(k, n, 4)}
+    if frontal.any() and (~frontal).any():
+        from sklearn.metrics import roc_auc_score
+
+        out["auroc"] = round(float(roc_auc_score(~frontal, scores)), 4)
+    return out
+
+
+def fit_image_gate(
+    emb_fit: np.ndarray,
+    kinds_fit: Sequence[str],
+    emb_valid: np.ndarray,
+    kinds_valid: Sequence[str],
+    *,
+    target_frr: float = 0.01,
+    c: float = 1.0,
+    fitted_on: Mapping | None = None,
+    pixels_fit: np.ndarray | None = None,
+    pixels_valid: np.ndarray | None = None,
+) -> ImageGate:
+    """A multinomial logistic regression (standardized inputs, balanced kinds) on the fit rows — the embeddings,
+    and the :func:`pixel_features` after them when given; the threshold from the validation frontal films; the
+    validation rates as its evidence."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    kinds_fit = [str(k) for k in kinds_fit]
+    present = sorted(set(kinds_fit))
+    if FRONTAL not in present or len(present) < 2:
+        raise GateError(f"fitting a gate needs frontal films and at least one other kind; the fit rows have {present}")
+    if not 0.0 <= target_frr < 0.5:
+        raise GateError(f"--target-frr {target_frr}: expected a rate in [0, 0.5)")
+    kinds = (FRONTAL, *[k for k in present if k != FRONTAL])
+    y = np.array([kinds.index(k) for k in kinds_fit])
+    x = np.asarray(emb_fit, dtype=np.float64)
+    side = 0
+    if pixels_fit is not None:
+        side = math.isqrt(np.asarray(pixels_fit).shape[1])
+        x = np.concatenate([x, np.asarray(pixels_fit, dtype=np.float64)], axis=1)
+    scaler = StandardScaler().fit(x)
+    lr = LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
+    lr.fit(scaler.transform(x), y)
+    coef, intercept = lr.coef_, lr.intercept_
+    if coef.shape[0] == 1:  # binary: P(other) = sigmoid(w·x + b) = softmax([-(w·x + b)/2, (w·x + b)/2])
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    scale = scaler.scale_
+    folded_coef = coef / scale
+    folded_intercept = intercept - folded_coef @ scaler.mean_
+    kinds_valid = np.asarray([str(k) for k in kinds_valid])
+    provisional = ImageGate(kinds, folded_coef, folded_intercept, 1.0, target_frr, pixel_side=side)
+    frontal = kinds_valid == FRONTAL
+    scores, _ = provisional.scores(
+        np.asarray(emb_valid)[frontal], None if pixels_valid is None else np.asarray(pixels_valid)[frontal]
+    )
+    threshold = choose_threshold(scores, target_frr)
+    gate = ImageGate(kinds, folded_coef, folded_intercept, threshold, target_frr, pixel_side=side)
+    counts = {k: int((np.asarray(kinds_fit) == k).sum()) for k in kinds}
+    evidence = {
+        "fit_rows": counts,
+        "valid": rates(gate, np.asarray(emb_valid), kinds_valid, pixels_valid),
+        "C": c,
+        "reads": f"image embedding + {side}×{side} pixels" if side else "image embedding",
+        **({"fitted_on": dict(fitted_on)} if fitted_on else {}),
+    }
+    return ImageGate(kinds, folded_coef, folded_intercept, threshold, target_frr, evidence, side)
+
+
+# ------------------------------------------------------------------------------------------ generated negatives
+
+
+def generated_negatives(frontal: Sequence[np.ndarray], n: int, seed: int = 0, size: int = 256):
+    """``n`` images that are not upright frontal chest radiographs, made from nothing or from ``frontal``
+    films: noise, smooth gradients, shapes and text-like strokes (``not_radiograph``), the films turned 90° or
+    180° (``rotated``) and their negatives (``inverted``). Returns (images, kinds)."""
+    rng = np.random.default_rng(seed)
+    images, kinds = [], []
+    makers = ("noise", "gradient", "shapes", "rotated", "inverted")
+    for i in range(n):
+        what = makers[i % len(makers)] if frontal else makers[i % 3]
+        if what == "noise":
+            sigma = rng.uniform(1, 8)
+            base = rng.normal(128, 60, (size // 8, size // 8))
+            img = np.kron(base, np.ones((8, 8))) if sigma > 4 else rng.normal(128, 60, (size, size))
+            kinds.append("not_radiograph")
+        elif what == "gradient":
+            yy, xx = np.mgrid[0:size, 0:size] / size
+            a, b, c = rng.uniform(-1, 1, 3)
+            img = 128 + 100 * np.sin(3 * (a * xx + b * yy) + c) * np.cos(5 * c * xx)
+            kinds.append("not_radiograph")
+        elif what == "shapes":
+            img = np.full((size, size), rng.uniform(0, 255))
+            for _ in range(rng.integers(4, 12)):
+                y0, x0 = rng.integers(0, size - 16, 2)
+                h, w = rng.integers(8, size // 3, 2)
+                img[y0 : y0 + h, x0 : x0 + w] = rng.uniform(0, 255)
+            kinds.append("not_radiograph")
+        else:
+            src = np.asarray(frontal[int(rng.integers(len(frontal)))], dtype=np.float64)
+            if what == "rotated":
+                img = np.rot90(src, k=int(rng.choice([1, 2, 3])))
+            else:
+                img = 255.0 - src
+            kinds.append(what)
+        images.append(np.clip(img, 0, 255).astype(np.uint8))
+    return images, kinds
 
 
 @dataclass(frozen=True)

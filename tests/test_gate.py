@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxrclip.fit_gate import choose_threshold, fit_image_gate, generated_negatives, group_split
 from cxrclip.predict import PredictorOptions
 from cxrclip.predict.bundle import BundlePredictor
 from cxrclip.predict.gate import (
@@ -19,11 +20,7 @@ from cxrclip.predict.gate import (
     ImageGate,
     InputGate,
     Precheck,
-    choose_threshold,
     dicom_check,
-    fit_image_gate,
-    generated_negatives,
-    group_split,
     pixel_check,
     pixel_features,
     precheck,

@@ -106,7 +106,13 @@ def _calibrate(args: argparse.Namespace) -> int:
                 raise CalibrationError(f"--label-rule {item!r}: expected LABEL:RULE (Pneumothorax:sensitivity=0.95)")
             rules[label.strip()] = rule.strip()
         settings = CalibrationSettings.from_mapping(
-            {"method": args.method, "rule": args.rule, "rules": rules, "min_positives": args.min_positives}
+            {
+                "method": args.method,
+                "rule": args.rule,
+                "rules": rules,
+                "min_positives": args.min_positives,
+                "precision": args.precision,
+            }
         )
         data = _data_config(args.data, split, args)
         unknown = sorted(set(rules) - set(data.label_names))
@@ -232,6 +238,7 @@ def _fit_gate(args: argparse.Namespace) -> int:
             device=args.device,
             text_encoder=args.text_encoder,
             pixels=not args.embedding_only,
+            precision=args.precision,
         )
     print(f"input gate stored in {args.out or args.checkpoint}:")
     for line in summary_lines(gate):
@@ -441,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="folder that relative image paths start from (default: the CSV's folder)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--text-encoder", help="local folder of the text encoder (offline)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the image encoder's while "
+                   "calibrating: calibrate under the precision that will answer (a bf16-calibrated model answers in "
+                   "bf16 under --precision auto where the CPU has native bf16)")  # fmt: skip
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser(
@@ -456,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generated", type=int, default=100, help="add N generated negatives (noise, rotated, inverted)")
     p.add_argument("--target-frr", type=float, default=0.01, help="false refusals of frontal films allowed (0.01)")
     p.add_argument("--valid", type=float, default=0.3, help="share held out (whole patients) to choose the threshold")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the image encoder's while "
+                   "embedding: fit under the precision that will answer (like calibrate --precision)")  # fmt: skip
     p.add_argument("--embedding-only", action="store_true", help="read the image embedding only, not also a 32×32 "
                    "thumbnail (the thumbnail is what catches inverted films)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)

@@ -227,12 +227,14 @@ def fit_gate_checkpoint(
     text_encoder: str | None = None,
     pixels: bool = True,
     synthetic_only: bool = False,
+    precision: str = "fp32",
 ) -> ImageGate:
     """Embed every image with the checkpoint's own model and test transform, fit the gate on the fit part, choose
     its threshold on the validation part (whole patients on one side), and write the checkpoint back (to
     ``out`` if given) with it, atomically. Every unreadable image is listed before anything is fitted. ``pixels``:
     the gate also reads a thumbnail of each image (what catches inverted films). ``synthetic_only``: the frontal
-    films are synthetic (the demo's) — recorded, and every refusal and ``/v1/model`` say so."""
+    films are synthetic (the demo's) — recorded, and every refusal and ``/v1/model`` say so. ``precision``: the
+    image encoder's while embedding (fit the gate, like the calibration, under the precision that will answer)."""
     if not frontal:
         raise GateError("fit-gate needs frontal chest radiographs (--frontal FOLDER_OR_CSV)")
     if not other and generated <= 0:
@@ -245,8 +247,8 @@ def fit_gate_checkpoint(
         listed = "\n  ".join(problems[:MAX_LISTED])
         raise GateError(f"{len(problems)} image(s) cannot be used:\n  {listed}")
     predictor = Predictor.create(
-        str(checkpoint), device=device, text_encoder=text_encoder, gate=False, precision="fp32"
-    )  # fitted on fp32 embeddings
+        str(checkpoint), device=device, text_encoder=text_encoder, gate=False, precision=precision
+    )
     kept: list[np.ndarray] = []
     emb, thumbs, failed = [], [], []
     for start in range(0, len(items), batch_size):
@@ -295,6 +297,7 @@ def fit_gate_checkpoint(
         "seed": seed,
         "split": "by patient where the CSV has a patient column, else by image",
         **({"synthetic_only": True} if synthetic_only else {}),
+        "precision": predictor.precision,
     }
     fit_kinds = [k for k, v in zip(kinds, valid) if not v]
     valid_kinds = [k for k, v in zip(kinds, valid) if v]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,10 @@ log = logging.getLogger(__name__)
 # Native bf16 arithmetic: AVX512-BF16 (Cooper Lake, Zen 4 and later) or AMX (Sapphire Rapids and later).
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 PRECISIONS = ("auto", "fp32", "bf16")
-PRECISION_HELP = "the image encoder's precision; auto = fp32 (bf16 moves calibrated probabilities: PERFORMANCE.md)"
+PRECISION_HELP = (
+    "the image encoder's precision; auto = bf16 only for a model calibrated under bf16 on a CPU with native bf16, "
+    "else fp32"
+)
 
 
 @dataclass(frozen=True)
@@ -95,18 +99,31 @@ def cpu_has_bf16() -> bool:
     return this_cpu().native_bf16
 
 
-def resolve_precision(precision: str | None, device="cpu", cpu: CpuInfo | None = None) -> str:
-    """The image encoder's inference precision. ``auto`` is ``fp32``: bf16 autocast was measured (issue 27,
-    docs/PERFORMANCE.md) to move the demo's *calibrated* probabilities by up to 0.17 (20 of 2,600 decisions changed
-    on its test set) — a steep Platt curve turns the small embedding error into a large probability error — so the
-    fast path is not the default. ``bf16`` is kept when asked for, with a warning on a CPU without native bf16
-    (emulated: slower than fp32). ``device``: a name (``cpu``, ``cuda:1``) or a torch device."""
+def native_bf16(device="cpu", cpu: CpuInfo | None = None) -> bool:
+    """Whether ``device`` computes bf16 natively: a CPU with AVX512-BF16 or AMX, a CUDA GPU that supports it."""
+    if str(device).split(":")[0] == "cuda":
+        torch = sys.modules.get("torch")  # a CUDA device means torch is loaded; this module stays torch-free
+        return bool(torch is not None and torch.cuda.is_bf16_supported())
+    return (cpu or this_cpu()).native_bf16
+
+
+def resolve_precision(precision: str | None, device="cpu", cpu: CpuInfo | None = None, calibrated: str | None = None):
+    """The image encoder's inference precision. A calibration is valid for the precision it was fitted under
+    (``calibrated``: its ``fitted_on.precision``; None for one fitted before this was recorded, i.e. fp32): bf16
+    autocast moved the demo's fp32-calibrated probabilities by up to 0.17 (20 of 2,600 decisions changed, issue 27)
+    — a steep Platt curve turns the small embedding error into a large probability error. So ``auto`` is bf16 only
+    where the calibration was fitted under bf16 and the device computes it natively, else fp32. ``bf16`` asked for
+    is kept, with a warning when it is emulated or when the calibration was fitted under fp32. ``device``: a name
+    (``cpu``, ``cuda:1``) or a torch device."""
     precision = (precision or "auto").lower()
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        return "fp32"
-    cpu = cpu or this_cpu()
-    if precision == "bf16" and str(device).split(":")[0] == "cpu" and not cpu.native_bf16:
-        log.warning("precision bf16 on a CPU without native bf16 (%s): emulated, slower than fp32", cpu.model)
+        return "bf16" if calibrated == "bf16" and native_bf16(device, cpu) else "fp32"
+    if precision == "bf16" and not native_bf16(device, cpu):
+        log.warning("precision bf16 on %s without native bf16: emulated, slower than fp32", device)
+    if calibrated is not None and calibrated != precision:
+        log.warning("precision %s, but the calibration was fitted under %s: probabilities near a threshold may move; "
+                    "calibrate under the precision that answers (cxrclip calibrate --precision)", precision,
+                    calibrated)  # fmt: skip
     return precision

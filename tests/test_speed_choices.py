@@ -130,3 +130,40 @@ def test_bf16_runs_the_image_encoder_in_bf16_and_only_when_asked(tiny_clip_check
     assert 0 < diff < 0.1  # it did run in bf16 (8-bit mantissa), and stayed close
     again = load_predictor(tiny_clip_checkpoint, device="cpu").embed(tensors)
     assert np.array_equal(again, e32)  # fp32 is deterministic: the same embedding twice
+
+
+def test_auto_is_bf16_only_for_a_model_calibrated_in_bf16_on_a_device_that_computes_it(caplog):
+    assert resolve_precision("auto", "cpu", XEON, calibrated="bf16") == "bf16"
+    assert resolve_precision("auto", "cpu", EPYC, calibrated="bf16") == "fp32"  # emulated bf16: no gain
+    assert resolve_precision("auto", "cpu", XEON, calibrated="fp32") == "fp32"
+    assert resolve_precision("auto", "cpu", XEON, calibrated=None) == "fp32"  # never calibrated
+    caplog.clear()
+    assert resolve_precision("bf16", "cpu", XEON, calibrated="fp32") == "bf16"  # asked for: kept, and said
+    assert "the calibration was fitted under fp32" in caplog.text
+
+
+def test_a_model_calibrated_in_bf16_answers_in_bf16_where_native_and_its_decisions_do_not_move(
+    tiny_clip_checkpoint, demo_data, tmp_path, monkeypatch
+):
+    """Calibration fitted under the precision that answers: ``cxrclip calibrate --precision bf16`` records it,
+    ``--precision auto`` then answers in bf16 on a CPU with native bf16 (fp32 elsewhere), and the same bf16 run
+    gives the same probabilities and decisions every time."""
+    from cxrclip.cli import main as cli_main
+    from cxrclip.model.checkpoint import load_checkpoint
+    from cxrclip.predict import load_predictor
+
+    out = tmp_path / "bf16-calibrated.tar"
+    argv = ["calibrate", "--checkpoint", str(tiny_clip_checkpoint), "--data", str(demo_data / "valid.csv"),
+            "--precision", "bf16", "--min-positives", "1", "--out", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    assert load_checkpoint(out)["calibration"]["fitted_on"]["precision"] == "bf16"
+    images = sorted((demo_data / "images").glob("test_*.png"))
+    monkeypatch.setattr("cxrclip.hardware.this_cpu", lambda: XEON)  # a CPU with AMX
+    answering = load_predictor(out, device="cpu")
+    assert answering.precision == "bf16" and answering.card()["precision"] == "bf16"
+    assert load_predictor(tiny_clip_checkpoint, device="cpu").precision == "fp32"  # calibrated in fp32
+    first = [a.to_json() for a in answering.predict(images)]
+    again = [a.to_json() for a in load_predictor(out, device="cpu").predict(images)]
+    assert [a["labels"] for a in first] == [a["labels"] for a in again]  # the same decisions, to the digit
+    monkeypatch.setattr("cxrclip.hardware.this_cpu", lambda: EPYC)  # no native bf16: fp32
+    assert load_predictor(out, device="cpu").precision == "fp32"

@@ -19,6 +19,7 @@ from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint
 from cxrclip.model.embed import LabelScorer, embed_images
 from cxrclip.model.loading import LoadedModel, default_device, load_model
 from cxrclip.model.probe import load_probe, probe_logits, probe_transform
+from cxrclip.model.speed import autocast
 from cxrclip.predict.bundle import is_bundle
 from cxrclip.predict.routed import MANIFEST as ROUTED_MANIFEST
 from cxrclip.predict.routed import member_sha256, open_routed
@@ -61,12 +62,16 @@ def zero_shot_logits(
     names: Sequence[str],
     loader_cfg: LoaderSpec | Mapping,
     device: torch.device,
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Zero-shot label logits of every row's first image, preprocessed as the run's test transform."""
+    """Zero-shot label logits of every row's first image, preprocessed as the run's test transform, the image
+    encoder under ``precision`` (as a predictor of that precision computes them)."""
 
     loader = image_loader(as_labeled(records), loaded.preprocess(), loader_cfg)
     scorer = LabelScorer.create(loaded.model, loaded.tokenizer, bank, names, device)
-    return scorer.logits(embed_images(loaded.model, loader, device, desc="calibration images"))
+    with autocast(precision, device):
+        emb = embed_images(loaded.model, loader, device, desc="calibration images")
+    return scorer.logits(emb.float())
 
 
 def usable(dc: DataConfig) -> bool:
@@ -98,8 +103,10 @@ def calibrate_checkpoint(
     device = default_device(str(device) if device else None)
     loader_cfg = loader_cfg or LoaderSpec(batch_size=32)
     ckpt = load_checkpoint(checkpoint)
+    if "probe" in ckpt and settings.precision != "fp32":
+        raise CalibrationError("a linear probe is calibrated in fp32 (calibration.precision applies to CLIP models)")
     make_scorer = _probe_scorer if "probe" in ckpt else _clip_scorer
-    score = make_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder)
+    score = make_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder, settings.precision)
     logits, labels = [], []
     for dc in data:
         records = load_records(dc)
@@ -112,6 +119,7 @@ def calibrate_checkpoint(
         "sha256": file_sha256(data[0].csv_path),
         "rows": int(len(labels)),
         "files": [{"path": str(dc.csv_path), "sha256": file_sha256(dc.csv_path)} for dc in data],
+        "precision": settings.precision,  # the image encoder's while these logits were computed
     }
     prompts = file_sha256(data[0].prompts_file) if "probe" not in ckpt else None
     if site:
@@ -137,13 +145,13 @@ def calibrate_checkpoint(
     return calibration
 
 
-def _clip_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder):
-    """records → zero-shot logits of a CLIP checkpoint."""
+def _clip_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder, precision):
+    """records → zero-shot logits of a CLIP checkpoint, its image encoder under ``precision``."""
     loaded = load_model(checkpoint, device=device, text_encoder=text_encoder)
-    return lambda records, dc: zero_shot_logits(loaded, records, dc.prompts(), names, loader_cfg, device)
+    return lambda records, dc: zero_shot_logits(loaded, records, dc.prompts(), names, loader_cfg, device, precision)
 
 
-def _probe_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder):
+def _probe_scorer(checkpoint, ckpt, names, loader_cfg, device, text_encoder, precision):
     """records → the logits of a linear-probe checkpoint."""
 
     probe, info = load_probe(Path(checkpoint), ckpt)

@@ -142,13 +142,13 @@ class BundlePredictor(PredictorBase):
 
     def __init__(self, bundle: Bundle, device: str | None = None, gate: bool = True, precision: str = "auto"):
         self.bundle, self.device = bundle, device
-        self.precision = resolve_precision(precision, device or "cpu")
+        self.calibration = bundle.calibration()
+        self.precision = resolve_precision(precision, device or "cpu", calibrated=self.calibration.precision)
         if self.precision == "bf16" and device is None:  # ONNX Runtime has no bf16 kernels on x86 CPUs:
             self.device = device = "cpu"  # bf16 asked for runs the bundle's PyTorch weights under bf16 autocast
         self.label_names = bundle.labels
         self.preprocess = bundle.preprocess()
         self.transform = self.preprocess.numpy()
-        self.calibration = bundle.calibration()
         prompts = bundle.arrays(PROMPT_FILE)
         self.pos_emb, self.neg_emb = prompts["pos"], prompts["neg"]
         self.scale = float(bundle.manifest["scale"])

@@ -63,7 +63,6 @@ class Predictor(PredictorBase):
         from cxrclip.model.loading import default_device, load_model
 
         dev = default_device(device)
-        precision = resolve_precision(precision, dev)
         loaded = load_model(model_path, device=dev, text_encoder=text_encoder, image_encoder=image_encoder)
         bank, names = label_bank(prompts, labels, loaded.config)
         scorer = LabelScorer.create(loaded.model, loaded.tokenizer, bank, names, dev)
@@ -73,6 +72,7 @@ class Predictor(PredictorBase):
         else:  # one candidate per label: its positive sentences' mean embedding
             candidates, candidate_emb = names, scorer.pos_emb
         calibration = stored_calibration(loaded.checkpoint, names)
+        precision = resolve_precision(precision, dev, calibrated=calibration.precision)  # auto: as it was calibrated
         preprocess = loaded.preprocess_spec(image_size)
         predictor = cls(loaded, names, candidates, candidate_emb, scorer, calibration, preprocess, dev, gate, precision)
         predictor.source = Path(model_path)

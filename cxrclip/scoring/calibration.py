@@ -157,6 +157,7 @@ class CalibrationSettings:
     min_negatives: int = 5
     isotonic_min_positives: int = 50  # isotonic steps need many rows; below this Platt is used (and noted)
     fallback_threshold: float = 0.5
+    precision: str = "fp32"  # the image encoder's while the logits are computed: calibrate as the model will answer
 
     @classmethod
     def from_mapping(cls, section: Mapping | None) -> CalibrationSettings:
@@ -168,6 +169,8 @@ class CalibrationSettings:
         settings = cls(**{**section, "rules": dict(section.get("rules") or {})})
         if settings.method not in METHODS:
             raise CalibrationError(f"calibration.method must be one of {METHODS}, got {settings.method!r}")
+        if settings.precision not in ("fp32", "bf16"):
+            raise CalibrationError(f"calibration.precision must be fp32 or bf16, got {settings.precision!r}")
         for rule in [settings.rule, *settings.rules.values()]:
             parse_rule(rule)
         return settings
@@ -185,6 +188,12 @@ class Calibration:
     prompts_sha256: str | None = None
     created: str = ""
     version: int = VERSION
+
+    @property
+    def precision(self) -> str | None:
+        """The image encoder's precision the calibration was fitted under (fp32 before it was recorded); None when
+        never fitted."""
+        return (self.fitted_on.get("precision") or "fp32") if self.fitted_on else None
 
     # -- (de)serialization: plain data, loadable with weights_only=True ------------------------------------
     def to_dict(self) -> dict:

@@ -5,7 +5,12 @@ has no native bf16 — emulated, slow, the same numbers), the largest difference
 then the warm time per image of fp32 (what ``--precision auto`` runs) and, where the CPU has native bf16, of bf16
 (emulated bf16 is not timed), each in the NCHW (old default) and NHWC (default) layout of the image encoder.
 
-    python benchmarks/precision.py --checkpoint demo_out/run/checkpoints/model-best.tar --data demo_out/data/test.csv
+    python benchmarks/precision.py --checkpoint demo_out/run/checkpoints/model-best.tar --data demo_out/data/test.csv \
+           --valid demo_out/data/valid.csv
+
+With ``--valid``, a copy of the checkpoint is also calibrated under bf16 (``cxrclip calibrate --precision bf16``) and
+its bf16 answers are compared with themselves (a second run) and with the fp32-calibrated fp32 answers. The script
+says whether this CPU's bf16 is native or emulated (emulated gives the same numbers, slowly).
 """
 
 from __future__ import annotations
@@ -37,12 +42,53 @@ def per_image_s(predictor, tensors, repeat: int) -> float:
     return best
 
 
+def bf16_calibrated(args, tensors, fp32_decisions: np.ndarray, cpu) -> dict:
+    """A copy calibrated under bf16 on the validation CSV, answering in bf16: against itself and against the
+    fp32-calibrated fp32 decisions."""
+    import tempfile
+    from pathlib import Path
+
+    from cxrclip.cli import main as cli_main
+    from cxrclip.predict.checkpoint import Predictor
+
+    copy = Path(tempfile.mkdtemp(prefix="bf16-calibrated-")) / "model.tar"
+    argv = [
+        "calibrate",
+        "--checkpoint",
+        args.checkpoint,
+        "--data",
+        args.valid,
+        "--precision",
+        "bf16",
+        "--out",
+        str(copy),
+    ]
+    if cli_main(argv) != 0:
+        raise SystemExit("calibration under bf16 failed")
+    first, second = (Predictor.create(str(copy), device="cpu", precision="bf16") for _ in range(2))
+    pa, pb = probabilities(first, tensors), probabilities(second, tensors)
+    decided = pa >= first.calibration.thresholds[None, :]
+    out = {
+        "bf16": "native" if cpu.native_bf16 else "emulated",
+        "decisions_changed_run_to_run": int((decided != (pb >= second.calibration.thresholds[None, :])).sum()),
+        "max_abs_prob_diff_run_to_run": round(float(np.abs(pa - pb).max()), 6),
+        "decisions_differing_from_fp32_calibrated_fp32": int((decided != fp32_decisions).sum()),
+        "yes_per_image": round(float(decided.sum(1).mean()), 3),
+    }
+    print(
+        f"calibrated under bf16 ({out['bf16']}): {out['decisions_changed_run_to_run']} decisions changed run to run, "
+        f"{out['decisions_differing_from_fp32_calibrated_fp32']} differ from the fp32-calibrated fp32 model's"
+    )
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="the test CSV (image column)")
     p.add_argument("--timed", type=int, default=20, help="images timed one at a time")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--valid", help="the validation CSV: also calibrate a copy under bf16 and compare its answers")
     args = p.parse_args()
 
     from pathlib import Path
@@ -76,6 +122,8 @@ def main() -> None:
         "yes_per_image_fp32": round(float((p32 >= thresholds).sum(1).mean()), 3),
         "yes_per_image_bf16": round(float((p16 >= thresholds).sum(1).mean()), 3),
     }
+    if args.valid:
+        result["bf16_calibrated"] = bf16_calibrated(args, tensors, p32 >= thresholds, cpu)
     timed = tensors[: args.timed]
     times = {}
     for layout in ("NCHW", "NHWC"):

@@ -15,13 +15,14 @@ from cxrclip.data.prompts import DEFAULT_PROMPTS, NORMAL_SENTENCE, PromptFileErr
 from cxrclip.data.records import load_records, summarize
 from cxrclip.data.schema import DataConfig, DataValidationError, Problems
 from cxrclip.exceptions import ConfigError, exit_on_user_error
+from cxrclip.infer import main as infer_main
 from cxrclip.io import atomic_write, database_url
 from cxrclip.paths import CONFIG_DIR
 from cxrclip.predict.bundle import Bundle
 from cxrclip.predict.factory import PredictorOptions
 from cxrclip.predict.routed import MANIFEST, Member, RoutingError, is_routed, write_routed
 from cxrclip.scoring.calibration import CalibrationError, CalibrationSettings
-from cxrclip.synthetic import CGMH_LABELS, generate_demo_data
+from cxrclip.synthetic import CGMH_LABELS, generate_demo_data, radiograph_dicom
 
 SPLIT_TYPES = {"train": "imagetext", "valid": "imagetext", "test": "imagetext_eval", "cls": "image_classification"}
 
@@ -41,7 +42,6 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _to_dicom(args: argparse.Namespace) -> int:
-    from cxrclip.synthetic import radiograph_dicom
 
     with exit_on_user_error():
         ds = radiograph_dicom(read_image(args.image), modality=args.modality, view=args.view or None,
@@ -358,7 +358,6 @@ def _hydra_job(config_name: str, target: str) -> Callable[[argparse.Namespace], 
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from cxrclip.infer import main as infer_main
 
     return infer_main(args.args)
 

@@ -14,6 +14,7 @@ from cxrclip.data.cells import image_csv
 from cxrclip.data.images import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
 from cxrclip.exceptions import InputError, exit_on_user_error
 from cxrclip.io import atomic_write_text
+from cxrclip.pacs.sr import SourceError, build_sr, write_sr
 from cxrclip.predict import PredictorBase, PredictorOptions, open_predictor
 from cxrclip.predict.answer import Answer
 from cxrclip.predict.gradcam import write_overlay
@@ -165,8 +166,6 @@ def write_srs(predictor: PredictorBase, results: Sequence[Answer], folder: Path)
     """One SR per DICOM input (a refused one gets the SR that says why), beside nothing else: the same builder the
     PACS worker stores with."""
     import pydicom
-
-    from cxrclip.pacs.sr import SourceError, build_sr, write_sr
 
     card = predictor.card()
     for result in results:

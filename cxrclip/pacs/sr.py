@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrclip import __version__
+from cxrclip.io import atomic_write
 from cxrclip.predict.answer import Answer, LabelAnswer
 from cxrclip.predict.card import DISCLAIMER
 
@@ -367,7 +368,6 @@ def read_sr(ds) -> dict:
 
 def write_sr(sr, folder: str | Path) -> Path:
     """``<folder>/<SR SOP Instance UID>.dcm``, written atomically."""
-    from cxrclip.io import atomic_write
 
     path = Path(folder) / f"{sr.SOPInstanceUID}.dcm"
     return atomic_write(path, lambda tmp: sr.save_as(tmp, enforce_file_format=True))

@@ -42,6 +42,7 @@ from cxrclip.pacs.dicomweb import (
 from cxrclip.pacs.sr import SourceError, build_heatmap_capture, build_sr, sr_uids
 from cxrclip.pacs.store import Job, JobStore, worker_id
 from cxrclip.predict.factory import PredictorOptions, open_predictor
+from cxrclip.predict.gradcam import overlay
 
 log = logging.getLogger("cxrclip.pacs")
 MAX_BACKOFF_S = 60.0
@@ -322,7 +323,6 @@ class Worker:
                  f" ({', '.join(yes)})" if yes else "", sr.SOPInstanceUID, time.perf_counter() - started)  # fmt: skip
 
     def _overlay(self, image, label: str):
-        from cxrclip.predict.gradcam import overlay
 
         return overlay(self.predictor.picture_of(image, label), self.predictor.heatmap_of(image, label))
 

@@ -106,33 +106,14 @@ class Bundle:
     def torch_model(self, with_text: bool = False, device="cpu"):
         """The CLIP model rebuilt in PyTorch from the bundle's weights (the image side; the text side too when
         ``with_text``), loaded strictly."""
-        import torch
-
-        from cxrclip.model.clip import CXRClip, build_projection
-        from cxrclip.model.encoders import build_image_encoder
-        from cxrclip.model.loading import architecture_only
-        from cxrclip.model.speed import use_channels_last
-
-        arch = architecture_only(self.manifest["model"], text_encoder=str(self.check_text_folder()))
-        state = {k: torch.from_numpy(v.copy()) for k, v in self.arrays(IMAGE_WEIGHTS).items()}
-        if with_text:
-            from cxrclip.model.clip import build_model
-
-            model = build_model(arch)
-            state.update({k: torch.from_numpy(v.copy()) for k, v in self.arrays(TEXT_WEIGHTS).items()})
-        else:  # the image side only: no transformers import
-            model = torch.nn.Module()
-            model.image_encoder = build_image_encoder(arch["image_encoder"])
-            model.image_projection = build_projection(arch.get("projection_head"), model.image_encoder.out_dim)
-            model.logit_scale = torch.nn.Parameter(torch.zeros(()))
-            model.encode_image = lambda x: CXRClip.encode_image(model, x)
-            model.set_channels_last = lambda on: CXRClip.set_channels_last(model, on)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        text = self.arrays(TEXT_WEIGHTS) if with_text else None
+        model, missing, unexpected = torch_side().rebuild_model(
+            self.manifest["model"], str(self.check_text_folder()), self.arrays(IMAGE_WEIGHTS), text, device
+        )
         if missing or unexpected:
             raise BundleError(
                 f"{self.path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-        model.to(device).eval().set_channels_last(use_channels_last("auto", model.image_encoder, device))
         return model
 
 
@@ -236,11 +217,8 @@ class BundlePredictor(PredictorBase):
             stored = self.bundle.arrays(PROMPT_FILE)
             rows = [self.bundle.labels.index(n) for n in names]
             return stored["pos"][rows], stored["neg"][rows]
-        from cxrclip.model.embed import class_embeddings, label_prompts
-
         model, tokenizer, device = self.text_tower()
-        pos, neg = (class_embeddings(model, tokenizer, g, device).numpy() for g in label_prompts(bank, list(names)))
-        return pos, neg
+        return torch_side().prompt_embeddings(model, tokenizer, bank, names, device)
 
     def cam_model(self):
         return self.torch_model(), self.device or "cpu"
@@ -254,29 +232,25 @@ class BundlePredictor(PredictorBase):
         batch = np.stack([np.asarray(t, dtype=np.float32) for t in tensors])
         if self._session is not None:
             return self._session.run(None, {"image": batch})[0]
-        import torch
-
-        from cxrclip.model.speed import autocast
-
-        with torch.no_grad(), autocast(self.precision, self.device or "cpu"):
-            model = self.torch_model()
-            return model.encode_image(torch.from_numpy(batch).to(self.device or "cpu")).float().cpu().numpy()
+        return torch_side().encode_images(self.torch_model(), batch, self.precision, self.device or "cpu")
 
     def text_tower(self):
         """(model with its text side, tokenizer, device), loaded on first use."""
-        from cxrclip.model.encoders import build_tokenizer
-
         if self._text is None:
-            folder = str(self.bundle.check_text_folder())
-            self._text = build_tokenizer({"pretrained_model_name_or_path": folder})
+            self._text = torch_side().tokenizer(str(self.bundle.check_text_folder()))
         model = self.torch_model(with_text=True)
         return model, self._text, next(model.parameters()).device
 
     def embed_texts(self, texts: Sequence[str], max_length: int = 256) -> np.ndarray:
-        from cxrclip.model.embed import embed_texts
-
         model, tokenizer, device = self.text_tower()
-        return embed_texts(model, tokenizer, list(texts), device, max_length=max_length).numpy()
+        return torch_side().text_embeddings(model, tokenizer, texts, device, max_length)
+
+
+def torch_side():
+    """The bundle's PyTorch side (``bundle_torch.py``), imported on first use: ONNX inference never loads torch."""
+    import cxrclip.predict.bundle_torch as bundle_torch  # the module itself, not the package (no import circle)
+
+    return bundle_torch
 
 
 def _onnxruntime():

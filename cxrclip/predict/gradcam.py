@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cxrclip.io import atomic_write_bytes
+
 if TYPE_CHECKING:
     import torch
 
@@ -68,6 +70,5 @@ def png_bytes(rgb_or_gray: np.ndarray) -> bytes:
 
 
 def write_overlay(path: str | Path, gray: np.ndarray, cam: np.ndarray) -> Path:
-    from cxrclip.io import atomic_write_bytes
 
     return atomic_write_bytes(path, png_bytes(overlay(gray, cam)))

@@ -163,7 +163,7 @@ def main() -> None:
     for name, g in gates.items():
         scores, _ = g.scores(emb, thumbs if g.pixel_side else None)
         results.append(report(name, scores, test_kinds, g.threshold))
-    verdicts = predictor.gate.verdicts(emb, [precheck(a) for a in test_images])
+    verdicts = predictor.gate.verdicts(emb, [precheck(a, thumbnail=True) for a in test_images])
     refused_kinds = {}
     for v, k in zip(verdicts, test_kinds):
         if not v.analysed:
@@ -189,7 +189,7 @@ def main() -> None:
         timings.setdefault("with", []).append(per_image(with_gate_obj))
     t0 = time.perf_counter()
     for a, _ in sample:
-        with_gate_obj.verdicts(emb[:1], [precheck(a)])
+        with_gate_obj.verdicts(emb[:1], [precheck(a, thumbnail=True)])
     gate_only = (time.perf_counter() - t0) / len(sample)
     latency = {
         "images": len(sample),

@@ -90,8 +90,8 @@ def to_csv(results: Sequence[Answer], failed: Sequence[tuple[Path, str]] = (), n
             continue
         cells = [getattr(r.labels[n], key) for n in names for _, key in CSV_FIELDS]
         cells = ["YES" if c is True else "no" if c is False else c for c in cells]
-        top = r.ranking[0]
-        writer.writerow([*head, top.text, top.probability, *cells, "; ".join(n for n in names if n in r.yes), ""])
+        top, yes = r.ranking[0], set(r.yes)
+        writer.writerow([*head, top.text, top.probability, *cells, "; ".join(n for n in names if n in yes), ""])
     for path, error in failed:
         writer.writerow([str(path), "no", "", "", "", "", *([""] * len(per_label)), "", error])
     return out.getvalue()

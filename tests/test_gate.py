@@ -347,7 +347,7 @@ def test_the_pixel_part_refuses_negatives_that_the_embedding_cannot_tell_apart()
     assert seeing.pixel_side == 32 and seeing.evidence["reads"] == "image embedding + 32×32 pixels"
     assert seeing.evidence["valid"]["auroc"] == 1.0 and seeing.evidence["valid"]["inverted"]["missed"] == 0
     # every path reads the thumbnail from the prechecks; a round trip keeps the gate exactly
-    checks = [precheck(a) for a in images]
+    checks = [precheck(a, thumbnail=True) for a in images]
     verdicts = InputGate(seeing).verdicts(x, checks)
     assert [v.kind for v, k in zip(verdicts, kinds) if k == "inverted" and not v.analysed].count("inverted") >= 115
     again = ImageGate.from_dict(seeing.to_dict())

@@ -368,6 +368,5 @@ def read_sr(ds) -> dict:
 
 def write_sr(sr, folder: str | Path) -> Path:
     """``<folder>/<SR SOP Instance UID>.dcm``, written atomically."""
-
     path = Path(folder) / f"{sr.SOPInstanceUID}.dcm"
     return atomic_write(path, lambda tmp: sr.save_as(tmp, enforce_file_format=True))

@@ -149,6 +149,8 @@ class JobStore:
         """Record instances found on the PACS (``sop_uid``, ``study_uid``, ``series_uid``, ``modality``, and a
         ``reason`` for a skipped one); one already known is left as it is. ``cursor`` values are stored in the same
         transaction (what was read and how far it was read never disagree). Returns how many were new."""
+        if not found and not cursor:  # nothing to write: no transaction
+            return 0
         now = _now()
         rows = [
             {**{k: f.get(k) for k in ("sop_uid", "study_uid", "series_uid", "modality", "reason", "study_date")},

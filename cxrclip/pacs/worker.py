@@ -238,8 +238,9 @@ class Worker:
         ``--accept-late-days`` before they reached the PACS (the earliest they could have, for QIDO); the cursor
         moves in the same transaction."""
         on_time, late = [], []
+        since = self.store.get("since")
         for row in rows:
-            reason = self._late(row)
+            reason = self._late(row, since)
             (late if reason else on_time).append({**row, "reason": reason} if reason else row)
         skipped = self.store.add(late, state="skipped")
         if skipped:
@@ -247,9 +248,8 @@ class Worker:
                         late[0]["sop_uid"], late[0]["reason"])  # fmt: skip
         return self.store.add(on_time, cursor=cursor)
 
-    def _late(self, row: dict) -> str | None:
+    def _late(self, row: dict, since: str | None) -> str | None:
         study, arrived = row.get("study_date"), row.get("arrived")
-        since = self.store.get("since")
         if not (study and arrived) or (since and study >= since):  # --since asked for these
             return None
         try:
@@ -323,7 +323,6 @@ class Worker:
                  f" ({', '.join(yes)})" if yes else "", sr.SOPInstanceUID, time.perf_counter() - started)  # fmt: skip
 
     def _overlay(self, image, label: str):
-
         return overlay(self.predictor.picture_of(image, label), self.predictor.heatmap_of(image, label))
 
     def wait_s(self) -> float:

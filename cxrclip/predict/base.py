@@ -118,7 +118,8 @@ class PredictorBase:
         for the gate's DICOM stage)."""
         if not len(arrays):
             return []
-        checks = [precheck(a, f) for a, f in zip(arrays, facts or [None] * len(arrays))]
+        thumbnail = self.gate.reads_pixels
+        checks = [precheck(a, f, thumbnail) for a, f in zip(arrays, facts or [None] * len(arrays))]
         results = self.predict_embeddings(images, self.embed([self.transform(a) for a in arrays]), checks, threshold)
         return with_reading_warnings(results, facts)
 

@@ -144,10 +144,12 @@ def pixel_features(image: np.ndarray, side: int = PIXEL_SIDE) -> np.ndarray:
     return np.asarray(thumb, dtype=np.float32).ravel() / 255.0
 
 
-def precheck(image: np.ndarray, facts: Mapping | None = None) -> Precheck:
-    """Stages 1 and 2 together: the first refusal, else the DICOM stage's notes; the thumbnail for stage 3."""
+def precheck(image: np.ndarray, facts: Mapping | None = None, thumbnail: bool = False) -> Precheck:
+    """Stages 1 and 2 together: the first refusal, else the DICOM stage's notes; with ``thumbnail`` (a gate that
+    reads the pixels: :attr:`InputGate.reads_pixels`) the image's thumbnail for stage 3 — made only then, it costs
+    a few milliseconds on a full-size film."""
     dicom = dicom_check(facts)
-    thumb = pixel_features(image)
+    thumb = pixel_features(image) if thumbnail else None
     if dicom.refused:
         return Precheck(dicom.kind, dicom.reason, dicom.notes, thumb)
     pixels = pixel_check(image)
@@ -285,6 +287,11 @@ class InputGate:
 
     def __init__(self, image_gate: ImageGate | None, enforced: bool = True):
         self.image_gate, self.enforced = image_gate, enforced
+
+    @property
+    def reads_pixels(self) -> bool:
+        """Its image stage reads a thumbnail beside the embedding (the prechecks must carry one)."""
+        return self.image_gate is not None and self.image_gate.pixel_side > 0
 
     def describe(self) -> dict:
         """What ``/v1/model`` and the bundle card say about the gate."""

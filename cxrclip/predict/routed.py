@@ -274,7 +274,8 @@ class RoutedPredictor:
     ) -> list[Answer]:
         if not len(arrays):
             return []
-        checks = [precheck(a, f) for a, f in zip(arrays, facts or [None] * len(arrays))]
+        thumbnail = any(m.gate.reads_pixels for m in self.members.values())
+        checks = [precheck(a, f, thumbnail) for a, f in zip(arrays, facts or [None] * len(arrays))]
         answers = {}
         for name, member in self.members.items():
             emb = member.embed([member.transform(a) for a in arrays])

@@ -8,8 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from sqlalchemy import create_engine, event
+
 from cxrclip.exceptions import ConfigError
-from cxrclip.io import redact_url
+from cxrclip.io import database_url, redact_url
 
 
 def alembic_config(folder: Path):
@@ -64,3 +66,68 @@ def run_migrations() -> None:
                       version_table=attributes.get("version_table", "alembic_version"))  # fmt: skip
     with context.begin_transaction():
         context.run_migrations()
+
+
+def open_database(db: str | Path, folder: Path, *, version_table: str, lock_key: int, what: str,
+                  adopt: Callable | None = None, immediate: bool = False):  # fmt: skip
+    """Open a store's database (a SQLite file path or a database URL) and migrate it: return ``(url, engine,
+    revision)``. SQLite runs in WAL with a full sync at each commit (what was written survives kill -9 and a power
+    cut) and foreign keys on; ``immediate``: every transaction takes the write lock at BEGIN, so two processes on
+    one file never both read a row as free and then both write it (pysqlite's own transaction handling off)."""
+    url = database_url(db)
+    try:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+            _sqlite_durable(engine, immediate)
+        else:
+            engine = create_engine(url, pool_pre_ping=True)
+        revision = upgrade_schema(engine, folder, version_table=version_table, lock_key=lock_key, what=what,
+                                  adopt=adopt)  # fmt: skip
+    except ConfigError:
+        raise
+    except Exception as e:  # a wrong URL, a missing driver, a server that refuses, a file that is not a database
+        raise ConfigError(f"--db {redact_url(url)}: cannot open the {what} ({type(e).__name__}: {e})") from e
+    return url, engine, revision
+
+
+def _sqlite_durable(engine, immediate: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record):
+        if immediate:
+            dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA synchronous=FULL")
+        dbapi_connection.execute("PRAGMA foreign_keys=ON")
+
+    if immediate:
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_append_only(op, table: str, message: str) -> None:
+    """In a migration: database triggers that refuse every UPDATE and DELETE on ``table`` with ``message``."""
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(
+            f"CREATE FUNCTION {table}_append_only() RETURNS trigger AS $$ BEGIN "
+            f"RAISE EXCEPTION '{message}'; END; $$ LANGUAGE plpgsql"
+        )
+        op.execute(
+            f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+            f"FOR EACH ROW EXECUTE FUNCTION {table}_append_only()"
+        )
+    else:
+        for event_name in ("UPDATE", "DELETE"):
+            op.execute(
+                f"CREATE TRIGGER {table}_no_{event_name.lower()} BEFORE {event_name} ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
+            )
+
+
+def drop_append_only(op, table: str) -> None:
+    """In a migration's downgrade: drop what :func:`create_append_only` made (SQLite drops the triggers with the
+    table)."""
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(f"DROP TRIGGER {table}_append_only ON {table}")
+        op.execute(f"DROP FUNCTION {table}_append_only()")

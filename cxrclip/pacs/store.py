@@ -38,16 +38,12 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
-    event,
     func,
     select,
     update,
 )
 
-from cxrclip.exceptions import ConfigError
-from cxrclip.io import database_url, redact_url
-from cxrclip.migrate import upgrade_schema
+from cxrclip.migrate import open_database
 
 SCHEMA_LOCK = 0x63787263  # a PostgreSQL advisory lock key ("cxrc") held while the schema is migrated
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -108,22 +104,16 @@ def worker_id() -> str:
 
 class JobStore:
     def __init__(self, db: str | Path):
-        self.url = database_url(db)
-        try:
-            if self.url.startswith("sqlite"):
-                self.engine = create_engine(self.url, connect_args={"timeout": 60})
-                _sqlite_immediate(self.engine)
-            else:
-                self.engine = create_engine(self.url, pool_pre_ping=True)
-            # workers starting together: one migrates, the rest wait; a store made before migrations is adopted
-            self.revision = upgrade_schema(self.engine, MIGRATIONS, version_table=VERSION_TABLE, lock_key=SCHEMA_LOCK,
-                                           what="job store", adopt=_adopt)  # fmt: skip
-        except ConfigError:
-            raise
-        except Exception as e:  # a wrong URL, a missing driver, a server that refuses
-            raise ConfigError(
-                f"--db {redact_url(self.url)}: cannot open the job store ({type(e).__name__}: {e})"
-            ) from e
+        # workers starting together: one migrates, the rest wait; a store made before migrations is adopted
+        self.url, self.engine, self.revision = open_database(
+            db,
+            MIGRATIONS,
+            version_table=VERSION_TABLE,
+            lock_key=SCHEMA_LOCK,
+            what="job store",
+            adopt=_adopt,
+            immediate=True,
+        )
         self.postgres = self.engine.dialect.name == "postgresql"
 
     def close(self) -> None:
@@ -267,18 +257,3 @@ def _dead_here(worker: str, host: str) -> bool:
     except (ValueError, PermissionError):
         return False
     return False
-
-
-def _sqlite_immediate(engine) -> None:
-    """SQLite: every transaction takes the write lock at BEGIN, so two workers on one file never both read a job as
-    pending and then both try to write it (pysqlite's own transaction handling is switched off for this)."""
-
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_connection, _record):
-        dbapi_connection.isolation_level = None
-        dbapi_connection.execute("PRAGMA journal_mode=WAL")
-        dbapi_connection.execute("PRAGMA synchronous=FULL")
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -26,14 +26,12 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
-    event,
     select,
 )
 
-from cxrclip import migrate
-from cxrclip.exceptions import ConfigError, InputError
-from cxrclip.io import database_url, redact_url
+from cxrclip.exceptions import InputError
+from cxrclip.migrate import head_revision as _head_revision
+from cxrclip.migrate import open_database
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERDICTS = ("present", "absent", "unsure")
@@ -93,13 +91,7 @@ SCHEMA_LOCK = 0x63787276  # PostgreSQL advisory lock key ("cxrv") held while mig
 
 
 def head_revision() -> str:
-    return migrate.head_revision(MIGRATIONS)
-
-
-def upgrade(engine) -> str:
-    """Bring the database to this cxrclip's schema (creating it when empty); refuse one from a newer cxrclip."""
-    return migrate.upgrade_schema(engine, MIGRATIONS, version_table="alembic_version", lock_key=SCHEMA_LOCK,
-                                  what="review database")  # fmt: skip
+    return _head_revision(MIGRATIONS)
 
 
 def _utc(value: datetime.datetime) -> datetime.datetime:
@@ -108,19 +100,9 @@ def _utc(value: datetime.datetime) -> datetime.datetime:
 
 class ReviewStore:
     def __init__(self, db: str | Path):
-        self.url = database_url(db)
-        try:
-            if self.url.startswith("sqlite"):
-                self.engine = create_engine(self.url, connect_args={"timeout": 60, "check_same_thread": False})
-                _sqlite_durable(self.engine)
-            else:
-                self.engine = create_engine(self.url, pool_pre_ping=True)
-            self.revision = upgrade(self.engine)
-        except ConfigError:
-            raise
-        except Exception as e:  # a wrong URL, a missing driver, a file that is not a database
-            where = redact_url(self.url)
-            raise ConfigError(f"--db {where}: cannot open the review store ({type(e).__name__}: {e})") from e
+        self.url, self.engine, self.revision = open_database(
+            db, MIGRATIONS, version_table="alembic_version", lock_key=SCHEMA_LOCK, what="review store"
+        )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -235,13 +217,3 @@ def _as_dict(row) -> dict:
     out["shown"] = json.loads(out["shown"])
     out["verdicts"] = json.loads(out["verdicts"])
     return out
-
-
-def _sqlite_durable(engine) -> None:
-    """WAL with a full sync at each commit: a saved review survives kill -9 and a power cut."""
-
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_connection, _record):
-        dbapi_connection.execute("PRAGMA journal_mode=WAL")
-        dbapi_connection.execute("PRAGMA synchronous=FULL")
-        dbapi_connection.execute("PRAGMA foreign_keys=ON")

@@ -7,6 +7,8 @@ Revises:
 import sqlalchemy as sa
 from alembic import op
 
+from cxrclip.migrate import create_append_only, drop_append_only
+
 revision = "0001_reviews"
 down_revision = None
 
@@ -29,25 +31,9 @@ def upgrade() -> None:
         sa.Column("comment", sa.Text),
         sa.Column("supersedes", sa.Integer, sa.ForeignKey("cxrclip_reviews.id")),
     )
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute(
-            "CREATE FUNCTION cxrclip_reviews_append_only() RETURNS trigger AS $$ BEGIN "
-            f"RAISE EXCEPTION '{APPEND_ONLY}'; END; $$ LANGUAGE plpgsql"
-        )
-        op.execute(
-            "CREATE TRIGGER cxrclip_reviews_append_only BEFORE UPDATE OR DELETE ON cxrclip_reviews "
-            "FOR EACH ROW EXECUTE FUNCTION cxrclip_reviews_append_only()"
-        )
-    else:
-        for event in ("UPDATE", "DELETE"):
-            op.execute(
-                f"CREATE TRIGGER cxrclip_reviews_no_{event.lower()} BEFORE {event} ON cxrclip_reviews "
-                f"BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY}'); END"
-            )
+    create_append_only(op, "cxrclip_reviews", APPEND_ONLY)
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute("DROP TRIGGER cxrclip_reviews_append_only ON cxrclip_reviews")
-        op.execute("DROP FUNCTION cxrclip_reviews_append_only()")
+    drop_append_only(op, "cxrclip_reviews")
     op.drop_table("cxrclip_reviews")

@@ -7,6 +7,8 @@ Revises: 0001_reviews
 import sqlalchemy as sa
 from alembic import op
 
+from cxrclip.migrate import create_append_only, drop_append_only
+
 revision = "0002_predictions"
 down_revision = "0001_reviews"
 
@@ -25,25 +27,9 @@ def upgrade() -> None:
         sa.Column("gate_score", sa.Float),
         sa.Column("labels", sa.Text, nullable=False),  # {label: [probability, present]} (JSON); {} when refused
     )
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute(
-            "CREATE FUNCTION cxrclip_predictions_append_only() RETURNS trigger AS $$ BEGIN "
-            f"RAISE EXCEPTION '{APPEND_ONLY}'; END; $$ LANGUAGE plpgsql"
-        )
-        op.execute(
-            "CREATE TRIGGER cxrclip_predictions_append_only BEFORE UPDATE OR DELETE ON cxrclip_predictions "
-            "FOR EACH ROW EXECUTE FUNCTION cxrclip_predictions_append_only()"
-        )
-    else:
-        for event in ("UPDATE", "DELETE"):
-            op.execute(
-                f"CREATE TRIGGER cxrclip_predictions_no_{event.lower()} BEFORE {event} ON cxrclip_predictions "
-                f"BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY}'); END"
-            )
+    create_append_only(op, "cxrclip_predictions", APPEND_ONLY)
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute("DROP TRIGGER cxrclip_predictions_append_only ON cxrclip_predictions")
-        op.execute("DROP FUNCTION cxrclip_predictions_append_only()")
+    drop_append_only(op, "cxrclip_predictions")
     op.drop_table("cxrclip_predictions")

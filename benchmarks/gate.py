@@ -104,7 +104,7 @@ def main() -> None:
     args.real, args.other, args.out = args.real.resolve(), args.other.resolve(), args.out.resolve()
 
     from cxrclip.data.images import read_image
-    from cxrclip.fit_gate import fit_gate_checkpoint, generated_negatives, group_split, summary_lines
+    from cxrclip.fit_gate import GateFit, fit_gate_checkpoint, generated_negatives, group_split, summary_lines
     from cxrclip.predict.checkpoint import Predictor
     from cxrclip.predict.gate import FRONTAL, InputGate, pixel_features, precheck
 
@@ -134,8 +134,8 @@ def main() -> None:
     gates = {}
     for name, pixels in (("gate: embedding + 32×32 pixels (default)", True), ("gate: embedding only (before)", False)):
         target = args.out / ("gated.tar" if pixels else "gated_embedding_only.tar")
-        gates[name] = fit_gate_checkpoint(ckpt, [frontal_csv], [other_csv], out=target, generated=args.generated,
-                                          seed=args.seed, device="cpu", pixels=pixels)  # fmt: skip
+        fit = GateFit(generated=args.generated, seed=args.seed, pixels=pixels)
+        gates[name] = fit_gate_checkpoint(ckpt, [frontal_csv], [other_csv], fit=fit, out=target, device="cpu")
         print(f"fit-gate, {name}, validation part:")
         for line in summary_lines(gates[name]):
             print("  " + line)

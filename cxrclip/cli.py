@@ -223,23 +223,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _fit_gate(args: argparse.Namespace) -> int:
-    from cxrclip.fit_gate import fit_gate_checkpoint, summary_lines
+    from cxrclip.fit_gate import GateFit, fit_gate_checkpoint, summary_lines
 
     with exit_on_user_error():
-        gate = fit_gate_checkpoint(
-            args.checkpoint,
-            args.frontal,
-            args.other or [],
-            out=args.out,
-            valid_frac=args.valid,
-            target_frr=args.target_frr,
-            generated=args.generated,
-            seed=args.seed,
-            device=args.device,
-            text_encoder=args.text_encoder,
-            pixels=not args.embedding_only,
-            precision=args.precision,
-        )
+        fit = GateFit(valid_frac=args.valid, target_frr=args.target_frr, generated=args.generated, seed=args.seed,
+                      pixels=not args.embedding_only)  # fmt: skip
+        gate = fit_gate_checkpoint(args.checkpoint, args.frontal, args.other or [], fit=fit, out=args.out,
+                                   device=args.device, text_encoder=args.text_encoder,
+                                   precision=args.precision)  # fmt: skip
     print(f"input gate stored in {args.out or args.checkpoint}:")
     for line in summary_lines(gate):
         print("  " + line)

@@ -12,7 +12,7 @@ from cxrclip.config import compose, data_configs
 from cxrclip.data.images import read_image
 from cxrclip.data.records import load_labeled_records
 from cxrclip.eval.evaluate import evaluate
-from cxrclip.fit_gate import fit_gate_checkpoint, summary_lines
+from cxrclip.fit_gate import GateFit, fit_gate_checkpoint, summary_lines
 from cxrclip.hardware import cpu_has_bf16
 from cxrclip.infer import format_table
 from cxrclip.io import atomic_write
@@ -115,8 +115,8 @@ def run_demo(
         "      inverted films (with real laterals and CT slices: `cxrclip fit-gate --other`, docs/USER_GUIDE.md)",
         flush=True,
     )
-    gate = fit_gate_checkpoint(ckpt, [str(paths["train"]), str(paths["valid"])], generated=150, seed=seed,
-                               synthetic_only=True)  # fmt: skip
+    fit = GateFit(generated=150, seed=seed, synthetic_only=True)
+    gate = fit_gate_checkpoint(ckpt, [str(paths["train"]), str(paths["valid"])], fit=fit)
     print("\n".join("      " + line for line in summary_lines(gate)), flush=True)
     print(f"[5/5] inference on a test image, and on one the model was not made for {at()}", flush=True)
     predictor = load_predictor(ckpt)

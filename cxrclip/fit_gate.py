@@ -211,30 +211,40 @@ def gather(spec: str, kind: str | None) -> list[GateImage]:
     return out
 
 
+@dataclass(frozen=True)
+class GateFit:
+    """How the gate is fitted: ``valid_frac`` of the patients choose the threshold that refuses ``target_frr`` of
+    frontal films; ``generated`` non-radiographs made from the frontal films (``seed``); ``c``: the logistic
+    regression's inverse regularisation; ``pixels``: the gate also reads a 32×32 thumbnail (what catches inverted
+    films); ``synthetic_only``: the frontal films are synthetic (the demo's), recorded so every refusal says so."""
+
+    valid_frac: float = 0.3
+    target_frr: float = 0.01
+    generated: int = 100
+    seed: int = 0
+    c: float = 1.0
+    batch_size: int = 32
+    pixels: bool = True
+    synthetic_only: bool = False
+
+
 def fit_gate_checkpoint(
     checkpoint: str | Path,
     frontal: Sequence[str],
     other: Sequence[str] = (),
     *,
+    fit: GateFit = GateFit(),
     out: str | Path | None = None,
-    valid_frac: float = 0.3,
-    target_frr: float = 0.01,
-    generated: int = 100,
-    seed: int = 0,
-    c: float = 1.0,
-    batch_size: int = 32,
     device: str | None = None,
     text_encoder: str | None = None,
-    pixels: bool = True,
-    synthetic_only: bool = False,
     precision: str = "fp32",
 ) -> ImageGate:
     """Embed every image with the checkpoint's own model and test transform, fit the gate on the fit part, choose
     its threshold on the validation part (whole patients on one side), and write the checkpoint back (to
-    ``out`` if given) with it, atomically. Every unreadable image is listed before anything is fitted. ``pixels``:
-    the gate also reads a thumbnail of each image (what catches inverted films). ``synthetic_only``: the frontal
-    films are synthetic (the demo's) — recorded, and every refusal and ``/v1/model`` say so. ``precision``: the
-    image encoder's while embedding (fit the gate, like the calibration, under the precision that will answer)."""
+    ``out`` if given) with it, atomically. Every unreadable image is listed before anything is fitted. ``precision``:
+    the image encoder's while embedding (fit the gate, like the calibration, under the precision that will answer).
+    """
+    valid_frac, generated, seed, batch_size = fit.valid_frac, fit.generated, fit.seed, fit.batch_size
     if not frontal:
         raise GateError("fit-gate needs frontal chest radiographs (--frontal FOLDER_OR_CSV)")
     if not other and generated <= 0:
@@ -278,7 +288,7 @@ def fit_gate_checkpoint(
         kinds += made
         groups += [f"generated:{i}" for i in range(len(made))]
     emb = np.concatenate(emb)
-    thumbs_arr = np.stack(thumbs) if pixels else None
+    thumbs_arr = np.stack(thumbs) if fit.pixels else None
     kinds_arr = np.asarray(kinds)
     valid = np.zeros(len(kinds), dtype=bool)
     for kind in sorted(set(kinds)):  # each kind split on its own, so every kind is on both sides
@@ -296,13 +306,13 @@ def fit_gate_checkpoint(
         "valid_frac": valid_frac,
         "seed": seed,
         "split": "by patient where the CSV has a patient column, else by image",
-        **({"synthetic_only": True} if synthetic_only else {}),
+        **({"synthetic_only": True} if fit.synthetic_only else {}),
         "precision": predictor.precision,
     }
     fit_kinds = [k for k, v in zip(kinds, valid) if not v]
     valid_kinds = [k for k, v in zip(kinds, valid) if v]
     gate = fit_image_gate(
-        emb[~valid], fit_kinds, emb[valid], valid_kinds, target_frr=target_frr, c=c, fitted_on=fitted_on,
+        emb[~valid], fit_kinds, emb[valid], valid_kinds, target_frr=fit.target_frr, c=fit.c, fitted_on=fitted_on,
         pixels_fit=None if thumbs_arr is None else thumbs_arr[~valid],
         pixels_valid=None if thumbs_arr is None else thumbs_arr[valid],
     )  # fmt: skip

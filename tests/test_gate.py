@@ -294,13 +294,13 @@ def test_fit_gate_end_to_end_and_the_bundle_gives_the_same_scores(tiny_clip_chec
 
 
 def test_fit_gate_lists_bad_inputs_before_any_work(tiny_clip_checkpoint, tmp_path):
-    from cxrclip.fit_gate import fit_gate_checkpoint, gather
+    from cxrclip.fit_gate import GateFit, fit_gate_checkpoint, gather
 
     (tmp_path / "f.csv").write_text("image\nmissing1.png\nmissing2.png\n")
     with pytest.raises(GateError, match="2 image\\(s\\) cannot be used"):
-        fit_gate_checkpoint(tiny_clip_checkpoint, [str(tmp_path / "f.csv")], generated=10)
+        fit_gate_checkpoint(tiny_clip_checkpoint, [str(tmp_path / "f.csv")], fit=GateFit(generated=10))
     with pytest.raises(GateError, match="other images"):
-        fit_gate_checkpoint(tiny_clip_checkpoint, [str(tmp_path / "f.csv")], generated=0)
+        fit_gate_checkpoint(tiny_clip_checkpoint, [str(tmp_path / "f.csv")], fit=GateFit(generated=0))
     (tmp_path / "o.csv").write_text("image,kind,patient_id\na.png,lateral,p1\nb.png,ct,p2\nc.png,,p2\n")
     got = gather(str(tmp_path / "o.csv"), None)
     assert [(x.kind, x.group) for x in got] == [("lateral", "p1"), ("ct", "p2"), ("not_radiograph", "p2")]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime
 import time
 from pathlib import Path
+from string import Template
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from starlette.datastructures import FormData
 
 from cxrclip.serve.deps import Runtime, read_upload, reader, request_id, runtime, upload_form
@@ -52,17 +53,26 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(reader)], responses=ERRORS)
 ANSWER = {"response_model_exclude_unset": True}
 
 
+def _page(name: str, title: str, script: str) -> HTMLResponse:
+    """A page: the one shell (``page.html``: head, style, its script) around its body (``NAME.body.html``)."""
+    shell = Template((STATIC / "page.html").read_text(encoding="utf-8"))
+    body = (STATIC / f"{name}.body.html").read_text(encoding="utf-8")
+    return HTMLResponse(shell.substitute(title=title, script=script, body=body))
+
+
 @pages.get("/")
 async def page():
-    return FileResponse(STATIC / "index.html", media_type="text/html")
+    return _page("index", "cxrclip — chest X-ray findings", "app.js")
 
 
 @pages.get("/monitor")
 async def monitor_page():
-    return FileResponse(STATIC / "monitor.html", media_type="text/html")
+    return _page("monitor", "cxrclip — monitor", "monitor.js")
 
 
-STATIC_FILES = {p.name: p for p in STATIC.iterdir() if p.is_file()}  # the page's own files, listed once
+STATIC_FILES = {
+    p.name: p for p in STATIC.iterdir() if p.is_file() and not p.name.endswith(".html")
+}  # the page's own files, listed once
 
 
 @pages.get("/static/{name}")

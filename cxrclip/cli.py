@@ -17,12 +17,11 @@ from cxrclip.data.schema import DataConfig, DataValidationError, Problems
 from cxrclip.exceptions import ConfigError, exit_on_user_error
 from cxrclip.infer import main as infer_main
 from cxrclip.io import atomic_write, database_url
-from cxrclip.paths import CONFIG_DIR
+from cxrclip.paths import CONFIG_DIR, config_labels
 from cxrclip.predict.bundle import Bundle
 from cxrclip.predict.factory import PredictorOptions
 from cxrclip.predict.routed import MANIFEST, Member, RoutingError, is_routed, write_routed
 from cxrclip.scoring.calibration import CalibrationError, CalibrationSettings
-from cxrclip.synthetic import CGMH_LABELS, generate_demo_data, radiograph_dicom
 
 SPLIT_TYPES = {"train": "imagetext", "valid": "imagetext", "test": "imagetext_eval", "cls": "image_classification"}
 
@@ -33,6 +32,8 @@ def _data_size(args: argparse.Namespace) -> dict:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
+    from cxrclip.synthetic import generate_demo_data
+
     start = time.perf_counter()
     paths = generate_demo_data(args.out, **_data_size(args))
     print(f"wrote synthetic CGMH-style data in {time.perf_counter() - start:.1f} s:")
@@ -42,6 +43,7 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _to_dicom(args: argparse.Namespace) -> int:
+    from cxrclip.synthetic import radiograph_dicom
 
     with exit_on_user_error():
         ds = radiograph_dicom(read_image(args.image), modality=args.modality, view=args.view or None,
@@ -54,7 +56,7 @@ def _to_dicom(args: argparse.Namespace) -> int:
 
 def _label_names(labels_file: str | None) -> tuple[str, ...]:
     if not labels_file:
-        return CGMH_LABELS
+        return config_labels("cgmh")  # configs/labels/cgmh.yaml
     text = Path(labels_file).read_text(encoding="utf-8")
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from cxrclip.exceptions import OutputError
+from cxrclip.exceptions import ConfigError, OutputError
 
 TEMP_SUFFIX = ".tmp"
 
@@ -92,8 +92,6 @@ def file_sha256(path: str | Path) -> str:
 def database_url(db: str | Path, option: str = "--db", must_exist: bool = False) -> str:
     """A database option — the one rule for "a URL or a file": a SQLAlchemy URL (``postgresql+psycopg://...``,
     ``sqlite:///...``) as it is, else a SQLite file path (``must_exist``: one that is already there)."""
-    from cxrclip.exceptions import ConfigError
-
     text = str(db)
     if "://" in text:
         return text

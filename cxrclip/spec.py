@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrclip.config import to_plain
-from cxrclip.data.preprocess import image_normalization
+from cxrclip.data.preprocess import PreprocessSpec, image_normalization
 from cxrclip.data.schema import DataConfig
 from cxrclip.exceptions import ConfigError
 
@@ -194,8 +194,6 @@ class RunSpec:
 
     def test_preprocess(self, normalize, splits=("test", "valid")):
         """The :class:`~cxrclip.data.preprocess.PreprocessSpec` a run stores with its checkpoints."""
-        from cxrclip.data.preprocess import PreprocessSpec
-
         steps = next((self.transforms[s] for s in splits if self.transforms.get(s)), None)
         if steps is None and self.image_size:
             steps = {"Resize": {"size": self.image_size}, "CenterCrop": {"size": self.image_size}}

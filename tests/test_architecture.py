@@ -105,3 +105,50 @@ def test_the_layers_cover_every_module_and_the_architecture_doc_names_each_folde
         layer(name)
     for folder in ("scoring/", "predict/", "model/", "eval/", "engine/", "data/", "serve/"):
         assert folder in doc, folder
+
+
+def function_level_imports() -> list[str]:
+    """Our own modules imported inside a function (each counted once, nested functions included)."""
+    out = []
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        seen = set()
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                own = (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cxrclip")) or (
+                    isinstance(node, ast.Import) and any(a.name.startswith("cxrclip") for a in node.names)
+                )
+                if own and id(node) not in seen:
+                    seen.add(id(node))
+                    out.append(f"{name}:{node.lineno}")
+    return out
+
+
+def test_function_level_imports_are_few_and_the_doc_counts_them():
+    found = function_level_imports()
+    assert len(found) <= 30, found
+    doc = (ROOT.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    assert f"({len(found)} of our own modules, counted by AST;" in doc
+
+
+def test_the_services_never_load_the_synthetic_data_generator():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cxrclip.cli, cxrclip.serve.app, cxrclip.pacs.worker, cxrclip.reviews.export, cxrclip.infer; "
+        "print('cxrclip.synthetic' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_no_function_of_the_server_is_longer_than_50_lines():
+    long = []
+    for path in (ROOT / "serve").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 50:
+                long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []

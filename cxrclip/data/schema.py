@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cxrclip.data.prompts import PromptBank, load_prompts
 from cxrclip.exceptions import ConfigError, UserError
-from cxrclip.paths import resolve_user_path
+from cxrclip.paths import CONFIG_DIR, resolve_user_path
 
 DATA_TYPES = ("imagetext", "imagetext_eval", "image_classification")
 LABEL_FORMATS = ("list", "triplet")
@@ -24,8 +24,6 @@ MAX_PROBLEMS_SHOWN = 30
 def named_label_list(name: str) -> list[str]:
     """``label_names: chexpert`` → the list in ``configs/labels/chexpert.yaml``."""
     from omegaconf import OmegaConf
-
-    from cxrclip.paths import CONFIG_DIR
 
     path = CONFIG_DIR / "labels" / f"{name}.yaml"
     if not path.is_file():

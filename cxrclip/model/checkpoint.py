@@ -12,6 +12,7 @@ import torch
 
 from cxrclip.exceptions import UserError
 from cxrclip.io import atomic_write, file_sha256
+from cxrclip.model import safe_pickle
 from cxrclip.model.safe_pickle import config_classes, to_plain_data
 
 FORMAT = "cxrclip/1"
@@ -46,8 +47,6 @@ def _first_line(e: BaseException) -> str:
 
 def _load_restricted(path: Path, refusal: Exception) -> dict:
     """The original CXR-CLIP trainer's files: read with the restricted unpickler (no code runs)."""
-    from cxrclip.model import safe_pickle
-
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
     except safe_pickle.RefusedGlobalError as e:

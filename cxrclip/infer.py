@@ -14,7 +14,8 @@ from cxrclip.data.cells import image_csv
 from cxrclip.data.images import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
 from cxrclip.exceptions import InputError, exit_on_user_error
 from cxrclip.io import atomic_write_text
-from cxrclip.pacs.sr import SourceError, build_sr, write_sr
+from cxrclip.pacs.answer import EVERY_YES, answer_datasets, heatmap_labels
+from cxrclip.pacs.sr import SourceError, write_sr
 from cxrclip.predict import PredictorBase, PredictorOptions, open_predictor
 from cxrclip.predict.answer import Answer
 from cxrclip.predict.gradcam import write_overlay
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sr_out",
         "--sr-out",
         metavar="DIR",
-        help="for DICOM input: write each answer as a DICOM Comprehensive SR here (the file cxrclip pacs stores)",
+        help="for DICOM input: write each answer as a DICOM SR (TID 1500) here, the file cxrclip pacs stores; with "
+        "--heatmap-label (or --heatmap) also the Segmentation of where the model looked",
     )
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     PredictorOptions.add_arguments(p)
@@ -162,9 +164,10 @@ def write_heatmaps(
             print(f"heatmap: {path}", file=sys.stderr)
 
 
-def write_srs(predictor: PredictorBase, results: Sequence[Answer], folder: Path) -> None:
-    """One SR per DICOM input (a refused one gets the SR that says why), beside nothing else: the same builder the
-    PACS worker stores with."""
+def write_srs(predictor: PredictorBase, results: Sequence[Answer], folder: Path, heatmap: Sequence[str] = ()) -> None:
+    """One SR per DICOM input (a refused one gets the SR that says why) — the same objects the PACS worker stores;
+    ``heatmap`` (labels, or ``yes``: every label called YES): the Segmentation of where the model looked beside it,
+    and an outline of it in the SR for those labels called YES."""
     import pydicom
 
     card = predictor.card()
@@ -172,15 +175,18 @@ def write_srs(predictor: PredictorBase, results: Sequence[Answer], folder: Path)
         if not is_dicom(result.image):
             print(f"--sr_out: {result.image} is not DICOM; no SR", file=sys.stderr)
             continue
-        source = pydicom.dcmread(result.image, stop_before_pixels=True)
+        source = pydicom.dcmread(result.image, stop_before_pixels=not heatmap)
+        image = read_image(result.image) if heatmap_labels(heatmap, result) else None
         try:
-            sr = build_sr(source, result, card)
+            sr, *maps = answer_datasets(predictor, card, source, image, result, heatmap)
         except SourceError as e:
             result.sr_error = str(e)  # said in --json beside the answer
             print(f"--sr_out: {result.image}: {e}; no SR", file=sys.stderr)
             continue
         result.sr = str(write_sr(sr, folder))
         print(f"SR: {result.sr}", file=sys.stderr)
+        for seg in maps:
+            print(f"Segmentation (where the model looked): {write_sr(seg, folder)}", file=sys.stderr)
 
 
 def read_thresholds(path: str | None, threshold: float | None):
@@ -209,12 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.sr_out and not any(is_dicom(p) for p in images):
             raise InputError(f"--sr_out: no DICOM input in {args.image_path}; an SR answers a DICOM image")
         predictor = open_predictor(PredictorOptions.from_args(args), prompts=args.prompts, texts=args.texts)
+        unknown = sorted(set(args.heatmap_label or ()) - set(predictor.label_names))
+        if unknown:
+            raise InputError(f"--heatmap-label {unknown}: not a label of this model; labels: {predictor.label_names}")
         results, failed = predict_files(predictor, images, threshold, args.batch_size)
         refused = [r for r in results if not r.analysed]
         if args.heatmap:
             write_heatmaps(predictor, results, Path(args.heatmap), args.heatmap_label)
         if args.sr_out:
-            write_srs(predictor, results, Path(args.sr_out))
+            asked = args.heatmap_label or ([EVERY_YES] if args.heatmap else [])
+            write_srs(predictor, results, Path(args.sr_out), asked)
         if single:
             print(json.dumps(results[0].to_json(), indent=2) if args.json else format_table(results[0], args.top))
             return 0

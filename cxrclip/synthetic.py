@@ -458,6 +458,8 @@ def radiograph_dicom(
     if body_part:
         ds.BodyPartExamined = body_part
     ds.PatientOrientation = ["L", "F"] if modality != "CT" else ""
+    if modality != "CT":
+        ds.ImagerPixelSpacing = [0.143, 0.143]  # mm at the detector, as DX requires (a typical flat panel)
     ds.Rows, ds.Columns = values.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0

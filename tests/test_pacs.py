@@ -170,7 +170,7 @@ def test_worker_answers_each_kind_and_its_sr_equals_inference_json(
     db = tmp_path / "jobs.sqlite"
     worker = worker_in_process(tiny_clip_checkpoint, orthanc, db, since=time.strftime("%Y%m%d"),
                                modalities=("CR", "DX", "CT"), report_refusals=True,
-                               heatmap_labels=("Pneumothorax",))  # fmt: skip
+                               heatmap_labels=("Pneumothorax",), heatmap_format="both")  # fmt: skip
     worker.run()
     rows = {r["sop_uid"]: r for r in JobStore(db).rows()}
     assert {u: rows[u]["state"] for u in rows} == {
@@ -222,6 +222,13 @@ def test_worker_answers_each_kind_and_its_sr_equals_inference_json(
     assert capture.pixel_array.shape[-1] == 3 and capture.pixel_array.std() > 0  # an RGB overlay, not a blank frame
     if shutil.which("dciodvfy"):
         assert dciodvfy_errors(capture, tmp_path) == []
+    segs = pacs.find_instances("SEG", None)  # where the model looked, a Segmentation a viewer overlays
+    assert len(segs) == 2 and {r["study_uid"] for r in segs} == {dx.StudyInstanceUID, cr.StudyInstanceUID}
+    seg = pacs.retrieve(segs[0]["study_uid"], segs[0]["series_uid"], segs[0]["sop_uid"])
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Pneumothorax saliency"]
+    assert seg.SegmentationType == "FRACTIONAL" and seg.pixel_array.max() > 0
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(seg, tmp_path) == []
 
     # a second pass answers nothing again
     worker_in_process(tiny_clip_checkpoint, orthanc, db, modalities=("CR", "DX", "CT")).run()

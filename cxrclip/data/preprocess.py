@@ -193,6 +193,37 @@ class PreprocessSpec:
             raise ConfigError(f"a stored preprocessing spec lacks {e}; it needs steps, mean and std") from e
         return cls(spec.steps, spec.mean, spec.std, int(data.get("channels", 3)))
 
+    def image_to_input(self, height: int, width: int) -> np.ndarray:
+        """The 3×3 affine map from an H×W image's pixel coordinates (x = column, y = row, pixel centres) to the model
+        input's, through the Resize and CenterCrop steps (CLAHE moves no pixel)."""
+        m = np.eye(3)
+        h, w = height, width
+        for name, kw in self.step_dict.items():
+            if name == "Resize":
+                h2, w2 = resized_shape(h, w, kw["size"])
+                sx, sy = w2 / w, h2 / h  # Pillow samples at pixel centres: x' + ½ = (x + ½)·s
+                m = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]]) @ m
+                h, w = h2, w2
+            elif name == "CenterCrop":
+                size = kw["size"]
+                ch, cw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+                top, left = max(ch - h, 0) // 2, max(cw - w, 0) // 2  # zero padding first, as center_crop does
+                ph, pw = h + max(ch - h, 0), w + max(cw - w, 0)
+                dy, dx = top - int(round((ph - ch) / 2.0)), left - int(round((pw - cw) / 2.0))
+                m = np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1]], dtype=float) @ m
+                h, w = ch, cw
+        return m
+
+    def to_image(self, input_map: np.ndarray, height: int, width: int) -> np.ndarray:
+        """A map on the model's input grid (a Grad-CAM) carried back onto the H×W image it was made from (bilinear;
+        0 where the crop cut the image off)."""
+        import cv2
+
+        m = self.image_to_input(height, width)[:2].astype(np.float64)
+        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP  # m maps the destination (the image) into the source
+        src = np.ascontiguousarray(input_map, dtype=np.float32)
+        return cv2.warpAffine(src, m, (int(width), int(height)), flags=flags, borderValue=0.0)
+
     def numpy(self) -> Preprocess:
         """The torch-free transform (the bundle's)."""
         return Preprocess(self.step_dict, self.normalization)

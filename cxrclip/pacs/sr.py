@@ -1,26 +1,36 @@
-"""The answer as a DICOM Comprehensive SR (highdicom), and back.
+"""The answer as a DICOM SR the radiologist's viewer reads (IHE Radiology "AI Results"), and back.
 
-The template is our own, documented here and in docs/USER_GUIDE.md ("Connect to your PACS") — simpler than TID 1500,
-whose measurement groups describe regions, not a whole-image classifier::
+A Comprehensive 3D SR rooted at TID 1500 "Imaging Measurement Report", written with highdicom's TID 1500 builders
+(documented in docs/USER_GUIDE.md, "Connect to your PACS"; PixelMed's validator finds no error and no item outside
+the template, dciodvfy no error)::
 
-    CONTAINER (LN 18748-4 "Diagnostic imaging report")
-      HAS OBS CONTEXT   device observer: UID, name "cxrclip", model = the model's name        (TID 1004)
-      HAS CONCEPT MOD   TEXT Algorithm Name / Algorithm Version / Algorithm Parameters        (TID 4019)
-                        (parameters: checkpoint SHA-256, gate, preprocessing size)
-      CONTAINS          TEXT Comment = "Research software, not a medical device: not for diagnostic use. ..."
-      CONTAINS          IMAGE Source Image = the radiograph (also in the evidence sequence)
-      analysed:
-      CONTAINS          CONTAINER Measurement Group, one per label:
-                          CODE Finding = SNOMED CT code where one exists, else (99CXRCLIP, label)
-                          TEXT (99CXRCLIP label) = the label's text, as in inference.py --json
-                          NUM  Probability (DCM 122157), unit UCUM "1" = the calibrated P(yes)
-                          NUM  Threshold Value (DCM 122411), unit "1"; TEXT (99CXRCLIP rule) = its rule
-                          CODE (99CXRCLIP present) = Yes/No (SCT 373066001 / 373067005)
-                          CODE (99CXRCLIP calibrated) = Yes/No; NUM (99CXRCLIP uncalibrated) = the raw sigmoid
-      refused (--report-refusals):
-      CONTAINS          TEXT (99CXRCLIP not-analysed) = the gate's reason; NUM (99CXRCLIP gate-score)
+    CONTAINER (DCM 126000 "Imaging Measurement Report")                                   TID 1500
+      language, device observer (UID, "cxrclip", model = the model's name)                 TID 1204 / 1004
+      CODE Procedure Reported = SCT 363679005 "Imaging procedure" (the radiograph, not the algorithm)
+      CONTAINER Image Library: the radiograph                                              TID 1600
+      CONTAINER (DCM 126010 "Imaging Measurements")
+        analysed, one image-level group per label:                                         TID 1501
+          TEXT Tracking Identifier = the label; UIDREF Tracking UID (a function of image, model, label)
+          CODE Finding = SNOMED CT where one exists, else (99CXRCLIP, label)
+          TID 4019: Algorithm Name / Version / Parameters (the model's: checkpoint SHA-256, preprocessing,
+                    precision, calibration, gate; the label's: operating-point rule, calibrated yes/no)
+          NUM Probability (DCM 122157) = the calibrated P(yes); NUM Threshold Value (DCM 122411)
+          NUM (99CXRCLIP uncalibrated) = the raw sigmoid
+          IMAGE Source image = the radiograph
+        per label called YES with a heat map (--heatmap): a planar region group            TID 1410
+          Tracking Identifier "<label>: saliency", SCOORD POLYLINE (closed) = the outline of the Grad-CAM's
+          hottest connected area, NUM Probability; the Segmentation beside it holds the whole map
+        refused (--report-refusals): one group "input gate": Finding (99CXRCLIP not-analysed),
+          NUM (99CXRCLIP gate-score)
+      CONTAINER (UMLS C0034375 "Qualitative Evaluations")
+        CODE <finding> = SCT Present / Absent, per label (what the operating point decided)
+        TEXT Comment = "Research software, not a medical device ..."; TEXT (99CXRCLIP not-analysed) = the reason
 
-``read_sr`` turns such an SR back into the fields of ``inference.py --json`` (tests compare the two).
+The model is also named in the Contributing Equipment Sequence (manufacturer, model name, version, the checkpoint's
+SHA-256 as serial number, its parameters as the contribution description).
+
+``read_sr`` turns such an SR — or one of the template written before (a PACS keeps what it was sent) — back into
+the fields of ``inference.py --json`` (tests compare the two).
 """
 
 from __future__ import annotations
@@ -59,42 +69,40 @@ def _codes():
         return hd.sr.CodedConcept(value, SCHEME, meaning)
 
     return {
-        "report": codes.LN.DiagnosticImagingReport,
-        "group": codes.DCM.MeasurementGroup,
-        "finding": codes.DCM.Finding,
+        "procedure": codes.SCT.ImagingProcedure,
         "probability": codes.DCM.Probability,
         "threshold": codes.DCM.ThresholdValue,
         "comment": codes.DCM.Comment,
-        "source": codes.DCM.SourceImage,
-        "label": private("label", "Label text"),
-        "rule": private("rule", "Operating point rule"),
-        "present": private("present", "Finding present"),
-        "calibrated": private("calibrated", "Probability calibrated"),
+        "qualitative": hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
+        "present": codes.SCT.Present,
+        "absent": codes.SCT.Absent,
+        "processing": codes.DCM.ProcessingEquipment,
         "uncalibrated": private("uncalibrated", "Uncalibrated probability"),
         "refused": private("not-analysed", "Not analysed"),
         "gate_score": private("gate-score", "Input gate score"),
-        "yes": codes.SCT.Yes,
-        "no": codes.SCT.No,
         "unit": hd.sr.CodedConcept("1", "UCUM", "no units"),
     }
 
 
-# SNOMED CT codes (from pydicom's code dictionary) for the labels that have one; the others get a private code.
+# SNOMED CT codes for the labels that have one (checked against pydicom's code dictionary and HL7's published value
+# sets); a malposition is not the device, so it keeps a private code, like the labels no code names.
 FINDING_CODES = {
-    "pneumothorax": "Pneumothorax",
-    "pneumomediastinum": "Pneumomediastinum",
-    "foreign body": "ForeignBody",
+    "endotracheal tube in place": ("26412008", "Endotracheal tube"),
+    "central venous catheter in place": ("52124006", "Central venous catheter"),
+    "ng tube in place": ("17102003", "Nasogastric tube"),
+    "pneumothorax": ("36118008", "Pneumothorax"),
+    "pneumomediastinum": ("16838000", "Pneumomediastinum"),
+    "foreign body": ("19227008", "Foreign body"),
 }
 
 
+@functools.lru_cache(maxsize=256)
 def finding_code(label: str):
-    from pydicom.sr.codedict import codes
+    import highdicom as hd
 
     known = FINDING_CODES.get(label.strip().lower())
     if known:
-        return getattr(codes.SCT, known)
-    import highdicom as hd
-
+        return hd.sr.CodedConcept(known[0], "SCT", known[1])
     digest = hashlib.sha1(label.encode("utf-8")).hexdigest()[:6]  # unique per label; the meaning holds the text
     slug = "".join(ch for ch in label.lower() if ch.isalnum())[:9] or "label"
     return hd.sr.CodedConcept(f"{slug}-{digest}", SCHEME, label[:64])
@@ -177,46 +185,87 @@ def _text(source, keyword: str) -> str:
     return "".join(ch for ch in str(value) if ch.isprintable()).strip()
 
 
-def build_sr(source, result: Answer, card: Mapping):
-    """A Comprehensive SR answering ``source`` (the radiograph's dataset; its pixel data is not needed) with one
-    prediction ``result`` (an :class:`~cxrclip.predict.answer.Answer`) by the model ``card`` (``predictor.card()``)."""
-    import highdicom as hd
-
-    source = evidence_of(source)
-    c = _codes()
-    rel = hd.sr.RelationshipTypeValues
-    root = hd.sr.ContainerContentItem(name=c["report"], template_id=None)
-    items = []
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=_device_uid(card), name=MANUFACTURER, manufacturer_name=MANUFACTURER, model_name=str(card["name"])[:64]
-    )
-    items += hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"), observer_identifying_attributes=device
-        )
-    )
+def model_parameters(card: Mapping) -> list[str]:
+    """What identifies how the model answered, as TID 4019 parameters and the contribution description."""
     gate = card.get("gate") or {}
-    parameters = [
+    return [
         f"checkpoint_sha256={card['checkpoint_sha256']}",
         f"image_size={card.get('image_size')}",
         f"precision={card.get('precision', 'fp32')}",
         f"calibration={card.get('calibration', 'default')}",
         f"gate={'fitted' if gate.get('fitted') else 'none'}, enforced={gate.get('enforced', True)}",
     ]
-    items += hd.sr.AlgorithmIdentification(
-        name=f"cxrclip {card['name']}"[:64], version=__version__, parameters=parameters
+
+
+def build_sr(source, result: Answer, card: Mapping, regions: Mapping[str, np.ndarray] | None = None):
+    """A TID 1500 SR answering ``source`` (the radiograph's dataset; its pixel data is not needed) with one
+    prediction ``result`` (an :class:`~cxrclip.predict.answer.Answer`) by the model ``card`` (``predictor.card()``).
+    ``regions``: per label called YES, the outline of where the model looked (:func:`saliency_outline`), written as
+    a planar region group a viewer draws on the film."""
+    import highdicom as hd
+
+    library = _library_entry(source)
+    source = evidence_of(source)
+    c = _codes()
+    rel = hd.sr.RelationshipTypeValues
+    params = model_parameters(card)
+    name, sha = f"cxrclip {card['name']}"[:64], str(card["checkpoint_sha256"])
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=_device_uid(card), name=MANUFACTURER, manufacturer_name=MANUFACTURER, model_name=str(card["name"])[:64]
     )
-    items.append(hd.sr.TextContentItem(c["comment"], NOTICE, relationship_type=rel.CONTAINS))
-    items.append(
-        hd.sr.ImageContentItem(c["source"], source.SOPClassUID, source.SOPInstanceUID, relationship_type=rel.CONTAINS)
+    observation = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"), observer_identifying_attributes=device
+        )
     )
-    if not result.analysed:
-        items.append(hd.sr.TextContentItem(c["refused"], str(result.reason)[:1024], relationship_type=rel.CONTAINS))
-        if result.gate.score is not None:
-            items.append(_num(c, c["gate_score"], result.gate.score))
-    root.ContentSequence = hd.sr.ContentSequence(items, is_root=False)
-    series_uid, sop_uid = sr_uids(source.SOPInstanceUID, card["checkpoint_sha256"])
-    sr = hd.sr.ComprehensiveSR(
+    image = hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)
+    groups = []
+    qualitative = []
+    if result.analysed:
+        for label, v in result.labels.items():
+            algorithm = hd.sr.AlgorithmIdentification(name=name, version=__version__, parameters=[
+                *params, f"rule={v.rule}", f"calibrated={'yes' if v.calibrated else 'no'}"])  # fmt: skip
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(_tracking_uid(source, sha, label), label[:64]),
+                finding_type=finding_code(label), algorithm_id=algorithm, source_images=[image],
+                measurements=[_measure(c, c["probability"], v.probability), _measure(c, c["threshold"], v.threshold),
+                              _measure(c, c["uncalibrated"], v.uncalibrated_probability)],
+            ))  # fmt: skip
+            qualitative.append(hd.sr.CodeContentItem(
+                finding_code(label), c["present"] if v.present else c["absent"], relationship_type=rel.CONTAINS
+            ))  # fmt: skip
+        for label, outline in (regions or {}).items():
+            groups.append(_region_group(c, source, sha, label, outline, result.labels[label], name, params))
+    else:
+        algorithm = hd.sr.AlgorithmIdentification(name=name, version=__version__, parameters=params)
+        score = [] if result.gate.score is None else [_measure(c, c["gate_score"], result.gate.score)]
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(_tracking_uid(source, sha, "input gate"), "input gate"),
+            finding_type=c["refused"], algorithm_id=algorithm, source_images=[image], measurements=score,
+        ))  # fmt: skip
+        qualitative.append(
+            hd.sr.TextContentItem(c["refused"], str(result.reason)[:1024], relationship_type=rel.CONTAINS)
+        )
+    qualitative.append(hd.sr.TextContentItem(c["comment"], NOTICE, relationship_type=rel.CONTAINS))
+    # The document is made around the first group only, and the rest appended to its Imaging Measurements after:
+    # passed through the constructor, each group costs it ~20 ms (it copies and searches the whole tree). The groups
+    # reference only the radiograph, already the evidence, so the evidence stays complete (PixelMed and dciodvfy
+    # check the result).
+    report = hd.sr.MeasurementReport(
+        observation_context=observation, procedure_reported=c["procedure"], imaging_measurements=groups[:1],
+        referenced_images=library,
+    )  # fmt: skip
+    root = report[0]
+    box = hd.sr.ContainerContentItem(name=c["qualitative"], relationship_type=rel.CONTAINS)
+    box.ContentSequence = hd.sr.ContentSequence(qualitative, is_root=False)
+    root.ContentSequence.append(box)
+    series_uid, sop_uid = sr_uids(source.SOPInstanceUID, sha)
+    equipment = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER, purpose_of_reference=c["processing"], manufacturer_model_name=name,
+        software_versions=f"cxrclip {__version__}", device_serial_number=sha[:64],
+        contribution_description="; ".join(params)[:1024],
+    )  # fmt: skip
+    sr = hd.sr.Comprehensive3DSR(
         evidence=[source],
         content=root,
         series_instance_uid=series_uid,
@@ -227,56 +276,83 @@ def build_sr(source, result: Answer, card: Mapping):
         is_complete=True,
         is_final=False,  # a model's answer is never a final, verified report
         is_verified=False,
+        contributing_equipment=[equipment],
     )
-    # The label groups are highdicom content items too, appended after the document is built: passed through
-    # ComprehensiveSR they cost ~170 ms per SR (it re-reads and searches the whole tree), appended ~25 ms.
-    # They hold no references, so the evidence the constructor collected stays complete; dciodvfy checks the result.
-    if result.analysed:
-        for label, v in result.labels.items():
-            sr.ContentSequence.append(_label_group(c, label, v))
+    measurements = next(i for i in sr.ContentSequence if _concept(i) == ("DCM", "126010"))
+    for group in groups[1:]:
+        measurements.ContentSequence.extend(group)
     sr.SeriesDescription = "cxrclip AI findings - not for diagnostic use"
     return sr
 
 
-def _label_group(c, label: str, v: LabelAnswer):
+# What the image library (TID 1602/1603) and a Segmentation copy of the radiograph's image attributes, where present
+IMAGE_ATTRIBUTES = (
+    "Modality", "Rows", "Columns", "PatientOrientation", "ImagerPixelSpacing", "PixelSpacing", "FrameOfReferenceUID",
+    "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness", "SamplesPerPixel",
+    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "SeriesNumber",
+    "InstanceNumber", "NumberOfFrames",
+)  # fmt: skip
+
+
+def image_header(source):
+    """The radiograph's identity (:func:`evidence_of`) and its image attributes, each left out where absent or
+    malformed."""
+    header = evidence_of(source)
+    for keyword in IMAGE_ATTRIBUTES:
+        try:
+            if keyword in source and source[keyword].value not in (None, ""):
+                setattr(header, keyword, source[keyword].value)
+        except Exception:  # a malformed value: left out
+            continue
+    return header
+
+
+def _library_entry(source) -> list | None:
+    """The radiograph as TID 1600's image library describes it (size, orientation, detector spacing), or None where
+    its header lacks what that needs (the SR still references it, in the evidence and in every group)."""
     import highdicom as hd
 
-    rel = hd.sr.RelationshipTypeValues
-    group = hd.sr.ContainerContentItem(name=c["group"], relationship_type=rel.CONTAINS)
-    group.ContentSequence = hd.sr.ContentSequence(
-        [
-            hd.sr.CodeContentItem(c["finding"], finding_code(label), relationship_type=rel.CONTAINS),
-            hd.sr.TextContentItem(c["label"], label, relationship_type=rel.CONTAINS),
-            _num(c, c["probability"], v.probability),
-            _num(c, c["threshold"], v.threshold),
-            hd.sr.TextContentItem(c["rule"], str(v.rule), relationship_type=rel.CONTAINS),
-            _yes_no(c, c["present"], v.present),
-            _yes_no(c, c["calibrated"], v.calibrated),
-            _num(c, c["uncalibrated"], v.uncalibrated_probability),
-        ],
-        is_root=False,
-    )
-    return group
+    entry = image_header(source)
+    try:
+        hd.sr.ImageLibraryEntryDescriptors(entry)
+    except Exception:  # an archive's header without Type 1 orientation or spacing: no library entry
+        return None
+    return [entry]
+
+
+def _region_group(c, source, sha: str, label: str, outline: np.ndarray, v: LabelAnswer, name: str, params):
+    """TID 1410: where the model looked for ``label`` — a closed polyline in the film's pixel coordinates."""
+    import highdicom as hd
+
+    points = np.asarray(outline, dtype=np.float32)
+    if len(points) and not np.array_equal(points[0], points[-1]):
+        points = np.concatenate([points, points[:1]])  # TID 1410's polyline is closed: first point == last
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=points,
+        source_image=hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID),
+    )  # fmt: skip
+    method = "region=Grad-CAM, the connected area around its maximum at >= half of it (a saliency area)"
+    algorithm = hd.sr.AlgorithmIdentification(name=name, version=__version__, parameters=[*params, method])
+    tracking = f"{label[:52]}: saliency"
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(_tracking_uid(source, sha, tracking), tracking),
+        referenced_region=region, finding_type=finding_code(label), algorithm_id=algorithm,
+        measurements=[_measure(c, c["probability"], v.probability)],
+    )  # fmt: skip
+
+
+def _tracking_uid(source, sha: str, what: str) -> str:
+    return derived_uid(source.SOPInstanceUID, sha, "tracking", what)
 
 
 def _device_uid(card: Mapping) -> str:
     return derived_uid("device", str(card["checkpoint_sha256"]))
 
 
-def _num(c, name, value):
+def _measure(c, name, value):
     import highdicom as hd
 
-    return hd.sr.NumContentItem(
-        name, float(value), unit=c["unit"], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-    )
-
-
-def _yes_no(c, name, flag: bool):
-    import highdicom as hd
-
-    return hd.sr.CodeContentItem(
-        name, c["yes"] if flag else c["no"], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-    )
+    return hd.sr.Measurement(name=name, value=float(value), unit=c["unit"])
 
 
 def build_heatmap_capture(source, rgb: np.ndarray, label: str, card: Mapping):
@@ -324,21 +400,101 @@ def _value(item):
     return None
 
 
-YES = ("SCT", "373066001")
+YES = ("SCT", "373066001")  # the template before TID 1500 said Yes / No
+PRESENT = ("SCT", "52101004")
+REPORT = ("DCM", "126000")
+ALGORITHM = {("DCM", "111001"): "name", ("DCM", "111003"): "version"}
+PARAMETER = ("DCM", "111002")
 
 
 def read_sr(ds) -> dict:
-    """An SR written by :func:`build_sr` → ``{"source", "analysed", "labels" | "reason", "algorithm", "notice"}``,
-    the labels as ``inference.py --json`` prints them (without the ranking)."""
+    """An SR written by :func:`build_sr` (or by the template before it) → ``{"source", "analysed", "labels" |
+    "reason", "algorithm", "parameters", "notice"}`` (and ``"regions"``: label → outline, where the SR has them), the
+    labels as ``inference.py --json`` prints them (without the ranking)."""
+    if _concept(ds) != REPORT:
+        return _read_before_tid1500(ds)
+    out: dict = {"sop_instance_uid": str(ds.SOPInstanceUID), "algorithm": {}, "parameters": []}
+    labels: dict = {}
+    regions: dict = {}
+    by_code: dict = {}
+    for item in ds.ContentSequence:
+        concept = _concept(item)
+        if concept == ("DCM", "126010"):  # Imaging Measurements
+            for group in item.get("ContentSequence", []):
+                _read_group(group, out, labels, regions, by_code)
+        elif concept == ("DCM", "111028"):  # Image Library
+            for entry in item.ContentSequence:
+                for image in entry.get("ContentSequence", []):
+                    if image.ValueType == "IMAGE":
+                        out["source"] = _value(image)
+        elif concept == ("UMLS", "C0034375"):  # Qualitative Evaluations
+            for entry in item.ContentSequence:
+                what, value = _concept(entry), _value(entry)
+                if what == ("DCM", "121106"):
+                    out["notice"] = value
+                elif what == (SCHEME, "not-analysed"):
+                    out["reason"] = value
+                elif entry.ValueType == "CODE" and what in by_code:
+                    labels[by_code[what]]["present"] = value[:2] == PRESENT
+    out["analysed"] = "reason" not in out
+    out.setdefault("source", out.pop("group_source", None))
+    if labels:
+        out["labels"] = labels
+    if regions:
+        out["regions"] = regions
+    return out
+
+
+def _read_group(group, out: dict, labels: dict, regions: dict, by_code: dict) -> None:
+    fields: dict = {}
+    params: list[str] = []
+    outline = None
+    for item in group.ContentSequence:
+        concept = _concept(item)
+        if concept == ("DCM", "111001") or concept == ("DCM", "111003"):
+            out["algorithm"][ALGORITHM[concept]] = _value(item)
+        elif item.ValueType == "SCOORD":
+            outline = np.asarray(item.GraphicData, dtype=np.float32).reshape(-1, 2)
+            out.setdefault("group_source", _value(item.ContentSequence[0]))
+        elif item.ValueType == "IMAGE":
+            out.setdefault("group_source", _value(item))
+        elif concept == PARAMETER:
+            params.append(_value(item))
+        fields[concept] = _value(item)
+    tracking = fields[("DCM", "112039")]
+    own = [x for x in params if x.startswith(("rule=", "calibrated=", "region="))]
+    if not out["parameters"]:
+        out["parameters"] = [x for x in params if x not in own]
+    if outline is not None:
+        regions[tracking.removesuffix(": saliency")] = outline
+        return
+    finding = fields[("DCM", "121071")]
+    if finding[:2] == (SCHEME, "not-analysed"):
+        if ("99CXRCLIP", "gate-score") in fields:
+            out["gate_score"] = fields[("99CXRCLIP", "gate-score")]
+        return
+    rule = next((x.removeprefix("rule=") for x in own if x.startswith("rule=")), None)
+    labels[tracking] = {
+        "finding": finding,
+        "probability": fields[("DCM", "122157")],
+        "threshold": fields[("DCM", "122411")],
+        "rule": rule,
+        "present": None,  # from the Qualitative Evaluations
+        "calibrated": "calibrated=yes" in own,
+        "uncalibrated_probability": fields[(SCHEME, "uncalibrated")],
+    }
+    by_code[finding[:2]] = tracking
+
+
+def _read_before_tid1500(ds) -> dict:
+    """The template cxrclip wrote before TID 1500 (a DIAGNOSTIC IMAGING REPORT with one group per label)."""
     out: dict = {"sop_instance_uid": str(ds.SOPInstanceUID), "algorithm": {}, "parameters": []}
     labels: dict = {}
     for item in ds.ContentSequence:
         concept, value = _concept(item), _value(item)
-        if concept == ("DCM", "111001"):
-            out["algorithm"]["name"] = value
-        elif concept == ("DCM", "111003"):
-            out["algorithm"]["version"] = value
-        elif concept == ("DCM", "111002"):
+        if concept in ALGORITHM:
+            out["algorithm"][ALGORITHM[concept]] = value
+        elif concept == PARAMETER:
             out["parameters"].append(value)
         elif concept == ("DCM", "121106"):
             out["notice"] = value
@@ -349,16 +505,15 @@ def read_sr(ds) -> dict:
         elif concept == (SCHEME, "gate-score"):
             out["gate_score"] = value
         elif concept == ("DCM", "125007"):
-            fields = {_concept(i): (_value(i), i) for i in item.ContentSequence}
-            name = fields[(SCHEME, "label")][0]
-            labels[name] = {
-                "finding": fields[("DCM", "121071")][0],
-                "probability": fields[("DCM", "122157")][0],
-                "threshold": fields[("DCM", "122411")][0],
-                "rule": fields[(SCHEME, "rule")][0],
-                "present": fields[(SCHEME, "present")][0][:2] == YES,
-                "calibrated": fields[(SCHEME, "calibrated")][0][:2] == YES,
-                "uncalibrated_probability": fields[(SCHEME, "uncalibrated")][0],
+            fields = {_concept(i): _value(i) for i in item.ContentSequence}
+            labels[fields[(SCHEME, "label")]] = {
+                "finding": fields[("DCM", "121071")],
+                "probability": fields[("DCM", "122157")],
+                "threshold": fields[("DCM", "122411")],
+                "rule": fields[(SCHEME, "rule")],
+                "present": fields[(SCHEME, "present")][:2] == YES,
+                "calibrated": fields[(SCHEME, "calibrated")][:2] == YES,
+                "uncalibrated_probability": fields[(SCHEME, "uncalibrated")],
             }
     out["analysed"] = "reason" not in out
     if labels:

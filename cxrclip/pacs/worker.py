@@ -30,6 +30,7 @@ import numpy as np
 from cxrclip.data.images import ImageReadError, dicom_image
 from cxrclip.exceptions import ConfigError, exit_on_user_error
 from cxrclip.io import database_url
+from cxrclip.pacs.answer import EVERY_YES, HEATMAP_FORMATS, answer_datasets
 from cxrclip.pacs.dicomweb import (
     Credentials,
     DicomWeb,
@@ -39,10 +40,9 @@ from cxrclip.pacs.dicomweb import (
     changes_feed,
     credentials,
 )
-from cxrclip.pacs.sr import SourceError, build_heatmap_capture, build_sr, sr_uids
+from cxrclip.pacs.sr import SourceError, build_sr, sr_uids
 from cxrclip.pacs.store import Job, JobStore, worker_id
 from cxrclip.predict.factory import PredictorOptions, open_predictor
-from cxrclip.predict.gradcam import overlay
 
 log = logging.getLogger("cxrclip.pacs")
 MAX_BACKOFF_S = 60.0
@@ -62,7 +62,8 @@ class WorkerSettings:
     late_sweep_s: float = 600.0
     modalities: tuple[str, ...] = ("CR", "DX")
     report_refusals: bool = False
-    heatmap_labels: tuple[str, ...] = ()
+    heatmap_labels: tuple[str, ...] = ()  # labels whose Grad-CAM is stored; "yes": every label called YES
+    heatmap_format: str = "seg"  # seg (a DICOM Segmentation), sc (the old Secondary Capture overlay) or both
     lease_s: float = 600.0
     max_attempts: int = 5
     once: bool = False
@@ -116,7 +117,7 @@ class Worker:
         self.stop = threading.Event()
         self.outage = 0  # consecutive failed calls to the PACS
         self.late_swept = -float("inf")  # QIDO: when the last search reaching --accept-late-days back ran
-        unknown = sorted(set(settings.heatmap_labels) - set(predictor.label_names))
+        unknown = sorted(set(settings.heatmap_labels) - set(predictor.label_names) - {EVERY_YES})
         if unknown:
             raise ConfigError(f"--heatmap {unknown}: not a label of this model; labels: {predictor.label_names}")
 
@@ -309,21 +310,16 @@ class Worker:
             log.info("instance %s refused by the input gate: %s%s", job.sop_uid, result.reason,
                      f" (SR {stored})" if stored else "")  # fmt: skip
             return
-        sr = build_sr(ds, result, self.card)
-        captures = [
-            build_heatmap_capture(ds, self._overlay(image, label), label, self.card) for label in self.s.heatmap_labels
-        ]
+        sr, *extra = answer_datasets(self.predictor, self.card, ds, image, result, self.s.heatmap_labels,
+                                     self.s.heatmap_format)  # fmt: skip
         self.store.note_sr(job.sop_uid, sr.SOPInstanceUID)
-        self.pacs.store([sr, *captures], job.study_uid)
+        self.pacs.store([sr, *extra], job.study_uid)
         fault_point("stored")
         labels = result.to_json()["labels"]  # kept in the job store as inference.py --json gives them
         self.store.finish(job.sop_uid, "done", sr_uid=sr.SOPInstanceUID, result=labels, worker=self.id)
         yes = result.yes
         log.info("instance %s: %d of %d labels YES%s -> SR %s (%.2f s)", job.sop_uid, len(yes), len(labels),
                  f" ({', '.join(yes)})" if yes else "", sr.SOPInstanceUID, time.perf_counter() - started)  # fmt: skip
-
-    def _overlay(self, image, label: str):
-        return overlay(self.predictor.picture_of(image, label), self.predictor.heatmap_of(image, label))
 
     def wait_s(self) -> float:
         """Until the next search: the poll interval, doubled per consecutive failed call to the PACS, at most 60 s."""
@@ -392,8 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "--accept-late-days back, for late sends (default 600)")  # fmt: skip
     p.add_argument("--modality", action="append", help="modalities to answer (repeat; default CR and DX)")
     p.add_argument("--report-refusals", action="store_true", help="store an SR saying why an image was not analysed")
-    p.add_argument("--heatmap", action="append", metavar="LABEL", help="also store the Grad-CAM of LABEL as a "
-                   "Secondary Capture in the study (repeat)")  # fmt: skip
+    p.add_argument("--heatmap", action="append", metavar="LABEL", help="also store where the model looked for "
+                   "LABEL (repeat; 'yes': every label called YES): a DICOM Segmentation in the study, and an outline "
+                   "in the SR where the label is called YES")  # fmt: skip
+    p.add_argument("--heatmap-format", choices=HEATMAP_FORMATS, default="seg", help="seg: a Segmentation "
+                   "a viewer overlays (default); sc: the Grad-CAM burnt into a Secondary Capture; both")  # fmt: skip
     p.add_argument("--user", help="HTTP basic user; the password from --password-file or $CXRCLIP_PACS_PASSWORD")
     p.add_argument("--password-file", help="a file holding the HTTP basic password")
     p.add_argument("--token-file", help="a file holding a bearer token (or $CXRCLIP_PACS_TOKEN)")
@@ -444,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             trigger=args.trigger, changes_url=args.changes_url, accept_late_days=args.accept_late_days,
             late_sweep_s=args.late_sweep,
             modalities=tuple(m.upper() for m in (args.modality or ("CR", "DX"))), report_refusals=args.report_refusals,
-            heatmap_labels=tuple(args.heatmap or ()), lease_s=args.lease, max_attempts=args.max_attempts,
+            heatmap_labels=tuple(args.heatmap or ()), heatmap_format=args.heatmap_format,
+            lease_s=args.lease, max_attempts=args.max_attempts,
             once=args.once, verify=verify,
             creds=credentials(args.user, args.password_file, args.token_file),
         )  # fmt: skip

@@ -172,6 +172,11 @@ class PredictorBase:
         """The Grad-CAM map of an image read from a file, for one label."""
         return self.heatmap(self.transform(image), label)
 
+    def saliency_of(self, image: np.ndarray, label: str) -> np.ndarray:
+        """The Grad-CAM map of one label carried back onto the image's own pixel grid (H×W, in [0, 1]): what a DICOM
+        Segmentation or an outline on the film is made of."""
+        return self.preprocess.to_image(self.heatmap_of(image, label), *image.shape[:2])
+
     def texts_of(self, image: np.ndarray, texts: Sequence[str]) -> list[dict]:
         """Free-text queries against an image read from a file."""
         return self.texts_similarity(self.embed([self.transform(image)])[0], texts)

@@ -41,6 +41,34 @@ def grad_cam(model: CXRClip, image: torch.Tensor, direction: torch.Tensor, scale
     return (cam / peak).cpu().numpy() if peak > 0 else np.zeros(image.shape[-2:], dtype=np.float32)
 
 
+def saliency_outline(cam: np.ndarray, level: float = 0.5, max_points: int = 64) -> np.ndarray:
+    """Where the model looked, as a polygon: the outline of the connected area around the map's maximum where it is
+    at least ``level`` × that maximum; (K, 2) float32 points (column, row) in the map's pixel coordinates, at pixel
+    centres, simplified to at most ``max_points``. Empty (0, 2) for a map that is zero everywhere. A saliency area,
+    not an object's boundary (not a tube's tip)."""
+    import cv2
+
+    peak = float(cam.max()) if cam.size else 0.0
+    if peak <= 0:
+        return np.zeros((0, 2), dtype=np.float32)
+    mask = (cam >= level * peak).astype(np.uint8)
+    _, components = cv2.connectedComponents(mask, connectivity=8)
+    row, col = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    area = (components == components[row, col]).astype(np.uint8)
+    contours, _ = cv2.findContours(area, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contour = max(contours, key=cv2.contourArea)
+    epsilon = 0.5
+    while len(contour) > max_points:  # Douglas–Peucker, coarser until it fits
+        contour = cv2.approxPolyDP(contour, epsilon, closed=True)
+        epsilon *= 1.5
+    points = contour.reshape(-1, 2).astype(np.float32) + 0.5  # DICOM's (0, 0) is the first pixel's corner
+    if len(points) < 3:  # a single pixel or a line: its bounding square
+        c0, r0 = points.min(axis=0) - 0.5
+        c1, r1 = points.max(axis=0) + 0.5
+        points = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1]], dtype=np.float32)
+    return points
+
+
 def display_image(image, mean, std) -> np.ndarray:
     """A preprocessed 3×H×W image (array or CPU tensor) back to the grayscale uint8 picture the model saw."""
     x = np.asarray(image, dtype=np.float32)

@@ -307,5 +307,10 @@ class RoutedPredictor:
             raise InputError(f"heatmap: unknown label {label!r}; labels: {self.label_names}")
         return self.members[self.routes[label]].heatmap_of(image, label)
 
+    def saliency_of(self, image: np.ndarray, label: str) -> np.ndarray:
+        if label not in self.routes:
+            raise InputError(f"heatmap: unknown label {label!r}; labels: {self.label_names}")
+        return self.members[self.routes[label]].saliency_of(image, label)
+
     def texts_of(self, image: np.ndarray, texts: Sequence[str]) -> list[dict]:
         return self.members[self.default].texts_of(image, texts)

@@ -1,6 +1,10 @@
-"""Where the model looked, as a DICOM Segmentation a viewer overlays on the film: one FRACTIONAL segment per label
-(the Grad-CAM carried back onto the radiograph's pixel grid, 0–1 as PROBABILITY-type fractions), referencing the
+"""Where the model looked, as a DICOM Segmentation a viewer overlays on the film: one segment per label, on the
+radiograph's own pixel grid (the Grad-CAM carried back through the model's resize and crop), referencing the
 radiograph, its UID a function of image, model and labels (the same answer is the same instance).
+
+BINARY (the default): the pixels where the map is at least ``level`` (½) of its maximum — what the OHIF Viewer 3.13
+overlays (it refuses FRACTIONAL segmentations: "not yet supported"). FRACTIONAL (``fractional=True``): the whole
+map, 0–1 as PROBABILITY-type fractions in 1/255 steps, for viewers that show them (3D Slicer, highdicom).
 
 A saliency map says which pixels moved the label's score most; it is not a segmentation of the finding (not a tube's
 outline, not its tip) and must not be read as one — the segment's label and the series description say so."""
@@ -28,7 +32,8 @@ def _categories():
     return {"device": codes.SCT.PhysicalObject, "finding": codes.SCT.MorphologicallyAbnormalStructure}
 
 
-def build_saliency_seg(source, maps: Mapping[str, np.ndarray], card: Mapping):
+def build_saliency_seg(source, maps: Mapping[str, np.ndarray], card: Mapping, *, level: float = 0.5,
+                       fractional: bool = False):  # fmt: skip
     """The Segmentation of ``maps`` (label → H×W map in [0, 1] on the radiograph's grid) answering ``source`` (the
     radiograph's dataset, with its image attributes) by the model ``card``."""
     import highdicom as hd
@@ -50,24 +55,31 @@ def build_saliency_seg(source, maps: Mapping[str, np.ndarray], card: Mapping):
             tracking_id=f"{label[:52]}: saliency", display_color=hd.color.CIELabColor(*_lab(i)),
         ))  # fmt: skip
     rows, columns = int(source.Rows), int(source.Columns)
-    stack = np.zeros((1, rows, columns, len(labels)), dtype=np.float32)
+    stack = np.zeros((1, rows, columns, len(labels)), dtype=np.float32 if fractional else np.uint8)
     for i, label in enumerate(labels):
-        stack[0, :, :, i] = np.clip(maps[label], 0.0, 1.0)
+        m = np.clip(maps[label], 0.0, 1.0)
+        stack[0, :, :, i] = m if fractional else (m >= level * m.max()) & (m > 0)
+    kind = {"segmentation_type": hd.seg.SegmentationTypeValues.BINARY} if not fractional else {
+        "segmentation_type": hd.seg.SegmentationTypeValues.FRACTIONAL, "max_fractional_value": 255,
+        "fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY}  # fmt: skip
     series_uid, sop_uid = sr_uids(source.SOPInstanceUID, sha, kind="seg:" + "|".join(labels))
     seg = hd.seg.Segmentation(
-        source_images=[image_header(source)], pixel_array=stack,
-        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
-        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY, max_fractional_value=255,
+        source_images=[image_header(source)], pixel_array=stack, **kind,
         segment_descriptions=descriptions, series_instance_uid=series_uid, series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=sop_uid, instance_number=1, manufacturer=MANUFACTURER,
         manufacturer_model_name=f"cxrclip {card['name']}"[:64], software_versions=f"cxrclip {__version__}",
         device_serial_number=sha[:64], content_label="SALIENCY",
-        content_description="Grad-CAM: where the model looked (not an outline of the finding)",
-        omit_empty_frames=False,
+        content_description="Grad-CAM: where the model looked, not the finding",
+        omit_empty_frames=False, pixel_measures=hd.PixelMeasuresSequence(_spacing(source), None),
     )  # fmt: skip
     # General Image, Type 2C without a frame of reference: written empty (the segments lie on the referenced film's
     # own grid; PixelMed's validator expects one value where the standard has two, so a copied pair would fail it)
     seg.PatientOrientation = ""
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if "FrameOfReferenceUID" not in source and "PlaneOrientationSequence" not in shared:
+        # a film has no patient frame: its rows and columns as the plane, the orientation viewers give a projection
+        # image (the OHIF Viewer lays a Segmentation over a film only when it can compare the two)
+        shared.PlaneOrientationSequence = hd.PlaneOrientationSequence("PATIENT", [1, 0, 0, 0, 1, 0])
     seg.SeriesDescription = "cxrclip where the model looked - not for diagnostic use"
     return seg
 
@@ -76,3 +88,16 @@ def _lab(i: int) -> tuple[float, float, float]:
     """A CIE Lab colour for segment ``i`` (L 0–100, a and b −128–127), from :data:`COLOURS`."""
     L, a, b = COLOURS[(i - 1) % len(COLOURS)]
     return L / 65535 * 100, a / 65535 * 255 - 128, b / 65535 * 255 - 128
+
+
+def _spacing(source) -> list[float]:
+    """The film's pixel spacing in mm (at the detector for projection images: what viewers measure with), or 1 mm
+    where the header has none: a viewer needs the Segmentation's Pixel Measures to lay it over the film."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            value = [float(v) for v in source[keyword].value]
+            if len(value) == 2 and min(value) > 0:
+                return value
+        except Exception:  # absent or malformed
+            continue
+    return [1.0, 1.0]

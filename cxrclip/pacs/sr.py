@@ -47,7 +47,7 @@ import numpy as np
 
 from cxrclip import __version__
 from cxrclip.io import atomic_write
-from cxrclip.predict.answer import Answer, LabelAnswer
+from cxrclip.predict.answer import Answer
 from cxrclip.predict.card import DISCLAIMER
 
 logging.getLogger("highdicom").setLevel(logging.WARNING)  # otherwise a line per module it copies
@@ -205,6 +205,7 @@ def build_sr(source, result: Answer, card: Mapping, regions: Mapping[str, np.nda
     import highdicom as hd
 
     library = _library_entry(source)
+    whole = _whole_image(source)
     source = evidence_of(source)
     c = _codes()
     rel = hd.sr.RelationshipTypeValues
@@ -228,14 +229,15 @@ def build_sr(source, result: Answer, card: Mapping, regions: Mapping[str, np.nda
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(_tracking_uid(source, sha, label), label[:64]),
                 finding_type=finding_code(label), algorithm_id=algorithm, source_images=[image],
-                measurements=[_measure(c, c["probability"], v.probability), _measure(c, c["threshold"], v.threshold),
+                measurements=[_measure(c, c["probability"], v.probability, whole, source),
+                              _measure(c, c["threshold"], v.threshold),
                               _measure(c, c["uncalibrated"], v.uncalibrated_probability)],
             ))  # fmt: skip
             qualitative.append(hd.sr.CodeContentItem(
                 finding_code(label), c["present"] if v.present else c["absent"], relationship_type=rel.CONTAINS
             ))  # fmt: skip
         for label, outline in (regions or {}).items():
-            groups.append(_region_group(c, source, sha, label, outline, result.labels[label], name, params))
+            groups.append(_region_group(source, sha, label, outline, name, params))
     else:
         algorithm = hd.sr.AlgorithmIdentification(name=name, version=__version__, parameters=params)
         score = [] if result.gate.score is None else [_measure(c, c["gate_score"], result.gate.score)]
@@ -320,8 +322,10 @@ def _library_entry(source) -> list | None:
     return [entry]
 
 
-def _region_group(c, source, sha: str, label: str, outline: np.ndarray, v: LabelAnswer, name: str, params):
-    """TID 1410: where the model looked for ``label`` — a closed polyline in the film's pixel coordinates."""
+def _region_group(source, sha: str, label: str, outline: np.ndarray, name: str, params):
+    """TID 1410: where the model looked for ``label`` — a closed polyline in the film's pixel coordinates. The group
+    carries the finding's own tracking identifier and UID (one finding, two groups: how likely, and where), so a
+    viewer shows the image-level group's probability beside the drawn outline."""
     import highdicom as hd
 
     points = np.asarray(outline, dtype=np.float32)
@@ -333,11 +337,9 @@ def _region_group(c, source, sha: str, label: str, outline: np.ndarray, v: Label
     )  # fmt: skip
     method = "region=Grad-CAM, the connected area around its maximum at >= half of it (a saliency area)"
     algorithm = hd.sr.AlgorithmIdentification(name=name, version=__version__, parameters=[*params, method])
-    tracking = f"{label[:52]}: saliency"
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(_tracking_uid(source, sha, tracking), tracking),
+        tracking_identifier=hd.sr.TrackingIdentifier(_tracking_uid(source, sha, label), label[:64]),
         referenced_region=region, finding_type=finding_code(label), algorithm_id=algorithm,
-        measurements=[_measure(c, c["probability"], v.probability)],
     )  # fmt: skip
 
 
@@ -349,10 +351,24 @@ def _device_uid(card: Mapping) -> str:
     return derived_uid("device", str(card["checkpoint_sha256"]))
 
 
-def _measure(c, name, value):
+def _measure(c, name, value, where: np.ndarray | None = None, source=None):
+    """A NUM (TID 300); ``where``: the outline it was inferred from, on ``source``."""
     import highdicom as hd
 
-    return hd.sr.Measurement(name=name, value=float(value), unit=c["unit"])
+    coordinates = None
+    if where is not None:
+        image = hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID)
+        coordinates = [hd.sr.CoordinatesForMeasurement(hd.sr.GraphicTypeValues.POLYLINE, where, image)]
+    return hd.sr.Measurement(name=name, value=float(value), unit=c["unit"], referenced_coordinates=coordinates)
+
+
+def _whole_image(source) -> np.ndarray | None:
+    """The film's outline (a closed polyline along its edges): what an image-level answer was inferred from."""
+    try:
+        rows, columns = int(source.Rows), int(source.Columns)
+    except Exception:  # absent or malformed
+        return None
+    return np.array([[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]], dtype=np.float32)
 
 
 def build_heatmap_capture(source, rgb: np.ndarray, label: str, card: Mapping):

@@ -99,8 +99,8 @@ class Viewer:
 
             def proxy(self):
                 url = upstream + self.path.removeprefix("/dicom-web")
-                request = urllib.request.Request(url, headers={"Authorization": auth,
-                                                               "Accept": self.headers.get("Accept", "*/*")})  # fmt: skip
+                headers = {"Authorization": auth, "Accept": self.headers.get("Accept", "*/*")}
+                request = urllib.request.Request(url, headers=headers)
                 try:
                     with urllib.request.urlopen(request, timeout=60) as response:
                         body, status = response.read(), response.status

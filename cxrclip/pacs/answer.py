@@ -13,7 +13,7 @@ from cxrclip.predict.answer import Answer
 from cxrclip.predict.gradcam import overlay, saliency_outline
 
 EVERY_YES = "yes"  # --heatmap yes: every label the model calls YES
-HEATMAP_FORMATS = ("seg", "sc", "both")
+HEATMAP_FORMATS = ("seg", "fractional", "sc", "both")  # seg: BINARY; fractional: the whole map; sc: burnt in
 
 
 def heatmap_labels(asked: Sequence[str], result: Answer) -> list[str]:
@@ -31,12 +31,13 @@ def answer_datasets(predictor, card: Mapping, ds, image: np.ndarray, result: Ans
     burnt into Secondary Captures."""
     labels = heatmap_labels(asked, result)
     maps = {}
-    if labels and heatmap_format in ("seg", "both"):
+    if labels and heatmap_format in ("seg", "fractional", "both"):
         maps = {label: predictor.saliency_of(image, label) for label in labels}
-    regions = {label: saliency_outline(m) for label, m in maps.items() if result.labels[label].present}
+    outlines = {label: saliency_outline(m) for label, m in maps.items() if result.labels[label].present}
+    regions = {label: o for label, o in outlines.items() if len(o) >= 3}  # a map that is zero everywhere: none
     out = [build_sr(ds, result, card, regions=regions)]
     if maps:
-        out.append(build_saliency_seg(ds, maps, card))
+        out.append(build_saliency_seg(ds, maps, card, fractional=heatmap_format == "fractional"))
     if labels and heatmap_format in ("sc", "both"):
         for label in labels:
             picture = overlay(predictor.picture_of(image, label), predictor.heatmap_of(image, label))

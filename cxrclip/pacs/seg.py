@@ -21,8 +21,8 @@ from cxrclip.pacs.sr import MANUFACTURER, derived_uid, finding_code, image_heade
 
 SEG_SERIES_NUMBER = 9903
 DEVICE_FINDINGS = {"26412008", "52124006", "17102003"}  # endotracheal tube, central venous catheter, NG tube
-# CIE Lab display colours (DICOM's scaled 0–65535 form): one per segment, distinct on a grey film
-COLOURS = [(32768, 65535, 32768), (45000, 20000, 60000), (50000, 52000, 15000), (30000, 15000, 25000)]
+# display colours, one per segment, distinct on a grey film (Okabe–Ito's colour-blind-safe set, less black and grey)
+COLOURS = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#FFFFFF"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,7 +52,8 @@ def build_saliency_seg(source, maps: Mapping[str, np.ndarray], card: Mapping, *,
             segment_number=i, segment_label=f"{label[:50]} saliency", segmented_property_category=category,
             segmented_property_type=code, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm, tracking_uid=derived_uid(source.SOPInstanceUID, sha, "seg", label),
-            tracking_id=f"{label[:52]}: saliency", display_color=hd.color.CIELabColor(*_lab(i)),
+            tracking_id=f"{label[:52]}: saliency",
+            display_color=hd.color.CIELabColor.from_string(COLOURS[(i - 1) % len(COLOURS)]),
         ))  # fmt: skip
     rows, columns = int(source.Rows), int(source.Columns)
     stack = np.zeros((1, rows, columns, len(labels)), dtype=np.float32 if fractional else np.uint8)
@@ -82,12 +83,6 @@ def build_saliency_seg(source, maps: Mapping[str, np.ndarray], card: Mapping, *,
         shared.PlaneOrientationSequence = hd.PlaneOrientationSequence("PATIENT", [1, 0, 0, 0, 1, 0])
     seg.SeriesDescription = "cxrclip where the model looked - not for diagnostic use"
     return seg
-
-
-def _lab(i: int) -> tuple[float, float, float]:
-    """A CIE Lab colour for segment ``i`` (L 0–100, a and b −128–127), from :data:`COLOURS`."""
-    L, a, b = COLOURS[(i - 1) % len(COLOURS)]
-    return L / 65535 * 100, a / 65535 * 255 - 128, b / 65535 * 255 - 128
 
 
 def _spacing(source) -> list[float]:

@@ -63,7 +63,7 @@ class WorkerSettings:
     modalities: tuple[str, ...] = ("CR", "DX")
     report_refusals: bool = False
     heatmap_labels: tuple[str, ...] = ()  # labels whose Grad-CAM is stored; "yes": every label called YES
-    heatmap_format: str = "seg"  # seg (a DICOM Segmentation), sc (the old Secondary Capture overlay) or both
+    heatmap_format: str = "seg"  # seg | fractional (a DICOM Segmentation) | sc (a Secondary Capture) | both
     lease_s: float = 600.0
     max_attempts: int = 5
     once: bool = False
@@ -391,8 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", action="append", metavar="LABEL", help="also store where the model looked for "
                    "LABEL (repeat; 'yes': every label called YES): a DICOM Segmentation in the study, and an outline "
                    "in the SR where the label is called YES")  # fmt: skip
-    p.add_argument("--heatmap-format", choices=HEATMAP_FORMATS, default="seg", help="seg: a Segmentation "
-                   "a viewer overlays (default); sc: the Grad-CAM burnt into a Secondary Capture; both")  # fmt: skip
+    p.add_argument("--heatmap-format", choices=HEATMAP_FORMATS, default="seg", help="seg: a BINARY "
+                   "Segmentation a viewer overlays (default); fractional: the whole map (OHIF 3.13 cannot show it); "
+                   "sc: the Grad-CAM burnt into a Secondary Capture; both: seg and sc")  # fmt: skip
     p.add_argument("--user", help="HTTP basic user; the password from --password-file or $CXRCLIP_PACS_PASSWORD")
     p.add_argument("--password-file", help="a file holding the HTTP basic password")
     p.add_argument("--token-file", help="a file holding a bearer token (or $CXRCLIP_PACS_TOKEN)")

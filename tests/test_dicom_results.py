@@ -119,8 +119,8 @@ def test_sr_of_the_template_pacs_already_hold_is_still_read():
 
 def test_the_segmentation_lies_on_the_film_and_passes_both_validators(film, tmp_path):
     maps = {"Pneumothorax": gaussian(320, 256, 100, 80, 30), "NG tube in place": gaussian(320, 256, 250, 200, 15)}
-    seg = build_saliency_seg(film, maps, CARD)
-    assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "PROBABILITY"
+    seg = build_saliency_seg(film, maps, CARD)  # BINARY: where each map is at least half its maximum
+    assert seg.SegmentationType == "BINARY"
     assert (seg.Rows, seg.Columns) == (film.Rows, film.Columns)
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Pneumothorax saliency", "NG tube in place saliency"]
     ng = seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0]
@@ -130,13 +130,20 @@ def test_the_segmentation_lies_on_the_film_and_passes_both_validators(film, tmp_
     )
     source = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
     assert source.ReferencedSOPInstanceUID == film.SOPInstanceUID
-    frames = seg.pixel_array.astype(np.float32) / seg.MaximumFractionalValue
+    orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    assert [float(v) for v in orientation] == [1, 0, 0, 0, 1, 0]  # the film's own plane (what OHIF compares)
+    for frame, m in zip(seg.pixel_array, maps.values()):
+        assert np.array_equal(frame.astype(bool), m >= 0.5 * m.max())
+    fractional = build_saliency_seg(film, maps, CARD, fractional=True)
+    assert fractional.SegmentationType == "FRACTIONAL" and fractional.SegmentationFractionalType == "PROBABILITY"
+    frames = fractional.pixel_array.astype(np.float32) / fractional.MaximumFractionalValue
     for frame, m in zip(frames, maps.values()):  # each segment is its map, to 1/255
         assert np.abs(frame - m).max() <= 1 / 255 + 1e-6
     again = build_saliency_seg(film, maps, CARD)
     assert again.SOPInstanceUID == seg.SOPInstanceUID  # the same answer is the same instance
-    assert dciodvfy_errors(seg, tmp_path) == []
-    assert pixelmed_iod_errors(seg, tmp_path) == []
+    for ds in (seg, fractional):
+        assert dciodvfy_errors(ds, tmp_path) == []
+        assert pixelmed_iod_errors(ds, tmp_path) == []
 
 
 def test_a_saliency_outline_is_the_connected_area_around_the_maximum():

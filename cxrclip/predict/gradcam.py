@@ -50,7 +50,7 @@ def saliency_outline(cam: np.ndarray, level: float = 0.5, max_points: int = 64) 
 
     peak = float(cam.max()) if cam.size else 0.0
     if peak <= 0:
-        return np.zeros((0, 2), dtype=np.float32)
+        return np.empty((0, 2), dtype=np.float32)  # no point: an empty outline
     mask = (cam >= level * peak).astype(np.uint8)
     _, components = cv2.connectedComponents(mask, connectivity=8)
     row, col = np.unravel_index(int(np.argmax(cam)), cam.shape)

@@ -17,6 +17,7 @@ from cxrclip.data.schema import DataConfig, DataValidationError, Problems
 from cxrclip.exceptions import ConfigError, exit_on_user_error
 from cxrclip.infer import main as infer_main
 from cxrclip.io import atomic_write, database_url
+from cxrclip.pacs.dicomweb import Connection, add_connection_arguments
 from cxrclip.paths import CONFIG_DIR, config_labels
 from cxrclip.predict.bundle import Bundle
 from cxrclip.predict.factory import PredictorOptions
@@ -181,6 +182,22 @@ def _reviews_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reviews_to_pacs(args: argparse.Namespace) -> int:
+    from cxrclip.pacs.assessment import send_review
+    from cxrclip.reviews.store import ReviewStore
+
+    with exit_on_user_error():
+        if not args.dicomweb:
+            raise ConfigError("cxrclip reviews to-pacs needs --dicomweb URL (the PACS the images came from)")
+        store = ReviewStore(database_url(args.db, must_exist=True))
+        pacs = Connection.from_args(args).open()
+        counts = {"stored": 0, "already": 0}
+        for review in (r for r in store.list() if "dicom" in r):
+            counts["stored" if send_review(pacs, review)["stored"] else "already"] += 1
+    print(f"reviews of PACS images: {counts['stored']} stored as verified SRs, {counts['already']} already there")
+    return 0
+
+
 def _read_users(path: str | None) -> tuple[tuple[str, str], ...]:
     """--users FILE: a JSON object {reader name: their bearer token}."""
     if not path:
@@ -219,6 +236,7 @@ def _serve(args: argparse.Namespace) -> int:
             users=_read_users(args.users),
             db=None if args.no_reviews else args.db,
             keep_images=args.keep_images,
+            pacs=Connection.from_args(args) if args.dicomweb else None,
         )
         serve(settings)
     return 0
@@ -482,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "their reviews are signed with their name")  # fmt: skip
     p.add_argument("--no-reviews", action="store_true", help="no review store: the page shows no review controls")
     p.add_argument("--keep-images", metavar="DIR", help="keep each reviewed image here (default: only its SHA-256)")
+    add_connection_arguments(p, what="the PACS a review of a DICOM image goes back to, as a verified SR")
     PredictorOptions.add_arguments(p)
     p.set_defaults(func=_serve)
 
@@ -532,6 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--labels", help="a text file with one label name per line (default: the 13 CGMH labels)")
     q.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompt file (the test CSV's text column)")
     q.set_defaults(func=_reviews_export)
+    q = reviews.add_parser("to-pacs", help="store each review of a PACS image in its study as a verified SR (those "
+                           "a PACS outage held back; never twice)")  # fmt: skip
+    q.add_argument("--db", required=True, help="the review store: a SQLite file or postgresql+psycopg://...")
+    add_connection_arguments(q)
+    q.set_defaults(func=_reviews_to_pacs)
 
     p = sub.add_parser("to-dicom", help="wrap a PNG/JPEG film as a DICOM radiograph (to try cxrclip pacs on a PACS)")
     p.add_argument("image", help="a PNG or JPEG film")

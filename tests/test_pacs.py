@@ -625,3 +625,74 @@ def test_a_job_store_made_before_migrations_is_upgraded_in_place_and_a_newer_one
         conn.execute(sa.text("UPDATE cxrclip_pacs_alembic_version SET version_num = '0099_from_the_future'"))
     with pytest.raises(ConfigError, match="job store .* has schema revision 0099_from_the_future, newer than"):
         JobStore(db)
+
+
+def test_a_review_of_a_pacs_image_goes_back_to_the_pacs_as_a_verified_sr_exactly_once(
+    orthanc, tiny_clip_checkpoint, demo_data, tmp_path, capsys
+):
+    import hashlib
+    from io import BytesIO
+
+    from fastapi.testclient import TestClient
+
+    from cxrclip.cli import main as cli_main
+    from cxrclip.pacs.assessment import review_uids
+    from cxrclip.pacs.dicomweb import Connection
+    from cxrclip.serve.app import ServeSettings, Service, create_app
+    from tests.validators import pixelmed_sr_findings
+
+    (pixels,) = films(demo_data, 1)
+    film = radiograph_dicom(pixels)
+    pacs = orthanc.client()
+    upload(pacs, [film])
+    worker_in_process(tiny_clip_checkpoint, orthanc, tmp_path / "jobs.sqlite", since="19000101").run()
+    (ai_row,) = pacs.find_instances("SR", None)
+    assert ai_row["sop_uid"] == JobStore(tmp_path / "jobs.sqlite").rows()[0]["sr_uid"]
+    connection = Connection(orthanc.dicomweb, Credentials(user=USER, password=PASSWORD))
+    db = tmp_path / "reviews.sqlite"
+    settings = ServeSettings(model=PredictorOptions(str(tiny_clip_checkpoint), device="cpu"), db=str(db),
+                             pacs=connection)  # fmt: skip
+    client = TestClient(create_app(settings, Service(settings)))
+    data = BytesIO()
+    film.save_as(data, enforce_file_format=True)  # the reader opened the PACS's film in the page
+    shown = client.post("/v1/predict", files={"file": ("film.dcm", data.getvalue(), "application/dicom")}).json()
+    said = {n: v["present"] for n, v in shown["labels"].items()}
+    agree, disagree = sorted(said)[0], sorted(said)[1]
+    verdicts = {agree: "present" if said[agree] else "absent", disagree: "absent" if said[disagree] else "present"}
+    body = {"image_sha256": hashlib.sha256(data.getvalue()).hexdigest(), "reviewer": "Dr. Lin",
+            "verdicts": verdicts, "comment": "tip 3 cm above the carina"}  # fmt: skip
+    saved = client.post("/v1/reviews", json=body).json()["review"]
+    assert saved["dicom"] == {"study": film.StudyInstanceUID, "series": film.SeriesInstanceUID,
+                              "sop": film.SOPInstanceUID, "sop_class": film.SOPClassUID}  # fmt: skip
+    sr_uid = review_uids(film.SOPInstanceUID, saved["id"])[1]
+    assert saved["pacs"] == {"sr_uid": sr_uid, "stored": True, "ai_sr": ai_row["sop_uid"]}
+    reviewed = [r for r in pacs.find_instances("SR", None) if r["sop_uid"] == sr_uid]
+    assert len(reviewed) == 1 and reviewed[0]["study_uid"] == film.StudyInstanceUID
+    sr = pacs.retrieve(film.StudyInstanceUID, reviewed[0]["series_uid"], sr_uid)
+    assert sr.VerificationFlag == "VERIFIED" and sr.CompletionFlag == "COMPLETE" and sr.PreliminaryFlag == "FINAL"
+    assert str(sr.VerifyingObserverSequence[0].VerifyingObserverName) == "Dr. Lin^"
+    cited = sr.PertinentOtherEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert cited.ReferencedSOPInstanceUID == ai_row["sop_uid"]  # the AI SR the reader assessed
+    texts = [i.TextValue for i in sr.ContentSequence[-1].ContentSequence if i.ValueType == "TEXT"]
+    assert any(t.startswith(f"{agree}: cxrclip said") and t.endswith("accepted") for t in texts)
+    assert any(t.startswith(f"{disagree}: cxrclip said") and f"rejected (the reader: {verdicts[disagree]})" in t
+               for t in texts)  # fmt: skip
+    assert "Reader's comment: tip 3 cm above the carina" in texts
+    assert pixelmed_sr_findings(sr, tmp_path) == [] and dciodvfy_errors(sr, tmp_path) == []
+
+    # the PACS down while the next review is saved: the review is kept, the SR follows with reviews to-pacs, once
+    orthanc.stop()
+    later = client.post("/v1/reviews", json={**body, "verdicts": {agree: "unsure"}, "supersedes": saved["id"]})
+    assert later.status_code == 200 and "reviews to-pacs" in later.json()["review"]["pacs"]["error"]
+    orthanc.start()
+    os.environ["CXRCLIP_PACS_PASSWORD"] = PASSWORD
+    try:
+        args = ["reviews", "to-pacs", "--db", str(db), "--dicomweb", orthanc.dicomweb, "--user", USER]
+        capsys.readouterr()
+        assert cli_main(args) == 0
+        assert "1 stored as verified SRs, 1 already there" in capsys.readouterr().out
+        assert cli_main(args) == 0
+        assert "0 stored as verified SRs, 2 already there" in capsys.readouterr().out
+    finally:
+        del os.environ["CXRCLIP_PACS_PASSWORD"]
+    assert len([r for r in pacs.find_instances("SR", None) if r["series_uid"] == reviewed[0]["series_uid"]]) == 2

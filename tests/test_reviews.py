@@ -266,8 +266,12 @@ def test_an_older_database_is_migrated_and_keeps_its_reviews(tmp_path):
         command.downgrade(config, "0001_reviews")
     store.close()
     again = ReviewStore(path)
-    assert again.revision == head_revision() == "0002_predictions"
+    assert again.revision == head_revision() == "0003_dicom"
     assert again.list() == [saved]
+    from sqlalchemy import text
+
+    with pytest.raises(Exception, match="append-only"), again.engine.begin() as conn:  # the triggers survived
+        conn.execute(text("UPDATE cxrclip_reviews SET reviewer = 'someone else'"))
     again.log_prediction("ab" * 32, "cd" * 32, "default", {"analysed": True, "gate": {"score": 0.1},
                          "labels": {"Pneumothorax": {"probability": 0.7, "present": True}}})  # fmt: skip
     (logged,) = again.predictions()

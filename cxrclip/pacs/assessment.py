@@ -6,8 +6,8 @@ AI Result Assessment work: the archive holds the AI result and what a radiologis
 
 Exactly once: the SR's UID is a function of the image and the review (a correction is a new review, so a new SR;
 ``Predecessor`` is not used, the review store keeps the chain). :func:`send_review` stores it only when the PACS does
-not hold it yet, so the server's immediate send and ``cxrclip send-reviews`` (which retries what a PACS outage held
-back) never make two."""
+not hold it yet, so the server's immediate send and ``cxrclip reviews to-pacs`` (which retries what a PACS outage
+held back) never make two."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def _person_name(reviewer: str) -> str:
 def send_review(pacs, review: Mapping) -> dict:
     """Store the SR of one review of a PACS image in its study, unless the PACS holds it already: ``{"sr_uid",
     "stored": True | False (already there), "ai_sr": UID | None}``. Raises what the PACS client raises."""
-    study, series, sop = review["dicom_study_uid"], review["dicom_series_uid"], review["dicom_sop_uid"]
+    study, series, sop = review["dicom"]["study"], review["dicom"]["series"], review["dicom"]["sop"]
     sr_uid = review_uids(sop, int(review["id"]))[1]
     ai_uid = sr_uids(sop, review["model_sha256"])[1]
     if pacs.has_instance(study, sr_uid):

@@ -77,6 +77,40 @@ def credentials(user: str | None, password_file: str | None, token_file: str | N
     return Credentials(token=token)
 
 
+def add_connection_arguments(parser, *, what: str = "the PACS") -> None:
+    """How to reach a DICOMweb server, as one argument group (the same names and help everywhere)."""
+    g = parser.add_argument_group(f"{what} (DICOMweb)")
+    g.add_argument("--dicomweb", help="the DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    g.add_argument("--user", help=f"HTTP basic user; the password from --password-file or ${PASSWORD_ENV}")
+    g.add_argument("--password-file", help="a file holding the HTTP basic password")
+    g.add_argument("--token-file", help=f"a file holding a bearer token (or ${TOKEN_ENV})")
+    g.add_argument("--ca-bundle", help="CA certificates to verify the server's TLS certificate with")
+    g.add_argument("--no-verify-tls", action="store_true", help="do not verify the TLS certificate (unsafe)")
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where a DICOMweb server is and how to authenticate to it (read from :func:`add_connection_arguments`)."""
+
+    url: str
+    creds: Credentials = Credentials()
+    verify: bool | str = True
+
+    @classmethod
+    def from_args(cls, args) -> Connection:
+        if args.no_verify_tls:
+            import logging
+
+            logging.getLogger("cxrclip.pacs").warning(
+                "--no-verify-tls: the server's identity is not checked; use only on a trusted network"
+            )
+        verify = False if args.no_verify_tls else (args.ca_bundle or True)
+        return cls(args.dicomweb, credentials(args.user, args.password_file, args.token_file), verify)
+
+    def open(self) -> DicomWeb:
+        return DicomWeb(self.url, self.creds, verify=self.verify)
+
+
 class DicomWeb:
     """One DICOMweb server. Every network failure comes out as :class:`PacsUnavailable` or :class:`PacsRejected`."""
 

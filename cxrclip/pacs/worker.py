@@ -32,13 +32,14 @@ from cxrclip.exceptions import ConfigError, exit_on_user_error
 from cxrclip.io import database_url
 from cxrclip.pacs.answer import EVERY_YES, HEATMAP_FORMATS, answer_datasets
 from cxrclip.pacs.dicomweb import (
+    Connection,
     Credentials,
     DicomWeb,
     OrthancChanges,
     PacsRejected,
     PacsUnavailable,
+    add_connection_arguments,
     changes_feed,
-    credentials,
 )
 from cxrclip.pacs.sr import SourceError, build_sr, sr_uids
 from cxrclip.pacs.store import Job, JobStore, worker_id
@@ -371,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer new chest radiographs on a PACS (DICOMweb: QIDO-RS, WADO-RS) with a DICOM Comprehensive "
         "SR stored back (STOW-RS), exactly once. Research software: not for diagnostic use.",
     )
-    p.add_argument("--dicomweb", help="the DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    add_connection_arguments(p)
     p.add_argument("--db", default="cxrclip-pacs.sqlite", help="job store: a SQLite file, or postgresql+psycopg://...")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between searches (default 5)")
     p.add_argument("--since", help="analyse studies from this date on (YYYY-MM-DD); default: what arrives after the "
@@ -394,11 +395,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap-format", choices=HEATMAP_FORMATS, default="seg", help="seg: a BINARY "
                    "Segmentation a viewer overlays (default); fractional: the whole map (OHIF 3.13 cannot show it); "
                    "sc: the Grad-CAM burnt into a Secondary Capture; both: seg and sc")  # fmt: skip
-    p.add_argument("--user", help="HTTP basic user; the password from --password-file or $CXRCLIP_PACS_PASSWORD")
-    p.add_argument("--password-file", help="a file holding the HTTP basic password")
-    p.add_argument("--token-file", help="a file holding a bearer token (or $CXRCLIP_PACS_TOKEN)")
-    p.add_argument("--ca-bundle", help="CA certificates to verify the server's TLS certificate with")
-    p.add_argument("--no-verify-tls", action="store_true", help="do not verify the TLS certificate (unsafe)")
     p.add_argument("--lease", type=float, default=600.0, help="seconds a claimed job stays with a silent worker")
     p.add_argument("--max-attempts", type=int, default=5, help="attempts per instance before it is marked failed")
     p.add_argument("--once", action="store_true", help="search once, answer what is due, then exit")
@@ -434,20 +430,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not (args.dicomweb and args.model_path):
             raise ConfigError("cxrclip pacs needs --dicomweb URL and --model_path MODEL (or --status)")
-        verify: bool | str = args.ca_bundle or True
-        if args.no_verify_tls:
-            log.warning("--no-verify-tls: the server's identity is not checked; use only on a trusted network")
-            verify = False
+        connection = Connection.from_args(args)
         settings = WorkerSettings(
-            dicomweb=args.dicomweb, model=PredictorOptions.from_args(args), db=args.db, poll_s=args.poll,
+            dicomweb=connection.url, model=PredictorOptions.from_args(args), db=args.db, poll_s=args.poll,
             since=parse_date(args.since) if args.since else None, lookback_days=args.lookback_days,
             trigger=args.trigger, changes_url=args.changes_url, accept_late_days=args.accept_late_days,
             late_sweep_s=args.late_sweep,
             modalities=tuple(m.upper() for m in (args.modality or ("CR", "DX"))), report_refusals=args.report_refusals,
             heatmap_labels=tuple(args.heatmap or ()), heatmap_format=args.heatmap_format,
             lease_s=args.lease, max_attempts=args.max_attempts,
-            once=args.once, verify=verify,
-            creds=credentials(args.user, args.password_file, args.token_file),
+            once=args.once, verify=connection.verify, creds=connection.creds,
         )  # fmt: skip
         pacs = DicomWeb(settings.dicomweb, settings.creds, verify=settings.verify)
         worker = make_worker(settings, pacs, store)

@@ -42,9 +42,11 @@ class ReviewDesk:
                 self._seen.popitem(last=False)
             return True
 
-    def remember(self, sha: str, name: str, data: bytes, labels: Mapping) -> None:
+    def remember(self, sha: str, name: str, data: bytes, labels: Mapping, dicom: Mapping | None = None) -> None:
+        """What was shown for an image (``dicom``: its DICOM UIDs, when it is a DICOM file: its review can go back
+        to the PACS)."""
         shown = {n: {k: v[k] for k in SHOWN_FIELDS} for n, v in labels.items()}
-        entry = {"name": name, "shown": shown, "data": data if self.keep_images else None}
+        entry = {"name": name, "shown": shown, "data": data if self.keep_images else None, "dicom": dicom}
         with self._lock:
             self._recent[sha] = entry
             self._recent.move_to_end(sha)
@@ -65,5 +67,5 @@ class ReviewDesk:
         return self.store.add(
             reviewer=reviewer, image_sha256=sha, model_sha256=model_sha256, calibration=calibration,
             shown=entry["shown"], verdicts=verdicts, labels=labels, comment=comment, image_name=entry["name"],
-            image_path=path, supersedes=supersedes,
+            image_path=path, supersedes=supersedes, dicom=entry["dicom"],
         )  # fmt: skip

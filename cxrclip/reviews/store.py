@@ -36,6 +36,7 @@ from cxrclip.migrate import open_database
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERDICTS = ("present", "absent", "unsure")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+DICOM_KEYS = ("study", "series", "sop", "sop_class")  # a PACS image's identity in a review
 # The store is append-only: what goes in stays, so every field is bounded (USER_GUIDE 5d).
 MAX_REVIEWER = 128  # characters
 MAX_COMMENT = 4000  # characters
@@ -74,6 +75,7 @@ reviews = Table(
     Column("verdicts", Text, nullable=False),
     Column("comment", Text),
     Column("supersedes", Integer, ForeignKey("cxrclip_reviews.id")),
+    Column("dicom", Text),  # the image's DICOM UIDs (JSON) when it came from a PACS: its review goes back there
 )
 predictions = Table(
     "cxrclip_predictions",
@@ -121,6 +123,7 @@ class ReviewStore:
         image_name: str | None = None,
         image_path: str | None = None,
         supersedes: int | None = None,
+        dicom: Mapping[str, str] | None = None,
     ) -> dict:
         """Save one review (checked first: a known label for every verdict, a verdict from :data:`VERDICTS`, a
         reviewer, a SHA-256, an existing review to supersede); returns it as stored."""
@@ -151,6 +154,7 @@ class ReviewStore:
             "verdicts": json.dumps(dict(verdicts), sort_keys=True),
             "comment": comment or None,
             "supersedes": supersedes,
+            "dicom": json.dumps({k: str(dicom[k]) for k in DICOM_KEYS}, sort_keys=True) if dicom else None,
         }
         with self.engine.begin() as conn:
             if supersedes is not None:
@@ -216,4 +220,7 @@ def _as_dict(row) -> dict:
     out["created_at"] = _utc(out["created_at"]).isoformat()
     out["shown"] = json.loads(out["shown"])
     out["verdicts"] = json.loads(out["verdicts"])
+    dicom = out.pop("dicom", None)
+    if dicom:  # only a review of a PACS image has it (the rows of others are as they were)
+        out["dicom"] = json.loads(dicom)
     return out

@@ -112,6 +112,9 @@ class Review(BaseModel):
     verdicts: dict[str, Literal["present", "absent", "unsure"]]
     comment: str | None
     supersedes: int | None
+    dicom: dict[str, str] | None = Field(None, description="a DICOM image's study, series, sop and sop_class UIDs")
+    pacs: dict | None = Field(None, description="with --dicomweb: the verified SR stored in the PACS (sr_uid, stored, "
+                              "ai_sr) or why not (error)")  # fmt: skip
 
 
 class ReviewSaved(BaseModel):

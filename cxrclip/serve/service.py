@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from cxrclip.data.images import ImageReadError, UnsupportedImageError, decode_image_bytes
 from cxrclip.exceptions import ConfigError, InputError
+from cxrclip.pacs.assessment import send_review
+from cxrclip.pacs.dicomweb import Connection, PacsRejected, PacsUnavailable
 from cxrclip.predict import PredictorOptions, open_predictor
 from cxrclip.predict.gradcam import overlay, png_bytes
 from cxrclip.reviews.desk import NotShown, ReviewDesk
@@ -32,6 +34,7 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ()
     db: str | None = None  # the review store (a SQLite file or a PostgreSQL URL); None: reviews are off
     keep_images: str | None = None  # a folder: reviewed images are kept there (by SHA-256); None: only their hash
+    pacs: Connection | None = None  # reviews of DICOM images from this PACS are stored back there as verified SRs
 
     def check(self) -> None:
         local = self.host in ("127.0.0.1", "localhost", "::1")
@@ -44,6 +47,22 @@ class ServeSettings:
     @property
     def max_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+
+def dicom_identity(data: bytes) -> dict | None:
+    """A DICOM file's study, series, instance and SOP class UIDs (where its review goes back), or None."""
+    import io
+
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception:  # already decoded once: a header pydicom cannot read again has no identity to keep
+        return None
+    keywords = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID", "sop": "SOPInstanceUID",
+                "sop_class": "SOPClassUID"}  # fmt: skip
+    uids = {k: str(ds.get(keyword, "") or "") for k, keyword in keywords.items()}
+    return uids if all(uids.values()) else None
 
 
 class ApiError(Exception):
@@ -66,6 +85,7 @@ class Service:
         self.card = self.predictor.card()
         self.reviews = ReviewStore(settings.db) if settings.db else None
         self.desk = ReviewDesk(self.reviews, settings.keep_images) if self.reviews is not None else None
+        self.pacs = settings.pacs.open() if settings.pacs is not None else None
 
     def store(self) -> ReviewStore:
         """The review store, or 503 when the server runs without one (``--no-reviews``)."""
@@ -77,7 +97,7 @@ class Service:
         """Save a reader's verdicts on an image this server predicted (what it showed comes from its own record)."""
         self.store()
         try:
-            return self.desk.review(
+            saved = self.desk.review(
                 sha, reviewer, verdicts, comment, supersedes, model_sha256=self.card["checkpoint_sha256"],
                 calibration=self.predictor.calibration_name, labels=self.predictor.label_names,
             )  # fmt: skip
@@ -85,6 +105,12 @@ class Service:
             raise ApiError(409, str(e)) from e
         except InputError as e:
             raise ApiError(422, str(e)) from e
+        if self.pacs is not None and "dicom" in saved:  # a PACS image: its review goes back beside the AI's answer
+            try:
+                saved["pacs"] = send_review(self.pacs, saved)
+            except (PacsUnavailable, PacsRejected) as e:  # the review is saved; cxrclip reviews to-pacs stores it later
+                saved["pacs"] = {"error": f"{e}; the review is saved: cxrclip reviews to-pacs stores it later"}
+        return saved
 
     def monitor(self, period: str) -> dict:
         store = self.store()
@@ -115,7 +141,8 @@ class Service:
         if not answer["analysed"]:  # refused by the input gate: no label, free-text or heatmap answer
             return out
         if self.desk is not None:
-            self.desk.remember(sha, name, data, answer["labels"])
+            dicom = dicom_identity(data) if facts.get("format") == "DICOM" else None
+            self.desk.remember(sha, name, data, answer["labels"], dicom)
         if texts:
             with self._tokenizer_lock:
                 out["texts"] = self.predictor.texts_of(image, texts)

@@ -1,5 +1,5 @@
 """``cxrclip pacs``: a worker that reads new radiographs from a PACS over DICOMweb and writes each answer back as a
-DICOM Comprehensive SR, exactly once, through crashes and PACS outages.
+DICOM SR (TID 1500, with ``--heatmap`` a Segmentation beside it), exactly once, through crashes and PACS outages.
 
 Finding new instances (``--trigger``): where the PACS has a change feed (Orthanc's ``/changes``) the worker reads
 every new instance once, in order, by sequence number — the instances and the sequence number it read up to are

@@ -674,10 +674,11 @@ def test_a_review_of_a_pacs_image_goes_back_to_the_pacs_as_a_verified_sr_exactly
     cited = sr.PertinentOtherEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert cited.ReferencedSOPInstanceUID == ai_row["sop_uid"]  # the AI SR the reader assessed
     texts = [i.TextValue for i in sr.ContentSequence[-1].ContentSequence if i.ValueType == "TEXT"]
-    assert any(t.startswith(f"{agree}: cxrclip said") and t.endswith("accepted") for t in texts)
+    assert any(t.startswith(f"{agree}: cxrclip said") and t.endswith("; accepted.") for t in texts)
     assert any(t.startswith(f"{disagree}: cxrclip said") and f"rejected (the reader: {verdicts[disagree]})" in t
                for t in texts)  # fmt: skip
     assert "Reader's comment: tip 3 cm above the carina" in texts
+    assert any(t.startswith("Not assessed by the reader: ") and agree not in t and disagree not in t for t in texts)
     assert pixelmed_sr_findings(sr, tmp_path) == [] and dciodvfy_errors(sr, tmp_path) == []
 
     # the PACS down while the next review is saved: the review is kept, the SR follows with reviews to-pacs, once

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from cxrclip.data.images import dicom_image
+from cxrclip.pacs.assessment import build_review_sr
 from cxrclip.pacs.sr import read_sr
 from cxrclip.pacs.store import JobStore
 from cxrclip.predict import PredictorOptions, open_predictor
@@ -70,9 +71,16 @@ def test_the_radiologist_sees_the_findings_the_outline_and_the_map_in_ohif(tiny_
         make_worker(settings, orthanc.client(), JobStore(tmp_path / "jobs.sqlite")).run()
         (sr_row,) = pacs.find_instances("SR", None)
         (seg_row,) = pacs.find_instances("SEG", None)
-        answer = read_sr(pacs.retrieve(sr_row["study_uid"], sr_row["series_uid"], sr_row["sop_uid"]))
+        ai_sr = pacs.retrieve(sr_row["study_uid"], sr_row["series_uid"], sr_row["sop_uid"])
+        answer = read_sr(ai_sr)
         yes = {n: v["probability"] for n, v in answer["labels"].items() if v["present"]}
         assert yes and answer["regions"] and set(answer["regions"]) <= set(yes)  # a map that is zero has no outline
+        first = sorted(yes)[0]  # a reader's review of it, stored as the server stores it (tests/test_pacs.py)
+        shown = {n: {k: v[k] for k in ("probability", "threshold", "rule", "present", "calibrated")}
+                 for n, v in answer["labels"].items()}  # fmt: skip
+        review = {"id": 1, "reviewer": "Dr. Lin", "created_at": "2026-12-07T10:00:00+00:00", "shown": shown,
+                  "verdicts": {first: "absent"}, "comment": "a skin fold", "model_sha256": "ab" * 32}  # fmt: skip
+        pacs.store([build_review_sr(film, review, ai_sr)], film.StudyInstanceUID)
         shots = os.environ.get("CXRCLIP_SCREENSHOTS")
         with ohif.Viewer(orthanc.dicomweb, USER, PASSWORD) as viewer, playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=BROWSER_ARGS)
@@ -87,7 +95,7 @@ def test_the_radiologist_sees_the_findings_the_outline_and_the_map_in_ohif(tiny_
             bare = canvas(page)
             keep(page, shots, "ohif_film.png")
 
-            page.get_by_text("cxrclip AI findings").dblclick()
+            page.get_by_text("cxrclip AI findings - not for diagnostic use").dblclick()
             page.get_by_text("Probability:").first.wait_for(timeout=60_000)
             page.wait_for_timeout(2_000)
             text = page.locator('[data-cy="viewport-pane"]').inner_text()
@@ -101,6 +109,12 @@ def test_the_radiologist_sees_the_findings_the_outline_and_the_map_in_ohif(tiny_
             page.wait_for_timeout(3_000)
             with_seg = canvas(page)
             keep(page, shots, "ohif_seg.png")
+
+            page.get_by_text("reviewed by a reader").dblclick()  # the reader's verified SR, as a report
+            page.get_by_text("Reader's comment: a skin fold").wait_for(timeout=60_000)
+            report = page.locator('[data-cy="viewport-pane"]').inner_text()
+            assert f"{first}: cxrclip said present" in report and "rejected (the reader: absent)." in report
+            keep(page, shots, "ohif_review.png")
             browser.close()
         assert not [f for f in failures if "left 127.0.0.1" in f], failures
         assert not [f for f in failures if "Error" in f or "TypeError" in f], failures

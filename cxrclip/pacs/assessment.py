@@ -60,21 +60,29 @@ def build_review_sr(source, review: Mapping, ai_sr=None):
     rel = hd.sr.RelationshipTypeValues
     reader = _person_name(review["reviewer"])
     source_of = hd.sr.CodedConcept("121112", "DCM", "Source of Measurement")
-    findings = []
-    for label, shown in review["shown"].items():
-        verdict = review["verdicts"].get(label)
-        if verdict == "present":
-            findings.append(
-                hd.sr.CodeContentItem(codes.DCM.Finding, finding_code(label), relationship_type=rel.CONTAINS)
-            )
+    verdicts = review["verdicts"]
+    assessed = [n for n in review["shown"] if verdicts.get(n) in ("present", "absent")]
+    # the findings the reader called present, coded; then per assessed label what cxrclip said and what the reader
+    # said of it; then the labels the reader left (cxrclip's answers to them are in its own SR)
+    findings = [hd.sr.CodeContentItem(codes.DCM.Finding, finding_code(n), relationship_type=rel.CONTAINS)
+                for n in assessed if verdicts[n] == "present"]  # fmt: skip
+    for label in assessed:
+        shown = review["shown"][label]
         said = "present" if shown.get("present") else "absent"
         text = (f"{label}: cxrclip said {said} (probability {shown['probability']:.3f}, threshold "
-                f"{shown['threshold']:.3f}, {shown['rule']}); {assessment(shown, verdict)}")  # fmt: skip
+                f"{shown['threshold']:.3f}, {shown['rule']}); {assessment(shown, verdicts[label])}.")  # fmt: skip
         item = hd.sr.TextContentItem(codes.DCM.Finding, text[:1024], relationship_type=rel.CONTAINS)
         film = hd.sr.ImageContentItem(source_of, source.SOPClassUID, source.SOPInstanceUID,
                                       relationship_type=rel.INFERRED_FROM)  # fmt: skip
         item.ContentSequence = hd.sr.ContentSequence([film], is_root=False)
         findings.append(item)
+    left = [n for n in review["shown"] if n not in assessed]
+    if left:
+        unsure = [n for n in left if verdicts.get(n) == "unsure"]
+        text = f"Not assessed by the reader: {', '.join(left)}" + (
+            f" (could not tell: {', '.join(unsure)})." if unsure else "."
+        )
+        findings.append(hd.sr.TextContentItem(codes.DCM.Finding, text[:1024], relationship_type=rel.CONTAINS))
     if review.get("comment"):
         findings.append(hd.sr.TextContentItem(codes.DCM.Finding, f"Reader's comment: {review['comment']}"[:1024],
                                               relationship_type=rel.CONTAINS))  # fmt: skip

@@ -19,6 +19,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cxrclip.pacs.assessment import build_review_sr  # noqa: E402
 from cxrclip.pacs.sr import read_sr  # noqa: E402
 from cxrclip.pacs.store import JobStore  # noqa: E402
 from cxrclip.pacs.worker import WorkerSettings, make_worker  # noqa: E402
@@ -50,8 +51,17 @@ def main() -> int:
                                       heatmap_labels=("yes",))  # fmt: skip
             make_worker(settings, orthanc.client(), JobStore(Path(tmp) / "jobs.sqlite")).run()
             (row,) = pacs.find_instances("SR", None)
-            answer = read_sr(pacs.retrieve(row["study_uid"], row["series_uid"], row["sop_uid"]))
-            print("YES:", {n: v["probability"] for n, v in answer["labels"].items() if v["present"]})
+            ai_sr = pacs.retrieve(row["study_uid"], row["series_uid"], row["sop_uid"])
+            answer = read_sr(ai_sr)
+            yes = {n: v["probability"] for n, v in answer["labels"].items() if v["present"]}
+            print("YES:", yes)
+            shown = {n: {k: v[k] for k in ("probability", "threshold", "rule", "present", "calibrated")}
+                     for n, v in answer["labels"].items()}  # fmt: skip
+            first = max(yes, key=yes.get)  # an illustrative review: the reader accepts the likeliest finding
+            review = {"id": 1, "reviewer": "Dr. Lin", "created_at": "2026-12-07T10:00:00+00:00", "shown": shown,
+                      "verdicts": {first: "present", "Pneumothorax": "absent"}, "comment": "an illustration",
+                      "model_sha256": ai_sr.ContributingEquipmentSequence[0].DeviceSerialNumber}  # fmt: skip
+            pacs.store([build_review_sr(film, review, ai_sr)], film.StudyInstanceUID)
             from playwright.sync_api import sync_playwright
 
             with ohif.Viewer(orthanc.dicomweb, USER, PASSWORD) as viewer, sync_playwright() as pw:
@@ -59,7 +69,7 @@ def main() -> int:
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
                 page.goto(viewer.study(film.StudyInstanceUID))
                 page.get_by_text("Skip all").click(timeout=90_000)
-                page.get_by_text("cxrclip AI findings").dblclick()
+                page.get_by_text("cxrclip AI findings - not for diagnostic use").dblclick()
                 page.get_by_text("Probability:").first.wait_for(timeout=60_000)
                 page.wait_for_timeout(2_000)
                 page.screenshot(path=str(out / "ohif_sr.png"))
@@ -69,10 +79,13 @@ def main() -> int:
                 page.locator('[data-cy="panelSegmentation-btn"]').click()
                 page.wait_for_timeout(3_000)
                 page.screenshot(path=str(out / "ohif_seg.png"))
+                page.get_by_text("reviewed by a reader").dblclick()
+                page.get_by_text("Reader's comment").wait_for(timeout=60_000)
+                page.screenshot(path=str(out / "ohif_review.png"))
                 browser.close()
         finally:
             orthanc.stop()
-    print(f"screenshots: {out / 'ohif_sr.png'}, {out / 'ohif_seg.png'}")
+    print(f"screenshots in {out}: ohif_sr.png, ohif_seg.png, ohif_review.png")
     return 0
 
 

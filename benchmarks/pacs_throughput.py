@@ -127,6 +127,7 @@ def floor(args, images) -> dict:
     import torch
 
     from cxrclip.data.images import dicom_image
+    from cxrclip.pacs.answer import answer_datasets
     from cxrclip.pacs.sr import build_sr
     from cxrclip.predict import load_predictor
     from cxrclip.synthetic import radiograph_dicom
@@ -135,7 +136,7 @@ def floor(args, images) -> dict:
     predictor = load_predictor(args.model_path, device=args.device)
     card = predictor.card()
     dss = [radiograph_dicom(images[i % len(images)]) for i in range(20)]
-    decode, predict, sr, total = [], [], [], []
+    decode, predict, sr, total, maps = [], [], [], [], []
     for ds in dss:
         start = time.perf_counter()
         facts: dict = {}
@@ -148,8 +149,15 @@ def floor(args, images) -> dict:
         predict.append(t1 - t0)
         sr.append(time.perf_counter() - t1)
         total.append(time.perf_counter() - start)
-    return {k: statistics.median(v[2:]) for k, v in
-            {"decode": decode, "predict": predict, "sr": sr, "decode_predict_sr": total}.items()}  # fmt: skip
+        if args.heatmap and result.yes:  # --heatmap yes: Grad-CAM, Segmentation and outlines per YES label
+            t2 = time.perf_counter()
+            answer_datasets(predictor, card, ds, image, result, ("yes",))
+            maps.append((time.perf_counter() - t2) / len(result.yes))
+    out = {k: statistics.median(v[2:]) for k, v in
+           {"decode": decode, "predict": predict, "sr": sr, "decode_predict_sr": total}.items()}  # fmt: skip
+    if maps:
+        out["heatmap_per_yes"] = statistics.median(maps)
+    return out
 
 
 def main() -> None:
@@ -164,6 +172,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--device", help="passed to the workers (a bundle without it runs ONNX Runtime, with it PyTorch)")
+    p.add_argument("--heatmap", action="store_true", help="floor: also time --heatmap yes (Grad-CAM, Segmentation "
+                   "and outline per YES label)")  # fmt: skip
+    p.add_argument("--floor-only", action="store_true", help="the in-process floor only (no Orthanc phases)")
     args = p.parse_args()
     missing = orthanc_missing()
     if missing:
@@ -178,6 +189,11 @@ def main() -> None:
           f"{base['predict'] * 1000:.1f}, build SR {base['sr'] * 1000:.1f}; together "
           f"{base['decode_predict_sr'] * 1000:.1f} = {60 / base['decode_predict_sr']:.0f} images/min; the model alone "
           f"{60 / base['predict']:.0f} images/min", flush=True)  # fmt: skip
+    if "heatmap_per_yes" in base:
+        print(f"--heatmap yes: Grad-CAM + Segmentation + outline, median per YES label "
+              f"{base['heatmap_per_yes'] * 1000:.1f} ms", flush=True)  # fmt: skip
+    if args.floor_only:
+        return
     print("workers  phase  n   store       inst/min  p50 s  p95 s  peak RSS MB  SRs read back  workers used  states")
     for n in args.workers:
         for paced in (True, False):

@@ -18,7 +18,7 @@ LAYERS = [
     ["cxrclip.eval"],
     # the top floor, checked too: records and writers → workflows → services → entry points
     ["cxrclip.migrate", "cxrclip.synthetic", "cxrclip.fit_gate", "cxrclip.bundle", "cxrclip.jobs", "cxrclip.pacs",
-     "cxrclip.reviews"],
+     "cxrclip.reviews", "cxrclip.change"],
     ["cxrclip.infer", "cxrclip.reviews.desk"],
     ["cxrclip.pacs.worker", "cxrclip.serve"],
     ["cxrclip.demo", "cxrclip.cli"],

@@ -1,0 +1,103 @@
+"""Change control: the plan's rules, the paired DeLong difference against a brute-force reference, the bootstrap
+that keeps a patient's films together, and the verdict — a better challenger promoted, a worse or a noisy one and
+too little evidence refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cxrclip.change.compare import ModelScores, compare, metric, patient_resamples
+from cxrclip.change.plan import ChangePlan
+from cxrclip.exceptions import ConfigError
+
+PLAN = {
+    "labels": ["A", "B"], "min_cases": {"positives": 20, "negatives": 20}, "alpha": 0.05,
+    "bootstrap": {"resamples": 400, "seed": 1},
+    "criteria": [{"metric": "auroc", "non_inferiority": 0.02}, {"metric": "auroc", "superiority": 0.0, "labels": "any"},
+                 {"metric": "sensitivity", "non_inferiority": 0.1}, {"metric": "ece", "non_inferiority": 0.05}],
+}  # fmt: skip
+
+
+def site(n: int = 400, seed: int = 0):
+    """Two labels; the champion sees each finding weakly, a 'better' challenger strongly (calibrated-ish scores)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, 2)) < 0.3).astype(float)
+    weak = 1 / (1 + np.exp(-(1.0 * (2 * y - 1) + rng.normal(0, 1.2, y.shape))))
+    strong = 1 / (1 + np.exp(-(2.5 * (2 * y - 1) + rng.normal(0, 1.2, y.shape))))
+    patients = np.repeat(np.arange(n // 2), 2)  # two films per patient
+    return y, weak, strong, patients
+
+
+def scores(name, p):
+    return ModelScores(name, p, np.full(p.shape[1], 0.5))
+
+
+def test_a_plan_is_read_with_its_hash_and_wrong_plans_say_where(tmp_path):
+    import yaml
+
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(PLAN))
+    plan = ChangePlan.load(path)
+    import hashlib
+
+    assert plan.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() and plan.labels == ("A", "B")
+    assert [c.kind for c in plan.criteria] == ["non_inferiority", "superiority", "non_inferiority", "non_inferiority"]
+    for bad, message in [({**PLAN, "criteria": []}, "at least one criterion"),
+                         ({**PLAN, "criteria": [{"metric": "f1", "superiority": 0}]}, "needs a metric"),
+                         ({**PLAN, "criteria": [{"metric": "auroc"}]}, "exactly one of"),
+                         ({**PLAN, "alpha": 0.7}, "alpha"), ({**PLAN, "typo": 1}, "unknown key")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            ChangePlan.from_mapping(bad)
+
+
+def test_the_paired_delong_difference_matches_a_brute_force_reference():
+    from cxrclip.eval.metrics import delong_covariance
+
+    y, weak, strong, _ = site(120, seed=3)
+    a, b, t = weak[:, 0], strong[:, 0], y[:, 0].astype(bool)
+
+    def psi(x):  # the structural components, by the definition (pairs of a positive and a negative)
+        pos, neg = x[t], x[~t]
+        kernel = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+        return kernel.mean(), kernel.mean(axis=1), kernel.mean(axis=0)
+
+    (auc_a, va10, va01), (auc_b, vb10, vb01) = psi(a), psi(b)
+    m, n = t.sum(), (~t).sum()
+    var_diff = (np.var(vb10 - va10, ddof=1) / m) + (np.var(vb01 - va01, ddof=1) / n)
+    aucs, cov = delong_covariance(y[:, 0], np.stack([a, b]))
+    assert np.allclose(aucs, [auc_a, auc_b])
+    assert np.isclose(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], var_diff)
+
+
+def test_the_bootstrap_draws_whole_patients():
+    groups = ["p1", "p1", "p2", "p3", "p3", "p3"]
+    for rows in patient_resamples(groups, 50, seed=0):
+        drawn = [groups[r] for r in rows]
+        for patient in set(drawn):  # a patient's films come together, all of them, each time it is drawn
+            assert drawn.count(patient) % groups.count(patient) == 0
+
+
+def test_a_better_challenger_is_promoted_and_a_worse_one_refused():
+    y, weak, strong, patients = site()
+    plan = ChangePlan.from_mapping(PLAN, sha256="ab" * 32)
+    better = compare(y, ["A", "B"], scores("champion", weak), scores("challenger", strong), plan, patients)
+    assert better["decision"] == "promote", better["reasons"]
+    auroc = [r for r in better["rows"] if r["metric"] == "auroc" and r["kind"] == "superiority"]
+    assert all(r["difference"] > 0.05 and r["bound"] > 0 for r in auroc)
+    assert np.isclose(auroc[0]["champion"], metric("auroc", y[:, 0], weak[:, 0], 0.5))
+    assert better["plan"]["per_test_alpha"] == pytest.approx(0.05 / 8)  # Bonferroni: 2 labels × 4 criteria
+    worse = compare(y, ["A", "B"], scores("champion", strong), scores("challenger", weak), plan, patients)
+    assert worse["decision"] == "refuse" and any("auroc not worse" in r for r in worse["reasons"])
+    same = compare(y, ["A", "B"], scores("champion", strong), scores("challenger", strong), plan, patients)
+    assert same["decision"] == "refuse"  # non-inferior, but not superior anywhere
+    assert [v["holds"] for v in same["criteria"]] == [True, False, True, True]
+
+
+def test_too_few_reviewed_cases_is_a_refusal_that_says_how_many_are_needed():
+    y, weak, strong, patients = site(60)
+    y[10:, 1] = np.nan  # label B: barely reviewed
+    plan = ChangePlan.from_mapping(PLAN)
+    out = compare(y, ["A", "B"], scores("champion", weak), scores("challenger", strong), plan, patients)
+    assert out["decision"] == "refuse"
+    assert any(r.startswith("B: ") and "the plan needs 20 and 20" in r for r in out["reasons"])

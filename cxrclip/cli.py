@@ -16,7 +16,7 @@ from cxrclip.data.records import load_records, summarize
 from cxrclip.data.schema import DataConfig, DataValidationError, Problems
 from cxrclip.exceptions import ConfigError, exit_on_user_error
 from cxrclip.infer import main as infer_main
-from cxrclip.io import atomic_write, database_url
+from cxrclip.io import atomic_write, atomic_write_text, database_url
 from cxrclip.pacs.dicomweb import Connection, add_connection_arguments
 from cxrclip.paths import CONFIG_DIR, config_labels
 from cxrclip.predict.bundle import Bundle
@@ -195,6 +195,18 @@ def _reviews_to_pacs(args: argparse.Namespace) -> int:
         for review in (r for r in store.list() if "dicom" in r):
             counts["stored" if send_review(pacs, review)["stored"] else "already"] += 1
     print(f"reviews of PACS images: {counts['stored']} stored as verified SRs, {counts['already']} already there")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from cxrclip.change.run import compare_models, verdict_lines
+
+    with exit_on_user_error():
+        out = compare_models(args.plan, args.test, args.champion, args.challenger, device=args.device,
+                             patient_column=args.patient_column)  # fmt: skip
+        if args.out:
+            atomic_write_text(args.out, json.dumps(out, indent=1))
+    print("\n".join(verdict_lines(out)))
     return 0
 
 
@@ -542,6 +554,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     add_data_args(p)
     p.set_defaults(func=_demo_data)
+
+    p = sub.add_parser("compare", help="a challenger against the champion on reviewed cases, judged by a change-"
+                       "control plan declared beforehand (docs/USER_GUIDE.md)")  # fmt: skip
+    p.add_argument("--plan", required=True, help="the change-control plan (YAML); its SHA-256 is in the verdict")
+    p.add_argument("--test", required=True, help="reviewed cases the challenger never trained on: a CSV with "
+                   "image and 0/1 label columns (blank: not reviewed), e.g. reviews export's test CSV")  # fmt: skip
+    p.add_argument("--champion", required=True, help="the model answering now (checkpoint, bundle or routed)")
+    p.add_argument("--challenger", required=True, help="the candidate")
+    p.add_argument("--patient-column", help="resample whole patients by this column (default: each image)")
+    p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--out", help="write the verdict with its evidence as JSON here")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("reviews", help="the reviews saved in cxrclip serve: export them as data")
     reviews = p.add_subparsers(dest="reviews_command", required=True)

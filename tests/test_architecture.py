@@ -19,7 +19,7 @@ LAYERS = [
     # the top floor, checked too: records and writers → workflows → services → entry points
     ["cxrclip.migrate", "cxrclip.synthetic", "cxrclip.fit_gate", "cxrclip.bundle", "cxrclip.jobs", "cxrclip.pacs",
      "cxrclip.reviews", "cxrclip.change"],
-    ["cxrclip.infer", "cxrclip.reviews.desk"],
+    ["cxrclip.infer", "cxrclip.reviews.desk", "cxrclip.change.run"],
     ["cxrclip.pacs.worker", "cxrclip.serve"],
     ["cxrclip.demo", "cxrclip.cli"],
 ]  # fmt: skip

@@ -249,6 +249,7 @@ def _serve(args: argparse.Namespace) -> int:
             db=None if args.no_reviews else args.db,
             keep_images=args.keep_images,
             pacs=Connection.from_args(args) if args.dicomweb else None,
+            shadow=args.shadow,
         )
         serve(settings)
     return 0
@@ -512,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "their reviews are signed with their name")  # fmt: skip
     p.add_argument("--no-reviews", action="store_true", help="no review store: the page shows no review controls")
     p.add_argument("--keep-images", metavar="DIR", help="keep each reviewed image here (default: only its SHA-256)")
+    p.add_argument("--shadow", metavar="CHALLENGER", help="a challenger that answers every image silently: logged "
+                   "with its hash for /monitor's comparison, never shown, never in an API answer")  # fmt: skip
     add_connection_arguments(p, what="the PACS a review of a DICOM image goes back to, as a verified SR")
     PredictorOptions.add_arguments(p)
     p.set_defaults(func=_serve)

@@ -266,7 +266,7 @@ def test_an_older_database_is_migrated_and_keeps_its_reviews(tmp_path):
         command.downgrade(config, "0001_reviews")
     store.close()
     again = ReviewStore(path)
-    assert again.revision == head_revision() == "0003_dicom"
+    assert again.revision == head_revision() == "0004_role"
     assert again.list() == [saved]
     from sqlalchemy import text
 
@@ -504,3 +504,55 @@ def test_a_readers_own_token_signs_the_review_with_their_name(tiny_clip_checkpoi
         users.write_text(bad)
         with pytest.raises(ConfigError, match=words):
             _read_users(str(users))
+
+
+def test_a_shadow_challenger_answers_silently_and_the_monitor_compares_it(tiny_clip_checkpoint, demo_data, tmp_path):
+    """--shadow: the challenger's answer is logged with its own hash, never in the API's answer; /v1/monitor compares
+    the two per label (agreement, YES shares, each against the reviewers)."""
+    import hashlib
+
+    from fastapi.testclient import TestClient
+
+    from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint
+    from cxrclip.serve.app import ServeSettings, Service, create_app
+
+    state = {k: v for k, v in load_checkpoint(tiny_clip_checkpoint).items() if k != "format"}
+    state["model"] = dict(state["model"])
+    key = "image_projection.projection.weight"
+    state["model"][key] = -state["model"][key]  # a challenger that sees things the other way round
+    challenger = save_checkpoint(tmp_path / "challenger.tar", state)
+    db = tmp_path / "reviews.sqlite"
+    model = PredictorOptions(str(tiny_clip_checkpoint), device="cpu")
+    plain = TestClient(create_app(s := ServeSettings(model=model, db=str(tmp_path / "plain.sqlite")), Service(s)))
+    settings = ServeSettings(model=model, db=str(db), shadow=str(challenger))
+    service = Service(settings)
+    client = TestClient(create_app(settings, service))
+    films = sorted((demo_data / "images").glob("test_*.png"))[:6]
+    for film in films:
+        png = film.read_bytes()
+        answer = client.post("/v1/predict", files={"file": (film.name, png, "image/png")}).json()
+        alone = plain.post("/v1/predict", files={"file": (film.name, png, "image/png")}).json()
+        for timed in (answer, alone):
+            timed.pop("request_id"), timed.pop("seconds")
+        assert answer == alone  # the shadow changes nothing anyone sees
+    sha = hashlib.sha256(films[0].read_bytes()).hexdigest()
+    client.post(
+        "/v1/reviews", json={"image_sha256": sha, "reviewer": "Dr. Lin", "verdicts": {"Pneumothorax": "present"}}
+    )
+    answers, shadows = service.reviews.predictions(), service.reviews.predictions(role="shadow")
+    assert len(answers) == len(shadows) == 6
+    assert {r["model_sha256"] for r in shadows} == {hashlib.sha256(challenger.read_bytes()).hexdigest()}
+    assert {r["model_sha256"] for r in answers} == {service.card["checkpoint_sha256"]}
+    report = client.get("/v1/monitor").json()
+    assert report["predictions"] == 6  # the monitor's own figures count the answers, not the shadow's
+    pneumothorax = report["shadow"]["labels"]["Pneumothorax"]
+    champion = {r["image_sha256"]: r["labels"]["Pneumothorax"][1] for r in answers}
+    silent = {r["image_sha256"]: r["labels"]["Pneumothorax"][1] for r in shadows}
+    agree = sum(champion[s] == silent[s] for s in champion)
+    assert pneumothorax["images"] == 6 and pneumothorax["agree"] == agree
+    assert (
+        pneumothorax["reviewed"] == 1
+        and pneumothorax["champion_agrees_with_reviewers"]["value"] == float(champion[sha])
+        and pneumothorax["challenger_agrees_with_reviewers"]["value"] == float(silent[sha])
+    )
+    assert "shadow" not in plain.get("/v1/monitor").json()

@@ -112,3 +112,33 @@ def validation_prevalence(calibration) -> dict[str, float | None]:
         total = c.n_pos + c.n_neg
         out[name] = round(c.n_pos / total, 4) if total else None
     return out
+
+
+def shadow_report(answers: Sequence[Mapping], shadows: Sequence[Mapping], reviews: Sequence[Mapping],
+                  labels: Sequence[str]) -> dict:  # fmt: skip
+    """The champion against a challenger answering in shadow, on the images both answered: per label how often they
+    agree (with a Wilson interval), each one's YES share, and on the reviewed images each one's agreement with the
+    reviewers (the champion's call as shown; the challenger's as it would have been)."""
+    champion = {p["image_sha256"]: p for p in answers if p["analysed"]}
+    shadow = {p["image_sha256"]: p for p in shadows if p["analysed"]}
+    both = sorted(set(champion) & set(shadow))
+    verdicts = {r["image_sha256"]: r.get("verdicts") or {} for r in reviews}
+    out = {"images": len(both), "model": shadows[0]["model_sha256"] if shadows else None, "labels": {}}
+    for label in labels:
+        pairs = [(bool(champion[s]["labels"][label][1]), bool(shadow[s]["labels"][label][1]), s) for s in both
+                 if label in champion[s]["labels"] and label in shadow[s]["labels"]]  # fmt: skip
+        n, agree = len(pairs), sum(a == b for a, b, _ in pairs)
+        judged = [(a, b, verdicts[s][label] == "present") for a, b, s in pairs
+                  if verdicts.get(s, {}).get(label) in ("present", "absent")]  # fmt: skip
+        row = {"images": n, "agree": agree, "agreement": _rate(agree, n),
+               "champion_yes": _rate(sum(a for a, _, _ in pairs), n),
+               "challenger_yes": _rate(sum(b for _, b, _ in pairs), n), "reviewed": len(judged),
+               "champion_agrees_with_reviewers": _rate(sum(a == t for a, _, t in judged), len(judged)),
+               "challenger_agrees_with_reviewers": _rate(sum(b == t for _, b, t in judged), len(judged))}  # fmt: skip
+        out["labels"][label] = row
+    return out
+
+
+def _rate(k: int, n: int) -> dict | None:
+    interval = wilson(k, n)
+    return None if interval is None else {"value": round(k / n, 4), "ci95": [round(x, 4) for x in interval]}

@@ -88,6 +88,7 @@ predictions = Table(
     Column("analysed", Boolean, nullable=False),
     Column("gate_score", Float),
     Column("labels", Text, nullable=False),
+    Column("role", String(16)),  # answer (NULL in older rows) | shadow: a challenger answering silently
 )
 SCHEMA_LOCK = 0x63787276  # PostgreSQL advisory lock key ("cxrv") held while migrating
 
@@ -181,9 +182,10 @@ class ReviewStore:
         with self.engine.connect() as conn:
             return [_as_dict(r) for r in conn.execute(q).mappings()]
 
-    def log_prediction(self, image_sha256: str, model_sha256: str, calibration: str, result: Mapping) -> None:
+    def log_prediction(self, image_sha256: str, model_sha256: str, calibration: str, result: Mapping,
+                       role: str = "answer") -> None:  # fmt: skip
         """One image's first prediction by a server, for the monitor: analysed or not, the gate score, and per label
-        the probability and the decision."""
+        the probability and the decision; ``role`` ``shadow``: a challenger's silent answer to the same image."""
         labels = {n: [v["probability"], bool(v["present"])] for n, v in (result.get("labels") or {}).items()}
         row = {
             "created_at": datetime.datetime.now(datetime.timezone.utc),
@@ -193,12 +195,16 @@ class ReviewStore:
             "analysed": bool(result.get("analysed", True)),
             "gate_score": (result.get("gate") or {}).get("score"),
             "labels": json.dumps(labels, sort_keys=True),
+            "role": role,
         }
         with self.engine.begin() as conn:
             conn.execute(predictions.insert().values(**row))
 
-    def predictions(self, since: datetime.datetime | None = None) -> list[dict]:
+    def predictions(self, since: datetime.datetime | None = None, role: str = "answer") -> list[dict]:
+        """The log of the answers given (``role="shadow"``: a challenger's silent ones), oldest first."""
         q = select(predictions).order_by(predictions.c.id)
+        q = q.where((predictions.c.role == role) | predictions.c.role.is_(None)) if role == "answer" else q.where(
+            predictions.c.role == role)  # fmt: skip
         if since is not None:
             q = q.where(predictions.c.created_at > since)
         with self.engine.connect() as conn:
@@ -206,6 +212,7 @@ class ReviewStore:
         for r in rows:
             r["created_at"] = _utc(r["created_at"]).isoformat()
             r["labels"] = json.loads(r["labels"])
+            r.pop("role", None)
         return rows
 
     def current(self) -> list[dict]:

@@ -137,3 +137,5 @@ class MonitorReport(Open):
     labels: dict[str, dict]
     reviews: int
     predictions: int
+    shadow: dict | None = Field(None, description="with --shadow: champion vs challenger per label (agreement, YES "
+                                "shares, each against the reviewers)")  # fmt: skip

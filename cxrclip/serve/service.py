@@ -8,7 +8,7 @@ import base64
 import hashlib
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cxrclip.data.images import ImageReadError, UnsupportedImageError, decode_image_bytes
 from cxrclip.exceptions import ConfigError, InputError
@@ -17,7 +17,7 @@ from cxrclip.pacs.dicomweb import Connection, PacsRejected, PacsUnavailable
 from cxrclip.predict import PredictorOptions, open_predictor
 from cxrclip.predict.gradcam import overlay, png_bytes
 from cxrclip.reviews.desk import NotShown, ReviewDesk
-from cxrclip.reviews.monitor import monitor_report, validation_prevalence
+from cxrclip.reviews.monitor import monitor_report, shadow_report, validation_prevalence
 from cxrclip.reviews.store import ReviewStore
 
 
@@ -35,6 +35,7 @@ class ServeSettings:
     db: str | None = None  # the review store (a SQLite file or a PostgreSQL URL); None: reviews are off
     keep_images: str | None = None  # a folder: reviewed images are kept there (by SHA-256); None: only their hash
     pacs: Connection | None = None  # reviews of DICOM images from this PACS are stored back there as verified SRs
+    shadow: str | None = None  # a challenger answering every image silently: logged for the monitor, never shown
 
     def check(self) -> None:
         local = self.host in ("127.0.0.1", "localhost", "::1")
@@ -86,6 +87,10 @@ class Service:
         self.reviews = ReviewStore(settings.db) if settings.db else None
         self.desk = ReviewDesk(self.reviews, settings.keep_images) if self.reviews is not None else None
         self.pacs = settings.pacs.open() if settings.pacs is not None else None
+        self.shadow = None
+        if settings.shadow:  # opened like the model (device, precision), with its own calibration
+            self.shadow = open_predictor(replace(settings.model, model_path=settings.shadow, site=None, threads=None))
+            self.shadow_card = self.shadow.card()
 
     def store(self) -> ReviewStore:
         """The review store, or 503 when the server runs without one (``--no-reviews``)."""
@@ -118,7 +123,11 @@ class Service:
             store.predictions(), store.current(), self.predictor.label_names,
             validation_prevalence(self.predictor.calibration), period,
         )  # fmt: skip
-        return {"model": self.card["name"], "calibration": self.predictor.calibration_name, **report}
+        out = {"model": self.card["name"], "calibration": self.predictor.calibration_name, **report}
+        if self.shadow is not None:
+            out["shadow"] = shadow_report(store.predictions(), store.predictions(role="shadow"), store.current(),
+                                          self.predictor.label_names)  # fmt: skip
+        return out
 
     def predict(self, data: bytes, name: str, heatmap: str | None, texts: Sequence[str]) -> dict:
         """One upload → the answer the page shows: the prediction, the input's facts, a preview, and on request a
@@ -138,6 +147,10 @@ class Service:
                "preview": data_url(png_bytes(self.predictor.picture_of(image)))}  # fmt: skip
         if self.desk is not None and self.desk.first_sight(sha):  # the monitor counts each image once
             self.reviews.log_prediction(sha, self.card["checkpoint_sha256"], self.predictor.calibration_name, answer)
+            if self.shadow is not None:  # the challenger's answer goes to the log only: never into this response
+                silent = self.shadow.predict_arrays([name], [image], [facts])[0].to_json()
+                self.reviews.log_prediction(sha, self.shadow_card["checkpoint_sha256"],
+                                            self.shadow.calibration_name, silent, role="shadow")  # fmt: skip
         if not answer["analysed"]:  # refused by the input gate: no label, free-text or heatmap answer
             return out
         if self.desk is not None:

@@ -611,7 +611,7 @@ def test_a_job_store_made_before_migrations_is_upgraded_in_place_and_a_newer_one
     engine.dispose()
 
     store = JobStore(db)
-    assert store.revision == head_revision(MIGRATIONS) == "0002_study_date"
+    assert store.revision == head_revision(MIGRATIONS) == "0003_shadow"
     (row,) = store.rows()
     assert (row["sop_uid"], row["state"], row["sr_uid"], row["study_date"]) == ("1.2.3", "done", "2.25.7", None)
     assert store.get("since") == "20261130"
@@ -620,7 +620,7 @@ def test_a_job_store_made_before_migrations_is_upgraded_in_place_and_a_newer_one
     store.close()
     assert pacs_main(["--status", "--skipped", "--db", str(db)]) == 0
     assert "skipped 1.2.4 (study 1.2, StudyDate 19980312): too old" in capsys.readouterr().out
-    assert JobStore(db).revision == "0002_study_date"  # reopened: nothing to do
+    assert JobStore(db).revision == "0003_shadow"  # reopened: nothing to do
     with sa.create_engine(f"sqlite:///{db}").begin() as conn:
         conn.execute(sa.text("UPDATE cxrclip_pacs_alembic_version SET version_num = '0099_from_the_future'"))
     with pytest.raises(ConfigError, match="job store .* has schema revision 0099_from_the_future, newer than"):
@@ -697,3 +697,40 @@ def test_a_review_of_a_pacs_image_goes_back_to_the_pacs_as_a_verified_sr_exactly
     finally:
         del os.environ["CXRCLIP_PACS_PASSWORD"]
     assert len([r for r in pacs.find_instances("SR", None) if r["series_uid"] == reviewed[0]["series_uid"]]) == 2
+
+
+def test_a_shadow_challenger_in_the_worker_answers_silently_and_never_reaches_the_pacs(
+    orthanc, tiny_clip_checkpoint, demo_data, tmp_path
+):
+    import hashlib
+
+    from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint
+
+    state = {k: v for k, v in load_checkpoint(tiny_clip_checkpoint).items() if k != "format"}
+    state["model"] = dict(state["model"])
+    key = "image_projection.projection.weight"
+    state["model"][key] = -state["model"][key]
+    challenger = save_checkpoint(tmp_path / "challenger.tar", state)
+    challenger_sha = hashlib.sha256(challenger.read_bytes()).hexdigest()
+    a, b = films(demo_data, 2)
+    sources = [radiograph_dicom(a), radiograph_dicom(b, view="LL")]  # one answered, one refused: both shadowed
+    pacs = orthanc.client()
+    upload(pacs, sources)
+    db = tmp_path / "jobs.sqlite"
+    worker = worker_in_process(tiny_clip_checkpoint, orthanc, db, since="19000101", report_refusals=True,
+                               shadow=str(challenger))  # fmt: skip
+    worker.run()
+    store = JobStore(db)
+    assert {r["state"] for r in store.rows()} == {"done", "refused"}
+    shadowed = store.shadow_rows()
+    assert sorted(r["sop_uid"] for r in shadowed) == sorted(s.SOPInstanceUID for s in sources)
+    assert {r["model_sha256"] for r in shadowed} == {challenger_sha}
+    (answered,) = [r for r in shadowed if r["sop_uid"] == sources[0].SOPInstanceUID]
+    assert answered["analysed"] and set(answered["labels"]) == set(worker.predictor.label_names)
+    champion = worker.card["checkpoint_sha256"]
+    srs = pacs.find_instances("SR", None)
+    assert sorted(r["sop_uid"] for r in srs) == sorted(sr_uids(s.SOPInstanceUID, champion)[1] for s in sources)
+    for s in sources:  # no SR of the challenger exists, on any instance
+        assert not pacs.has_instance(s.StudyInstanceUID, sr_uids(s.SOPInstanceUID, challenger_sha)[1])
+    worker_in_process(tiny_clip_checkpoint, orthanc, db, since="19000101", shadow=str(challenger)).run()
+    assert len(JobStore(db).shadow_rows()) == 2  # a second pass logs nothing twice

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import (
+    Boolean,
     Column,
     DateTime,
     Float,
@@ -38,6 +39,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     func,
     select,
     update,
@@ -73,6 +75,17 @@ jobs = Table(
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+shadow = Table(  # a challenger's silent answers (--shadow): logged, never stored in the PACS
+    "cxrclip_pacs_shadow",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("sop_uid", String(64), nullable=False, index=True),
+    Column("model_sha256", String(64), nullable=False),
+    Column("analysed", Boolean, nullable=False),
+    Column("labels", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("sop_uid", "model_sha256"),
 )
 cursor = Table(
     "cxrclip_pacs_cursor",
@@ -220,6 +233,20 @@ class JobStore:
             rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
         return {state: n for state, n in rows}
 
+    def log_shadow(self, sop_uid: str, model_sha256: str, analysed: bool, labels: Mapping) -> None:
+        """A challenger's silent answer to one instance (once per instance and challenger)."""
+        row = {"sop_uid": sop_uid, "model_sha256": model_sha256, "analysed": analysed,
+               "labels": json.dumps(labels, sort_keys=True), "created_at": _now()}  # fmt: skip
+        with self.engine.begin() as conn:
+            self._insert_ignore(shadow, [row], ("sop_uid", "model_sha256"), conn)
+
+    def shadow_rows(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(select(shadow).order_by(shadow.c.id)).mappings()]
+        for r in rows:
+            r["labels"] = json.loads(r["labels"])
+        return rows
+
     def rows(self, state: str | None = None) -> list[dict]:
         q = select(jobs).order_by(jobs.c.id)
         if state:
@@ -231,12 +258,13 @@ class JobStore:
         with self.engine.begin() as conn:
             conn.execute(update(jobs).where(jobs.c.sop_uid == sop_uid).values(**values, updated_at=_now()))
 
-    def _insert_ignore(self, table: Table, rows: list[dict], key: str, conn) -> int:
+    def _insert_ignore(self, table: Table, rows: list[dict], key: str | tuple[str, ...], conn) -> int:
         if self.engine.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         else:
             from sqlalchemy.dialects.sqlite import insert
-        return conn.execute(insert(table).on_conflict_do_nothing(index_elements=[key]), rows).rowcount
+        keys = [key] if isinstance(key, str) else list(key)
+        return conn.execute(insert(table).on_conflict_do_nothing(index_elements=keys), rows).rowcount
 
 
 def _adopt(conn) -> str | None:

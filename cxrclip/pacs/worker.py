@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -65,6 +65,7 @@ class WorkerSettings:
     report_refusals: bool = False
     heatmap_labels: tuple[str, ...] = ()  # labels whose Grad-CAM is stored; "yes": every label called YES
     heatmap_format: str = "seg"  # seg | fractional (a DICOM Segmentation) | sc (a Secondary Capture) | both
+    shadow: str | None = None  # a challenger answering every instance silently: job store only, never the PACS
     lease_s: float = 600.0
     max_attempts: int = 5
     once: bool = False
@@ -118,6 +119,7 @@ class Worker:
         self.stop = threading.Event()
         self.outage = 0  # consecutive failed calls to the PACS
         self.late_swept = -float("inf")  # QIDO: when the last search reaching --accept-late-days back ran
+        self.shadow, self.shadow_sha = None, None  # --shadow: a challenger answering silently (make_worker)
         unknown = sorted(set(settings.heatmap_labels) - set(predictor.label_names) - {EVERY_YES})
         if unknown:
             raise ConfigError(f"--heatmap {unknown}: not a label of this model; labels: {predictor.label_names}")
@@ -310,6 +312,7 @@ class Worker:
             self.store.finish(job.sop_uid, "refused", sr_uid=stored, reason=result.reason, worker=self.id)
             log.info("instance %s refused by the input gate: %s%s", job.sop_uid, result.reason,
                      f" (SR {stored})" if stored else "")  # fmt: skip
+            self.answer_in_shadow(job.sop_uid, image, facts)
             return
         sr, *extra = answer_datasets(self.predictor, self.card, ds, image, result, self.s.heatmap_labels,
                                      self.s.heatmap_format)  # fmt: skip
@@ -321,6 +324,18 @@ class Worker:
         yes = result.yes
         log.info("instance %s: %d of %d labels YES%s -> SR %s (%.2f s)", job.sop_uid, len(yes), len(labels),
                  f" ({', '.join(yes)})" if yes else "", sr.SOPInstanceUID, time.perf_counter() - started)  # fmt: skip
+        self.answer_in_shadow(job.sop_uid, image, facts)
+
+    def answer_in_shadow(self, sop_uid: str, image, facts: dict) -> None:
+        """--shadow: the challenger's answer to the same image, after the champion's is stored — logged in the job
+        store, never an SR, never in the PACS. A failure of the challenger is logged and changes nothing else."""
+        if self.shadow is None:
+            return
+        try:
+            silent = self.shadow.predict_arrays([sop_uid], [image], [dict(facts)])[0]
+            self.store.log_shadow(sop_uid, self.shadow_sha, silent.analysed, silent.to_json().get("labels") or {})
+        except Exception:  # the shadow must never cost the champion's answer
+            log.exception("instance %s: the shadow challenger failed (the champion's answer is stored)", sop_uid)
 
     def wait_s(self) -> float:
         """Until the next search: the poll interval, doubled per consecutive failed call to the PACS, at most 60 s."""
@@ -392,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", action="append", metavar="LABEL", help="also store where the model looked for "
                    "LABEL (repeat; 'yes': every label called YES): a DICOM Segmentation in the study, and an outline "
                    "in the SR where the label is called YES")  # fmt: skip
+    p.add_argument("--shadow", metavar="CHALLENGER", help="a challenger that answers every instance silently, "
+                   "after the model's answer is stored: logged in the job store, never stored in the PACS")  # fmt: skip
     p.add_argument("--heatmap-format", choices=HEATMAP_FORMATS, default="seg", help="seg: a BINARY "
                    "Segmentation a viewer overlays (default); fractional: the whole map (OHIF 3.13 cannot show it); "
                    "sc: the Grad-CAM burnt into a Secondary Capture; both: seg and sc")  # fmt: skip
@@ -438,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             late_sweep_s=args.late_sweep,
             modalities=tuple(m.upper() for m in (args.modality or ("CR", "DX"))), report_refusals=args.report_refusals,
             heatmap_labels=tuple(args.heatmap or ()), heatmap_format=args.heatmap_format,
-            lease_s=args.lease, max_attempts=args.max_attempts,
+            lease_s=args.lease, max_attempts=args.max_attempts, shadow=args.shadow,
             once=args.once, verify=connection.verify, creds=connection.creds,
         )  # fmt: skip
         pacs = DicomWeb(settings.dicomweb, settings.creds, verify=settings.verify)
@@ -451,7 +468,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def make_worker(settings: WorkerSettings, pacs: DicomWeb, store: JobStore) -> Worker:
     predictor = open_predictor(settings.model)
-    return Worker(settings, predictor, predictor.card(), pacs, store)
+    worker = Worker(settings, predictor, predictor.card(), pacs, store)
+    if settings.shadow:  # opened like the model (device, precision), with its own calibration
+        worker.shadow = open_predictor(replace(settings.model, model_path=settings.shadow, site=None, threads=None))
+        worker.shadow_sha = worker.shadow.card()["checkpoint_sha256"]
+        log.info("shadow challenger %s (%s…): answers silently, logged in the job store, never stored in the PACS",
+                 settings.shadow, worker.shadow_sha[:12])  # fmt: skip
+    return worker
 
 
 if __name__ == "__main__":

@@ -556,3 +556,17 @@ def test_a_shadow_challenger_answers_silently_and_the_monitor_compares_it(tiny_c
         and pneumothorax["challenger_agrees_with_reviewers"]["value"] == float(silent[sha])
     )
     assert "shadow" not in plain.get("/v1/monitor").json()
+
+    # the review queue: unreviewed images, those a review would teach most first (a brute-force reference)
+    queue = client.get("/v1/review-queue").json()["images"]
+    shown = {h: service.desk._recent[h]["shown"] for h in service.desk._recent}
+    silent_calls = {r["image_sha256"]: {n: v[1] for n, v in r["labels"].items()} for r in shadows}
+    expected = []
+    for h, labels in shown.items():
+        if h == sha:  # reviewed above
+            continue
+        margin = min(abs(v["probability"] - v["threshold"]) for v in labels.values())
+        disagree = sum(bool(silent_calls[h][n]) != bool(v["present"]) for n, v in labels.items())
+        expected.append((round(disagree + 1 - min(margin / 0.5, 1), 4), h))
+    assert [(q["score"], q["image_sha256"]) for q in queue] == sorted(expected, key=lambda e: (-e[0], e[1]))
+    assert sha not in {q["image_sha256"] for q in queue} and len(queue) == 5

@@ -53,6 +53,27 @@ class ReviewDesk:
             while len(self._recent) > RECENT_PREDICTIONS:
                 self._recent.popitem(last=False)
 
+    def queue(self, reviewed: set[str], shadow: Mapping[str, Mapping[str, bool]] | None = None,
+              limit: int = 50) -> list[dict]:  # fmt: skip
+        """The images this server showed recently and nobody reviewed, those a review would teach most first: each
+        label the shadow challenger called differently counts 1, plus how near the closest label's probability is
+        to its threshold (1 on it, 0 at half a unit away)."""
+        with self._lock:
+            entries = [(sha, e) for sha, e in self._recent.items() if sha not in reviewed]
+        out = []
+        for sha, entry in entries:
+            shown = entry["shown"]
+            margins = {n: abs(v["probability"] - v["threshold"]) for n, v in shown.items()}
+            nearest = min(margins, key=margins.get)
+            calls = (shadow or {}).get(sha) or {}
+            disagree = sorted(n for n, v in shown.items() if n in calls and bool(calls[n]) != bool(v["present"]))
+            score = len(disagree) + 1.0 - min(margins[nearest] / 0.5, 1.0)
+            out.append({"image_sha256": sha, "image_name": entry["name"], "score": round(score, 4),
+                        "nearest_label": nearest, "margin": round(margins[nearest], 4),
+                        "disagree": disagree})  # fmt: skip
+        out.sort(key=lambda r: (-r["score"], r["image_sha256"]))
+        return out[:limit]
+
     def review(self, sha: str, reviewer: str, verdicts: dict, comment: str | None, supersedes: int | None, *,
                model_sha256: str, calibration: str, labels) -> dict:  # fmt: skip
         """Save a reader's verdicts on an image this server predicted; :class:`NotShown` when it did not."""

@@ -22,6 +22,7 @@ from cxrclip.serve.schemas import (
     PredictResponse,
     ReviewIn,
     ReviewList,
+    ReviewQueue,
     ReviewSaved,
 )
 from cxrclip.serve.service import ApiError
@@ -139,6 +140,13 @@ async def list_reviews(rt: RT, since: str | None = None, limit: int = 1000):
     if after is not None and after.tzinfo is None:
         after = after.replace(tzinfo=datetime.timezone.utc)
     return {"reviews": await rt.run(store.list, after, max(1, min(limit, 10000)))}
+
+
+@v1.get("/review-queue", response_model=ReviewQueue, **ANSWER)
+async def review_queue(rt: RT, limit: int = 50):
+    """Images shown and not reviewed, those a review would teach most first (near a threshold; where a shadow
+    challenger disagrees)."""
+    return {"images": await rt.run(rt.service.review_queue, max(1, min(limit, 1000)))}
 
 
 @v1.get("/monitor", response_model=MonitorReport, **ANSWER)

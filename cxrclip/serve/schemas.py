@@ -126,6 +126,20 @@ class ReviewList(BaseModel):
     reviews: list[Review]
 
 
+class QueuedImage(BaseModel):
+    image_sha256: str
+    image_name: str
+    score: float = Field(description="labels a shadow challenger called differently + nearness of the closest label "
+                         "to its threshold (0–1)")  # fmt: skip
+    nearest_label: str
+    margin: float = Field(description="|probability − threshold| of the nearest label")
+    disagree: list[str] = Field(description="labels the shadow challenger called differently")
+
+
+class ReviewQueue(BaseModel):
+    images: list[QueuedImage]
+
+
 class MonitorReport(Open):
     """Per label the YES share per period against its expected band, and the agreement with reviewers."""
 

@@ -117,6 +117,14 @@ class Service:
                 saved["pacs"] = {"error": f"{e}; the review is saved: cxrclip reviews to-pacs stores it later"}
         return saved
 
+    def review_queue(self, limit: int) -> list[dict]:
+        """Unreviewed images this server showed, those a review would teach most first (:meth:`ReviewDesk.queue`)."""
+        store = self.store()
+        reviewed = {r["image_sha256"] for r in store.list()}
+        shadow = {p["image_sha256"]: {n: bool(v[1]) for n, v in p["labels"].items()}
+                  for p in store.predictions(role="shadow")} if self.shadow is not None else None  # fmt: skip
+        return self.desk.queue(reviewed, shadow, limit)
+
     def monitor(self, period: str) -> dict:
         store = self.store()
         report = monitor_report(

@@ -210,6 +210,26 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_change(args: argparse.Namespace) -> int:
+    from cxrclip.change.promote import champion, promote, rollback
+    from cxrclip.reviews.store import ReviewStore
+
+    with exit_on_user_error():
+        store = ReviewStore(database_url(args.db, must_exist=args.command != "promote"))
+        if args.command == "promote":
+            row = promote(store, args.verdict, args.plan, args.challenger, args.by)
+        elif args.command == "rollback":
+            row = rollback(store, args.by, args.reason)
+        else:
+            row = None
+        now = champion(store)
+    if row is not None:
+        print(f"{row['action']} by {row['by']} at {row['created_at']}: {row['from_path']} -> {row['to_path']}")
+    print(f"champion: {now['path']} (SHA-256 {now['sha256'][:12]}…, since {now['since']})" if now else
+          "champion: none recorded (the model each command is given answers)")  # fmt: skip
+    return 0
+
+
 def _read_users(path: str | None) -> tuple[tuple[str, str], ...]:
     """--users FILE: a JSON object {reader name: their bearer token}."""
     if not path:
@@ -569,6 +589,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     p.add_argument("--out", help="write the verdict with its evidence as JSON here")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("promote", help="make a challenger the champion: only with a compare verdict that says so, "
+                       "under the same plan, of the same files; an append-only audit row")  # fmt: skip
+    p.add_argument("--db", required=True, help="the review store (it keeps the audit rows)")
+    p.add_argument("--verdict", required=True, help="cxrclip compare --out's JSON")
+    p.add_argument("--plan", required=True, help="the change-control plan the verdict was reached under")
+    p.add_argument("--challenger", required=True, help="the model to promote (the one compare judged)")
+    p.add_argument("--by", required=True, help="who promotes (kept in the audit row)")
+    p.set_defaults(func=_model_change, command="promote")
+    p = sub.add_parser("rollback", help="back to the model the last promotion replaced (an append-only audit row)")
+    p.add_argument("--db", required=True)
+    p.add_argument("--by", required=True)
+    p.add_argument("--reason", required=True)
+    p.set_defaults(func=_model_change, command="rollback")
+    p = sub.add_parser("champion", help="the model in effect, by the audit rows")
+    p.add_argument("--db", required=True)
+    p.set_defaults(func=_model_change, command="champion")
 
     p = sub.add_parser("reviews", help="the reviews saved in cxrclip serve: export them as data")
     reviews = p.add_subparsers(dest="reviews_command", required=True)

@@ -101,3 +101,51 @@ def test_too_few_reviewed_cases_is_a_refusal_that_says_how_many_are_needed():
     out = compare(y, ["A", "B"], scores("champion", weak), scores("challenger", strong), plan, patients)
     assert out["decision"] == "refuse"
     assert any(r.startswith("B: ") and "the plan needs 20 and 20" in r for r in out["reasons"])
+
+
+def test_promotion_only_by_the_plan_and_rollback_are_append_only_audit_rows(tmp_path, capsys):
+    import hashlib
+    import json
+
+    from sqlalchemy import text
+
+    from cxrclip.change.promote import PromotionRefused, champion, promote, rollback
+    from cxrclip.cli import main as cli_main
+    from cxrclip.reviews.store import ReviewStore
+
+    champ, chall = tmp_path / "champion.tar", tmp_path / "challenger.tar"
+    champ.write_bytes(b"champion weights")
+    chall.write_bytes(b"challenger weights")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("criteria: [{metric: auroc, non_inferiority: 0.02}]\n")
+    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    verdict = {"decision": "promote", "reasons": [], "plan": {"sha256": sha(plan)}, "champion": str(champ),
+               "champion_sha256": sha(champ), "challenger": str(chall), "challenger_sha256": sha(chall)}  # fmt: skip
+    path = tmp_path / "verdict.json"
+    store = ReviewStore(tmp_path / "reviews.sqlite")
+
+    def refused(change: dict, message: str) -> None:
+        path.write_text(json.dumps({**verdict, **change}))
+        with pytest.raises(PromotionRefused, match=message):
+            promote(store, path, plan, chall, "Dr. Chen")
+
+    refused({"decision": "refuse", "reasons": ["B: 3 positives"]}, "is 'refuse', not promote: B: 3 positives")
+    refused({"plan": {"sha256": "0" * 64}}, "another plan")
+    refused({"challenger_sha256": "0" * 64}, "is not the challenger the verdict compared")
+    assert champion(store) is None and store.model_changes() == []  # nothing written by a refusal
+    path.write_text(json.dumps(verdict))
+    row = promote(store, path, plan, chall, "Dr. Chen")
+    assert row["action"] == "promote" and row["plan_sha256"] == sha(plan) and json.loads(row["evidence"]) == verdict
+    assert champion(store)["sha256"] == sha(chall) and champion(store)["by"] == "Dr. Chen"
+    with pytest.raises(PromotionRefused, match="another champion"):  # the same verdict again: stale now
+        promote(store, path, plan, chall, "Dr. Chen")
+    back = rollback(store, "Dr. Lin", "sensitivity fell on the ward's films")
+    assert (back["from_sha256"], back["to_sha256"], back["to_path"]) == (sha(chall), sha(champ), str(champ))
+    assert champion(store)["sha256"] == sha(champ)
+    with pytest.raises(PromotionRefused, match="no promotion in effect"):
+        rollback(store, "Dr. Lin", "again")
+    with pytest.raises(Exception, match="append-only"), store.engine.begin() as conn:
+        conn.execute(text("UPDATE cxrclip_model_changes SET by = 'someone else'"))
+    assert [r["action"] for r in store.model_changes()] == ["promote", "rollback"]
+    assert cli_main(["champion", "--db", str(tmp_path / "reviews.sqlite")]) == 0
+    assert f"champion: {champ}" in capsys.readouterr().out

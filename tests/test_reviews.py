@@ -266,7 +266,7 @@ def test_an_older_database_is_migrated_and_keeps_its_reviews(tmp_path):
         command.downgrade(config, "0001_reviews")
     store.close()
     again = ReviewStore(path)
-    assert again.revision == head_revision() == "0004_role"
+    assert again.revision == head_revision() == "0005_model_changes"
     assert again.list() == [saved]
     from sqlalchemy import text
 

@@ -34,7 +34,8 @@ def reviewed_labels(rows: Sequence[dict], names: Sequence[str], path: Path) -> n
     return y
 
 
-def scores_of(options: PredictorOptions, images: Sequence[Path], names: Sequence[str]) -> ModelScores:
+def scores_of(options: PredictorOptions, images: Sequence[Path], names: Sequence[str]) -> tuple[ModelScores, str]:
+    """One model's probabilities and thresholds on the images, and its SHA-256."""
     predictor = open_predictor(options)
     unknown = sorted(set(names) - set(predictor.label_names))
     if unknown:
@@ -44,7 +45,7 @@ def scores_of(options: PredictorOptions, images: Sequence[Path], names: Sequence
         raise InputError(f"{len(failed)} image(s) cannot be read: {failed[0][0]}: {failed[0][1]}")
     p = np.array([[r.labels[n].probability for n in names] for r in results])
     t = np.array([results[0].labels[n].threshold for n in names])
-    return ModelScores(str(options.model_path), p, t)
+    return ModelScores(str(options.model_path), p, t), predictor.card()["checkpoint_sha256"]
 
 
 def compare_models(plan_path: str, test_csv: str, champion: str, challenger: str, *, device: str | None = None,
@@ -67,9 +68,10 @@ def compare_models(plan_path: str, test_csv: str, champion: str, challenger: str
     y = reviewed_labels(rows, names, path)
     groups = [r[patient_column] for r in rows] if patient_column else None
     options = dict(device=device, gate=False)  # reviewed cases are judged whatever the gate says of them
-    a = scores_of(PredictorOptions(champion, **options), images, names)
-    b = scores_of(PredictorOptions(challenger, **options), images, names)
+    a, a_sha = scores_of(PredictorOptions(champion, **options), images, names)
+    b, b_sha = scores_of(PredictorOptions(challenger, **options), images, names)
     out = compare(y, names, a, b, plan, groups)
+    out["champion_sha256"], out["challenger_sha256"] = a_sha, b_sha
     out["cases"] = {"csv": str(path), "rows": len(rows), "by": patient_column or "image"}
     return out
 

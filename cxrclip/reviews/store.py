@@ -90,6 +90,20 @@ predictions = Table(
     Column("labels", Text, nullable=False),
     Column("role", String(16)),  # answer (NULL in older rows) | shadow: a challenger answering silently
 )
+model_changes = Table(  # promotions and rollbacks (append-only): cxrclip/change/promote.py
+    "cxrclip_model_changes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("by", String(128), nullable=False),
+    Column("from_sha256", String(64)),
+    Column("from_path", Text),
+    Column("to_sha256", String(64), nullable=False),
+    Column("to_path", Text, nullable=False),
+    Column("plan_sha256", String(64)),
+    Column("evidence", Text),
+)
 SCHEMA_LOCK = 0x63787276  # PostgreSQL advisory lock key ("cxrv") held while migrating
 
 
@@ -213,6 +227,20 @@ class ReviewStore:
             r["created_at"] = _utc(r["created_at"]).isoformat()
             r["labels"] = json.loads(r["labels"])
             r.pop("role", None)
+        return rows
+
+    def add_model_change(self, **row) -> dict:
+        """One promotion or rollback (append-only: what is done is never edited)."""
+        row = {**row, "created_at": datetime.datetime.now(datetime.timezone.utc)}
+        with self.engine.begin() as conn:
+            new_id = conn.execute(model_changes.insert().values(**row)).inserted_primary_key[0]
+        return next(r for r in self.model_changes() if r["id"] == new_id)
+
+    def model_changes(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(select(model_changes).order_by(model_changes.c.id)).mappings()]
+        for r in rows:
+            r["created_at"] = _utc(r["created_at"]).isoformat()
         return rows
 
     def current(self) -> list[dict]:

@@ -256,8 +256,11 @@ def _serve(args: argparse.Namespace) -> int:
     from cxrclip.serve.app import ServeSettings, serve
 
     with exit_on_user_error():
+        if not (args.model_path or args.champion_db):
+            raise ConfigError("cxrclip serve needs --model_path MODEL (or --champion-db DB)")
         settings = ServeSettings(
             model=PredictorOptions.from_args(args),
+            champion_db=args.champion_db,
             host=args.host,
             port=args.port,
             token=args.token,
@@ -536,7 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shadow", metavar="CHALLENGER", help="a challenger that answers every image silently: logged "
                    "with its hash for /monitor's comparison, never shown, never in an API answer")  # fmt: skip
     add_connection_arguments(p, what="the PACS a review of a DICOM image goes back to, as a verified SR")
-    PredictorOptions.add_arguments(p)
+    p.add_argument("--champion-db", metavar="DB", help="serve the champion cxrclip promote / rollback recorded in "
+                   "this review store (else --model_path); read at start: restart after a promotion")  # fmt: skip
+    PredictorOptions.add_arguments(p, required=False)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -734,3 +735,53 @@ def test_a_shadow_challenger_in_the_worker_answers_silently_and_never_reaches_th
         assert not pacs.has_instance(s.StudyInstanceUID, sr_uids(s.SOPInstanceUID, challenger_sha)[1])
     worker_in_process(tiny_clip_checkpoint, orthanc, db, since="19000101", shadow=str(challenger)).run()
     assert len(JobStore(db).shadow_rows()) == 2  # a second pass logs nothing twice
+
+
+def test_the_worker_answers_with_the_champion_the_audit_rows_name_and_rereads_it_on_sighup(
+    orthanc, tiny_clip_checkpoint, demo_data, tmp_path
+):
+    import hashlib
+    import json
+
+    from cxrclip.change.promote import model_in_effect, promote, rollback
+    from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint
+    from cxrclip.reviews.store import ReviewStore
+
+    state = {k: v for k, v in load_checkpoint(tiny_clip_checkpoint).items() if k != "format"}
+    state["model"] = dict(state["model"])
+    state["model"]["image_projection.projection.weight"] = -state["model"]["image_projection.projection.weight"]
+    challenger = save_checkpoint(tmp_path / "challenger.tar", state)
+    sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
+    reviews = tmp_path / "reviews.sqlite"
+    store = ReviewStore(reviews)
+    assert model_in_effect(reviews, str(tiny_clip_checkpoint)) == str(tiny_clip_checkpoint)  # nothing promoted yet
+    worker = worker_in_process(tiny_clip_checkpoint, orthanc, tmp_path / "jobs.sqlite", champion_db=str(reviews))
+    assert worker.card["checkpoint_sha256"] == sha(tiny_clip_checkpoint)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("criteria: [{metric: auroc, non_inferiority: 0.02}]\n")
+    verdict = tmp_path / "verdict.json"
+    verdict.write_text(
+        json.dumps(
+            {
+                "decision": "promote",
+                "plan": {"sha256": sha(plan)},
+                "champion": str(tiny_clip_checkpoint),
+                "champion_sha256": sha(tiny_clip_checkpoint),
+                "challenger_sha256": sha(challenger),
+            }
+        )
+    )
+    promote(store, verdict, plan, challenger, "Dr. Chen")
+    worker.reload_requested.set()  # what SIGHUP does
+    worker.reload()
+    assert worker.card["checkpoint_sha256"] == sha(challenger) and not worker.reload_requested.is_set()
+    (pixels,) = films(demo_data, 1)
+    film = radiograph_dicom(pixels)
+    upload(orthanc.client(), [film])
+    worker.s = replace(worker.s, since="19000101")
+    worker.run()
+    (sr,) = srs_by_source(orthanc.client())[film.SOPInstanceUID]
+    assert sr["sop_instance_uid"] == sr_uids(film.SOPInstanceUID, sha(challenger))[1]  # answered by the champion
+    rollback(store, "Dr. Lin", "worse on the ward")
+    worker.reload()
+    assert worker.card["checkpoint_sha256"] == sha(tiny_clip_checkpoint)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from cxrclip.exceptions import UserError
-from cxrclip.io import file_sha256
+from cxrclip.io import database_url, file_sha256
 from cxrclip.reviews.store import ReviewStore
 
 
@@ -79,3 +79,17 @@ def rollback(store: ReviewStore, by: str, reason: str) -> dict:
         to_sha256=last["from_sha256"], to_path=last["from_path"], plan_sha256=None,
         evidence=json.dumps({"reason": reason}),
     )  # fmt: skip
+
+
+def model_in_effect(db: str | Path, fallback: str | None) -> str:
+    """The champion's path from the audit rows of ``db`` (``--champion-db``), else ``fallback`` (``--model_path``)."""
+    store = ReviewStore(database_url(db, option="--champion-db", must_exist=True))
+    try:
+        current = champion(store)
+    finally:
+        store.close()
+    if current is not None:
+        return current["path"]
+    if not fallback:
+        raise PromotionRefused(f"--champion-db {db}: no promotion recorded yet; give --model_path for the first model")
+    return fallback

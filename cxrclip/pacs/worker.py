@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from cxrclip.change.promote import model_in_effect
 from cxrclip.data.images import ImageReadError, dicom_image
 from cxrclip.exceptions import ConfigError, exit_on_user_error
 from cxrclip.io import database_url
@@ -66,6 +67,7 @@ class WorkerSettings:
     heatmap_labels: tuple[str, ...] = ()  # labels whose Grad-CAM is stored; "yes": every label called YES
     heatmap_format: str = "seg"  # seg | fractional (a DICOM Segmentation) | sc (a Secondary Capture) | both
     shadow: str | None = None  # a challenger answering every instance silently: job store only, never the PACS
+    champion_db: str | None = None  # answer with the champion these audit rows name; reread on SIGHUP
     lease_s: float = 600.0
     max_attempts: int = 5
     once: bool = False
@@ -120,6 +122,7 @@ class Worker:
         self.outage = 0  # consecutive failed calls to the PACS
         self.late_swept = -float("inf")  # QIDO: when the last search reaching --accept-late-days back ran
         self.shadow, self.shadow_sha = None, None  # --shadow: a challenger answering silently (make_worker)
+        self.reload_requested = threading.Event()  # SIGHUP: reread the champion between two instances
         unknown = sorted(set(settings.heatmap_labels) - set(predictor.label_names) - {EVERY_YES})
         if unknown:
             raise ConfigError(f"--heatmap {unknown}: not a label of this model; labels: {predictor.label_names}")
@@ -326,6 +329,22 @@ class Worker:
                  f" ({', '.join(yes)})" if yes else "", sr.SOPInstanceUID, time.perf_counter() - started)  # fmt: skip
         self.answer_in_shadow(job.sop_uid, image, facts)
 
+    def reload(self) -> None:
+        """SIGHUP with --champion-db: answer from now on with the champion the audit rows name (after a promotion or
+        a rollback); the instance in hand, if any, was answered by the model before."""
+        self.reload_requested.clear()
+        if not self.s.champion_db:
+            log.info("SIGHUP: no --champion-db, the model stays %s", self.s.model.model_path)
+            return
+        path = model_in_effect(self.s.champion_db, self.s.model.model_path)
+        predictor = open_predictor(replace(self.s.model, model_path=path))
+        card = predictor.card()
+        if card["checkpoint_sha256"] == self.card["checkpoint_sha256"]:
+            log.info("SIGHUP: the champion is unchanged (%s)", path)
+            return
+        self.predictor, self.card = predictor, card
+        log.info("SIGHUP: now answering with the champion %s (%s…)", path, card["checkpoint_sha256"][:12])
+
     def answer_in_shadow(self, sop_uid: str, image, facts: dict) -> None:
         """--shadow: the challenger's answer to the same image, after the champion's is stored — logged in the job
         store, never an SR, never in the PACS. A failure of the challenger is logged and changes nothing else."""
@@ -361,6 +380,8 @@ class Worker:
         log.info("watching %s for %s every %.0f s (job store %s)", self.pacs.url, "/".join(self.s.modalities),
                  self.s.poll_s, self.store.engine.url.render_as_string(hide_password=True))  # fmt: skip
         while not self.stop.is_set():
+            if self.reload_requested.is_set():
+                self.reload()
             try:
                 self.poll()
             except PacsRejected as e:
@@ -407,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", action="append", metavar="LABEL", help="also store where the model looked for "
                    "LABEL (repeat; 'yes': every label called YES): a DICOM Segmentation in the study, and an outline "
                    "in the SR where the label is called YES")  # fmt: skip
+    p.add_argument("--champion-db", metavar="DB", help="answer with the champion cxrclip promote / rollback "
+                   "recorded in this review store (else --model_path); SIGHUP rereads it")  # fmt: skip
     p.add_argument("--shadow", metavar="CHALLENGER", help="a challenger that answers every instance silently, "
                    "after the model's answer is stored: logged in the job store, never stored in the PACS")  # fmt: skip
     p.add_argument("--heatmap-format", choices=HEATMAP_FORMATS, default="seg", help="seg: a BINARY "
@@ -445,11 +468,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.status:
             print_status(store, skipped=args.skipped)
             return 0
-        if not (args.dicomweb and args.model_path):
-            raise ConfigError("cxrclip pacs needs --dicomweb URL and --model_path MODEL (or --status)")
+        if not (args.dicomweb and (args.model_path or args.champion_db)):
+            raise ConfigError(
+                "cxrclip pacs needs --dicomweb URL and --model_path MODEL or --champion-db DB (or --status)"
+            )
         connection = Connection.from_args(args)
+        model = PredictorOptions.from_args(args)
+        if args.champion_db:  # the champion the audit rows name, else --model_path
+            model = replace(model, model_path=model_in_effect(args.champion_db, args.model_path))
         settings = WorkerSettings(
-            dicomweb=connection.url, model=PredictorOptions.from_args(args), db=args.db, poll_s=args.poll,
+            dicomweb=connection.url, model=model, champion_db=args.champion_db, db=args.db, poll_s=args.poll,
             since=parse_date(args.since) if args.since else None, lookback_days=args.lookback_days,
             trigger=args.trigger, changes_url=args.changes_url, accept_late_days=args.accept_late_days,
             late_sweep_s=args.late_sweep,
@@ -462,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         worker = make_worker(settings, pacs, store)
         signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
         signal.signal(signal.SIGINT, lambda *_: worker.stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: worker.reload_requested.set())
         worker.run()
     return 0
 

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from cxrclip.change.promote import model_in_effect
 from cxrclip.data.images import ImageReadError, UnsupportedImageError, decode_image_bytes
 from cxrclip.exceptions import ConfigError, InputError
 from cxrclip.pacs.assessment import send_review
@@ -36,6 +37,7 @@ class ServeSettings:
     keep_images: str | None = None  # a folder: reviewed images are kept there (by SHA-256); None: only their hash
     pacs: Connection | None = None  # reviews of DICOM images from this PACS are stored back there as verified SRs
     shadow: str | None = None  # a challenger answering every image silently: logged for the monitor, never shown
+    champion_db: str | None = None  # serve the champion these audit rows name (else model.model_path), read at start
 
     def check(self) -> None:
         local = self.host in ("127.0.0.1", "localhost", "::1")
@@ -82,7 +84,10 @@ class Service:
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
-        self.predictor = open_predictor(settings.model)
+        model = settings.model
+        if settings.champion_db:  # the champion cxrclip promote / rollback recorded, else --model_path
+            model = replace(model, model_path=model_in_effect(settings.champion_db, model.model_path))
+        self.predictor = open_predictor(model)
         self.card = self.predictor.card()
         self.reviews = ReviewStore(settings.db) if settings.db else None
         self.desk = ReviewDesk(self.reviews, settings.keep_images) if self.reviews is not None else None

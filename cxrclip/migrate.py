@@ -131,3 +131,14 @@ def drop_append_only(op, table: str) -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(f"DROP TRIGGER {table}_append_only ON {table}")
         op.execute(f"DROP FUNCTION {table}_append_only()")
+
+
+def create_log_table(op, name: str, *columns, append_only: str | None = None) -> None:
+    """In a migration: a log table — an integer id, the time of each row (``created_at``), then ``columns`` (and
+    constraints) — append-only by triggers when ``append_only`` says why."""
+    import sqlalchemy as sa
+
+    op.create_table(name, sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+                    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False), *columns)  # fmt: skip
+    if append_only:
+        create_append_only(op, name, append_only)

@@ -7,21 +7,19 @@ Revises: 0002_study_date
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_shadow"
-down_revision = "0002_study_date"
+from cxrclip.migrate import create_log_table
+
+revision, down_revision = "0003_shadow", "0002_study_date"
 
 
 def upgrade() -> None:
-    op.create_table(
-        "cxrclip_pacs_shadow",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    create_log_table(
+        op, "cxrclip_pacs_shadow",
         sa.Column("sop_uid", sa.String(64), nullable=False, index=True),
-        sa.Column("model_sha256", sa.String(64), nullable=False),
-        sa.Column("analysed", sa.Boolean, nullable=False),
+        sa.Column("model_sha256", sa.String(64), nullable=False), sa.Column("analysed", sa.Boolean, nullable=False),
         sa.Column("labels", sa.Text, nullable=False),  # as inference.py --json gives them; {} when refused
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.UniqueConstraint("sop_uid", "model_sha256"),
-    )
+    )  # fmt: skip
 
 
 def downgrade() -> None:

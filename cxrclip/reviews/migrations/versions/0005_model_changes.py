@@ -8,29 +8,22 @@ Revises: 0004_role
 import sqlalchemy as sa
 from alembic import op
 
-from cxrclip.migrate import create_append_only, drop_append_only
+from cxrclip.migrate import create_log_table, drop_append_only
 
-revision = "0005_model_changes"
-down_revision = "0004_role"
-
-APPEND_ONLY = "model changes are append-only: a rollback is a new row"
+revision, down_revision = "0005_model_changes", "0004_role"
 
 
 def upgrade() -> None:
-    op.create_table(
-        "cxrclip_model_changes",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    create_log_table(
+        op, "cxrclip_model_changes",
         sa.Column("action", sa.String(16), nullable=False),  # promote | rollback
         sa.Column("by", sa.String(128), nullable=False),
-        sa.Column("from_sha256", sa.String(64)),
-        sa.Column("from_path", sa.Text),
-        sa.Column("to_sha256", sa.String(64), nullable=False),
-        sa.Column("to_path", sa.Text, nullable=False),
+        sa.Column("from_sha256", sa.String(64)), sa.Column("from_path", sa.Text),
+        sa.Column("to_sha256", sa.String(64), nullable=False), sa.Column("to_path", sa.Text, nullable=False),
         sa.Column("plan_sha256", sa.String(64)),
         sa.Column("evidence", sa.Text),  # the verdict (JSON) a promotion rests on; a rollback's reason
-    )
-    create_append_only(op, "cxrclip_model_changes", APPEND_ONLY)
+        append_only="model changes are append-only: a rollback is a new row",
+    )  # fmt: skip
 
 
 def downgrade() -> None:

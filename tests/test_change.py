@@ -152,34 +152,15 @@ def test_promotion_only_by_the_plan_and_rollback_are_append_only_audit_rows(tmp_
 
 
 def test_the_server_serves_the_champion_the_audit_rows_name(tiny_clip_checkpoint, tmp_path, minilm_tokenizer):
-    import hashlib
-    import json
-    import shutil
-
     from cxrclip.change.promote import promote
     from cxrclip.predict import PredictorOptions
     from cxrclip.reviews.store import ReviewStore
     from cxrclip.serve.app import ServeSettings, Service
+    from tests.models import challenger_checkpoint, promotion_verdict, sha256
 
-    challenger = tmp_path / "challenger.tar"
-    shutil.copyfile(tiny_clip_checkpoint, challenger)
-    with challenger.open("ab") as f:  # other bytes, the same weights: another model by its hash
-        f.write(b"\0")
-    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-    plan = tmp_path / "plan.yaml"
-    plan.write_text("criteria: [{metric: auroc, non_inferiority: 0.02}]\n")
-    verdict = tmp_path / "verdict.json"
-    verdict.write_text(
-        json.dumps(
-            {
-                "decision": "promote",
-                "plan": {"sha256": sha(plan)},
-                "champion_sha256": sha(tiny_clip_checkpoint),
-                "challenger_sha256": sha(challenger),
-            }
-        )
-    )
+    challenger = challenger_checkpoint(tiny_clip_checkpoint, tmp_path / "challenger.tar")
+    verdict, plan = promotion_verdict(tmp_path, tiny_clip_checkpoint, challenger)
     reviews = tmp_path / "reviews.sqlite"
     promote(ReviewStore(reviews), verdict, plan, challenger, "Dr. Chen")
     settings = ServeSettings(model=PredictorOptions("", device="cpu"), db=str(reviews), champion_db=str(reviews))
-    assert Service(settings).card["checkpoint_sha256"] == sha(challenger)
+    assert Service(settings).card["checkpoint_sha256"] == sha256(challenger)

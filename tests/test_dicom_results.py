@@ -176,7 +176,7 @@ def test_every_snomed_code_named_is_the_one_pydicom_knows():
     known = {"36118008": codes.SCT.Pneumothorax, "16838000": codes.SCT.Pneumomediastinum,
              "19227008": codes.SCT.ForeignBody, "26412008": codes.SCT.EndotrachealTube,
              "52124006": codes.SCT.CentralVenousCatheter}  # fmt: skip
-    for value, _meaning in FINDING_CODES.values():
+    for value, *_ in FINDING_CODES.values():
         if value in known:
             assert known[value].value == value
 

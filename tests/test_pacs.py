@@ -703,16 +703,10 @@ def test_a_review_of_a_pacs_image_goes_back_to_the_pacs_as_a_verified_sr_exactly
 def test_a_shadow_challenger_in_the_worker_answers_silently_and_never_reaches_the_pacs(
     orthanc, tiny_clip_checkpoint, demo_data, tmp_path
 ):
-    import hashlib
+    from tests.models import challenger_checkpoint, sha256
 
-    from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint
-
-    state = {k: v for k, v in load_checkpoint(tiny_clip_checkpoint).items() if k != "format"}
-    state["model"] = dict(state["model"])
-    key = "image_projection.projection.weight"
-    state["model"][key] = -state["model"][key]
-    challenger = save_checkpoint(tmp_path / "challenger.tar", state)
-    challenger_sha = hashlib.sha256(challenger.read_bytes()).hexdigest()
+    challenger = challenger_checkpoint(tiny_clip_checkpoint, tmp_path / "challenger.tar")
+    challenger_sha = sha256(challenger)
     a, b = films(demo_data, 2)
     sources = [radiograph_dicom(a), radiograph_dicom(b, view="LL")]  # one answered, one refused: both shadowed
     pacs = orthanc.client()
@@ -740,37 +734,18 @@ def test_a_shadow_challenger_in_the_worker_answers_silently_and_never_reaches_th
 def test_the_worker_answers_with_the_champion_the_audit_rows_name_and_rereads_it_on_sighup(
     orthanc, tiny_clip_checkpoint, demo_data, tmp_path
 ):
-    import hashlib
-    import json
-
     from cxrclip.change.promote import model_in_effect, promote, rollback
-    from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint
     from cxrclip.reviews.store import ReviewStore
+    from tests.models import challenger_checkpoint, promotion_verdict
+    from tests.models import sha256 as sha
 
-    state = {k: v for k, v in load_checkpoint(tiny_clip_checkpoint).items() if k != "format"}
-    state["model"] = dict(state["model"])
-    state["model"]["image_projection.projection.weight"] = -state["model"]["image_projection.projection.weight"]
-    challenger = save_checkpoint(tmp_path / "challenger.tar", state)
-    sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
+    challenger = challenger_checkpoint(tiny_clip_checkpoint, tmp_path / "challenger.tar")
     reviews = tmp_path / "reviews.sqlite"
     store = ReviewStore(reviews)
     assert model_in_effect(reviews, str(tiny_clip_checkpoint)) == str(tiny_clip_checkpoint)  # nothing promoted yet
     worker = worker_in_process(tiny_clip_checkpoint, orthanc, tmp_path / "jobs.sqlite", champion_db=str(reviews))
     assert worker.card["checkpoint_sha256"] == sha(tiny_clip_checkpoint)
-    plan = tmp_path / "plan.yaml"
-    plan.write_text("criteria: [{metric: auroc, non_inferiority: 0.02}]\n")
-    verdict = tmp_path / "verdict.json"
-    verdict.write_text(
-        json.dumps(
-            {
-                "decision": "promote",
-                "plan": {"sha256": sha(plan)},
-                "champion": str(tiny_clip_checkpoint),
-                "champion_sha256": sha(tiny_clip_checkpoint),
-                "challenger_sha256": sha(challenger),
-            }
-        )
-    )
+    verdict, plan = promotion_verdict(tmp_path, tiny_clip_checkpoint, challenger)
     promote(store, verdict, plan, challenger, "Dr. Chen")
     worker.reload_requested.set()  # what SIGHUP does
     worker.reload()

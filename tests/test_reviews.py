@@ -513,14 +513,10 @@ def test_a_shadow_challenger_answers_silently_and_the_monitor_compares_it(tiny_c
 
     from fastapi.testclient import TestClient
 
-    from cxrclip.model.checkpoint import load_checkpoint, save_checkpoint
     from cxrclip.serve.app import ServeSettings, Service, create_app
+    from tests.models import challenger_checkpoint
 
-    state = {k: v for k, v in load_checkpoint(tiny_clip_checkpoint).items() if k != "format"}
-    state["model"] = dict(state["model"])
-    key = "image_projection.projection.weight"
-    state["model"][key] = -state["model"][key]  # a challenger that sees things the other way round
-    challenger = save_checkpoint(tmp_path / "challenger.tar", state)
+    challenger = challenger_checkpoint(tiny_clip_checkpoint, tmp_path / "challenger.tar")
     db = tmp_path / "reviews.sqlite"
     model = PredictorOptions(str(tiny_clip_checkpoint), device="cpu")
     plain = TestClient(create_app(s := ServeSettings(model=model, db=str(tmp_path / "plain.sqlite")), Service(s)))

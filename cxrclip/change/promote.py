@@ -81,6 +81,15 @@ def rollback(store: ReviewStore, by: str, reason: str) -> dict:
     )  # fmt: skip
 
 
+def options_in_effect(options, db: str | Path | None):
+    """``options`` (:class:`~cxrclip.predict.factory.PredictorOptions`) for the champion ``db``'s audit rows name
+    (``--champion-db``); ``options`` as they are without a ``db`` or before a first promotion."""
+    if not db:
+        return options
+    path = model_in_effect(db, options.model_path)
+    return options if path == options.model_path else options.for_model(path)
+
+
 def model_in_effect(db: str | Path, fallback: str | None) -> str:
     """The champion's path from the audit rows of ``db`` (``--champion-db``), else ``fallback`` (``--model_path``)."""
     store = ReviewStore(database_url(db, option="--champion-db", must_exist=True))

@@ -67,9 +67,14 @@ def resize(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
     return np.array(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BILINEAR))
 
 
+def crop_shape(size: int | Sequence[int]) -> tuple[int, int]:
+    """(H, W) of a CenterCrop ``size``: an int for a square, else [H, W] (one value: a square)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+
+
 def center_crop(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
     """The central crop, zero-padded first where the image is smaller (torchvision's rule)."""
-    ch, cw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+    ch, cw = crop_shape(size)
     h, w = image.shape[-2:]
     if ch > h or cw > w:
         top, left = max(ch - h, 0) // 2, max(cw - w, 0) // 2
@@ -205,8 +210,7 @@ class PreprocessSpec:
                 m = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]]) @ m
                 h, w = h2, w2
             elif name == "CenterCrop":
-                size = kw["size"]
-                ch, cw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+                ch, cw = crop_shape(kw["size"])
                 top, left = max(ch - h, 0) // 2, max(cw - w, 0) // 2  # zero padding first, as center_crop does
                 ph, pw = h + max(ch - h, 0), w + max(cw - w, 0)
                 dy, dx = top - int(round((ph - ch) / 2.0)), left - int(round((pw - cw) / 2.0))

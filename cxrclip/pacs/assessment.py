@@ -20,6 +20,7 @@ from cxrclip.pacs.sr import MANUFACTURER, derived_uid, evidence_of, finding_code
 
 REVIEW_SERIES_NUMBER = 9904
 AI_SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR: cxrclip's AI SR
+ORGANIZATION = "cxrclip review"
 
 
 class Reference(NamedTuple):
@@ -29,9 +30,6 @@ class Reference(NamedTuple):
     SeriesInstanceUID: str
     SOPInstanceUID: str
     SOPClassUID: str
-
-
-ORGANIZATION = "cxrclip review"
 
 
 def review_uids(source_sop_uid: str, review_id: int) -> tuple[str, str]:
@@ -131,12 +129,10 @@ def send_review(pacs, review: Mapping) -> dict:
     "stored": True | False (already there), "ai_sr": UID | None}``. Raises what the PACS client raises."""
     study, series, sop = review["dicom"]["study"], review["dicom"]["series"], review["dicom"]["sop"]
     sr_uid = review_uids(sop, int(review["id"]))[1]
-    ai_uid = sr_uids(sop, review["model_sha256"])[1]
+    ai_series, ai_uid = sr_uids(sop, review["model_sha256"])
+    ai_known = pacs.has_instance(study, ai_uid)
     if pacs.has_instance(study, sr_uid):
-        return {"sr_uid": sr_uid, "stored": False, "ai_sr": ai_uid if pacs.has_instance(study, ai_uid) else None}
-    source = pacs.retrieve(study, series, sop)
-    ai_sr = None
-    if pacs.has_instance(study, ai_uid):
-        ai_sr = Reference(study, sr_uids(sop, review["model_sha256"])[0], ai_uid, AI_SR_CLASS)
-    pacs.store([build_review_sr(source, review, ai_sr)], study)
-    return {"sr_uid": sr_uid, "stored": True, "ai_sr": ai_uid if ai_sr is not None else None}
+        return {"sr_uid": sr_uid, "stored": False, "ai_sr": ai_uid if ai_known else None}
+    ai_sr = Reference(study, ai_series, ai_uid, AI_SR_CLASS) if ai_known else None
+    pacs.store([build_review_sr(pacs.retrieve(study, series, sop), review, ai_sr)], study)
+    return {"sr_uid": sr_uid, "stored": True, "ai_sr": ai_uid if ai_known else None}

@@ -17,10 +17,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from cxrclip import __version__
-from cxrclip.pacs.sr import MANUFACTURER, derived_uid, finding_code, image_header, sr_uids
+from cxrclip.pacs.sr import MANUFACTURER, derived_uid, finding_code, finding_kind, image_header, sr_uids
 
 SEG_SERIES_NUMBER = 9903
-DEVICE_FINDINGS = {"26412008", "52124006", "17102003"}  # endotracheal tube, central venous catheter, NG tube
 # display colours, one per segment, distinct on a grey film (Okabe–Ito's colour-blind-safe set, less black and grey)
 COLOURS = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#FFFFFF"]
 
@@ -47,7 +46,7 @@ def build_saliency_seg(source, maps: Mapping[str, np.ndarray], card: Mapping, *,
     descriptions = []
     for i, label in enumerate(labels, start=1):
         code = finding_code(label)
-        category = _categories()["device" if code.value in DEVICE_FINDINGS else "finding"]
+        category = _categories()[finding_kind(label)]
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=i, segment_label=f"{label[:50]} saliency", segmented_property_category=category,
             segmented_property_type=code, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,

@@ -14,12 +14,14 @@ the template, dciodvfy no error)::
           CODE Finding = SNOMED CT where one exists, else (99CXRCLIP, label)
           TID 4019: Algorithm Name / Version / Parameters (the model's: checkpoint SHA-256, preprocessing,
                     precision, calibration, gate; the label's: operating-point rule, calibrated yes/no)
-          NUM Probability (DCM 122157) = the calibrated P(yes); NUM Threshold Value (DCM 122411)
-          NUM (99CXRCLIP uncalibrated) = the raw sigmoid
+          NUM Probability (DCM 122157) = the calibrated P(yes), INFERRED FROM a SCOORD polyline along the film's
+              edges (an image-level answer; a viewer that draws measurements needs coordinates for each)
+          NUM Threshold Value (DCM 122411); NUM (99CXRCLIP uncalibrated) = the raw sigmoid
           IMAGE Source image = the radiograph
         per label called YES with a heat map (--heatmap): a planar region group            TID 1410
-          Tracking Identifier "<label>: saliency", SCOORD POLYLINE (closed) = the outline of the Grad-CAM's
-          hottest connected area, NUM Probability; the Segmentation beside it holds the whole map
+          the label's own Tracking Identifier and UID (one finding: how likely, and where), SCOORD POLYLINE
+          (closed) = the outline of the Grad-CAM's hottest connected area; the Segmentation beside it holds the
+          area for every heat-map label
         refused (--report-refusals): one group "input gate": Finding (99CXRCLIP not-analysed),
           NUM (99CXRCLIP gate-score)
       CONTAINER (UMLS C0034375 "Qualitative Evaluations")
@@ -86,26 +88,38 @@ def _codes():
 
 # SNOMED CT codes for the labels that have one (checked against pydicom's code dictionary and HL7's published value
 # sets); a malposition is not the device, so it keeps a private code, like the labels no code names.
+# A device's code says what the finding is (a Segmentation files its segment as a physical object).
 FINDING_CODES = {
-    "endotracheal tube in place": ("26412008", "Endotracheal tube"),
-    "central venous catheter in place": ("52124006", "Central venous catheter"),
-    "ng tube in place": ("17102003", "Nasogastric tube"),
-    "pneumothorax": ("36118008", "Pneumothorax"),
-    "pneumomediastinum": ("16838000", "Pneumomediastinum"),
-    "foreign body": ("19227008", "Foreign body"),
+    "endotracheal tube in place": ("26412008", "Endotracheal tube", "device"),
+    "central venous catheter in place": ("52124006", "Central venous catheter", "device"),
+    "ng tube in place": ("17102003", "Nasogastric tube", "device"),
+    "pneumothorax": ("36118008", "Pneumothorax", "finding"),
+    "pneumomediastinum": ("16838000", "Pneumomediastinum", "finding"),
+    "foreign body": ("19227008", "Foreign body", "finding"),
 }
 
 
-@functools.lru_cache(maxsize=256)
-def finding_code(label: str):
-    import highdicom as hd
+def finding_kind(label: str) -> str:
+    """``device`` for a label whose code names a device, else ``finding``."""
+    return FINDING_CODES.get(label.strip().lower(), ("", "", "finding"))[2]
 
+
+@functools.lru_cache(maxsize=256)
+def _finding_triple(label: str) -> tuple[str, str, str]:
     known = FINDING_CODES.get(label.strip().lower())
     if known:
-        return hd.sr.CodedConcept(known[0], "SCT", known[1])
+        return known[0], "SCT", known[1]
     digest = hashlib.sha1(label.encode("utf-8")).hexdigest()[:6]  # unique per label; the meaning holds the text
     slug = "".join(ch for ch in label.lower() if ch.isalnum())[:9] or "label"
-    return hd.sr.CodedConcept(f"{slug}-{digest}", SCHEME, label[:64])
+    return f"{slug}-{digest}", SCHEME, label[:64]
+
+
+def finding_code(label: str):
+    """The label's finding as a coded concept: SNOMED CT where one exists, else private. A new object each call
+    (a content item is a dataset that lives in one tree)."""
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(*_finding_triple(label))
 
 
 def sr_uids(source_sop_uid: str, model_sha256: str, kind: str = "sr") -> tuple[str, str]:
@@ -481,8 +495,8 @@ def _read_group(group, out: dict, labels: dict, regions: dict, by_code: dict) ->
     own = [x for x in params if x.startswith(("rule=", "calibrated=", "region="))]
     if not out["parameters"]:
         out["parameters"] = [x for x in params if x not in own]
-    if outline is not None:
-        regions[tracking.removesuffix(": saliency")] = outline
+    if outline is not None:  # TID 1410: where the model looked for the label it is tracked under
+        regions[tracking] = outline
         return
     finding = fields[("DCM", "121071")]
     if finding[:2] == (SCHEME, "not-analysed"):

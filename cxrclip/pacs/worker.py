@@ -23,11 +23,11 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-from cxrclip.change.promote import model_in_effect
+from cxrclip.change.promote import model_sha256, options_in_effect
 from cxrclip.data.images import ImageReadError, dicom_image
 from cxrclip.exceptions import ConfigError, exit_on_user_error
 from cxrclip.io import database_url
@@ -331,19 +331,24 @@ class Worker:
 
     def reload(self) -> None:
         """SIGHUP with --champion-db: answer from now on with the champion the audit rows name (after a promotion or
-        a rollback); the instance in hand, if any, was answered by the model before."""
+        a rollback); the instance in hand, if any, was answered by the model before. A champion that cannot be read
+        or opened is logged, and the model in use goes on answering."""
         self.reload_requested.clear()
         if not self.s.champion_db:
             log.info("SIGHUP: no --champion-db, the model stays %s", self.s.model.model_path)
             return
-        path = model_in_effect(self.s.champion_db, self.s.model.model_path)
-        predictor = open_predictor(replace(self.s.model, model_path=path))
-        card = predictor.card()
-        if card["checkpoint_sha256"] == self.card["checkpoint_sha256"]:
-            log.info("SIGHUP: the champion is unchanged (%s)", path)
+        try:
+            options = options_in_effect(self.s.model, self.s.champion_db)
+            if model_sha256(options.model_path) == self.card["checkpoint_sha256"]:
+                log.info("SIGHUP: the champion is unchanged (%s)", options.model_path)
+                return
+            predictor = open_predictor(options)
+        except Exception:  # a missing store, a moved file: the worker keeps answering with what it has
+            log.exception("SIGHUP: the champion could not be opened; still answering with %s", self.card["name"])
             return
-        self.predictor, self.card = predictor, card
-        log.info("SIGHUP: now answering with the champion %s (%s…)", path, card["checkpoint_sha256"][:12])
+        self.predictor, self.card = predictor, predictor.card()
+        log.info("SIGHUP: now answering with the champion %s (%s…)", options.model_path,
+                 self.card["checkpoint_sha256"][:12])  # fmt: skip
 
     def answer_in_shadow(self, sop_uid: str, image, facts: dict) -> None:
         """--shadow: the challenger's answer to the same image, after the champion's is stored — logged in the job
@@ -392,8 +397,8 @@ class Worker:
             if self.outage:
                 log.info("PACS reachable again after %d failed attempt(s)", self.outage)
                 self.outage = 0
-            while not self.stop.is_set() and self.process_next():
-                pass
+            while not self.stop.is_set() and not self.reload_requested.is_set() and self.process_next():
+                pass  # a SIGHUP is taken between two instances
             if self.s.once and not self.outage:
                 break
             self.store.release_stale()
@@ -473,9 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cxrclip pacs needs --dicomweb URL and --model_path MODEL or --champion-db DB (or --status)"
             )
         connection = Connection.from_args(args)
-        model = PredictorOptions.from_args(args)
-        if args.champion_db:  # the champion the audit rows name, else --model_path
-            model = replace(model, model_path=model_in_effect(args.champion_db, args.model_path))
+        model = options_in_effect(PredictorOptions.from_args(args), args.champion_db)  # the champion, else --model_path
         settings = WorkerSettings(
             dicomweb=connection.url, model=model, champion_db=args.champion_db, db=args.db, poll_s=args.poll,
             since=parse_date(args.since) if args.since else None, lookback_days=args.lookback_days,
@@ -499,7 +502,7 @@ def make_worker(settings: WorkerSettings, pacs: DicomWeb, store: JobStore) -> Wo
     predictor = open_predictor(settings.model)
     worker = Worker(settings, predictor, predictor.card(), pacs, store)
     if settings.shadow:  # opened like the model (device, precision), with its own calibration
-        worker.shadow = open_predictor(replace(settings.model, model_path=settings.shadow, site=None, threads=None))
+        worker.shadow = open_predictor(settings.model.for_model(settings.shadow))
         worker.shadow_sha = worker.shadow.card()["checkpoint_sha256"]
         log.info("shadow challenger %s (%s…): answers silently, logged in the job store, never stored in the PACS",
                  settings.shadow, worker.shadow_sha[:12])  # fmt: skip

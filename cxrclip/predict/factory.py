@@ -46,6 +46,11 @@ class PredictorOptions:
         g.add_argument("--site", help="answer with this site's calibration (cxrclip calibrate --site NAME)")
         g.add_argument("--threads", type=int, help="CPU threads for the model (split the cores between processes)")
 
+    def for_model(self, path: str | Path) -> PredictorOptions:
+        """Another model opened the way this one is (device, precision, text encoder, gate), with its own calibration
+        and no thread setting of its own: a shadow challenger, the champion after a promotion."""
+        return replace(self, model_path=str(path), site=None, threads=None)
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> PredictorOptions:
         values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "gate"}

@@ -8,9 +8,9 @@ import base64
 import hashlib
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from cxrclip.change.promote import model_in_effect
+from cxrclip.change.promote import options_in_effect
 from cxrclip.data.images import ImageReadError, UnsupportedImageError, decode_image_bytes
 from cxrclip.exceptions import ConfigError, InputError
 from cxrclip.pacs.assessment import send_review
@@ -84,17 +84,15 @@ class Service:
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
-        model = settings.model
-        if settings.champion_db:  # the champion cxrclip promote / rollback recorded, else --model_path
-            model = replace(model, model_path=model_in_effect(settings.champion_db, model.model_path))
-        self.predictor = open_predictor(model)
+        # the champion cxrclip promote / rollback recorded (--champion-db), else --model_path
+        self.predictor = open_predictor(options_in_effect(settings.model, settings.champion_db))
         self.card = self.predictor.card()
         self.reviews = ReviewStore(settings.db) if settings.db else None
         self.desk = ReviewDesk(self.reviews, settings.keep_images) if self.reviews is not None else None
         self.pacs = settings.pacs.open() if settings.pacs is not None else None
         self.shadow = None
         if settings.shadow:  # opened like the model (device, precision), with its own calibration
-            self.shadow = open_predictor(replace(settings.model, model_path=settings.shadow, site=None, threads=None))
+            self.shadow = open_predictor(settings.model.for_model(settings.shadow))
             self.shadow_card = self.shadow.card()
 
     def store(self) -> ReviewStore:

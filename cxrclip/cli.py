@@ -199,14 +199,42 @@ def _reviews_to_pacs(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from cxrclip.change.run import compare_models, verdict_lines
+    from cxrclip.change.run import compare_models, compare_on_reviews, verdict_lines
 
     with exit_on_user_error():
-        out = compare_models(args.plan, args.test, args.champion, args.challenger, device=args.device,
-                             patient_column=args.patient_column)  # fmt: skip
+        if bool(args.test) == bool(args.db):
+            raise ConfigError("cxrclip compare needs the reviewed cases: --db DB (the review store) or --test CSV")
+        if args.db:
+            out = compare_on_reviews(args.plan, args.db, args.challenger, args.champion, device=args.device,
+                                     patients=args.patients)  # fmt: skip
+        elif not args.champion:
+            raise ConfigError("cxrclip compare --test needs --champion MODEL")
+        else:
+            out = compare_models(args.plan, args.test, args.champion, args.challenger, device=args.device,
+                                 patient_column=args.patient_column)  # fmt: skip
         if args.out:
             atomic_write_text(args.out, json.dumps(out, indent=1))
     print("\n".join(verdict_lines(out)))
+    return 0
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from cxrclip.change.retrain import evidence_lines, retrain
+    from cxrclip.reviews.store import ReviewStore
+
+    with exit_on_user_error():
+        store = ReviewStore(database_url(args.reviews, must_exist=True))
+        manifest = retrain(store, args.base, args.out, scope=args.scope, extra_train=args.train, prompts=args.prompts,
+                           patients=args.patients, valid_frac=args.valid_frac, min_reviewed=args.min_reviewed,
+                           epochs=args.epochs, seed=args.seed)  # fmt: skip
+    split = manifest["split"]
+    print(f"challenger {manifest['challenger']['path']} (SHA-256 {manifest['challenger']['sha256'][:12]}…) from "
+          f"{manifest['base']['path']}: trained {manifest['trained']}")  # fmt: skip
+    print(f"on {len(manifest['images']['fit'])} reviewed films ({split['fit_patients']} patients), calibrated on "
+          f"{len(manifest['images']['validation'])} ({split['validation_patients']} patients); best epoch "
+          f"{manifest['epochs']['best']} of {manifest['epochs']['of']}")  # fmt: skip
+    print("\n".join(evidence_lines(manifest)))
+    print("next: cxrclip compare --db ... --plan PLAN.yaml --challenger " + manifest["challenger"]["path"])
     return 0
 
 
@@ -586,14 +614,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="a challenger against the champion on reviewed cases, judged by a change-"
                        "control plan declared beforehand (docs/USER_GUIDE.md)")  # fmt: skip
     p.add_argument("--plan", required=True, help="the change-control plan (YAML); its SHA-256 is in the verdict")
-    p.add_argument("--test", required=True, help="reviewed cases the challenger never trained on: a CSV with "
-                   "image and 0/1 label columns (blank: not reviewed), e.g. reviews export's test CSV")  # fmt: skip
-    p.add_argument("--champion", required=True, help="the model answering now (checkpoint, bundle or routed)")
+    p.add_argument("--db", help="the review store: its reviewed films with kept images, less those either model "
+                   "trained on (cxrclip retrain records them)")  # fmt: skip
+    p.add_argument("--test", help="or a CSV of reviewed cases the challenger never trained on: image and 0/1 label "
+                   "columns (blank: not reviewed), e.g. reviews export's test CSV")  # fmt: skip
+    p.add_argument("--champion", help="the model answering now (checkpoint, bundle or routed); with --db the default "
+                   "is the champion the audit rows name, else the challenger's base")  # fmt: skip
     p.add_argument("--challenger", required=True, help="the candidate")
-    p.add_argument("--patient-column", help="resample whole patients by this column (default: each image)")
+    p.add_argument("--patient-column", help="--test: resample whole patients by this column (default: each image)")
+    p.add_argument("--patients", help="--db: a CSV of image,patient (default: a PACS film's study, else the image)")
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     p.add_argument("--out", help="write the verdict with its evidence as JSON here")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("retrain", help="a challenger from the site's reviews: trained as the base's recipe on "
+                       "reviewed films, split by patient, calibrated on validation (docs/USER_GUIDE.md)")  # fmt: skip
+    p.add_argument("--reviews", required=True, help="the review store (reviews with their images kept)")
+    p.add_argument("--base", required=True, help="the checkpoint to start from (the champion)")
+    p.add_argument("--out", required=True, help="a new folder: data/, checkpoints/model-best.tar, retrain.json")
+    p.add_argument("--train", nargs="+", default=[], help="also the original training CSV(s) (image, text_label)")
+    p.add_argument("--scope", nargs="+", help="the labels that must have enough reviewed cases (default: all)")
+    p.add_argument("--prompts", help="prompt file (default: the base's)")
+    p.add_argument("--patients", help="a CSV of image,patient (default: a PACS film's study, else the image)")
+    p.add_argument("--valid-frac", type=float, default=0.3, help="patients for validation and calibration")
+    p.add_argument("--min-reviewed", type=int, default=5, help="positives and negatives per label and part")
+    p.add_argument("--epochs", type=int, help="default: the base's")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_retrain)
 
     p = sub.add_parser("promote", help="make a challenger the champion: only with a compare verdict that says so, "
                        "under the same plan, of the same files; an append-only audit row")  # fmt: skip

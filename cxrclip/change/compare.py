@@ -59,8 +59,8 @@ def _holds(criterion: Criterion, bound: float) -> bool:
     if not np.isfinite(bound):
         return False
     if criterion.metric in LOWER_IS_BETTER:  # the difference must stay below +margin (or below −target)
-        return bound < (criterion.margin if criterion.kind == "non_inferiority" else -criterion.margin)
-    return bound > (-criterion.margin if criterion.kind == "non_inferiority" else criterion.margin)
+        return bool(bound < (criterion.margin if criterion.kind == "non_inferiority" else -criterion.margin))
+    return bool(bound > (-criterion.margin if criterion.kind == "non_inferiority" else criterion.margin))
 
 
 def compare(y: np.ndarray, labels: Sequence[str], champion: ModelScores, challenger: ModelScores, plan: ChangePlan,
@@ -97,7 +97,7 @@ def compare(y: np.ndarray, labels: Sequence[str], champion: ModelScores, challen
             if criterion.metric == "auroc":  # paired DeLong: var(b − a) = var a + var b − 2 cov(a, b)
                 _, cov = delong_covariance(yj, np.stack([pa, pb]))
                 se = float(np.sqrt(max(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], 0.0)))
-                bound = (b - a) - norm.ppf(1 - alpha) * se
+                bound = float((b - a) - norm.ppf(1 - alpha) * se)
                 method = "paired DeLong"
             else:
                 diffs = []

@@ -55,10 +55,7 @@ def compare_models(plan_path: str, test_csv: str, champion: str, challenger: str
     plan = ChangePlan.load(plan_path)
     path = Path(test_csv)
     rows, images = image_csv(path)
-    missing = [str(p) for p in images if not p.is_file()]
-    if missing:
-        listed = "\n  ".join(missing[:MAX_LISTED])
-        raise InputError(f"{path}: {len(missing)} image(s) not found:\n  {listed}")
+    require_images(images, str(path))
     columns = [c for c in rows[0] if c not in ("image", "text", patient_column)]
     names = [n for n in (plan.labels or columns) if n in columns]
     if not names:
@@ -67,12 +64,63 @@ def compare_models(plan_path: str, test_csv: str, champion: str, challenger: str
         raise InputError(f"{path}: no column {patient_column!r} (--patient-column)")
     y = reviewed_labels(rows, names, path)
     groups = [r[patient_column] for r in rows] if patient_column else None
+    out = judge(plan, images, y, names, groups, champion, challenger, device)
+    out["cases"] = {"csv": str(path), "rows": len(rows), "by": patient_column or "image"}
+    return out
+
+
+def compare_on_reviews(plan_path: str, db: str, challenger: str, champion: str | None = None, *,
+                       device: str | None = None, patients: str | None = None) -> dict:  # fmt: skip
+    """``cxrclip compare --db``: the plan's verdict on the reviewed films of the store whose images were kept, less
+    every film either model trained or was calibrated on (``cxrclip retrain`` records them in the checkpoint);
+    a patient's films resampled together. The champion: ``champion``, else the one the audit rows name, else the
+    challenger's base."""
+    from cxrclip.change.promote import champion as champion_in_effect
+    from cxrclip.change.retrain import read_patients, reviewed_films, trained_on
+    from cxrclip.io import database_url
+    from cxrclip.model.checkpoint import load_checkpoint
+    from cxrclip.reviews.store import ReviewStore
+
+    plan = ChangePlan.load(plan_path)
+    store = ReviewStore(database_url(db, must_exist=True))
+    try:
+        films, seen = reviewed_films(store, read_patients(patients))
+        now = champion_in_effect(store)
+    finally:
+        store.close()
+    state = load_checkpoint(challenger) if Path(challenger).is_file() else {}
+    seen_in_training = trained_on(state)
+    champion = champion or (now or {}).get("path") or ((state.get("retrain") or {}).get("base") or {}).get("path")
+    if not champion:
+        raise InputError("no champion: give --champion MODEL (no promotion recorded, no base in the challenger)")
+    if Path(champion).is_file():  # a champion that was once a challenger: the films it learnt from are not evidence
+        seen_in_training |= trained_on(load_checkpoint(champion))
+    films = [f for f in films if f.sha256 not in seen_in_training]
+    if not films:
+        raise InputError(f"{db}: no reviewed film with its image kept that neither model has trained on")
+    names = list(plan.labels or dict.fromkeys(n for f in films for n in f.verdicts))
+    value = {"present": 1.0, "absent": 0.0}
+    y = np.array([[value.get(f.verdicts.get(n), np.nan) for n in names] for f in films])
+    out = judge(plan, [f.image for f in films], y, names, [f.patient for f in films], champion, challenger, device)
+    out["cases"] = {"db": db, "rows": len(films), "by": "patient", "left_out_trained_on": len(seen_in_training),
+                    "reviewed_images": seen["images_reviewed"], "not_kept": seen["not_kept"]}  # fmt: skip
+    return out
+
+
+def require_images(images: Sequence[Path], where: str) -> None:
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        listed = "\n  ".join(missing[:MAX_LISTED])
+        raise InputError(f"{where}: {len(missing)} image(s) not found:\n  {listed}")
+
+
+def judge(plan: ChangePlan, images: Sequence[Path], y: np.ndarray, names: Sequence[str], groups, champion: str,
+          challenger: str, device: str | None) -> dict:  # fmt: skip
     options = dict(device=device, gate=False)  # reviewed cases are judged whatever the gate says of them
     a, a_sha = scores_of(PredictorOptions(champion, **options), images, names)
     b, b_sha = scores_of(PredictorOptions(challenger, **options), images, names)
     out = compare(y, names, a, b, plan, groups)
     out["champion_sha256"], out["challenger_sha256"] = a_sha, b_sha
-    out["cases"] = {"csv": str(path), "rows": len(rows), "by": patient_column or "image"}
     return out
 
 

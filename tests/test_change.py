@@ -4,6 +4,8 @@ too little evidence refused."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -164,3 +166,56 @@ def test_the_server_serves_the_champion_the_audit_rows_name(tiny_clip_checkpoint
     promote(ReviewStore(reviews), verdict, plan, challenger, "Dr. Chen")
     settings = ServeSettings(model=PredictorOptions("", device="cpu"), db=str(reviews), champion_db=str(reviews))
     assert Service(settings).card["checkpoint_sha256"] == sha256(challenger)
+
+
+KILLED_MID_PROMOTION = """
+import sys, time, datetime
+from cxrclip.reviews import store as s
+
+def stalled(self, **row):  # the audit row inserted, the transaction not yet committed: where kill -9 lands
+    with self.engine.begin() as conn:
+        conn.execute(s.model_changes.insert().values(**row, created_at=datetime.datetime.now(datetime.timezone.utc)))
+        print("inserted", flush=True)
+        time.sleep(120)
+
+s.ReviewStore.add_model_change = stalled
+from cxrclip.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_kill_9_during_a_promotion_leaves_the_champion_answering(tiny_clip_checkpoint, tmp_path, minilm_tokenizer):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from cxrclip.change.promote import champion, promote
+    from cxrclip.predict import PredictorOptions
+    from cxrclip.reviews.store import ReviewStore
+    from cxrclip.serve.app import ServeSettings, Service
+    from tests.models import challenger_checkpoint, promotion_verdict, sha256
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    one = challenger_checkpoint(tiny_clip_checkpoint, first / "challenger.tar")
+    db = tmp_path / "reviews.sqlite"
+    promote(ReviewStore(db), *promotion_verdict(first, tiny_clip_checkpoint, one), one, "Dr. Chen")
+    two = challenger_checkpoint(one, second / "challenger.tar")  # the next challenger, judged against the first
+    verdict, plan = promotion_verdict(second, one, two)
+    cmd = [sys.executable, "-c", KILLED_MID_PROMOTION, "promote", "--db", str(db), "--verdict", str(verdict),
+           "--plan", str(plan), "--challenger", str(two), "--by", "Dr. Lin"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout.readline().strip() == "inserted"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    store = ReviewStore(db)
+    assert champion(store)["sha256"] == sha256(one)  # the half-made promotion left no row
+    assert [r["action"] for r in store.model_changes()] == ["promote"]
+    settings = ServeSettings(model=PredictorOptions("", device="cpu"), db=str(db), champion_db=str(db))
+    assert Service(settings).card["checkpoint_sha256"] == sha256(one)  # a restarted server answers with it
+    promote(store, verdict, plan, two, "Dr. Lin")  # nothing locked: the promotion can be made again, whole
+    assert champion(store)["sha256"] == sha256(two)

@@ -46,6 +46,20 @@ def check_store(store: ReviewStore) -> None:
             with store.engine.begin() as conn:
                 conn.execute(text(statement))
     assert [r["reviewer"] for r in store.list()] == ["Dr. Lin"] * 3
+    # the answers, a challenger's shadow answers and the promotions are as append-only as the reviews
+    answer = {"analysed": True, "labels": {"Pneumothorax": {"probability": 0.7, "present": True}}}
+    store.log_prediction("ab" * 32, "11" * 32, "model", answer)
+    store.log_prediction("ab" * 32, "22" * 32, "model", answer, role="shadow")
+    store.add_model_change(action="promote", by="Dr. Chen", from_sha256="11" * 32, from_path="a.tar",
+                           to_sha256="22" * 32, to_path="b.tar", plan_sha256="33" * 32, evidence="{}")  # fmt: skip
+    for statement in ("UPDATE cxrclip_predictions SET model_sha256 = 'x'", "DELETE FROM cxrclip_predictions",
+                      "UPDATE cxrclip_model_changes SET to_path = 'c.tar'",
+                      "DELETE FROM cxrclip_model_changes"):  # fmt: skip
+        with pytest.raises(DBAPIError, match="append-only"):
+            with store.engine.begin() as conn:
+                conn.execute(text(statement))
+    assert [r["model_sha256"] for r in store.predictions(role="shadow")] == ["22" * 32]
+    assert [r["to_path"] for r in store.model_changes()] == ["b.tar"]
 
 
 def check_bounds(store: ReviewStore) -> None:

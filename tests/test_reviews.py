@@ -343,7 +343,7 @@ def test_agreement_counts_the_calls_against_the_verdicts():
     assert agreement([], "Pneumothorax")["sensitivity"] is None
 
 
-def test_in_chromium_a_reviewer_corrects_two_labels_with_the_keyboard_and_sees_it_in_the_monitor(
+def test_in_chromium_a_reviewer_works_the_queue_corrects_two_labels_with_the_keyboard_and_sees_it_in_the_monitor(
     tiny_clip_checkpoint, demo_data, tmp_path
 ):
     import shutil
@@ -365,7 +365,14 @@ def test_in_chromium_a_reviewer_corrects_two_labels_with_the_keyboard_and_sees_i
                 page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(url) or
                            r.request.url.startswith("data:") else r.abort())  # fmt: skip
                 page.goto(url + "/", timeout=30_000)
-                page.set_input_files("#file", str(sorted((demo_data / "images").glob("test_*.png"))[0]))
+                films = sorted((demo_data / "images").glob("test_*.png"))[:2]
+                page.set_input_files("#file", str(films[1]))  # shown, then left: it waits in the queue
+                page.locator("#queue-list li").first.wait_for(timeout=60_000)
+                page.set_input_files("#file", str(films[0]))
+                queue = page.locator("#queue-list li")
+                queue.nth(1).wait_for(timeout=60_000)  # both films wait, with why (the finding nearest its threshold)
+                assert {queue.nth(i).locator("strong").inner_text() for i in range(2)} == {f.name for f in films}
+                assert "from its threshold" in queue.first.inner_text()
                 rows = page.locator("#labels tbody tr")
                 rows.nth(12).wait_for(timeout=60_000)
                 first, second = rows.nth(0).get_attribute("data-label"), rows.nth(1).get_attribute("data-label")
@@ -377,6 +384,8 @@ def test_in_chromium_a_reviewer_corrects_two_labels_with_the_keyboard_and_sees_i
                 page.keyboard.press("Enter")
                 page.locator("#review-status", has_text="saved").wait_for(timeout=30_000)
                 assert rows.nth(0).locator(".verdict").inner_text() == "present"
+                page.locator("#queue-list li").nth(1).wait_for(state="detached", timeout=30_000)
+                assert page.locator("#queue-list li strong").all_inner_texts() == [films[1].name]  # reviewed: gone
                 page.goto(url + "/monitor", timeout=30_000)
                 row = page.locator(f'#agreement tbody tr[data-label="{first}"]')
                 row.wait_for(timeout=30_000)

@@ -155,8 +155,32 @@ async function saveReview(event) {
     lastReview = out.review.id;
     $("review-status").textContent = `review ${out.review.id} saved (${Object.keys(verdicts).length} findings` +
       (out.review.supersedes ? `, corrects review ${out.review.supersedes})` : ")");
+    loadQueue();
   } catch (e) {
     $("review-status").textContent = "not saved: " + e.message;
+  }
+}
+
+async function loadQueue() { // GET /v1/review-queue: what to review next, and why
+  if (!reviewsOn) return;
+  try {
+    const { images } = await call("/v1/review-queue?limit=10");
+    const items = images.map((q) => {
+      const li = document.createElement("li");
+      li.dataset.sha = q.image_sha256;
+      const name = document.createElement("strong");
+      name.textContent = q.image_name || q.image_sha256.slice(0, 12) + "…";
+      const why = document.createElement("span");
+      why.className = "why";
+      why.textContent = ` — ${q.nearest_label} ${q.margin.toFixed(3)} from its threshold` +
+        (q.disagree.length ? `; the shadow challenger calls ${q.disagree.join(", ")} differently` : "");
+      li.append(name, why);
+      return li;
+    });
+    $("queue-list").replaceChildren(...items);
+    $("queue-empty").hidden = items.length > 0;
+  } catch (e) {
+    $("queue-empty").textContent = "review queue: " + e.message;
   }
 }
 
@@ -174,6 +198,7 @@ async function predict(file) {
     $("figure").hidden = false;
     $("caption").textContent = file.name;
     showFacts(out.input);
+    loadQueue();
     if (!out.analysed) { // the input gate refused it: a banner, never bars
       $("results").hidden = true;
       $("refused-reason").textContent = out.reason;
@@ -245,7 +270,7 @@ function setup() {
   $("review").addEventListener("submit", saveReview);
   $("labels").addEventListener("keydown", onReviewKey);
   $("reviewer").value = localStorage.getItem("cxrclip-reviewer") || "";
-  loadModel();
+  loadModel().then(loadQueue);
 }
 
 document.addEventListener("DOMContentLoaded", setup);

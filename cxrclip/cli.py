@@ -220,13 +220,11 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _retrain(args: argparse.Namespace) -> int:
     from cxrclip.change.retrain import evidence_lines, retrain
-    from cxrclip.reviews.store import ReviewStore
 
     with exit_on_user_error():
-        store = ReviewStore(database_url(args.reviews, must_exist=True))
-        manifest = retrain(store, args.base, args.out, scope=args.scope, extra_train=args.train, prompts=args.prompts,
-                           patients=args.patients, valid_frac=args.valid_frac, min_reviewed=args.min_reviewed,
-                           epochs=args.epochs, seed=args.seed)  # fmt: skip
+        manifest = retrain(args.reviews, args.base, args.out, scope=args.scope, extra_train=args.train,
+                           prompts=args.prompts, patients=args.patients, valid_frac=args.valid_frac,
+                           min_reviewed=args.min_reviewed, epochs=args.epochs, seed=args.seed)  # fmt: skip
     split = manifest["split"]
     print(f"challenger {manifest['challenger']['path']} (SHA-256 {manifest['challenger']['sha256'][:12]}…) from "
           f"{manifest['base']['path']}: trained {manifest['trained']}")  # fmt: skip

@@ -28,8 +28,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxrclip.engine.tasks import clip_task
+from cxrclip.engine.trainer import train
+from cxrclip.eval.calibrate import calibrate_after_training
 from cxrclip.exceptions import InputError, UserError
-from cxrclip.io import atomic_write_text, file_sha256, redact_url
+from cxrclip.fit_gate import GateFit, fit_gate_checkpoint, group_split
+from cxrclip.io import atomic_write_text, database_url, file_sha256, redact_url
+from cxrclip.model.checkpoint import load_checkpoint, plain_config, save_checkpoint
+from cxrclip.model.clip import build_model
+from cxrclip.model.loading import architecture_only, upgrade_model_config
+from cxrclip.reviews.store import ReviewStore
+from cxrclip.spec import RunSpec
 
 log = logging.getLogger(__name__)
 MIN_REVIEWED = 5  # per label in scope: positives and negatives in each part (the calibration's own minimum)
@@ -93,8 +102,6 @@ def reviewed_films(store, patients: Mapping[str, str] | None = None) -> tuple[li
 
 def split_by_patient(films: Sequence[ReviewedFilm], valid_frac: float, seed: int) -> tuple[list, list]:
     """(fit, validation): whole patients on one side, about ``valid_frac`` of the films in validation."""
-    from cxrclip.fit_gate import group_split
-
     mask = group_split([f.patient for f in films], valid_frac, seed)
     return [f for f, v in zip(films, mask) if not v], [f for f, v in zip(films, mask) if v]
 
@@ -171,10 +178,6 @@ def challenger_config(base: Mapping, fit_csv: Path, valid_csv: Path, out: Path, 
 
 def from_base(base_state: Mapping):
     """``make_task`` for the trainer: CLIP pre-training whose model starts as the base's (loaded strictly)."""
-    from cxrclip.engine.tasks import clip_task
-    from cxrclip.model.clip import build_model
-    from cxrclip.model.loading import architecture_only, upgrade_model_config
-
     state = {k.removeprefix("module."): v for k, v in base_state.items()}
 
     def make(spec, run, env):
@@ -190,16 +193,13 @@ def from_base(base_state: Mapping):
     return make
 
 
-def retrain(store, base: str | Path, out: str | Path, *, scope: Sequence[str] | None = None,
+def retrain(reviews: ReviewStore | str | Path, base: str | Path, out: str | Path, *, scope: Sequence[str] | None = None,
             extra_train: Sequence[str] = (), prompts: str | None = None, patients: str | None = None,
             valid_frac: float = 0.3, min_reviewed: int = MIN_REVIEWED, epochs: int | None = None,
             seed: int = 0) -> dict:  # fmt: skip
-    """Train, calibrate and gate a challenger under ``out``; returns the manifest (also ``out/retrain.json``)."""
-    from cxrclip.engine.trainer import train
-    from cxrclip.eval.calibrate import calibrate_after_training
-    from cxrclip.model.checkpoint import load_checkpoint, plain_config, save_checkpoint
-    from cxrclip.spec import RunSpec
-
+    """Train, calibrate and gate a challenger under ``out`` from ``reviews`` (a review store, or its SQLite file or
+    URL); returns the manifest (also ``out/retrain.json``)."""
+    store = reviews if isinstance(reviews, ReviewStore) else ReviewStore(database_url(reviews, must_exist=True))
     base, out = Path(base), Path(out).resolve()
     ckpt = load_checkpoint(base)
     config = plain_config(ckpt.get("config"))
@@ -239,8 +239,6 @@ def retrain(store, base: str | Path, out: str | Path, *, scope: Sequence[str] | 
     calibrate_after_training(spec, result)
     challenger = out / "checkpoints" / "model-best.tar"
     if "gate" in ckpt:  # the gate reads the projected embedding: refit it on the reviewed films (a frontal film each)
-        from cxrclip.fit_gate import GateFit, fit_gate_checkpoint
-
         synthetic = bool(((ckpt["gate"].get("evidence") or {}).get("fitted_on") or {}).get("synthetic_only"))
         fit_gate_checkpoint(challenger, [str(fit_csv), str(valid_csv)],
                             fit=GateFit(generated=GATE_GENERATED, seed=seed, synthetic_only=synthetic))  # fmt: skip

@@ -10,11 +10,16 @@ import numpy as np
 
 from cxrclip.change.compare import ModelScores, compare
 from cxrclip.change.plan import ChangePlan
+from cxrclip.change.promote import champion as champion_in_effect
+from cxrclip.change.retrain import read_patients, reviewed_films, trained_on
 from cxrclip.data.cells import image_csv
 from cxrclip.data.schema import csv_line
 from cxrclip.exceptions import InputError
 from cxrclip.infer import predict_files
+from cxrclip.io import database_url
+from cxrclip.model.checkpoint import load_checkpoint
 from cxrclip.predict.factory import PredictorOptions, open_predictor
+from cxrclip.reviews.store import ReviewStore
 
 MAX_LISTED = 10
 
@@ -75,12 +80,6 @@ def compare_on_reviews(plan_path: str, db: str, challenger: str, champion: str |
     every film either model trained or was calibrated on (``cxrclip retrain`` records them in the checkpoint);
     a patient's films resampled together. The champion: ``champion``, else the one the audit rows name, else the
     challenger's base."""
-    from cxrclip.change.promote import champion as champion_in_effect
-    from cxrclip.change.retrain import read_patients, reviewed_films, trained_on
-    from cxrclip.io import database_url
-    from cxrclip.model.checkpoint import load_checkpoint
-    from cxrclip.reviews.store import ReviewStore
-
     plan = ChangePlan.load(plan_path)
     store = ReviewStore(database_url(db, must_exist=True))
     try:

@@ -168,6 +168,13 @@ def test_the_split_keeps_a_patients_films_together(tmp_path):
     fit, validation = split_by_patient(films, 0.3, seed=4)
     assert {f.patient for f in fit}.isdisjoint({f.patient for f in validation})
     assert 20 <= len(validation) <= 35 and len(fit) + len(validation) == 90
+    rare = [ReviewedFilm(Path(f"{i}.png"), f"{i:064x}", f"p{i // 2}", {"A": "present" if i < 20 else "absent"})
+            for i in range(120)]  # 10 patients with the finding (two films each), 50 without  # fmt: skip
+    for seed in range(5):  # stratified by the scarce label: its positives on both sides, whole patients each
+        fit, validation = split_by_patient(rare, 0.3, seed=seed, stratify="A")
+        assert {f.patient for f in fit}.isdisjoint({f.patient for f in validation})
+        positives = [sum(f.verdicts["A"] == "present" for f in part) for part in (fit, validation)]
+        assert positives in ([14, 6], [12, 8]) and 30 <= len(validation) <= 50, positives
     table = tmp_path / "patients.csv"
     table.write_text("image,patient_id\na.png,P1\n")
     assert read_patients(table) == {"a.png": "P1"}

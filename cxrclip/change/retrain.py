@@ -100,9 +100,22 @@ def reviewed_films(store, patients: Mapping[str, str] | None = None) -> tuple[li
     return films, {"images_reviewed": len(latest), "not_kept": not_kept, "used": len(films)}
 
 
-def split_by_patient(films: Sequence[ReviewedFilm], valid_frac: float, seed: int) -> tuple[list, list]:
-    """(fit, validation): whole patients on one side, about ``valid_frac`` of the films in validation."""
-    mask = group_split([f.patient for f in films], valid_frac, seed)
+def split_by_patient(films: Sequence[ReviewedFilm], valid_frac: float, seed: int,
+                     stratify: str | None = None) -> tuple[list, list]:  # fmt: skip
+    """(fit, validation): whole patients on one side, about ``valid_frac`` of the films in validation; with
+    ``stratify`` (a label: the scarcest in scope) its reviewed positives spread over both sides in proportion
+    (scikit-learn's StratifiedGroupKFold, one fold kept) — a rare finding's few positives must reach both parts."""
+    patients = [f.patient for f in films]
+    y = [int(f.verdicts.get(stratify) == "present") for f in films] if stratify else []
+    folds = max(2, round(1 / valid_frac))
+    if stratify and len({p for p, v in zip(patients, y) if v}) >= folds and len(set(patients)) >= 2 * folds:
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        split = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(films, y, patients)
+        held = set(next(split)[1].tolist())
+        mask = [i in held for i in range(len(films))]
+    else:
+        mask = group_split(patients, valid_frac, seed)
     return [f for f, v in zip(films, mask) if not v], [f for f, v in zip(films, mask) if v]
 
 
@@ -223,7 +236,8 @@ def retrain(reviews: ReviewStore | str | Path, base: str | Path, out: str | Path
         raise RetrainRefused(f"no reviewed film with its image kept in {redact_url(store.url)} "
                              f"({seen['images_reviewed']} reviewed images; cxrclip serve --keep-images DIR keeps "
                              "them)")  # fmt: skip
-    fit, valid = split_by_patient(films, valid_frac, seed)
+    scarcest = min(scope, key=lambda n: sum(f.verdicts.get(n) == "present" for f in films))
+    fit, valid = split_by_patient(films, valid_frac, seed, stratify=scarcest)
     table = check_evidence(fit, valid, scope, min_reviewed)
     if (out / "checkpoints" / "model-best.tar").exists():
         raise InputError(f"{out} already holds a challenger; give another --out")

@@ -55,7 +55,7 @@ def site(tmp_path_factory, minilm_tokenizer):
         inverted = image.with_name(image.stem + "_inverted.png")
         Image.fromarray(255 - np.asarray(Image.open(image))).save(inverted)
         films.append((image, inverted, set(ast.literal_eval(row["text_label"]))))
-    return {"base": out / "base" / "model-best.tar", "films": films, "out": out}
+    return {"base": out / "base" / "model-best.tar", "films": films, "out": out, "train": first["train"]}
 
 
 def reviews_of(site, db: Path, *, inverted: bool, scrambled: int = 0, n: int | None = None) -> Path:
@@ -196,8 +196,10 @@ def test_a_base_with_locked_towers_gives_a_challenger_whose_towers_are_bit_ident
     db = reviews_of(site, tmp_path / "reviews.sqlite", inverted=True, n=TRAINED_ON)
     out = tmp_path / "challenger"
     assert cli_main(["retrain", "--reviews", str(db), "--base", str(base), "--out", str(out), "--min-reviewed", "3",
-                     "--epochs", "2"]) == 0  # fmt: skip
+                     "--epochs", "2", "--train", str(site["train"])]) == 0  # fmt: skip
     assert "the projection heads and the temperature (both towers locked" in capsys.readouterr().out
+    manifest = json.loads((out / "retrain.json").read_text())
+    assert [e["path"] for e in manifest["extra_train"]] == [str(site["train"].resolve())]  # the first site's data too
     before, after = state["model"], load_checkpoint(out / "checkpoints" / "model-best.tar")["model"]
     towers = [k for k in before if k.startswith(("image_encoder.", "text_encoder."))]
     heads = [k for k in before if k.startswith(("image_projection.", "text_projection."))]

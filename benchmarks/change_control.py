@@ -6,7 +6,8 @@ plan judge it against the champion on the site's other patients.
 The champion: `clip_cpu_offline` with `+recipe=small_data` (both towers locked) trained on every film that is not the
 new site's, calibrated on their valid split. Then, for N reviewed films and each draw: reviewed new-site patients
 (whole patients, until ≥ N films) — at random, or in the review queue's order (the champion's probability nearest
-its operating point first, as `GET /v1/review-queue` orders them) — go into a review store exactly as the server
+its operating point first, as `GET /v1/review-queue` orders them, among the films of a random 80 % of the patients:
+those that have "arrived", so that queue draws vary too) — go into a review store exactly as the server
 would keep them; `cxrclip retrain` trains, calibrates and gates a challenger from them (its own rules: ≥ 5 reviewed
 positives and negatives per label in scope in fit and in validation, else it refuses — a result, counted); the
 plan (`benchmarks/change_control_plan.yaml`, its SHA-256 printed first) judges the challenger against the champion
@@ -129,7 +130,10 @@ def main() -> None:
     p.add_argument("--out", default="change_control_out")
     p.add_argument("--new-site", default="url=github.com", help="FIELD=TEXT: metadata rows whose FIELD contains TEXT")
     p.add_argument("--reviewed", type=int, nargs="+", default=[25, 50, 100])
-    p.add_argument("--draws", type=int, default=10, help="random draws per N (the queue order is one)")
+    p.add_argument("--draws", type=int, default=10, help="draws per N and order")
+    p.add_argument("--orders", nargs="+", default=["queue", "random"], choices=["queue", "random"],
+                   help="queue: reviews in the review queue's order (of the films of a random 80 %% of the patients); "
+                   "random: whole patients at random")  # fmt: skip
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--scope", nargs="+", default=["Endotracheal tube", "COVID-19"])
@@ -164,9 +168,16 @@ def main() -> None:
                             "leaves fewer than 10 to judge on"})  # fmt: skip
             print(results[-1], flush=True)
             continue
-        orders = [("queue", queue_order(*base, patients))]
         unique = sorted(set(patients))
-        orders += [("random", list(rng.permutation(unique))) for _ in range(args.draws)]
+        orders = []
+        if "queue" in args.orders:  # each draw: the films of a random 80 % of the patients have arrived; the queue
+            for _ in range(args.draws):  # orders those (so queue draws vary as random draws do)
+                arrived = set(rng.permutation(unique)[: int(0.8 * len(unique))])
+                mask = np.array([pt in arrived for pt in patients])
+                ranked = queue_order(base[0][mask], base[1], [pt for pt in patients if pt in arrived])
+                orders.append(("queue", ranked))
+        if "random" in args.orders:
+            orders += [("random", list(rng.permutation(unique))) for _ in range(args.draws)]
         for d, (kind, order) in enumerate(orders):
             t0 = time.perf_counter()
             r = one_draw(champion, films, y, patients, names, reviewed_patients(order, patients, n), base, plan, args,

@@ -206,3 +206,21 @@ def test_a_base_with_locked_towers_gives_a_challenger_whose_towers_are_bit_ident
     assert towers and heads
     assert all(torch.equal(before[k], after[k]) for k in towers)
     assert all(not torch.equal(before[k], after[k]) for k in heads if before[k].dtype.is_floating_point)
+
+
+def test_the_films_a_challenger_learnt_from_are_known_even_if_its_run_died_before_the_record(tmp_path):
+    from cxrclip.change.retrain import MANIFEST, trained_on
+    from cxrclip.exceptions import InputError
+
+    checkpoint = tmp_path / "challenger" / "checkpoints" / "model-best.tar"
+    checkpoint.parent.mkdir(parents=True)
+    assert trained_on({}, checkpoint) == set()  # a model from elsewhere: nothing known
+    (tmp_path / "challenger" / MANIFEST).write_text(
+        json.dumps({"state": "training", "images": {"fit": ["a" * 64], "validation": ["b" * 64]}})
+    )  # fmt: skip  (written before training began)
+    assert trained_on({}, checkpoint) == {"a" * 64, "b" * 64}
+    record = {"retrain": {"images": {"fit": ["c" * 64], "validation": []}}}
+    assert trained_on(record, checkpoint) == {"a" * 64, "b" * 64, "c" * 64}
+    (tmp_path / "challenger" / MANIFEST).write_text("{not json")
+    with pytest.raises(InputError, match="lists the films this model learnt from"):
+        trained_on({}, checkpoint)

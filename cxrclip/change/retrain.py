@@ -42,7 +42,8 @@ from cxrclip.spec import RunSpec
 
 log = logging.getLogger(__name__)
 MIN_REVIEWED = 5  # per label in scope: positives and negatives in each part (the calibration's own minimum)
-GATE_GENERATED = 100  # non-radiographs made from the reviewed films for the refitted gate
+GATE_GENERATED = 100
+MANIFEST = "retrain.json"  # non-radiographs made from the reviewed films for the refitted gate
 
 
 class RetrainRefused(UserError):
@@ -249,15 +250,9 @@ def retrain(reviews: ReviewStore | str | Path, base: str | Path, out: str | Path
     trained = recipe_note(spec.model)
     log.info("retrain: %d fit + %d validation films (%d + %d patients); training %s", len(fit), len(valid),
              len({f.patient for f in fit}), len({f.patient for f in valid}), trained)  # fmt: skip
-    result = train(spec, make_task=from_base(ckpt["model"]))
-    calibrate_after_training(spec, result)
-    challenger = out / "checkpoints" / "model-best.tar"
-    if "gate" in ckpt:  # the gate reads the projected embedding: refit it on the reviewed films (a frontal film each)
-        synthetic = bool(((ckpt["gate"].get("evidence") or {}).get("fitted_on") or {}).get("synthetic_only"))
-        fit_gate_checkpoint(challenger, [str(fit_csv), str(valid_csv)],
-                            fit=GateFit(generated=GATE_GENERATED, seed=seed, synthetic_only=synthetic))  # fmt: skip
     fit_patients = len({f.patient for f in fit})
     manifest = {
+        "state": "training",  # written before training: a run that dies still says which films it learnt from
         "base": {"path": str(base), "sha256": file_sha256(base)},
         "store": redact_url(store.url),
         "trained": trained,
@@ -269,20 +264,38 @@ def retrain(reviews: ReviewStore | str | Path, base: str | Path, out: str | Path
         "images": {"fit": sorted(f.sha256 for f in fit), "validation": sorted(f.sha256 for f in valid)},
         "extra_train": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in extra_train],
     }  # fmt: skip
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    result = train(spec, make_task=from_base(ckpt["model"]))
+    calibrate_after_training(spec, result)
+    challenger = out / "checkpoints" / "model-best.tar"
+    if "gate" in ckpt:  # the gate reads the projected embedding: refit it on the reviewed films (a frontal film each)
+        synthetic = bool(((ckpt["gate"].get("evidence") or {}).get("fitted_on") or {}).get("synthetic_only"))
+        fit_gate_checkpoint(challenger, [str(fit_csv), str(valid_csv)],
+                            fit=GateFit(generated=GATE_GENERATED, seed=seed, synthetic_only=synthetic))  # fmt: skip
     state = {k: v for k, v in load_checkpoint(challenger).items() if k != "format"}
+    manifest["state"] = "done"
     manifest["epochs"] = {"best": int(state.get("epoch", 0)), "of": int(result.get("epoch", 0)),
                           "best_val_loss": result.get("best_val_loss")}  # fmt: skip
     state["retrain"] = json.loads(json.dumps(manifest))  # plain types only (the safe loader's allowlist)
     save_checkpoint(challenger, state)
     manifest["challenger"] = {"path": str(challenger), "sha256": file_sha256(challenger)}
-    atomic_write_text(out / "retrain.json", json.dumps(manifest, indent=1))
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
-def trained_on(checkpoint: Mapping) -> set[str]:
-    """The reviewed images (SHA-256) a challenger saw in training or calibration (none for any other model)."""
-    images = (checkpoint.get("retrain") or {}).get("images") or {}
-    return set(images.get("fit", ())) | set(images.get("validation", ()))
+def trained_on(checkpoint: Mapping, path: str | Path | None = None) -> set[str]:
+    """The reviewed images (SHA-256) a challenger saw in training or calibration: its ``retrain`` record, and the
+    ``retrain.json`` of the run folder it lies in (``DIR/checkpoints/model-best.tar``), which exists from before
+    training — a checkpoint of a run that died before its record was written is still known. None for any other
+    model."""
+    records = [checkpoint.get("retrain") or {}]
+    folder = Path(path).resolve().parent.parent if path else None
+    if folder is not None and (folder / MANIFEST).is_file():
+        try:
+            records.append(json.loads((folder / MANIFEST).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"{folder / MANIFEST}: unreadable ({e}); it lists the films this model learnt from") from e
+    return {sha for r in records for part in ("fit", "validation") for sha in (r.get("images") or {}).get(part, ())}
 
 
 def evidence_lines(manifest: Mapping) -> list[str]:

@@ -88,12 +88,12 @@ def compare_on_reviews(plan_path: str, db: str, challenger: str, champion: str |
     finally:
         store.close()
     state = load_checkpoint(challenger) if Path(challenger).is_file() else {}
-    seen_in_training = trained_on(state)
+    seen_in_training = trained_on(state, challenger)
     champion = champion or (now or {}).get("path") or ((state.get("retrain") or {}).get("base") or {}).get("path")
     if not champion:
         raise InputError("no champion: give --champion MODEL (no promotion recorded, no base in the challenger)")
     if Path(champion).is_file():  # a champion that was once a challenger: the films it learnt from are not evidence
-        seen_in_training |= trained_on(load_checkpoint(champion))
+        seen_in_training |= trained_on(load_checkpoint(champion), champion)
     films = [f for f in films if f.sha256 not in seen_in_training]
     if not films:
         raise InputError(f"{db}: no reviewed film with its image kept that neither model has trained on")

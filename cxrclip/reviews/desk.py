@@ -25,7 +25,7 @@ class ReviewDesk:
     """One server's reviews: ``remember`` what was shown, ``review`` saves a reader's verdicts against it."""
 
     def __init__(self, store: ReviewStore, keep_images: str | None = None):
-        self.store, self.keep_images = store, keep_images
+        self.store, self.keep_images = store, str(Path(keep_images).resolve()) if keep_images else None
         if keep_images:
             Path(keep_images).mkdir(parents=True, exist_ok=True)
         self._recent: OrderedDict[str, dict] = OrderedDict()  # image SHA-256 → what was shown, for its review

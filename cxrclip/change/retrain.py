@@ -42,8 +42,8 @@ from cxrclip.spec import RunSpec
 
 log = logging.getLogger(__name__)
 MIN_REVIEWED = 5  # per label in scope: positives and negatives in each part (the calibration's own minimum)
-GATE_GENERATED = 100
-MANIFEST = "retrain.json"  # non-radiographs made from the reviewed films for the refitted gate
+GATE_GENERATED = 100  # non-radiographs made from the reviewed films for the refitted gate
+MANIFEST = "retrain.json"  # beside checkpoints/: what the run was given and which films it learnt from
 
 
 class RetrainRefused(UserError):
@@ -178,8 +178,9 @@ def challenger_config(base: Mapping, fit_csv: Path, valid_csv: Path, out: Path, 
                 "prompt_path": str(prompt_path), "image_root": None, "data_frac": 1.0}  # fmt: skip
     reviewed.pop("name", None)
     train = {"reviews": {**reviewed, "data_path": str(fit_csv)}}
-    for i, extra in enumerate(extra_train):
-        train[f"train_{i}"] = {**reviewed, "label_format": "list", "data_path": str(Path(extra).resolve())}
+    for i, extra in enumerate(extra_train):  # the original training data, read as the base read its own
+        train[f"train_{i}"] = {**reviewed, "label_format": template.get("label_format", "list"),
+                               "data_path": str(Path(extra).resolve())}  # fmt: skip
     cfg["data_train"] = train
     cfg["data_valid"] = {"reviews_validation": {**reviewed, "num_negs": 0, "data_path": str(valid_csv)}}
     cfg.pop("data_test", None)

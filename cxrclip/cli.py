@@ -224,7 +224,8 @@ def _retrain(args: argparse.Namespace) -> int:
     with exit_on_user_error():
         manifest = retrain(args.reviews, args.base, args.out, scope=args.scope, extra_train=args.train,
                            prompts=args.prompts, patients=args.patients, valid_frac=args.valid_frac,
-                           min_reviewed=args.min_reviewed, epochs=args.epochs, seed=args.seed)  # fmt: skip
+                           min_reviewed=args.min_reviewed, epochs=args.epochs, seed=args.seed,
+                           gate_other=args.gate_other)  # fmt: skip
     split = manifest["split"]
     print(f"challenger {manifest['challenger']['path']} (SHA-256 {manifest['challenger']['sha256'][:12]}…) from "
           f"{manifest['base']['path']}: trained {manifest['trained']}")  # fmt: skip
@@ -638,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-reviewed", type=int, default=5, help="positives and negatives per label and part")
     p.add_argument("--epochs", type=int, help="default: the base's")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gate-other", nargs="+", default=[], help="real non-frontal images (folders or CSVs, as "
+                   "fit-gate --other) for the challenger's refitted input gate")  # fmt: skip
     p.set_defaults(func=_retrain)
 
     p = sub.add_parser("promote", help="make a challenger the champion: only with a compare verdict that says so, "

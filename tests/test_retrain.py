@@ -195,12 +195,22 @@ def test_a_base_with_locked_towers_gives_a_challenger_whose_towers_are_bit_ident
     base = save_checkpoint(tmp_path / "small_data_base.tar", state)  # as +recipe=small_data leaves a checkpoint
     db = reviews_of(site, tmp_path / "reviews.sqlite", inverted=True, n=TRAINED_ON)
     out = tmp_path / "challenger"
+    from PIL import Image
+
+    other = tmp_path / "other" / "lateral"  # the site's real non-frontal images, for the refitted gate
+    other.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    for i in range(16):
+        Image.fromarray((rng.random((64, 48)) * 255).astype(np.uint8)).save(other / f"{i}.png")
     assert cli_main(["retrain", "--reviews", str(db), "--base", str(base), "--out", str(out), "--min-reviewed", "3",
-                     "--epochs", "2", "--train", str(site["train"])]) == 0  # fmt: skip
+                     "--epochs", "2", "--train", str(site["train"]),
+                     "--gate-other", str(other.parent)]) == 0  # fmt: skip
     assert "the projection heads and the temperature (both towers locked" in capsys.readouterr().out
     manifest = json.loads((out / "retrain.json").read_text())
     assert [e["path"] for e in manifest["extra_train"]] == [str(site["train"].resolve())]  # the first site's data too
-    before, after = state["model"], load_checkpoint(out / "checkpoints" / "model-best.tar")["model"]
+    challenger = load_checkpoint(out / "checkpoints" / "model-best.tar")
+    assert "lateral" in challenger["gate"]["kinds"]  # the gate learnt the site's own other images
+    before, after = state["model"], challenger["model"]
     towers = [k for k in before if k.startswith(("image_encoder.", "text_encoder."))]
     heads = [k for k in before if k.startswith(("image_projection.", "text_projection."))]
     assert towers and heads

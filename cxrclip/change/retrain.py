@@ -211,9 +211,10 @@ def from_base(base_state: Mapping):
 def retrain(reviews: ReviewStore | str | Path, base: str | Path, out: str | Path, *, scope: Sequence[str] | None = None,
             extra_train: Sequence[str] = (), prompts: str | None = None, patients: str | None = None,
             valid_frac: float = 0.3, min_reviewed: int = MIN_REVIEWED, epochs: int | None = None,
-            seed: int = 0) -> dict:  # fmt: skip
+            seed: int = 0, gate_other: Sequence[str] = ()) -> dict:  # fmt: skip
     """Train, calibrate and gate a challenger under ``out`` from ``reviews`` (a review store, or its SQLite file or
-    URL); returns the manifest (also ``out/retrain.json``)."""
+    URL); returns the manifest (also ``out/retrain.json``). ``gate_other``: real images that are not frontal films
+    (folders or CSVs, as ``cxrclip fit-gate --other``) for the refitted gate, beside the generated ones."""
     store = reviews if isinstance(reviews, ReviewStore) else ReviewStore(database_url(reviews, must_exist=True))
     base, out = Path(base), Path(out).resolve()
     ckpt = load_checkpoint(base)
@@ -271,7 +272,7 @@ def retrain(reviews: ReviewStore | str | Path, base: str | Path, out: str | Path
     challenger = out / "checkpoints" / "model-best.tar"
     if "gate" in ckpt:  # the gate reads the projected embedding: refit it on the reviewed films (a frontal film each)
         synthetic = bool(((ckpt["gate"].get("evidence") or {}).get("fitted_on") or {}).get("synthetic_only"))
-        fit_gate_checkpoint(challenger, [str(fit_csv), str(valid_csv)],
+        fit_gate_checkpoint(challenger, [str(fit_csv), str(valid_csv)], list(gate_other),
                             fit=GateFit(generated=GATE_GENERATED, seed=seed, synthetic_only=synthetic))  # fmt: skip
     state = {k: v for k, v in load_checkpoint(challenger).items() if k != "format"}
     manifest["state"] = "done"

@@ -127,10 +127,11 @@ def verdict_lines(out: dict) -> list[str]:
     lines = [
         f"plan {out['plan']['path']} (sha256 {out['plan']['sha256'][:12]}…), one-sided alpha "
         f"{out['plan']['per_test_alpha']:.4g} per test ({out['plan']['correction']})",  # fmt: skip
-        f"{'label':34s} {'metric':12s} {'champion':>9s} {'challenger':>10s} {'diff':>7s} {'bound':>7s}  holds",
+        f"{'label':34s} {'criterion':20s} {'champion':>9s} {'challenger':>10s} {'diff':>7s} {'bound':>7s}  holds",
     ]
     for r in out["rows"]:
-        lines.append(f"{r['label'][:34]:34s} {r['metric']:12s} {r['champion']:9.3f} {r['challenger']:10.3f} "
+        test = f"{r['metric']} {'non-inf' if r['kind'] == 'non_inferiority' else 'superior'} {r['margin']:g}"
+        lines.append(f"{r['label'][:34]:34s} {test:20s} {r['champion']:9.3f} {r['challenger']:10.3f} "
                      f"{r['difference']:+7.3f} {r['bound']:+7.3f}  {'yes' if r['holds'] else 'no'}")  # fmt: skip
     lines += [f"{'holds' if v['holds'] else 'FAILS'}: {v['criterion']}" for v in out["criteria"]]
     lines.append(f"decision: {out['decision'].upper()}" + ("".join(f"\n  {r}" for r in out["reasons"])))

@@ -234,3 +234,39 @@ def test_the_films_a_challenger_learnt_from_are_known_even_if_its_run_died_befor
     (tmp_path / "challenger" / MANIFEST).write_text("{not json")
     with pytest.raises(InputError, match="lists the films this model learnt from"):
         trained_on({}, checkpoint)
+
+
+def test_reviewed_films_take_the_latest_verdicts_and_a_patient_from_the_pacs_study_or_the_table(tmp_path):
+    from cxrclip.change.retrain import read_patients, reviewed_films
+    from cxrclip.exceptions import InputError
+    from cxrclip.reviews.store import ReviewStore
+
+    store = ReviewStore(tmp_path / "reviews.sqlite")
+    films = []
+    for i in range(4):
+        films.append(tmp_path / f"film{i}.png")
+        films[-1].write_bytes(b"png %d" % i)
+
+    def add(i, verdict, **extra):
+        return store.add(reviewer="Dr. Lin", image_sha256=hashlib.sha256(films[i].read_bytes()).hexdigest(),
+                         model_sha256="0" * 64, calibration="model", shown={}, labels=LABELS,
+                         verdicts={"Pneumothorax": verdict}, image_name=films[i].name, **extra)  # fmt: skip
+
+    study = {"study": "1.2.3", "series": "1.2.3.1", "sop": "1.2.3.1.1", "sop_class": "1.2.840.10008.5.1.4.1.1.1.1"}
+    first = add(0, "present", image_path=str(films[0]), dicom=study)
+    add(0, "absent", image_path=str(films[0]), dicom=study, supersedes=first["id"])  # a correction replaces it
+    add(1, "unsure", image_path=str(films[1]), dicom={**study, "sop": "1.2.3.1.2"})  # the same study
+    add(2, "present", image_path=str(films[2]))  # a hand upload: its own patient, unless the table says
+    add(3, "absent")  # its image not kept: cannot be trained on
+    table = tmp_path / "patients.csv"
+    table.write_text(f"image,patient\n{films[2].name},P-7\n")
+    found, seen = reviewed_films(store, read_patients(table))
+    assert seen == {"images_reviewed": 4, "not_kept": 1, "used": 3}
+    assert [(f.image.name, f.patient, f.verdicts["Pneumothorax"]) for f in found] == [
+        ("film0.png", "1.2.3", "absent"),
+        ("film1.png", "1.2.3", "unsure"),
+        ("film2.png", "P-7", "present"),
+    ]
+    films[2].unlink()  # a kept image moved away: named, before any work
+    with pytest.raises(InputError, match=r"(?s)1 kept image\(s\) of reviews are missing.*film2.png"):
+        reviewed_films(store)

@@ -219,3 +219,44 @@ def test_kill_9_during_a_promotion_leaves_the_champion_answering(tiny_clip_check
     assert Service(settings).card["checkpoint_sha256"] == sha256(one)  # a restarted server answers with it
     promote(store, verdict, plan, two, "Dr. Lin")  # nothing locked: the promotion can be made again, whole
     assert champion(store)["sha256"] == sha256(two)
+
+
+def test_compare_db_judges_films_whose_images_were_not_kept_by_both_models_logged_answers(tiny_clip_checkpoint,
+                                                                                           tmp_path):  # fmt: skip
+    """A site that keeps no images: the champion's logged answers and the shadow challenger's, on the reviewed films,
+    are the evidence — their probabilities, and the decisions as they were given."""
+    from cxrclip.change.run import compare_on_reviews
+    from cxrclip.reviews.store import ReviewStore
+    from tests.models import challenger_checkpoint, sha256
+
+    challenger = challenger_checkpoint(tiny_clip_checkpoint, tmp_path / "challenger.tar")
+    store = ReviewStore(tmp_path / "reviews.sqlite")
+    rng = np.random.default_rng(2)
+    y = (np.arange(80) % 3 == 0).astype(int)
+    pa = np.clip(0.4 * y + rng.random(80) * 0.6, 0, 1)  # the champion: weak
+    pb = np.clip(0.7 * y + rng.random(80) * 0.3, 0, 1)  # the challenger: strong
+
+    def answer(p: float, cut: float) -> dict:
+        return {"labels": {"Pneumothorax": {"probability": p, "present": p >= cut}}}
+
+    champion_sha, challenger_sha = sha256(tiny_clip_checkpoint), sha256(challenger)
+    for i in range(80):
+        image, verdict = f"{i:064x}", "present" if y[i] else "absent"
+        store.add(reviewer="Dr. Lin", image_sha256=image, model_sha256=champion_sha, calibration="m", shown={},
+                  labels=["Pneumothorax"], verdicts={"Pneumothorax": verdict})  # fmt: skip
+        store.log_prediction(image, champion_sha, "m", answer(pa[i], 0.7))
+        if i < 70:  # the last ten: the challenger was not shadowing yet — not evidence
+            store.log_prediction(image, challenger_sha, "m", answer(pb[i], 0.5), role="shadow")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("labels: [Pneumothorax]\nmin_cases: {positives: 5, negatives: 5}\nbootstrap: {resamples: 200}\n"
+                    "criteria: [{metric: auroc, non_inferiority: 0.05}, {metric: sensitivity, "
+                    "non_inferiority: 0.1}]\n")  # fmt: skip
+    out = compare_on_reviews(str(plan), str(tmp_path / "reviews.sqlite"), str(challenger), str(tiny_clip_checkpoint))
+    assert out["cases"]["from_logs"] == 70 and out["cases"]["answered_now"] == 0 and out["cases"]["not_kept"] == 80
+    rows = {r["metric"]: r for r in out["rows"]}
+    assert np.isclose(rows["auroc"]["champion"], metric("auroc", y[:70], pa[:70], 0.5))
+    assert np.isclose(rows["auroc"]["challenger"], metric("auroc", y[:70], pb[:70], 0.5))
+    truth = y[:70].astype(bool)  # the sensitivity of the decisions given (the champion called YES from 0.7)
+    assert rows["sensitivity"]["champion"] == pytest.approx((pa[:70][truth] >= 0.7).mean())
+    assert rows["sensitivity"]["challenger"] == pytest.approx((pb[:70][truth] >= 0.5).mean())
+    assert out["decision"] == "promote" and out["challenger_sha256"] == sha256(challenger)

@@ -19,20 +19,26 @@ from cxrclip.scoring.calibration import expected_calibration_error
 
 @dataclass(frozen=True)
 class ModelScores:
-    """One model's answers on the reviewed cases: calibrated probabilities (rows × labels) and its thresholds."""
+    """One model's answers on the reviewed cases: calibrated probabilities (rows × labels) and its thresholds; or,
+    where its answers come from the prediction log, the decisions it gave (``called``, rows × labels)."""
 
     name: str
     probability: np.ndarray
     threshold: np.ndarray
+    called: np.ndarray | None = None  # the YES/NO it gave; None: probability ≥ threshold
+
+    def calls(self) -> np.ndarray:
+        return self.probability >= self.threshold[None, :] if self.called is None else self.called
 
 
-def metric(name: str, y: np.ndarray, p: np.ndarray, threshold: float) -> float:
-    """One metric of one model on one label (``y`` 0/1, no missing rows)."""
+def metric(name: str, y: np.ndarray, p: np.ndarray, threshold: float, called: np.ndarray | None = None) -> float:
+    """One metric of one model on one label (``y`` 0/1, no missing rows); ``called``: its decisions, when they are
+    known (else probability ≥ threshold)."""
     if name == "auroc":
         return float(delong_covariance(y, p[None, :])[0][0])
     if name == "ece":
         return expected_calibration_error(y, p)
-    called = p >= threshold
+    called = p >= threshold if called is None else called.astype(bool)
     truth = y.astype(bool) if name == "sensitivity" else ~y.astype(bool)
     hits = called[truth] if name == "sensitivity" else ~called[truth]
     return float(hits.mean()) if truth.any() else float("nan")
@@ -79,7 +85,10 @@ def compare(y: np.ndarray, labels: Sequence[str], champion: ModelScores, challen
     rows_out, insufficient = [], []
     for name in scope:
         j = labels.index(name)
-        known = np.isfinite(y[:, j])
+        # reviewed, and answered by both (a logged answer may lack a label the model did not answer then)
+        known = (
+            np.isfinite(y[:, j]) & np.isfinite(champion.probability[:, j]) & np.isfinite(challenger.probability[:, j])
+        )
         yj = y[known, j].astype(int)
         positives, negatives = int(yj.sum()), int(yj.size - yj.sum())
         if positives < plan.min_positives or negatives < plan.min_negatives:
@@ -88,12 +97,13 @@ def compare(y: np.ndarray, labels: Sequence[str], champion: ModelScores, challen
             continue
         pa, pb = champion.probability[known, j], challenger.probability[known, j]
         ta, tb = float(champion.threshold[j]), float(challenger.threshold[j])
+        ca, cb = champion.calls()[known, j], challenger.calls()[known, j]
         position = np.full(len(y), -1)
         position[known] = np.arange(int(known.sum()))  # a row of y → its row among this label's reviewed ones
         draws = [r[r >= 0] for r in (position[rows] for rows in resamples)]
         draws = [r for r in draws if r.size and yj[r].min() != yj[r].max()]  # both classes, or no AUROC / rate
         for criterion in plan.criteria:
-            a, b = metric(criterion.metric, yj, pa, ta), metric(criterion.metric, yj, pb, tb)
+            a, b = metric(criterion.metric, yj, pa, ta, ca), metric(criterion.metric, yj, pb, tb, cb)
             if criterion.metric == "auroc":  # paired DeLong: var(b − a) = var a + var b − 2 cov(a, b)
                 _, cov = delong_covariance(yj, np.stack([pa, pb]))
                 se = float(np.sqrt(max(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], 0.0)))
@@ -105,9 +115,8 @@ def compare(y: np.ndarray, labels: Sequence[str], champion: ModelScores, challen
                     r = np.asarray([position[x] for x in rows if x in position])
                     if r.size == 0 or yj[r].min() == yj[r].max():
                         continue
-                    diffs.append(
-                        metric(criterion.metric, yj[r], pb[r], tb) - metric(criterion.metric, yj[r], pa[r], ta)
-                    )
+                    diffs.append(metric(criterion.metric, yj[r], pb[r], tb, cb[r])
+                                 - metric(criterion.metric, yj[r], pa[r], ta, ca[r]))  # fmt: skip
                 bound = _bound(plan, alpha, criterion, np.asarray(diffs))
                 method = f"paired bootstrap by patient ({len(diffs)} resamples)"
             rows_out.append({

@@ -52,7 +52,7 @@ class RetrainRefused(UserError):
 
 @dataclass(frozen=True)
 class ReviewedFilm:
-    image: Path
+    image: Path | None  # None: the image was not kept (only its logged answers can be judged)
     sha256: str
     patient: str
     verdicts: Mapping[str, str]  # label → present | absent | unsure
@@ -75,30 +75,40 @@ def read_patients(path: str | Path | None) -> dict[str, str]:
     return {r["image"].strip(): r[column].strip() for r in rows if r["image"].strip() and r[column].strip()}
 
 
-def reviewed_films(store, patients: Mapping[str, str] | None = None) -> tuple[list[ReviewedFilm], dict]:
-    """The latest current review of each image whose file was kept; and what was left out, counted. A film's patient:
-    ``patients`` (by name, kept path or SHA-256), else its DICOM study (one study, one patient), else the image."""
-    patients = patients or {}
+def latest_reviews(store) -> list[dict]:
+    """Per reviewed image, its latest uncorrected review (a correction replaces what it corrects; a later independent
+    review of the same image wins), oldest first."""
     latest: dict[str, dict] = {}
-    for review in store.current():  # oldest first: a later independent review of the same image wins
+    for review in store.current():
         latest[review["image_sha256"]] = review
-    films, not_kept, missing = [], 0, []
-    for sha, review in sorted(latest.items(), key=lambda kv: kv[1]["id"]):
-        if not review["image_path"]:
-            not_kept += 1
-            continue
+    return sorted(latest.values(), key=lambda r: r["id"])
+
+
+def patient_of(review: Mapping, patients: Mapping[str, str]) -> str:
+    """``patients`` (by uploaded name, kept path or SHA-256), else the film's DICOM study (one study, one patient),
+    else the image itself."""
+    keys = (review["image_name"], review["image_path"], review["image_sha256"])
+    found = next((patients[k] for k in keys if k in patients), None)
+    return str(found or (review.get("dicom") or {}).get("study") or review["image_sha256"])
+
+
+def reviewed_films(store, patients: Mapping[str, str] | None = None) -> tuple[list[ReviewedFilm], dict]:
+    """The latest review of each image whose file was kept; and what was left out, counted."""
+    reviews, patients = latest_reviews(store), patients or {}
+    films, missing = [], []
+    for review in (r for r in reviews if r["image_path"]):
         image = Path(review["image_path"]).resolve()
         if not image.is_file():
             missing.append(str(image))
             continue
-        patient = next((patients[k] for k in (review["image_name"], review["image_path"], sha) if k in patients), None)
-        if patient is None:
-            patient = (review.get("dicom") or {}).get("study") or sha
-        films.append(ReviewedFilm(image, sha, str(patient), dict(review["verdicts"])))
+        films.append(
+            ReviewedFilm(image, review["image_sha256"], patient_of(review, patients), dict(review["verdicts"]))
+        )
     if missing:
         listed = "\n  ".join(missing[:10])
         raise InputError(f"{len(missing)} kept image(s) of reviews are missing (moved or deleted?):\n  {listed}")
-    return films, {"images_reviewed": len(latest), "not_kept": not_kept, "used": len(films)}
+    not_kept = sum(not r["image_path"] for r in reviews)
+    return films, {"images_reviewed": len(reviews), "not_kept": not_kept, "used": len(films)}
 
 
 def split_by_patient(films: Sequence[ReviewedFilm], valid_frac: float, seed: int,

@@ -11,7 +11,8 @@ import numpy as np
 from cxrclip.change.compare import ModelScores, compare
 from cxrclip.change.plan import ChangePlan
 from cxrclip.change.promote import champion as champion_in_effect
-from cxrclip.change.retrain import read_patients, reviewed_films, trained_on
+from cxrclip.change.promote import model_sha256
+from cxrclip.change.retrain import ReviewedFilm, latest_reviews, patient_of, read_patients, reviewed_films, trained_on
 from cxrclip.data.cells import image_csv
 from cxrclip.data.schema import csv_line
 from cxrclip.exceptions import InputError
@@ -76,14 +77,22 @@ def compare_models(plan_path: str, test_csv: str, champion: str, challenger: str
 
 def compare_on_reviews(plan_path: str, db: str, challenger: str, champion: str | None = None, *,
                        device: str | None = None, patients: str | None = None) -> dict:  # fmt: skip
-    """``cxrclip compare --db``: the plan's verdict on the reviewed films of the store whose images were kept, less
-    every film either model trained or was calibrated on (``cxrclip retrain`` records them in the checkpoint);
-    a patient's films resampled together. The champion: ``champion``, else the one the audit rows name, else the
-    challenger's base."""
+    """``cxrclip compare --db``: the plan's verdict on the store's reviewed films, less every film either model trained
+    or was calibrated on (``cxrclip retrain`` records them); a patient's films resampled together. A film whose image
+    was kept is answered now by both models; one whose image was not kept counts when the prediction log holds both
+    models' answers to it — the champion's as given, the challenger's from ``--shadow`` — with their decisions as
+    given. The champion: ``champion``, else the one the audit rows name, else the challenger's base."""
     plan = ChangePlan.load(plan_path)
     store = ReviewStore(database_url(db, must_exist=True))
     try:
-        films, seen = reviewed_films(store, read_patients(patients))
+        table = read_patients(patients)
+        films, seen = reviewed_films(store, table)
+        unkept = [ReviewedFilm(None, r["image_sha256"], patient_of(r, table), dict(r["verdicts"]))
+                  for r in latest_reviews(store) if not r["image_path"]]  # fmt: skip
+        logs: dict[tuple[str, str], dict] = {}
+        for role in ("answer", "shadow"):
+            for row in store.predictions(role=role):
+                logs.setdefault((row["model_sha256"], row["image_sha256"]), row["labels"])
         now = champion_in_effect(store)
     finally:
         store.close()
@@ -94,16 +103,41 @@ def compare_on_reviews(plan_path: str, db: str, challenger: str, champion: str |
         raise InputError("no champion: give --champion MODEL (no promotion recorded, no base in the challenger)")
     if Path(champion).is_file():  # a champion that was once a challenger: the films it learnt from are not evidence
         seen_in_training |= trained_on(load_checkpoint(champion), champion)
+    shas = model_sha256(champion), model_sha256(challenger)
     films = [f for f in films if f.sha256 not in seen_in_training]
-    if not films:
-        raise InputError(f"{db}: no reviewed film with its image kept that neither model has trained on")
-    names = list(plan.labels or dict.fromkeys(n for f in films for n in f.verdicts))
+    logged = [f for f in unkept if f.sha256 not in seen_in_training and all((m, f.sha256) in logs for m in shas)]
+    if not films and not logged:
+        raise InputError(f"{db}: no reviewed film that neither model trained on, with its image kept or both models' "
+                         "answers logged (cxrclip serve --keep-images, --shadow)")  # fmt: skip
+    names = list(plan.labels or dict.fromkeys(n for f in films + logged for n in f.verdicts))
     value = {"present": 1.0, "absent": 0.0}
-    y = np.array([[value.get(f.verdicts.get(n), np.nan) for n in names] for f in films])
-    out = judge(plan, [f.image for f in films], y, names, [f.patient for f in films], champion, challenger, device)
-    out["cases"] = {"db": db, "rows": len(films), "by": "patient", "left_out_trained_on": len(seen_in_training),
+    y = np.array([[value.get(f.verdicts.get(n), np.nan) for n in names] for f in films + logged])
+    scores = []
+    for path, sha in zip((champion, challenger), shas):
+        now_scores = None
+        if films:
+            now_scores, answered_sha = scores_of(PredictorOptions(path, device=device, gate=False),
+                                                 [f.image for f in films], names)  # fmt: skip
+            if answered_sha != sha:
+                raise InputError(f"{path}: its card's SHA-256 {answered_sha[:12]}… is not its file's {sha[:12]}…")
+        scores.append(with_logged(now_scores, [logs[sha, f.sha256] for f in logged], names, str(path)))
+    out = compare(y, names, scores[0], scores[1], plan, [f.patient for f in films + logged])
+    out["champion_sha256"], out["challenger_sha256"] = shas
+    out["cases"] = {"db": db, "rows": len(films) + len(logged), "answered_now": len(films), "from_logs": len(logged),
+                    "by": "patient", "left_out_trained_on": len(seen_in_training),
                     "reviewed_images": seen["images_reviewed"], "not_kept": seen["not_kept"]}  # fmt: skip
     return out
+
+
+def with_logged(now: ModelScores | None, logged: Sequence[dict], names: Sequence[str], name: str) -> ModelScores:
+    """One model's scores on the films answered now (``now``), followed by those of the prediction log (per film
+    ``{label: [probability, YES]}``; a label it did not answer then is NaN, and left out of that label)."""
+    p_log = np.array([[float((a.get(n) or [np.nan])[0]) for n in names] for a in logged]).reshape(-1, len(names))
+    c_log = np.array([[bool((a.get(n) or [0, False])[1]) for n in names] for a in logged]).reshape(-1, len(names))
+    if now is None:
+        return ModelScores(name, p_log, np.full(len(names), np.nan), c_log)
+    return ModelScores(name, np.concatenate([now.probability, p_log]), now.threshold,
+                       np.concatenate([now.calls(), c_log]))  # fmt: skip
 
 
 def require_images(images: Sequence[Path], where: str) -> None:

@@ -82,6 +82,7 @@ def compare(y: np.ndarray, labels: Sequence[str], champion: ModelScores, challen
     alpha = plan.alpha / tests
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
     resamples = patient_resamples(groups, plan.resamples, plan.seed)
+    calls_a, calls_b = champion.calls(), challenger.calls()
     rows_out, insufficient = [], []
     for name in scope:
         j = labels.index(name)
@@ -97,7 +98,7 @@ def compare(y: np.ndarray, labels: Sequence[str], champion: ModelScores, challen
             continue
         pa, pb = champion.probability[known, j], challenger.probability[known, j]
         ta, tb = float(champion.threshold[j]), float(challenger.threshold[j])
-        ca, cb = champion.calls()[known, j], challenger.calls()[known, j]
+        ca, cb = calls_a[known, j], calls_b[known, j]
         position = np.full(len(y), -1)
         position[known] = np.arange(int(known.sum()))  # a row of y → its row among this label's reviewed ones
         draws = [r[r >= 0] for r in (position[rows] for rows in resamples)]
@@ -110,13 +111,8 @@ def compare(y: np.ndarray, labels: Sequence[str], champion: ModelScores, challen
                 bound = float((b - a) - norm.ppf(1 - alpha) * se)
                 method = "paired DeLong"
             else:
-                diffs = []
-                for rows in resamples:
-                    r = np.asarray([position[x] for x in rows if x in position])
-                    if r.size == 0 or yj[r].min() == yj[r].max():
-                        continue
-                    diffs.append(metric(criterion.metric, yj[r], pb[r], tb, cb[r])
-                                 - metric(criterion.metric, yj[r], pa[r], ta, ca[r]))  # fmt: skip
+                diffs = [metric(criterion.metric, yj[r], pb[r], tb, cb[r])
+                         - metric(criterion.metric, yj[r], pa[r], ta, ca[r]) for r in draws]  # fmt: skip
                 bound = _bound(plan, alpha, criterion, np.asarray(diffs))
                 method = f"paired bootstrap by patient ({len(diffs)} resamples)"
             rows_out.append({

@@ -239,7 +239,7 @@ def retrain(reviews: ReviewStore | str | Path, base: str | Path, out: str | Path
         )
     unknown = sorted(set(scope or ()) - set(names))
     if unknown:
-        raise InputError(f"--labels {unknown}: not labels of {base} ({names})")
+        raise InputError(f"--scope {unknown}: not labels of {base} ({names})")
     scope = list(scope or names)
     for extra in extra_train:
         if not Path(extra).is_file():
@@ -260,9 +260,9 @@ def retrain(reviews: ReviewStore | str | Path, base: str | Path, out: str | Path
                             epochs=epochs, seed=seed)  # fmt: skip
     spec = RunSpec.from_config(cfg)
     trained = recipe_note(spec.model)
+    fit_patients, valid_patients = len({f.patient for f in fit}), len({f.patient for f in valid})
     log.info("retrain: %d fit + %d validation films (%d + %d patients); training %s", len(fit), len(valid),
-             len({f.patient for f in fit}), len({f.patient for f in valid}), trained)  # fmt: skip
-    fit_patients = len({f.patient for f in fit})
+             fit_patients, valid_patients, trained)  # fmt: skip
     manifest = {
         "state": "training",  # written before training: a run that dies still says which films it learnt from
         "base": {"path": str(base), "sha256": file_sha256(base)},
@@ -272,7 +272,7 @@ def retrain(reviews: ReviewStore | str | Path, base: str | Path, out: str | Path
         "reviewed": seen,
         "counts": table,
         "split": {"by": "patient", "valid_frac": valid_frac, "seed": seed, "fit_patients": fit_patients,
-                  "validation_patients": len({f.patient for f in valid})},
+                  "validation_patients": valid_patients},
         "images": {"fit": sorted(f.sha256 for f in fit), "validation": sorted(f.sha256 for f in valid)},
         "extra_train": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in extra_train],
     }  # fmt: skip

@@ -59,6 +59,9 @@ def check_store(store: ReviewStore) -> None:
             with store.engine.begin() as conn:
                 conn.execute(text(statement))
     assert [r["model_sha256"] for r in store.predictions(role="shadow")] == ["22" * 32]
+    assert store.predictions(role="shadow", images=["cd" * 32]) == []  # the queue asks only of the images it holds
+    assert len(store.predictions(images=["ab" * 32, "cd" * 32])) == 1
+    assert store.reviewed_images(["ef" * 32, "12" * 32]) == {"ef" * 32}
     assert [r["to_path"] for r in store.model_changes()] == ["b.tar"]
 
 

@@ -53,6 +53,11 @@ class ReviewDesk:
             while len(self._recent) > RECENT_PREDICTIONS:
                 self._recent.popitem(last=False)
 
+    def recent_images(self) -> list[str]:
+        """The images (SHA-256) whose shown answer this desk still holds."""
+        with self._lock:
+            return list(self._recent)
+
     def queue(self, reviewed: set[str], shadow: Mapping[str, Mapping[str, bool]] | None = None,
               limit: int = 50) -> list[dict]:  # fmt: skip
         """The images this server showed recently and nobody reviewed, those a review would teach most first: each

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from sqlalchemy import (
@@ -214,15 +214,19 @@ class ReviewStore:
         with self.engine.begin() as conn:
             conn.execute(predictions.insert().values(**row))
 
-    def predictions(self, since: datetime.datetime | None = None, role: str = "answer") -> list[dict]:
-        """The log of the answers given (``role="shadow"``: a challenger's silent ones), oldest first."""
+    def predictions(self, since: datetime.datetime | None = None, role: str = "answer",
+                    images: Collection[str] | None = None) -> list[dict]:  # fmt: skip
+        """The log of the answers given (``role="shadow"``: a challenger's silent ones), oldest first; ``images``:
+        only those of these images (SHA-256)."""
         q = select(predictions).order_by(predictions.c.id)
         q = q.where((predictions.c.role == role) | predictions.c.role.is_(None)) if role == "answer" else q.where(
             predictions.c.role == role)  # fmt: skip
         if since is not None:
             q = q.where(predictions.c.created_at > since)
+        queries = [q] if images is None else [q.where(predictions.c.image_sha256.in_(c)) for c in _chunks(images)]
         with self.engine.connect() as conn:
-            rows = [dict(r) for r in conn.execute(q).mappings()]
+            rows = [dict(r) for query in queries for r in conn.execute(query).mappings()]
+        rows.sort(key=lambda r: r["id"])
         for r in rows:
             r["created_at"] = _utc(r["created_at"]).isoformat()
             r["labels"] = json.loads(r["labels"])
@@ -243,11 +247,23 @@ class ReviewStore:
             r["created_at"] = _utc(r["created_at"]).isoformat()
         return rows
 
+    def reviewed_images(self, images: Collection[str]) -> set[str]:
+        """Which of ``images`` (SHA-256) have a review."""
+        column = reviews.c.image_sha256
+        with self.engine.connect() as conn:
+            return {sha for c in _chunks(images) for sha in conn.execute(select(column).where(column.in_(c))).scalars()}
+
     def current(self) -> list[dict]:
         """The reviews nobody has corrected: per chain of corrections, its last one."""
         rows = self.list()
         replaced = {r["supersedes"] for r in rows if r["supersedes"] is not None}
         return [r for r in rows if r["id"] not in replaced]
+
+
+def _chunks(values: Collection[str], size: int = 500) -> list[list[str]]:
+    """``values`` in lists of at most ``size``: the bound parameters of one IN (SQLite before 3.32 allows 999)."""
+    values = list(values)
+    return [values[i : i + size] for i in range(0, len(values), size)]
 
 
 def _as_dict(row) -> dict:

@@ -122,10 +122,12 @@ class Service:
 
     def review_queue(self, limit: int) -> list[dict]:
         """Unreviewed images this server showed, those a review would teach most first (:meth:`ReviewDesk.queue`)."""
-        store = self.store()
-        reviewed = {r["image_sha256"] for r in store.list()}
-        shadow = {p["image_sha256"]: {n: bool(v[1]) for n, v in p["labels"].items()}
-                  for p in store.predictions(role="shadow")} if self.shadow is not None else None  # fmt: skip
+        store, recent = self.store(), self.desk.recent_images()  # only the images the desk holds: not the whole store
+        reviewed = store.reviewed_images(recent)
+        shadow = None
+        if self.shadow is not None:
+            logged = store.predictions(role="shadow", images=recent)
+            shadow = {p["image_sha256"]: {n: bool(v[1]) for n, v in p["labels"].items()} for p in logged}
         return self.desk.queue(reviewed, shadow, limit)
 
     def monitor(self, period: str) -> dict:

@@ -376,6 +376,8 @@ def test_in_chromium_a_reviewer_works_the_queue_corrects_two_labels_with_the_key
                 queue.nth(1).wait_for(timeout=60_000)  # both films wait, with why (the finding nearest its threshold)
                 assert {queue.nth(i).locator("strong").inner_text() for i in range(2)} == {f.name for f in films}
                 assert "from its threshold" in queue.first.inner_text()
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "review-queue.png"), full_page=True)
                 rows = page.locator("#labels tbody tr")
                 rows.nth(12).wait_for(timeout=60_000)
                 first, second = rows.nth(0).get_attribute("data-label"), rows.nth(1).get_attribute("data-label")

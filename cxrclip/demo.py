@@ -52,6 +52,33 @@ def _save_png(array, path) -> None:
     Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG")
 
 
+def demo_train_config(
+    paths: dict, run: Path, *, epochs: int = 6, seed: int = 0, model: str = "clip_cpu_offline",
+    image_size: int | None = None, extra: list[str] | None = None,
+):  # fmt: skip
+    """The demo's training config: its recipe on the synthetic ``paths`` (train / valid CSVs), written under ``run``.
+    bf16 autocast where the CPU has it natively (the calibration is then fitted in bf16 too)."""
+    amp = ["base.amp=true", "base.amp_dtype=bf16"] if cpu_has_bf16() else ["base.amp=false"]
+    return compose(
+        "train",
+        [
+            f"model={model}",
+            *DEMO_OVERRIDES,
+            *([f"model.freeze=[{','.join(DEMO_FROZEN[model])}]"] if model in DEMO_FROZEN else []),
+            *amp,
+            f"data_train.cgmh.data_path={paths['train']}",
+            f"data_valid.cgmh.data_path={paths['valid']}",
+            *([f"base.image_size={image_size}"] if image_size else []),
+            f"scheduler.config.total_epochs={epochs}",
+            f"base.seed={seed}",
+            "base.overwrite=true",  # the demo's own folder: a rerun replaces the last demo
+            f"base.output.checkpoint={run / 'checkpoints'}",
+            f"base.output.tensorboard={run / 'tensorboard'}",
+            *(extra or []),
+        ],
+    )
+
+
 def run_demo(
     out: str | Path,
     *,
@@ -78,25 +105,7 @@ def run_demo(
     at = lambda: f"(at {time.perf_counter() - start:.0f} s)"  # noqa: E731
     stage = f"[2/5] training {epochs} epochs, calibrating on the validation split {at()} → {run / 'checkpoints'}"
     print(stage, flush=True)
-    amp = ["base.amp=true", "base.amp_dtype=bf16"] if cpu_has_bf16() else ["base.amp=false"]
-    cfg = compose(
-        "train",
-        [
-            f"model={model}",
-            *DEMO_OVERRIDES,
-            *([f"model.freeze=[{','.join(DEMO_FROZEN[model])}]"] if model in DEMO_FROZEN else []),
-            *amp,
-            f"data_train.cgmh.data_path={paths['train']}",
-            f"data_valid.cgmh.data_path={paths['valid']}",
-            *([f"base.image_size={image_size}"] if image_size else []),
-            f"scheduler.config.total_epochs={epochs}",
-            f"base.seed={seed}",
-            "base.overwrite=true",  # the demo's own folder: a rerun replaces the last demo
-            f"base.output.checkpoint={run / 'checkpoints'}",
-            f"base.output.tensorboard={run / 'tensorboard'}",
-            *(extra or []),
-        ],
-    )
+    cfg = demo_train_config(paths, run, epochs=epochs, seed=seed, model=model, image_size=image_size, extra=extra)
     pretrain(cfg)
     ckpt = run / "checkpoints" / "model-best.tar"
     print(f"[3/5] evaluating {ckpt.name} on {paths['test']} {at()}", flush=True)

@@ -1,0 +1,334 @@
+"""The SR of an answer in a few milliseconds: highdicom builds the document once per shape, later answers fill it in.
+
+Building a TID 1500 SR with highdicom costs several times the model's own prediction (each content item is a
+pydicom dataset, validated as it is made; the document's constructor copies and searches the whole tree). Yet two
+answers of one model to two films of one kind differ only in values: the film's UIDs and patient and study
+attributes, the UIDs derived from them, the probabilities, the present/absent codes, the times. So:
+
+1. the first answer of a *shape* — the model card, the labels with their rules and calibration flags, analysed or
+   refused, the film's SOP class and the image attributes its image library entry describes — is built by
+   highdicom (:func:`cxrclip.pacs.sr.highdicom_sr`) from *sentinel* inputs: every value that varies is a unique
+   marker (a UID no film has, a probability no answer gives);
+2. the document is encoded once, element by element as pydicom's writer encodes it, and every element that holds
+   a marker becomes a *slot* (found by its value, or by its place for the values a marker cannot be: the top
+   level's patient and study attributes and times, each finding's present/absent code). A marker found a number
+   of times other than expected, or an encoding that is not byte for byte pydicom's, and the shape is not
+   templated: those answers keep being built by highdicom (logged once);
+3. each answer fills the slots (each value encoded by pydicom's own element writer) and the parts are joined, the
+   sequences' and items' lengths computed; the result is read back as a pydicom dataset (lazily: ~0.2 ms, and it
+   writes back unchanged).
+
+``tests/test_sr_template.py`` checks the result byte for byte against highdicom's document for the same inputs
+(analysed and refused, archive films with missing Type 2 attributes, other character sets, another size).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import dcmwrite, write_data_element, write_file_meta_info
+from pydicom.valuerep import DA, DS, DT, TM
+
+from cxrclip.predict.answer import Answer, LabelAnswer
+
+log = logging.getLogger(__name__)
+
+ITEM = b"\xfe\xff\x00\xe0"
+# Attributes written at the document's top level from the film (cxrclip.pacs.sr.COPIED), found there by tag
+TOP_COPIED = {
+    0x00100010: "PatientName", 0x00100020: "PatientID", 0x00100030: "PatientBirthDate", 0x00100040: "PatientSex",
+    0x00080050: "AccessionNumber", 0x00200010: "StudyID", 0x00080020: "StudyDate", 0x00080030: "StudyTime",
+    0x00080090: "ReferringPhysicianName",
+}  # fmt: skip
+# The times the document is made at: (tag, VR) → how the moment is written (as highdicom writes it)
+TIMES = {
+    0x00080012: lambda now: DA(now.date()), 0x00080013: lambda now: TM(now.time()),  # instance creation
+    0x00080023: lambda now: DA(now.date()), 0x00080033: lambda now: TM(now.time()),  # content
+    0x0018A002: lambda now: DT(now),  # contributing equipment's contribution date time
+}  # fmt: skip
+QUALITATIVE = ("UMLS", "C0034375")
+CONCEPT_CODE, CONTENT = 0x0040A168, 0x0040A730
+# Image attributes an SR does not hold (the image library describes the film's size, orientation and spacing); the
+# frame of reference is a slot. Leaving them out of the shape lets films of one detector share a template.
+NOT_IN_SR = (
+    "SeriesNumber", "InstanceNumber", "FrameOfReferenceUID", "SamplesPerPixel", "PhotometricInterpretation",
+    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+)  # fmt: skip
+MAX_TEMPLATES = 32
+
+
+class NotTemplated(Exception):
+    """This shape cannot be templated; its answers are built by highdicom."""
+
+
+def _uid(n: int) -> str:
+    return f"1.2.826.0.1.3680043.10.1175.{n}"  # markers: valid UIDs that name nothing
+
+
+def _number(k: int, j: int) -> float:
+    return 0.3 + (3 * k + j) * 1e-4 + 1.23e-7  # label k, measurement j (probability, threshold, uncalibrated)
+
+
+GATE_SCORE = 0.2345678901
+REASON = "cxrclip-template-reason-marker"
+
+
+def _encoded(tag: int, vr: str, value, encodings) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_data_element(fp, DataElement(tag, vr, value), encodings)
+    return fp.getvalue()
+
+
+class _Seq:
+    """A sequence whose items hold slots: its header is written once the items' lengths are known."""
+
+    __slots__ = ("head", "items")
+
+    def __init__(self, tag: int, items: list[list]):
+        self.head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"SQ\x00\x00"
+        self.items = items
+
+
+def _join(parts: list, filled: list[bytes]) -> bytes:
+    out = []
+    for part in parts:
+        if type(part) is bytes:
+            out.append(part)
+        elif type(part) is int:
+            out.append(filled[part])
+        else:
+            items = [_join(item, filled) for item in part.items]
+            value = b"".join(ITEM + struct.pack("<I", len(i)) + i for i in items)
+            out.append(part.head + struct.pack("<I", len(value)) + value)
+    return b"".join(out)
+
+
+def _merge(parts: list) -> list:
+    """Adjacent constant bytes joined; a sequence without slots becomes bytes."""
+    out: list = []
+    for part in parts:
+        if isinstance(part, _Seq) and all(len(item) == 1 and type(item[0]) is bytes for item in part.items):
+            part = _join([part], [])
+        if type(part) is bytes and out and type(out[-1]) is bytes:
+            out[-1] += part
+        else:
+            out.append(part)
+    return out
+
+
+class Template:
+    """One shape's document: its parts, and per slot how an answer fills it."""
+
+    def __init__(self, sentinel: Dataset, marks: dict, code: Callable[[int], Callable]):
+        self.fills: list[Callable] = []  # slot index → f(context) → the encoded element
+        self.marks, self.code = marks, code
+        self.found: dict = {}
+        self.meta = Dataset(sentinel.file_meta)
+        full = _encode(sentinel)
+        self.preamble = full[:132] if full[128:132] == b"DICM" else b""
+        self.parts = self._compile(sentinel, "iso8859", 0, None)
+
+    def _compile(self, ds: Dataset, parent_encoding, depth: int, labels: list | None) -> list:
+        """``labels``: a counter when ``ds`` is an item of the qualitative evaluations (its CODEs, one per label)."""
+        encodings = ds.get("SpecificCharacterSet", parent_encoding)
+        parts: list = []
+        for tag in sorted(ds.keys()):
+            if tag >> 16 == 0x0002:
+                continue  # the file meta, written apart
+            elem = ds[tag]
+            if elem.VR != "SQ":
+                fill = self._fill_of(tag, elem, depth, encodings)
+                parts.append(self._slot(fill) if fill else _encoded(tag, elem.VR, elem.value, encodings))
+            elif tag == CONCEPT_CODE and labels is not None:
+                parts.append(self._slot(self.code(labels[0], encodings)))
+                labels[0] += 1
+            else:
+                if elem.is_undefined_length or any(
+                    getattr(i, "is_undefined_length_sequence_item", False) for i in elem.value
+                ):
+                    raise NotTemplated("a sequence of undefined length")
+                counter = [0] if tag == CONTENT and _concept(ds) == QUALITATIVE else None
+                parts.append(_Seq(tag, [self._compile(item, encodings, depth + 1, counter) for item in elem.value]))
+        return _merge(parts)
+
+    def _slot(self, fill: Callable) -> int:
+        self.fills.append(fill)
+        return len(self.fills) - 1
+
+    def _fill_of(self, tag: int, elem, depth: int, encodings):
+        vr, value = elem.VR, elem.value
+        if depth == 0 and tag in TOP_COPIED:
+            keyword = TOP_COPIED[tag]
+            return lambda c: _encoded(tag, vr, getattr(c.evidence, keyword), encodings)
+        if tag in TIMES:
+            when = TIMES[tag]
+            return lambda c: _encoded(tag, vr, when(c.now), encodings)
+        kind = {"UI": "uid", "DS": "ds", "FD": "fd", "UT": "text"}.get(vr)
+        mark = (kind, value if vr == "FD" else str(value))
+        get = self.marks.get(mark)
+        if get is None:
+            return None
+        self.found[mark] = self.found.get(mark, 0) + 1
+        return lambda c: _encoded(tag, vr, get(c), encodings)
+
+    def fill(self, context: Context) -> bytes:
+        filled = [f(context) for f in self.fills]
+        self.meta.MediaStorageSOPInstanceUID = context.sop_uid
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_file_meta_info(fp, self.meta, enforce_standard=False)
+        return self.preamble + fp.getvalue() + _join(self.parts, filled)
+
+
+def _concept(ds) -> tuple[str, str] | None:
+    name = ds.get("ConceptNameCodeSequence")
+    return (str(name[0].CodingSchemeDesignator), str(name[0].CodeValue)) if name else None
+
+
+def _encode(ds) -> bytes:
+    fp = DicomBytesIO()
+    dcmwrite(fp, ds)
+    return fp.getvalue()
+
+
+class Context:
+    """What one answer fills in: the film's identity (``evidence_of``), the answer, the moment, the SR's UID."""
+
+    __slots__ = ("evidence", "frame", "result", "now", "sop_uid")
+
+    def __init__(self, evidence, frame, result, now, sop_uid):
+        self.evidence, self.frame, self.result, self.now, self.sop_uid = evidence, frame, result, now, sop_uid
+
+
+class Templates:
+    """The templates of the shapes seen (the newest :data:`MAX_TEMPLATES`); thread-safe. ``build``: highdicom's
+    builder; ``h``: the module that defines the SR (:mod:`cxrclip.pacs.sr`: ``evidence_of``, ``image_header``, ...)."""
+
+    def __init__(self, build: Callable, h):
+        self.build, self.h = build, h
+        self.templates: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+        self.untemplated: set = set()
+
+    def shape(self, header, result: Answer, card: Mapping) -> tuple:
+        """What the document's structure depends on: the model, the answer's labels and rules (or its refusal), the
+        film's SOP class and what the image library describes. ``header``: the film's ``image_header``."""
+        image = tuple((k, str(header[k].value)) for k in self.h.IMAGE_ATTRIBUTES
+                      if k in header and k not in NOT_IN_SR)  # fmt: skip
+        if result.analysed:
+            what = ("analysed", tuple((n, v.rule, v.calibrated) for n, v in (result.labels or {}).items()))
+        else:
+            what = ("refused", result.gate.score is None)
+        model = (str(card.get("name")), str(card["checkpoint_sha256"]), tuple(self.h.model_parameters(card)))
+        return model, what, str(header.SOPClassUID), image, "FrameOfReferenceUID" in header
+
+    def sr(self, source, result: Answer, card: Mapping, now: datetime.datetime | None = None):
+        """The SR of ``result`` as highdicom writes it, from the shape's template; None where the shape cannot be
+        templated (the caller builds it with highdicom)."""
+        import pydicom
+
+        header = self.h.image_header(source)  # a film without its UIDs is refused before anything is built
+        key = self.shape(header, result, card)
+        with self.lock:
+            template = self.templates.get(key)
+            if template is not None:
+                self.templates.move_to_end(key)
+            elif key in self.untemplated:
+                return None
+        if template is None:
+            try:
+                template = self.make(source, result, card)
+            except NotTemplated as e:
+                log.warning("this kind of answer's SR is built by highdicom each time: %s", e)
+                with self.lock:
+                    self.untemplated.add(key)
+                return None
+            with self.lock:
+                self.templates[key] = template
+                while len(self.templates) > MAX_TEMPLATES:
+                    self.templates.popitem(last=False)
+        sop = self.h.sr_uids(header.SOPInstanceUID, str(card["checkpoint_sha256"]))[1]
+        context = Context(header, header.get("FrameOfReferenceUID"), result, now or datetime.datetime.now(), sop)
+        with self.lock:  # the meta dataset is reused
+            data = template.fill(context)
+        return pydicom.dcmread(DicomBytesIO(data))
+
+    def make(self, source, result: Answer, card: Mapping) -> Template:
+        """The shape's document built by highdicom from markers, compiled, and checked: filled with the markers'
+        own values it must be pydicom's encoding of that document, byte for byte."""
+        h, sha = self.h, str(card["checkpoint_sha256"])
+        film = h.image_header(source)
+        marks: dict = {}  # (kind, the marker as encoded) → f(context): the value the answer puts there
+        expected: dict = {}
+        for n, keyword in enumerate(("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")):
+            setattr(film, keyword, _uid(n))
+            marks["uid", _uid(n)] = lambda c, k=keyword: getattr(c.evidence, k)
+        if "FrameOfReferenceUID" in film:
+            film.FrameOfReferenceUID = _uid(3)
+            marks["uid", _uid(3)] = lambda c: str(c.frame)
+        series, instance = h.sr_uids(film.SOPInstanceUID, sha)
+        marks["uid", series] = lambda c: h.sr_uids(c.evidence.SOPInstanceUID, sha)[0]
+        marks["uid", instance] = lambda c: c.sop_uid
+        expected.update({("uid", series): 1, ("uid", instance): 1})
+
+        def number(x: float, get: Callable) -> None:
+            marks["ds", str(DS(x, auto_format=True))] = lambda c: DS(get(c), auto_format=True)
+            marks["fd", x] = lambda c: float(get(c))
+            expected.update({("ds", str(DS(x, auto_format=True))): 1, ("fd", x): 1})
+
+        def tracking(what: str) -> None:
+            uid = h.derived_uid(film.SOPInstanceUID, sha, "tracking", what)
+            marks["uid", uid] = lambda c: h.derived_uid(c.evidence.SOPInstanceUID, sha, "tracking", what)
+            expected["uid", uid] = 1
+
+        names = list(result.labels or {}) if result.analysed else []
+        if result.analysed:
+            labels = {}
+            for k, name in enumerate(names):
+                v = result.labels[name]
+                x = [_number(k, j) for j in range(3)]
+                labels[name] = LabelAnswer(probability=x[0], threshold=x[1], rule=v.rule, present=True,
+                                           calibrated=v.calibrated, uncalibrated_probability=x[2])  # fmt: skip
+                for j, field in enumerate(("probability", "threshold", "uncalibrated_probability")):
+                    number(x[j], lambda c, n=name, f=field: getattr(c.result.labels[n], f))
+                tracking(name)
+            marked = Answer(analysed=True, gate=result.gate, labels=labels)
+        else:
+            score = None if result.gate.score is None else GATE_SCORE
+            marked = Answer(analysed=False, reason=REASON, gate=result.gate.model_copy(update={"score": score}))
+            marks["text", REASON] = lambda c: str(c.result.reason)[:1024]
+            expected["text", REASON] = 1
+            if score is not None:
+                number(GATE_SCORE, lambda c: c.result.gate.score)
+            tracking("input gate")
+        sentinel = self.build(film, marked, card)
+
+        def code(k: int, encodings) -> Callable:
+            if k >= len(names):
+                raise NotTemplated("a coded qualitative evaluation that is no label's")
+            codes = {flag: _encoded(CONCEPT_CODE, "SQ", [h.presence_code(flag)], encodings) for flag in (True, False)}
+            return lambda c: codes[bool(c.result.labels[names[k]].present)]
+
+        template = Template(sentinel, marks, code)
+        wrong = {m: template.found.get(m, 0) for m, n in expected.items() if template.found.get(m, 0) != n}
+        if wrong:
+            raise NotTemplated(f"markers found other than once: {wrong}")
+        now = datetime.datetime.now()
+        for item in [sentinel, *sentinel.ContributingEquipmentSequence]:
+            for tag, when in TIMES.items():
+                if tag in item:
+                    item[tag].value = when(now)
+        frame = film.get("FrameOfReferenceUID")
+        check = Context(h.evidence_of(film), frame, marked, now, sentinel.SOPInstanceUID)
+        if template.fill(check) != _encode(sentinel):
+            raise NotTemplated("the template does not encode as pydicom encodes the document")
+        return template

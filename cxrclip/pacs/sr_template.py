@@ -82,6 +82,16 @@ REASON = "cxrclip-template-reason-marker"
 
 
 def _encoded(tag: int, vr: str, value, encodings) -> bytes:
+    """One element as pydicom writes it (explicit VR little endian). UIDs, decimal strings and doubles — most of an
+    answer's values — are packed here directly (PS3.5 7.1.2: a 2-byte length, padded to even with NUL for UI and a
+    space for DS); the rest by pydicom's element writer."""
+    if vr == "FD" and isinstance(value, float):
+        return struct.pack("<HH2sHd", tag >> 16, tag & 0xFFFF, b"FD", 8, value)
+    if vr in ("UI", "DS") and isinstance(value, str) and value.isascii():
+        text = value.encode("ascii")
+        if len(text) % 2:
+            text += b"\x00" if vr == "UI" else b" "
+        return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode("ascii"), len(text)) + text
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
     write_data_element(fp, DataElement(tag, vr, value), encodings)
@@ -281,7 +291,7 @@ class Templates:
         expected.update({("uid", series): 1, ("uid", instance): 1})
 
         def number(x: float, get: Callable) -> None:
-            marks["ds", str(DS(x, auto_format=True))] = lambda c: DS(get(c), auto_format=True)
+            marks["ds", str(DS(x, auto_format=True))] = lambda c: str(DS(get(c), auto_format=True))
             marks["fd", x] = lambda c: float(get(c))
             expected.update({("ds", str(DS(x, auto_format=True))): 1, ("fd", x): 1})
 

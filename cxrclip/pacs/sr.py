@@ -41,6 +41,7 @@ import functools
 import hashlib
 import logging
 import re
+import sys
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,6 +50,7 @@ import numpy as np
 
 from cxrclip import __version__
 from cxrclip.io import atomic_write
+from cxrclip.pacs.sr_template import Templates
 from cxrclip.predict.answer import Answer
 from cxrclip.predict.card import DISCLAIMER
 
@@ -235,11 +237,7 @@ def build_sr(source, result: Answer, card: Mapping, regions: Mapping[str, np.nda
 
 
 @functools.lru_cache(maxsize=1)
-def _templates():
-    import sys
-
-    from cxrclip.pacs.sr_template import Templates
-
+def _templates() -> Templates:
     return Templates(highdicom_sr, sys.modules[__name__])
 
 

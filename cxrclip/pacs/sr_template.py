@@ -30,14 +30,12 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-
-from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import dcmwrite, write_data_element, write_file_meta_info
-from pydicom.valuerep import DA, DS, DT, TM
+from typing import TYPE_CHECKING
 
 from cxrclip.predict.answer import Answer, LabelAnswer
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +46,18 @@ TOP_COPIED = {
     0x00080050: "AccessionNumber", 0x00200010: "StudyID", 0x00080020: "StudyDate", 0x00080030: "StudyTime",
     0x00080090: "ReferringPhysicianName",
 }  # fmt: skip
-# The times the document is made at: (tag, VR) → how the moment is written (as highdicom writes it)
-TIMES = {
-    0x00080012: lambda now: DA(now.date()), 0x00080013: lambda now: TM(now.time()),  # instance creation
-    0x00080023: lambda now: DA(now.date()), 0x00080033: lambda now: TM(now.time()),  # content
-    0x0018A002: lambda now: DT(now),  # contributing equipment's contribution date time
-}  # fmt: skip
+# The times the document is made at, written as highdicom writes the moment: instance creation, content, and the
+# contributing equipment's contribution date time
+TIMES = {0x00080012: "DA", 0x00080013: "TM", 0x00080023: "DA", 0x00080033: "TM", 0x0018A002: "DT"}
+
+
+def moment(tag: int, now: datetime.datetime):
+    from pydicom.valuerep import DA, DT, TM
+
+    kind = TIMES[tag]
+    return DA(now.date()) if kind == "DA" else TM(now.time()) if kind == "TM" else DT(now)
+
+
 QUALITATIVE = ("UMLS", "C0034375")
 CONCEPT_CODE, CONTENT = 0x0040A168, 0x0040A730
 # Image attributes an SR does not hold (the image library describes the film's size, orientation and spacing); the
@@ -92,6 +96,10 @@ def _encoded(tag: int, vr: str, value, encodings) -> bytes:
         if len(text) % 2:
             text += b"\x00" if vr == "UI" else b" "
         return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode("ascii"), len(text)) + text
+    from pydicom.dataelem import DataElement
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
     write_data_element(fp, DataElement(tag, vr, value), encodings)
@@ -142,6 +150,8 @@ class Template:
         self.fills: list[Callable] = []  # slot index → f(context) → the encoded element
         self.marks, self.code = marks, code
         self.found: dict = {}
+        from pydicom.dataset import Dataset
+
         self.meta = Dataset(sentinel.file_meta)
         full = _encode(sentinel)
         self.preamble = full[:132] if full[128:132] == b"DICM" else b""
@@ -180,8 +190,7 @@ class Template:
             keyword = TOP_COPIED[tag]
             return lambda c: _encoded(tag, vr, getattr(c.evidence, keyword), encodings)
         if tag in TIMES:
-            when = TIMES[tag]
-            return lambda c: _encoded(tag, vr, when(c.now), encodings)
+            return lambda c: _encoded(tag, vr, moment(tag, c.now), encodings)
         kind = {"UI": "uid", "DS": "ds", "FD": "fd", "UT": "text"}.get(vr)
         mark = (kind, value if vr == "FD" else str(value))
         get = self.marks.get(mark)
@@ -191,6 +200,9 @@ class Template:
         return lambda c: _encoded(tag, vr, get(c), encodings)
 
     def fill(self, context: Context) -> bytes:
+        from pydicom.filebase import DicomBytesIO
+        from pydicom.filewriter import write_file_meta_info
+
         filled = [f(context) for f in self.fills]
         self.meta.MediaStorageSOPInstanceUID = context.sop_uid
         fp = DicomBytesIO()
@@ -205,6 +217,9 @@ def _concept(ds) -> tuple[str, str] | None:
 
 
 def _encode(ds) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import dcmwrite
+
     fp = DicomBytesIO()
     dcmwrite(fp, ds)
     return fp.getvalue()
@@ -245,6 +260,7 @@ class Templates:
         """The SR of ``result`` as highdicom writes it, from the shape's template; None where the shape cannot be
         templated (the caller builds it with highdicom)."""
         import pydicom
+        from pydicom.filebase import DicomBytesIO
 
         header = self.h.image_header(source)  # a film without its UIDs is refused before anything is built
         key = self.shape(header, result, card)
@@ -275,6 +291,8 @@ class Templates:
     def make(self, source, result: Answer, card: Mapping) -> Template:
         """The shape's document built by highdicom from markers, compiled, and checked: filled with the markers'
         own values it must be pydicom's encoding of that document, byte for byte."""
+        from pydicom.valuerep import DS
+
         h, sha = self.h, str(card["checkpoint_sha256"])
         film = h.image_header(source)
         marks: dict = {}  # (kind, the marker as encoded) → f(context): the value the answer puts there
@@ -334,9 +352,9 @@ class Templates:
             raise NotTemplated(f"markers found other than once: {wrong}")
         now = datetime.datetime.now()
         for item in [sentinel, *sentinel.ContributingEquipmentSequence]:
-            for tag, when in TIMES.items():
+            for tag in TIMES:
                 if tag in item:
-                    item[tag].value = when(now)
+                    item[tag].value = moment(tag, now)
         frame = film.get("FrameOfReferenceUID")
         check = Context(h.evidence_of(film), frame, marked, now, sentinel.SOPInstanceUID)
         if template.fill(check) != _encode(sentinel):

@@ -278,6 +278,9 @@ class Templates:
                 with self.lock:
                     self.untemplated.add(key)
                 return None
+            except Exception as e:  # highdicom refused the film or the answer: its own build says why, in its words
+                log.debug("no template for this answer (%s: %s)", type(e).__name__, e)
+                return None
             with self.lock:
                 self.templates[key] = template
                 while len(self.templates) > MAX_TEMPLATES:

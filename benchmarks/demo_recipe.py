@@ -12,10 +12,11 @@ operating points the run fitted on its validation split, ECE, and the training t
 after another, so that timings are comparable within a run (they are not across machines)::
 
     python benchmarks/demo_recipe.py --out /tmp/recipes \\
-        --candidate "now epochs=6 size=224" \\
-        --candidate "lr1e-3 epochs=6 size=224 optimizer.config.lr=1e-3" \\
-        --candidate "s192e7 epochs=7 size=192"
+        --candidate "before epochs=6 size=224 optimizer.config.lr=5e-4" \\
+        --candidate "s192lr1e-3 epochs=6 size=192 optimizer.config.lr=1e-3"
 
+(unnamed settings are the demo's: ``cxrclip.demo.DEMO_OVERRIDES``; name the learning rate and the size to compare
+with a past run). The issue-36 sweep, in docs/RESULTS.md, is ``benchmarks/demo_recipe.sh``.
 A line of JSON per candidate goes to ``OUT/recipes.jsonl`` (appended: a run stopped halfway keeps what it did).
 """
 
@@ -33,7 +34,7 @@ from pathlib import Path
 
 def parse_candidate(text: str) -> dict:
     name, *rest = text.split()
-    spec = {"name": name, "epochs": 6, "size": None, "extra": []}
+    spec = {"name": name, "epochs": 6, "size": 224, "extra": []}
     for token in rest:
         key, _, value = token.partition("=")
         if key == "epochs":
@@ -94,7 +95,7 @@ def one(args, spec: dict) -> dict:
     truth = np.array([[int(v == 1) for v in r.labels] for r in records])
     low, high = bootstrap_auroc(probs, truth)
     return {
-        "name": spec["name"], "epochs": spec["epochs"], "size": spec["size"] or 224, "extra": spec["extra"],
+        "name": spec["name"], "epochs": spec["epochs"], "size": spec["size"], "extra": spec["extra"],
         "train_s": round(train_s, 1), "best_val_loss": fit["best_val_loss"],
         "select_auroc": binary["AUROC(Avg)"], "select_auroc_95": [low, high], "select_f1": binary["F1(Avg)"],
         "select_ece": binary["ECE(Avg)"], "select_yes_per_image": binary["YES_per_image"],

@@ -406,7 +406,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     with exit_on_user_error():
         sizes = {k: v for k, v in _data_size(args).items() if k != "image_size"}
-        run_demo(args.out, **sizes, png_size=args.image_size, image_size=args.train_size, epochs=args.epochs)
+        trained = {"image_size": args.train_size} if args.train_size else {}
+        run_demo(args.out, **sizes, png_size=args.image_size, epochs=args.epochs, **trained)
     return 0
 
 
@@ -472,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate synthetic data, then train, evaluate and run inference on it")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--train-size", type=int, help="model input size (default: the train config's base.image_size)")
+    p.add_argument("--train-size", type=int, help="model input size (default: 192, the demo's recipe)")
     add_data_args(p)
     p.set_defaults(func=_demo, n_train=600)  # the demo's budget
 

@@ -29,9 +29,9 @@ def encoded(ds) -> bytes:
     return fp.getvalue()
 
 
-def reference(source, result, card=CARD) -> bytes:
+def reference(source, result, card=CARD, regions=None) -> bytes:
     """highdicom's document, its times set to NOW (highdicom takes the moment it is built)."""
-    ds = highdicom_sr(source, result, card)
+    ds = highdicom_sr(source, result, card, regions)
     ds.InstanceCreationDate, ds.InstanceCreationTime = DA(NOW.date()), TM(NOW.time())
     ds.ContentDate, ds.ContentTime = DA(NOW.date()), TM(NOW.time())
     for item in ds.ContributingEquipmentSequence:
@@ -94,7 +94,28 @@ def test_a_second_film_fills_the_first_ones_template_and_reads_back_as_it():
     assert len(templates.templates) == 2
 
 
-def test_build_sr_takes_the_time_it_is_made_and_the_template_path_only_without_regions():
+def test_outlines_of_any_length_fill_the_template_of_their_labels():
+    """--heatmap: the findings called YES carry a TID 1410 region (the Grad-CAM's outline). One template serves
+    every set of outlined findings (a region group per finding, added to the Imaging Measurements as the answer
+    has them) and outlines of any number of points, open or closed."""
+    templates = Templates(highdicom_sr, srmod)
+    names = list(answer_of_13().labels)
+    rng = np.random.default_rng(0)
+    for film_index, outlined in enumerate([names[:3], names[5:6], [], names[::2], names]):
+        film = radiograph_dicom(np.zeros((320, 256), np.uint16), patient_id=f"P-{film_index}")
+        labels = {n: v.model_copy(update={"present": n in outlined}) for n, v in answer_of_13().labels.items()}
+        result = answer_of_13().model_copy(update={"labels": labels})
+        regions = {}
+        for i, name in enumerate(outlined):
+            points = rng.uniform(0, 256, size=(int(rng.integers(3, 40)), 2)).astype(np.float32)
+            regions[name] = points if (film_index + i) % 2 else np.concatenate([points, points[:1]])
+        sr = templates.sr(film, result, CARD, regions, now=NOW)
+        assert sr is not None and encoded(sr) == reference(film, result, regions=regions), film_index
+        assert sorted(read_sr(sr).get("regions", {})) == sorted(outlined)
+    assert len(templates.templates) == 1 and not templates.untemplated
+
+
+def test_build_sr_takes_the_time_it_is_made():
     film = radiograph_dicom(np.zeros((64, 64), np.uint16))
     before = datetime.datetime.now().replace(microsecond=0)
     sr = build_sr(film, answer_of_13(), CARD)
@@ -102,11 +123,6 @@ def test_build_sr_takes_the_time_it_is_made_and_the_template_path_only_without_r
     made = datetime.datetime.strptime(sr.ContentDate + sr.ContentTime.split(".")[0], "%Y%m%d%H%M%S")
     assert before <= made <= datetime.datetime.now()
     assert sr.ContributingEquipmentSequence[-1].ContributionDateTime.startswith(sr.ContentDate)
-    outline = np.array([[1, 1], [10, 1], [10, 10], [1, 1]], np.float32)
-    label = next(n for n, v in answer_of_13().labels.items() if v.present)
-    with_region = build_sr(film, answer_of_13(), CARD, regions={label: outline})
-    assert not isinstance(with_region, pydicom.FileDataset)  # highdicom's, item by item
-    assert label in read_sr(with_region)["regions"]
 
 
 def test_a_shape_that_cannot_be_templated_is_built_by_highdicom(monkeypatch, caplog):

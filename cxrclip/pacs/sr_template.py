@@ -32,6 +32,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from cxrclip.predict.answer import Answer, LabelAnswer
 
 if TYPE_CHECKING:
@@ -58,7 +60,7 @@ def moment(tag: int, now: datetime.datetime):
     return DA(now.date()) if kind == "DA" else TM(now.time()) if kind == "TM" else DT(now)
 
 
-QUALITATIVE = ("UMLS", "C0034375")
+QUALITATIVE, MEASUREMENTS = ("UMLS", "C0034375"), ("DCM", "126010")
 CONCEPT_CODE, CONTENT = 0x0040A168, 0x0040A730
 # Image attributes an SR does not hold (the image library describes the film's size, orientation and spacing); the
 # frame of reference is a slot. Leaving them out of the shape lets films of one detector share a template.
@@ -107,35 +109,40 @@ def _encoded(tag: int, vr: str, value, encodings) -> bytes:
 
 
 class _Seq:
-    """A sequence whose items hold slots: its header is written once the items' lengths are known."""
+    """A sequence whose items hold slots: its header is written once the items' lengths are known. ``extra``: items
+    an answer adds at its end (the Imaging Measurements' region groups, one per outlined finding)."""
 
-    __slots__ = ("head", "items")
+    __slots__ = ("head", "items", "extra")
 
     def __init__(self, tag: int, items: list[list]):
         self.head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"SQ\x00\x00"
-        self.items = items
+        self.items, self.extra = items, []
 
 
-def _join(parts: list, filled: list[bytes]) -> bytes:
+def _join(parts: list, fill: Callable[[int], bytes]) -> bytes:
     out = []
     for part in parts:
         if type(part) is bytes:
             out.append(part)
         elif type(part) is int:
-            out.append(filled[part])
+            out.append(fill(part))
         else:
-            items = [_join(item, filled) for item in part.items]
+            items = [_join(item, fill) for item in (*part.items, *part.extra)]
             value = b"".join(ITEM + struct.pack("<I", len(i)) + i for i in items)
             out.append(part.head + struct.pack("<I", len(value)) + value)
     return b"".join(out)
 
 
-def _merge(parts: list) -> list:
-    """Adjacent constant bytes joined; a sequence without slots becomes bytes."""
+def _merge(parts: list, keep=None) -> list:
+    """Adjacent constant bytes joined; a sequence without slots becomes bytes (but ``keep``)."""
     out: list = []
     for part in parts:
-        if isinstance(part, _Seq) and all(len(item) == 1 and type(item[0]) is bytes for item in part.items):
-            part = _join([part], [])
+        if (
+            isinstance(part, _Seq)
+            and part is not keep
+            and all(len(item) == 1 and type(item[0]) is bytes for item in part.items)
+        ):
+            part = _join([part], None)
         if type(part) is bytes and out and type(out[-1]) is bytes:
             out[-1] += part
         else:
@@ -150,12 +157,14 @@ class Template:
         self.fills: list[Callable] = []  # slot index → f(context) → the encoded element
         self.marks, self.code = marks, code
         self.found: dict = {}
+        self.measurements: _Seq | None = None  # the Imaging Measurements container's content
         from pydicom.dataset import Dataset
 
         self.meta = Dataset(sentinel.file_meta)
         full = _encode(sentinel)
         self.preamble = full[:132] if full[128:132] == b"DICM" else b""
         self.parts = self._compile(sentinel, "iso8859", 0, None)
+        self.regions: dict[str, list] = {}
 
     def _compile(self, ds: Dataset, parent_encoding, depth: int, labels: list | None) -> list:
         """``labels``: a counter when ``ds`` is an item of the qualitative evaluations (its CODEs, one per label)."""
@@ -177,8 +186,11 @@ class Template:
                 ):
                     raise NotTemplated("a sequence of undefined length")
                 counter = [0] if tag == CONTENT and _concept(ds) == QUALITATIVE else None
-                parts.append(_Seq(tag, [self._compile(item, encodings, depth + 1, counter) for item in elem.value]))
-        return _merge(parts)
+                seq = _Seq(tag, [self._compile(item, encodings, depth + 1, counter) for item in elem.value])
+                if tag == CONTENT and _concept(ds) == MEASUREMENTS:
+                    self.measurements = seq
+                parts.append(seq)
+        return _merge(parts, self.measurements)
 
     def _slot(self, fill: Callable) -> int:
         self.fills.append(fill)
@@ -191,24 +203,46 @@ class Template:
             return lambda c: _encoded(tag, vr, getattr(c.evidence, keyword), encodings)
         if tag in TIMES:
             return lambda c: _encoded(tag, vr, moment(tag, c.now), encodings)
-        kind = {"UI": "uid", "DS": "ds", "FD": "fd", "UT": "text"}.get(vr)
-        mark = (kind, value if vr == "FD" else str(value))
+        kind = {"UI": "uid", "DS": "ds", "FD": "fd", "UT": "text", "FL": "fl"}.get(vr)
+        if kind is None:
+            return None
+        if vr == "FL":
+            value = tuple(value) if hasattr(value, "__iter__") else (value,)
+        mark = (kind, value if vr in ("FD", "FL") else str(value))
         get = self.marks.get(mark)
         if get is None:
             return None
         self.found[mark] = self.found.get(mark, 0) + 1
         return lambda c: _encoded(tag, vr, get(c), encodings)
 
+    def split_regions(self, names: list[str], outlined: list[str]) -> None:
+        """The document was made with every finding outlined: its Imaging Measurements hold the image-level group of
+        each label, then the region group of each in ``outlined``'s order. Keep the first as the document and the
+        second as items an answer adds, per label."""
+        seq = self.measurements
+        if seq is None or len(seq.items) != len(names) + len(outlined):
+            raise NotTemplated("the Imaging Measurements are not one group per label and one region per outline")
+        self.regions = dict(zip(outlined, seq.items[len(names) :]))
+        seq.items = seq.items[: len(names)]
+
     def fill(self, context: Context) -> bytes:
         from pydicom.filebase import DicomBytesIO
         from pydicom.filewriter import write_file_meta_info
 
-        filled = [f(context) for f in self.fills]
+        done: dict[int, bytes] = {}
+
+        def fill(slot: int) -> bytes:  # only the slots of the items this answer has (an outline's, if it has one)
+            if slot not in done:
+                done[slot] = self.fills[slot](context)
+            return done[slot]
+
+        if self.measurements is not None:
+            self.measurements.extra = [self.regions[name] for name in context.regions]
         self.meta.MediaStorageSOPInstanceUID = context.sop_uid
         fp = DicomBytesIO()
         fp.is_little_endian, fp.is_implicit_VR = True, False
         write_file_meta_info(fp, self.meta, enforce_standard=False)
-        return self.preamble + fp.getvalue() + _join(self.parts, filled)
+        return self.preamble + fp.getvalue() + _join(self.parts, fill)
 
 
 def _concept(ds) -> tuple[str, str] | None:
@@ -228,10 +262,11 @@ def _encode(ds) -> bytes:
 class Context:
     """What one answer fills in: the film's identity (``evidence_of``), the answer, the moment, the SR's UID."""
 
-    __slots__ = ("evidence", "frame", "result", "now", "sop_uid")
+    __slots__ = ("evidence", "frame", "result", "now", "sop_uid", "regions")
 
-    def __init__(self, evidence, frame, result, now, sop_uid):
+    def __init__(self, evidence, frame, result, now, sop_uid, regions=None):
         self.evidence, self.frame, self.result, self.now, self.sop_uid = evidence, frame, result, now, sop_uid
+        self.regions = regions or {}
 
 
 class Templates:
@@ -256,13 +291,17 @@ class Templates:
         model = (str(card.get("name")), str(card["checkpoint_sha256"]), tuple(self.h.model_parameters(card)))
         return model, what, str(header.SOPClassUID), image, "FrameOfReferenceUID" in header
 
-    def sr(self, source, result: Answer, card: Mapping, now: datetime.datetime | None = None):
-        """The SR of ``result`` as highdicom writes it, from the shape's template; None where the shape cannot be
-        templated (the caller builds it with highdicom)."""
+    def sr(self, source, result: Answer, card: Mapping, regions: Mapping | None = None,
+           now: datetime.datetime | None = None):  # fmt: skip
+        """The SR of ``result`` (with the outlines ``regions``) as highdicom writes it, from the shape's template;
+        None where the shape cannot be templated (the caller builds it with highdicom)."""
         import pydicom
         from pydicom.filebase import DicomBytesIO
 
         header = self.h.image_header(source)  # a film without its UIDs is refused before anything is built
+        regions = dict(regions or {}) if result.analysed else {}
+        if set(regions) - set(result.labels or {}):
+            return None  # an outline of a finding the answer does not have: highdicom says what it makes of it
         key = self.shape(header, result, card)
         with self.lock:
             template = self.templates.get(key)
@@ -286,7 +325,8 @@ class Templates:
                 while len(self.templates) > MAX_TEMPLATES:
                     self.templates.popitem(last=False)
         sop = self.h.sr_uids(header.SOPInstanceUID, str(card["checkpoint_sha256"]))[1]
-        context = Context(header, header.get("FrameOfReferenceUID"), result, now or datetime.datetime.now(), sop)
+        frame = header.get("FrameOfReferenceUID")
+        context = Context(header, frame, result, now or datetime.datetime.now(), sop, regions)
         with self.lock:  # the meta dataset is reused
             data = template.fill(context)
         return pydicom.dcmread(DicomBytesIO(data))
@@ -316,12 +356,20 @@ class Templates:
             marks["fd", x] = lambda c: float(get(c))
             expected.update({("ds", str(DS(x, auto_format=True))): 1, ("fd", x): 1})
 
-        def tracking(what: str) -> None:
+        def tracking(what: str, times: int = 1) -> None:
             uid = h.derived_uid(film.SOPInstanceUID, sha, "tracking", what)
             marks["uid", uid] = lambda c: h.derived_uid(c.evidence.SOPInstanceUID, sha, "tracking", what)
-            expected["uid", uid] = 1
+            expected["uid", uid] = times
 
         names = list(result.labels or {}) if result.analysed else []
+        outlines = {}  # every finding outlined, each by a marker: a closed polyline no outline has
+        for k, name in enumerate(names):
+            outlines[name] = np.array([[0.5 + k, 0.25], [1.75, 2.5 + k], [3.25 + k, 0.75], [0.5 + k, 0.25]], np.float32)
+            marks["fl", tuple(outlines[name].flatten().tolist())] = lambda c, n=name: (
+                h.region_points(c.regions[n]).flatten().tolist()
+            )
+            expected["fl", tuple(outlines[name].flatten().tolist())] = 1
+
         if result.analysed:
             labels = {}
             for k, name in enumerate(names):
@@ -331,7 +379,7 @@ class Templates:
                                            calibrated=v.calibrated, uncalibrated_probability=x[2])  # fmt: skip
                 for j, field in enumerate(("probability", "threshold", "uncalibrated_probability")):
                     number(x[j], lambda c, n=name, f=field: getattr(c.result.labels[n], f))
-                tracking(name)
+                tracking(name, 2)  # the finding's image-level group and its region group share it
             marked = Answer(analysed=True, gate=result.gate, labels=labels)
         else:
             score = None if result.gate.score is None else GATE_SCORE
@@ -341,7 +389,7 @@ class Templates:
             if score is not None:
                 number(GATE_SCORE, lambda c: c.result.gate.score)
             tracking("input gate")
-        sentinel = self.build(film, marked, card)
+        sentinel = self.build(film, marked, card, outlines)
 
         def code(k: int, encodings) -> Callable:
             if k >= len(names):
@@ -350,16 +398,18 @@ class Templates:
             return lambda c: codes[bool(c.result.labels[names[k]].present)]
 
         template = Template(sentinel, marks, code)
+        if outlines:
+            template.split_regions(names, list(outlines))
         wrong = {m: template.found.get(m, 0) for m, n in expected.items() if template.found.get(m, 0) != n}
         if wrong:
-            raise NotTemplated(f"markers found other than once: {wrong}")
+            raise NotTemplated(f"markers found other than as often as expected: {wrong}")
         now = datetime.datetime.now()
         for item in [sentinel, *sentinel.ContributingEquipmentSequence]:
             for tag in TIMES:
                 if tag in item:
                     item[tag].value = moment(tag, now)
         frame = film.get("FrameOfReferenceUID")
-        check = Context(h.evidence_of(film), frame, marked, now, sentinel.SOPInstanceUID)
+        check = Context(h.evidence_of(film), frame, marked, now, sentinel.SOPInstanceUID, outlines)
         if template.fill(check) != _encode(sentinel):
             raise NotTemplated("the template does not encode as pydicom encodes the document")
         return template

@@ -406,8 +406,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     with exit_on_user_error():
         sizes = {k: v for k, v in _data_size(args).items() if k != "image_size"}
-        trained = {"image_size": args.train_size} if args.train_size else {}
-        run_demo(args.out, **sizes, png_size=args.image_size, epochs=args.epochs, **trained)
+        run_demo(args.out, **sizes, png_size=args.image_size, image_size=args.train_size, epochs=args.epochs)
     return 0
 
 

@@ -37,12 +37,13 @@ DEMO_FROZEN = {
         *(f"text_encoder.text_encoder.encoder.layer.{i}" for i in range(3)),
     )
 }
-# Since issue 36 the demo trains at 192 px with a learning rate of 1e-3 (it was 224 px and 5e-4): chosen among seven
-# recipes on validation data only — the trainer's validation loss and 400 synthetic rows drawn with another seed,
-# never the test split (benchmarks/demo_recipe.py; docs/RESULTS.md, "The demo's recipe chosen on validation").
-DEMO_IMAGE_SIZE = 192
+# Since issue 36 the demo trains at 192 px with a learning rate of 1e-3 (it was the config's size and 5e-4): chosen
+# among eight recipes on validation data only — the trainer's validation loss and 400 synthetic rows drawn with
+# another seed, never the test split (benchmarks/demo_recipe.sh; docs/RESULTS.md, "The demo's recipe chosen on
+# validation").
 DEMO_OVERRIDES = [
     "dataloader=dataloader_cpu",
+    "base.image_size=192",
     "data_train.cgmh.num_negs=2",
     "optimizer.config.lr=1e-3",
     "optimizer.config.weight_decay=1e-4",
@@ -58,10 +59,10 @@ def _save_png(array, path) -> None:
 
 def demo_train_config(
     paths: dict, run: Path, *, epochs: int = 6, seed: int = 0, model: str = "clip_cpu_offline",
-    image_size: int | None = DEMO_IMAGE_SIZE, extra: list[str] | None = None,
+    image_size: int | None = None, extra: list[str] | None = None,
 ):  # fmt: skip
     """The demo's training config: its recipe on the synthetic ``paths`` (train / valid CSVs), written under ``run``;
-    ``image_size`` None: the train config's ``base.image_size``. bf16 autocast where the CPU has it natively."""
+    ``image_size`` None: the recipe's. bf16 autocast where the CPU has it natively."""
     amp = ["base.amp=true", "base.amp_dtype=bf16"] if cpu_has_bf16() else ["base.amp=false"]
     return compose(
         "train",
@@ -89,7 +90,7 @@ def run_demo(
     n_train: int = 600,
     n_valid: int = 100,
     n_test: int = 200,
-    image_size: int | None = DEMO_IMAGE_SIZE,
+    image_size: int | None = None,
     png_size: int = 256,
     epochs: int = 6,
     seed: int = 0,
@@ -97,7 +98,7 @@ def run_demo(
     extra: list[str] | None = None,
 ) -> dict:
     """Run the whole pipeline under ``out``; returns the headline numbers. ``png_size``: the generated images;
-    ``image_size``: the model's input size (None: the train config's ``base.image_size``)."""
+    ``image_size``: the model's input size (None: the recipe's, ``DEMO_OVERRIDES``)."""
 
     out = Path(out).resolve()
     start = time.perf_counter()

@@ -273,7 +273,7 @@ def highdicom_sr(source, result: Answer, card: Mapping, regions: Mapping[str, np
                               _measure(c, c["uncalibrated"], v.uncalibrated_probability)],
             ))  # fmt: skip
             qualitative.append(hd.sr.CodeContentItem(
-                finding_code(label), c["present"] if v.present else c["absent"], relationship_type=rel.CONTAINS
+                finding_code(label), presence_code(v.present), relationship_type=rel.CONTAINS
             ))  # fmt: skip
         for label, outline in (regions or {}).items():
             groups.append(_region_group(source, sha, label, outline, name, params))

@@ -231,7 +231,7 @@ class Template:
 
         done: dict[int, bytes] = {}
 
-        def fill(slot: int) -> bytes:  # only the slots of the items this answer has (an outline's, if it has one)
+        def slot_bytes(slot: int) -> bytes:  # only the slots of the items this answer has (an outline's, if any)
             if slot not in done:
                 done[slot] = self.fills[slot](context)
             return done[slot]
@@ -242,7 +242,7 @@ class Template:
         fp = DicomBytesIO()
         fp.is_little_endian, fp.is_implicit_VR = True, False
         write_file_meta_info(fp, self.meta, enforce_standard=False)
-        return self.preamble + fp.getvalue() + _join(self.parts, fill)
+        return self.preamble + fp.getvalue() + _join(self.parts, slot_bytes)
 
 
 def _concept(ds) -> tuple[str, str] | None:
@@ -260,7 +260,8 @@ def _encode(ds) -> bytes:
 
 
 class Context:
-    """What one answer fills in: the film's identity (``evidence_of``), the answer, the moment, the SR's UID."""
+    """What one answer fills in: the film's header (``image_header``: its identity as ``evidence_of`` decodes it), its
+    frame of reference, the answer, the moment, the SR's UID and the outlines."""
 
     __slots__ = ("evidence", "frame", "result", "now", "sop_uid", "regions")
 

@@ -133,13 +133,14 @@ def _join(parts: list, fill: Callable[[int], bytes]) -> bytes:
     return b"".join(out)
 
 
-def _merge(parts: list, keep=None) -> list:
-    """Adjacent constant bytes joined; a sequence without slots becomes bytes (but ``keep``)."""
+def _merge(parts: list, keep: list) -> list:
+    """Adjacent constant bytes joined; a sequence without slots becomes bytes (but those in ``keep``: an answer
+    changes their items)."""
     out: list = []
     for part in parts:
         if (
             isinstance(part, _Seq)
-            and part is not keep
+            and not any(part is k for k in keep)
             and all(len(item) == 1 and type(item[0]) is bytes for item in part.items)
         ):
             part = _join([part], None)
@@ -153,11 +154,12 @@ def _merge(parts: list, keep=None) -> list:
 class Template:
     """One shape's document: its parts, and per slot how an answer fills it."""
 
-    def __init__(self, sentinel: Dataset, marks: dict, code: Callable[[int], Callable]):
+    def __init__(self, sentinel: Dataset, marks: dict, code: Callable[[int], Callable] | None = None):
         self.fills: list[Callable] = []  # slot index → f(context) → the encoded element
         self.marks, self.code = marks, code
         self.found: dict = {}
         self.measurements: _Seq | None = None  # the Imaging Measurements container's content
+        self.kept: list[_Seq] = []  # the sequences whose items an answer chooses
         from pydicom.dataset import Dataset
 
         self.meta = Dataset(sentinel.file_meta)
@@ -174,7 +176,10 @@ class Template:
             if tag >> 16 == 0x0002:
                 continue  # the file meta, written apart
             elem = ds[tag]
-            if elem.VR != "SQ":
+            special = self._special(tag, elem, depth, encodings)
+            if special is not None:
+                parts.append(special)
+            elif elem.VR != "SQ":
                 fill = self._fill_of(tag, elem, depth, encodings)
                 parts.append(self._slot(fill) if fill else _encoded(tag, elem.VR, elem.value, encodings))
             elif tag == CONCEPT_CODE and labels is not None:
@@ -189,8 +194,13 @@ class Template:
                 seq = _Seq(tag, [self._compile(item, encodings, depth + 1, counter) for item in elem.value])
                 if tag == CONTENT and _concept(ds) == MEASUREMENTS:
                     self.measurements = seq
+                    self.kept.append(seq)
                 parts.append(seq)
-        return _merge(parts, self.measurements)
+        return _merge(parts, self.kept)
+
+    def _special(self, tag: int, elem, depth: int, encodings) -> bytes | int | _Seq | None:
+        """A document kind's own parts (an element the generic rules would get wrong): None here."""
+        return None
 
     def _slot(self, fill: Callable) -> int:
         self.fills.append(fill)
@@ -270,6 +280,26 @@ class Context:
         self.regions = regions or {}
 
 
+def sentinel_film(film, marks: dict):
+    """``film`` (an ``image_header``) with markers for its UIDs, their fills added to ``marks``."""
+    for n, keyword in enumerate(("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")):
+        setattr(film, keyword, _uid(n))
+        marks["uid", _uid(n)] = lambda c, k=keyword: getattr(c.evidence, k)
+    if "FrameOfReferenceUID" in film:
+        film.FrameOfReferenceUID = _uid(3)
+        marks["uid", _uid(3)] = lambda c: str(c.frame)
+    return film
+
+
+def stamped(ds, now: datetime.datetime):
+    """``ds`` with the times it was made at (:data:`TIMES`) set to ``now``, where it has them."""
+    for item in [ds, *ds.get("ContributingEquipmentSequence", [])]:
+        for tag in TIMES:
+            if tag in item:
+                item[tag].value = moment(tag, now)
+    return ds
+
+
 class Templates:
     """The templates of the shapes seen (the newest :data:`MAX_TEMPLATES`); thread-safe. ``build``: highdicom's
     builder; ``h``: the module that defines the SR (:mod:`cxrclip.pacs.sr`: ``evidence_of``, ``image_header``, ...)."""
@@ -303,28 +333,9 @@ class Templates:
         regions = dict(regions or {}) if result.analysed else {}
         if set(regions) - set(result.labels or {}):
             return None  # an outline of a finding the answer does not have: highdicom says what it makes of it
-        key = self.shape(header, result, card)
-        with self.lock:
-            template = self.templates.get(key)
-            if template is not None:
-                self.templates.move_to_end(key)
-            elif key in self.untemplated:
-                return None
+        template = self.template(self.shape(header, result, card), lambda: self.make(source, result, card))
         if template is None:
-            try:
-                template = self.make(source, result, card)
-            except NotTemplated as e:
-                log.warning("this kind of answer's SR is built by highdicom each time: %s", e)
-                with self.lock:
-                    self.untemplated.add(key)
-                return None
-            except Exception as e:  # highdicom refused the film or the answer: its own build says why, in its words
-                log.debug("no template for this answer (%s: %s)", type(e).__name__, e)
-                return None
-            with self.lock:
-                self.templates[key] = template
-                while len(self.templates) > MAX_TEMPLATES:
-                    self.templates.popitem(last=False)
+            return None
         sop = self.h.sr_uids(header.SOPInstanceUID, str(card["checkpoint_sha256"]))[1]
         frame = header.get("FrameOfReferenceUID")
         context = Context(header, frame, result, now or datetime.datetime.now(), sop, regions)
@@ -332,21 +343,40 @@ class Templates:
             data = template.fill(context)
         return pydicom.dcmread(DicomBytesIO(data))
 
+    def template(self, key, make: Callable[[], Template]) -> Template | None:
+        """The template of the shape ``key``, made by ``make`` the first time; None where it cannot be."""
+        with self.lock:
+            template = self.templates.get(key)
+            if template is not None:
+                self.templates.move_to_end(key)
+                return template
+            if key in self.untemplated:
+                return None
+        try:
+            template = make()
+        except NotTemplated as e:
+            log.warning("this kind of answer is built by highdicom each time: %s", e)
+            with self.lock:
+                self.untemplated.add(key)
+            return None
+        except Exception as e:  # highdicom refused the film or the answer: its own build says why, in its words
+            log.debug("no template for this answer (%s: %s)", type(e).__name__, e)
+            return None
+        with self.lock:
+            self.templates[key] = template
+            while len(self.templates) > MAX_TEMPLATES:
+                self.templates.popitem(last=False)
+        return template
+
     def make(self, source, result: Answer, card: Mapping) -> Template:
         """The shape's document built by highdicom from markers, compiled, and checked: filled with the markers'
         own values it must be pydicom's encoding of that document, byte for byte."""
         from pydicom.valuerep import DS
 
         h, sha = self.h, str(card["checkpoint_sha256"])
-        film = h.image_header(source)
         marks: dict = {}  # (kind, the marker as encoded) → f(context): the value the answer puts there
+        film = sentinel_film(h.image_header(source), marks)
         expected: dict = {}
-        for n, keyword in enumerate(("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")):
-            setattr(film, keyword, _uid(n))
-            marks["uid", _uid(n)] = lambda c, k=keyword: getattr(c.evidence, k)
-        if "FrameOfReferenceUID" in film:
-            film.FrameOfReferenceUID = _uid(3)
-            marks["uid", _uid(3)] = lambda c: str(c.frame)
         series, instance = h.sr_uids(film.SOPInstanceUID, sha)
         marks["uid", series] = lambda c: h.sr_uids(c.evidence.SOPInstanceUID, sha)[0]
         marks["uid", instance] = lambda c: c.sop_uid
@@ -405,10 +435,7 @@ class Templates:
         if wrong:
             raise NotTemplated(f"markers found other than as often as expected: {wrong}")
         now = datetime.datetime.now()
-        for item in [sentinel, *sentinel.ContributingEquipmentSequence]:
-            for tag in TIMES:
-                if tag in item:
-                    item[tag].value = moment(tag, now)
+        stamped(sentinel, now)
         frame = film.get("FrameOfReferenceUID")
         check = Context(h.evidence_of(film), frame, marked, now, sentinel.SOPInstanceUID, outlines)
         if template.fill(check) != _encode(sentinel):

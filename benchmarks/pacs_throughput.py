@@ -133,7 +133,7 @@ def floor(args, images) -> dict:
 
     from cxrclip.data.images import dicom_image
     from cxrclip.pacs.answer import answer_datasets
-    from cxrclip.pacs.seg import build_saliency_seg
+    from cxrclip.pacs.seg import build_saliency_seg, highdicom_seg
     from cxrclip.pacs.sr import build_sr, highdicom_sr
     from cxrclip.predict import load_predictor
     from cxrclip.predict.gradcam import saliency_outline
@@ -178,18 +178,27 @@ def floor(args, images) -> dict:
             t6 = time.perf_counter()
             saliency = {label: predictor.saliency_of(image, label) for label in result.yes}
             t7 = time.perf_counter()
-            build_saliency_seg(ds, saliency, card)
+            seg = build_saliency_seg(ds, saliency, card)  # from its shape's template
             t8 = time.perf_counter()
             outlines = {label: saliency_outline(m) for label, m in saliency.items()}
             build_sr(ds, result, card, regions={label: o for label, o in outlines.items() if len(o) >= 3})
             t9 = time.perf_counter()
             answer_datasets(predictor, card, ds, image, result, ("yes",))  # all of it, as the worker does
             t10 = time.perf_counter()
-            maps.append(((t7 - t6) / len(result.yes), t8 - t7, t9 - t8, t10 - t9, len(result.yes)))
+            encode(seg)
+            t11 = time.perf_counter()
+            reference = highdicom_seg(ds, saliency, card)  # item by item (what every Segmentation cost before)
+            t12 = time.perf_counter()
+            encode(reference)
+            t13 = time.perf_counter()
+            maps.append(((t7 - t6) / len(result.yes), t8 - t7, t9 - t8, t10 - t9, len(result.yes), t11 - t10,
+                         t12 - t11, t13 - t12))  # fmt: skip
     out = {k: statistics.median(v[2:]) for k, v in times.items()}
     out["sr_first"] = times["sr"][0]  # the first answer of its shape: highdicom from markers + the template made
     if len(maps) > 2:
-        for i, key in enumerate(("gradcam_per_yes", "seg", "sr_regions", "heatmap_answer", "yes_per_image")):
+        keys = ("gradcam_per_yes", "seg", "sr_regions", "heatmap_answer", "yes_per_image", "seg_encode",
+                "seg_highdicom", "seg_encode_highdicom")  # fmt: skip
+        for i, key in enumerate(keys):
             out[key] = statistics.median(m[i] for m in maps[2:])
     return out
 

@@ -41,8 +41,10 @@ SEGMENTS, PER_FRAME = 0x00620002, 0x52009230  # the sequences with one item per 
 # what follows from an item's place: the segment number, its display colour; the frame's dimension index, its segment
 POSITIONAL = (0x00620004, 0x0062000D, 0x00209157, 0x0062000B)
 NUMBER_OF_FRAMES, OVERLAP, PIXEL_DATA = 0x00280008, 0x00620013, 0x7FE00010
-# image attributes the Segmentation does not depend on (the frame of reference is a slot)
-NOT_IN_SEG = ("SeriesNumber", "InstanceNumber", "FrameOfReferenceUID")
+# the image attributes the Segmentation depends on (its grid, spacing, orientation; the frame of reference is a
+# slot): films of one detector share a template whatever their pixels' encoding
+IN_SEG = ("Rows", "Columns", "PixelSpacing", "ImagerPixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
+          "SliceThickness")  # fmt: skip
 
 
 class SegTemplate(Template):
@@ -109,19 +111,21 @@ class SegTemplates(Templates):
         h, sha = self.h, str(card["checkpoint_sha256"])
         header = h.image_header(source)
         labels = list(maps)
-        # one segment is written otherwise (highdicom shares its identification among the frames): its own template
-        universe = labels if len(labels) == 1 else [str(n) for n in card.get("labels") or labels]
-        if not labels or len(set(labels)) != len(labels) or set(labels) - set(universe):
+        known = [str(n) for n in card.get("labels") or labels]
+        grid = (int(header.Rows), int(header.Columns)) if "Rows" in header and "Columns" in header else None
+        if not labels or len(set(labels)) != len(labels) or set(labels) - set(known):
             return None  # highdicom says what it makes of it
-        image = tuple((k, str(header[k].value)) for k in h.IMAGE_ATTRIBUTES if k in header and k not in NOT_IN_SEG)
+        if any(np.shape(m) != grid for m in maps.values()):
+            return None
+        # one segment is written otherwise (highdicom shares its identification among the frames): its own template
+        universe = labels if len(labels) == 1 else known
+        image = tuple((k, str(header[k].value)) for k in IN_SEG if k in header)
         key = (str(card.get("name")), sha, fractional, str(header.SOPClassUID), image,
                "FrameOfReferenceUID" in header, tuple(universe))  # fmt: skip
         template = self.template(key, lambda: self.make(source, universe, card, fractional))
         if template is None:
             return None
         frames = h.frames(maps, labels, level=level, fractional=fractional)
-        if frames.shape[1:] != (int(header.Rows), int(header.Columns)):
-            return None
         top = pixels(frames, fractional, template.pixel_vr)
         order = [template.labels.index(label) for label in labels]
         context = SegContext(header, header.get("FrameOfReferenceUID"), now or datetime.datetime.now(),

@@ -237,9 +237,12 @@ def main() -> None:
           f"{60000 / ms['predict']:.0f} images/min", flush=True)  # fmt: skip
     if "seg" in base:
         print(f"--heatmap yes (median {base['yes_per_image']:.0f} YES labels per image): Grad-CAM "
-              f"{ms['gradcam_per_yes']:.1f} per YES label; the Segmentation {ms['seg']:.1f}; the SR with an outline "
-              f"per YES label {ms['sr_regions']:.1f}; the whole answer (maps, Segmentation, SR) "
-              f"{ms['heatmap_answer']:.1f}", flush=True)  # fmt: skip
+              f"{ms['gradcam_per_yes']:.1f} per YES label; the Segmentation {ms['seg']:.1f} from its template "
+              f"({ms['seg_highdicom']:.1f} by highdicom; encoded for STOW {ms['seg_encode']:.1f} / "
+              f"{ms['seg_encode_highdicom']:.1f}); outlines + the SR with an outline per YES label "
+              f"{ms['sr_regions']:.1f}; the whole answer (maps, Segmentation, SR) {ms['heatmap_answer']:.1f}; "
+              f"Segmentation + SR with outlines = {(ms['seg'] + ms['sr_regions']) / ms['predict']:.2f}x predict",
+              flush=True)  # fmt: skip
     if args.floor_only:
         return
     print("workers  phase  n   store       inst/min  p50 s  p95 s  peak RSS MB  SRs read back  workers used  states")

@@ -87,13 +87,19 @@ GATE_SCORE = 0.2345678901
 REASON = "cxrclip-template-reason-marker"
 
 
+SHORT_TEXT = ("UI", "DS", "IS", "PN", "LO", "SH", "CS", "DA", "TM", "DT", "AS", "ST", "LT")  # 2-byte lengths
+
+
 def _encoded(tag: int, vr: str, value, encodings) -> bytes:
-    """One element as pydicom writes it (explicit VR little endian). UIDs, decimal strings and doubles — most of an
-    answer's values — are packed here directly (PS3.5 7.1.2: a 2-byte length, padded to even with NUL for UI and a
-    space for DS); the rest by pydicom's element writer."""
+    """One element as pydicom writes it (explicit VR little endian). UIDs, decimal strings, doubles and ASCII text —
+    most of an answer's values — are packed here directly (PS3.5 7.1.2: a 2-byte length, padded to even with NUL for
+    UI and a space for the others; ASCII is the same bytes in every character set a DICOM file declares); the rest
+    by pydicom's element writer."""
     if vr == "FD" and isinstance(value, float):
         return struct.pack("<HH2sHd", tag >> 16, tag & 0xFFFF, b"FD", 8, value)
-    if vr in ("UI", "DS") and isinstance(value, str) and value.isascii():
+    if vr == "PN" and type(value).__name__ == "PersonName" and "=" not in str(value):
+        value = str(value)  # one component group: its text as written
+    if vr in SHORT_TEXT and isinstance(value, str) and value.isascii():
         text = value.encode("ascii")
         if len(text) % 2:
             text += b"\x00" if vr == "UI" else b" "

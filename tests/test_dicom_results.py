@@ -157,6 +157,35 @@ def test_a_saliency_outline_is_the_connected_area_around_the_maximum():
     assert saliency_outline(np.zeros((10, 10))).shape == (0, 2)
 
 
+def test_the_outline_is_the_border_of_the_maximums_labelled_area_point_for_point():
+    """The outline is traced without labelling the film's areas; it is the border OpenCV traces around the
+    maximum's area alone (labelled by connectedComponents, the straightforward way), point for point — for random
+    smooth maps, a single-pixel maximum, an area touching the edge, and a peak inside the hole of a brighter ring."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:120, :150]
+    ring = np.exp(-((np.hypot(yy - 60, xx - 75) - 30) ** 2) / 20).astype(np.float32) * 0.8
+    ring[60, 75] = 1.0  # the maximum: one pixel inside the ring's hole
+    maps = [ring, np.pad(gaussian(60, 60, 0, 30, 15), ((0, 60), (0, 90)))]  # the second touches the top edge
+    for _ in range(12):
+        cam = sum(rng.uniform(0.3, 1) * gaussian(120, 150, *rng.uniform(0, 120, 2), rng.uniform(3, 25))
+                  for _ in range(int(rng.integers(1, 6))))  # fmt: skip
+        maps.append(cam.astype(np.float32))
+    for cam in maps:
+        for level in (0.3, 0.5, 0.8):
+            mask = (cam >= level * cam.max()).astype(np.uint8)
+            _, components = cv2.connectedComponents(mask, connectivity=8)
+            row, col = np.unravel_index(int(np.argmax(cam)), cam.shape)
+            area = (components == components[row, col]).astype(np.uint8)
+            contours, _ = cv2.findContours(area, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            (reference,) = contours  # one area, one outer border
+            if len(reference) >= 3:  # (fewer: a square instead, checked below)
+                expected = reference.reshape(-1, 2).astype(np.float32) + 0.5
+                assert np.array_equal(saliency_outline(cam, level, max_points=10**6), expected), level
+    assert len(saliency_outline(ring)) == 4  # the single-pixel maximum: its square, not the ring
+
+
 def test_a_map_on_the_model_input_is_carried_back_onto_the_film():
     spec = PreprocessSpec.create({"Resize": {"size": 64}, "CenterCrop": {"size": 64}}, "imagenet")
     height, width = 300, 200  # portrait: the resize makes it 96 × 64, the crop drops 16 rows top and bottom

@@ -172,6 +172,14 @@ def pixels(frames: np.ndarray, fractional: bool, vr: bytes) -> dict[int, bytes]:
     if fractional:
         data, overlap = frames.tobytes(), "NO" if n == 1 else "UNDEFINED"
         # highdicom: one FRACTIONAL segment cannot overlap; several are UNDEFINED
+    elif frames[0].size % 8 == 0:  # each frame whole bytes: the overlap found on the packed bits (8× less to read)
+        packed = np.packbits(frames.reshape(n, -1), axis=1, bitorder="little")
+        data, overlap, seen = packed.tobytes(), "NO", packed[0].copy()
+        for frame in packed[1:]:
+            if np.bitwise_and(seen, frame).any():
+                overlap = "YES"
+                break
+            seen |= frame
     else:
         data = np.packbits(frames, axis=None, bitorder="little").tobytes()
         overlap = "YES" if n > 1 and bool((frames.sum(axis=0, dtype=np.uint8) > 1).any()) else "NO"

@@ -63,6 +63,8 @@ def start_workers(args, orthanc: Orthanc, db: str, n: int, folder: Path) -> list
                    "--poll", str(args.poll), "--threads", str(threads)]  # fmt: skip
         if args.device:
             command += ["--device", args.device]
+        if args.heatmap:
+            command += ["--heatmap", "yes"]  # each answer: the SR with outlines and the Segmentation
         procs.append(subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env))
     deadline = time.monotonic() + 300
     while not all(log.exists() and "watching" in log.read_text() for log in logs):
@@ -107,6 +109,7 @@ def run_phase(args, images, n_workers: int, paced: bool) -> dict:
             p.terminate()
             p.wait(60)
     readable = len(pacs.find_instances("SR", None))
+    segs = len(pacs.find_instances("SEG", None))
     orthanc.stop()
     if pg:
         pg.stop()
@@ -116,7 +119,7 @@ def run_phase(args, images, n_workers: int, paced: bool) -> dict:
     workers_used = len({r["worker"] for r in rows})
     return {
         "workers": n_workers, "phase": "paced" if paced else "burst", "n": count, "srs_readable": readable,
-        "per_min": 60 * count / span, "p50": statistics.median(latency),
+        "segs": segs, "per_min": 60 * count / span, "p50": statistics.median(latency),
         "p95": latency[min(len(latency) - 1, int(round(0.95 * (len(latency) - 1))))],
         "rss": max(rss), "store": "postgresql" if pg else "sqlite", "workers_used": workers_used, "states": states,
     }  # fmt: skip
@@ -216,8 +219,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--device", help="passed to the workers (a bundle without it runs ONNX Runtime, with it PyTorch)")
-    p.add_argument("--heatmap", action="store_true", help="floor: also time --heatmap yes (Grad-CAM, Segmentation "
-                   "and outline per YES label)")  # fmt: skip
+    p.add_argument("--heatmap", action="store_true", help="also time --heatmap yes (Grad-CAM, Segmentation and "
+                   "outline per YES label) in the floor, and run the workers with it")  # fmt: skip
     p.add_argument("--floor-only", action="store_true", help="the in-process floor only (no Orthanc phases)")
     args = p.parse_args()
     missing = orthanc_missing()
@@ -246,12 +249,13 @@ def main() -> None:
               flush=True)  # fmt: skip
     if args.floor_only:
         return
-    print("workers  phase  n   store       inst/min  p50 s  p95 s  peak RSS MB  SRs read back  workers used  states")
+    print("workers  phase  n   store       inst/min  p50 s  p95 s  peak RSS MB  SRs read back  SEGs  workers used  "
+          "states")  # fmt: skip
     for n in args.workers:
         for paced in (True, False):
             r = run_phase(args, images, n, paced)
             print(f"{r['workers']:>7}  {r['phase']:<5}  {r['n']:<3} {r['store']:<10}  {r['per_min']:8.1f}  "
-                  f"{r['p50']:5.2f}  {r['p95']:5.2f}  {r['rss']:11.0f}  {r['srs_readable']:>13}  "
+                  f"{r['p50']:5.2f}  {r['p95']:5.2f}  {r['rss']:11.0f}  {r['srs_readable']:>13}  {r['segs']:>4}  "
                   f"{r['workers_used']:>12}  {r['states']}", flush=True)  # fmt: skip
     if missing := postgres_missing():
         print(f"(two workers shared a SQLite job store: {missing})")

@@ -48,11 +48,13 @@ def saliency_outline(cam: np.ndarray, level: float = 0.5, max_points: int = 64) 
     not an object's boundary (not a tube's tip)."""
     import cv2
 
-    peak = float(cam.max()) if cam.size else 0.0
-    if peak <= 0:
-        return np.empty((0, 2), dtype=np.float32)  # no point: an empty outline
-    mask = (cam >= level * peak).astype(np.uint8)
-    row, col = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    index = int(np.argmax(cam)) if cam.size else 0
+    peak = float(cam.flat[index]) if cam.size else 0.0
+    if not peak > 0:  # zero everywhere (or NaN): no point, an empty outline
+        return np.empty((0, 2), dtype=np.float32)
+    mask = np.empty(cam.shape, np.uint8)
+    np.greater_equal(cam, level * peak, out=mask)
+    row, col = np.unravel_index(index, cam.shape)
     # every area's outer border (8-connected, traced as for that area alone); the maximum's area is the smallest one
     # around it (a larger one around it holds it in a hole). No labelling of the film: 0.6 ms at 2048², not 15.
     contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)

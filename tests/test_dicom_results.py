@@ -141,6 +141,7 @@ def test_the_segmentation_lies_on_the_film_and_passes_both_validators(film, tmp_
         assert np.abs(frame - m).max() <= 1 / 255 + 1e-6
     again = build_saliency_seg(film, maps, CARD)
     assert again.SOPInstanceUID == seg.SOPInstanceUID  # the same answer is the same instance
+    assert fractional.SOPInstanceUID != seg.SOPInstanceUID  # another document, another instance
     for ds in (seg, fractional):
         assert dciodvfy_errors(ds, tmp_path) == []
         assert pixelmed_iod_errors(ds, tmp_path) == []

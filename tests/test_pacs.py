@@ -305,13 +305,15 @@ def start_worker(ckpt, orthanc: Orthanc, db, log: Path, *extra: str, env=None) -
     return subprocess.Popen(command, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=environment)
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
+def wait_for(condition, timeout: float, what: str, log: Path | None = None) -> None:
+    """``log``: a worker's log, whose end the failure shows."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
         time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    tail = f"; the worker's log ends:\n{log.read_text()[-3000:]}" if log and log.exists() else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{tail}")
 
 
 def test_kill_minus_9_at_random_points_then_restart_gives_exactly_one_sr_each(
@@ -352,19 +354,19 @@ def test_pacs_down_the_worker_retries_keeps_running_and_catches_up(orthanc, tiny
     upload(pacs, [a])
     p = start_worker(tiny_clip_checkpoint, orthanc, db, log)
     try:
-        wait_for(lambda: JobStore(db).counts().get("done") == 1, 120, "the first SR")
+        wait_for(lambda: JobStore(db).counts().get("done") == 1, 120, "the first SR", log)
         orthanc.stop()
-        wait_for(lambda: "PACS unavailable" in log.read_text(), 30, "the worker to notice the outage")
+        wait_for(lambda: "PACS unavailable" in log.read_text(), 30, "the worker to notice the outage", log)
         time.sleep(1.5)
-        assert p.poll() is None, "the worker stopped when the PACS went down"
+        assert p.poll() is None, "the worker stopped when the PACS went down:\n" + log.read_text()[-3000:]
         orthanc.start()
         b = radiograph_dicom(second)
         upload(orthanc.client(), [b])
-        wait_for(lambda: JobStore(db).counts().get("done") == 2, 120, "the SR after the outage")
+        wait_for(lambda: JobStore(db).counts().get("done") == 2, 120, "the SR after the outage", log)
         assert "PACS reachable again" in log.read_text()
     finally:
         p.send_signal(signal.SIGTERM)
-        assert p.wait(30) == 0
+        assert p.wait(30) == 0, log.read_text()[-3000:]
     assert sorted(srs_by_source(orthanc.client())) == sorted([a.SOPInstanceUID, b.SOPInstanceUID])
 
 
@@ -394,6 +396,36 @@ def test_http_errors_are_sorted_into_retry_and_give_up(status, error):
     closed = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web", timeout=5)
     with pytest.raises(PacsUnavailable, match="cannot reach"):
         closed.find_instances("DX", None)
+
+
+class _BrokenOff(BaseHTTPRequestHandler):
+    """A PACS stopped mid-reply: the headers promise 1,000 bytes, 12 come, the connection closes."""
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b'[{"00080060"')
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_answer_broken_off_mid_reply_is_an_outage_not_a_crash():
+    """A worker polling while the PACS stops can get the first bytes of an answer and then a closed connection:
+    the worker must wait and try again (PacsUnavailable), not die of an exception it does not expect."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _BrokenOff)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        pacs = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web", timeout=5)
+        with pytest.raises(PacsUnavailable, match="broke off"):
+            pacs.find_instances("DX", None)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_credentials_never_come_from_the_command_line(tmp_path, monkeypatch):

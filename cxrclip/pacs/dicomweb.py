@@ -149,6 +149,8 @@ class DicomWeb:
             raise PacsRejected(message + (" (check the credentials)" if status in (401, 403) else ""), status) from e
         except (requests.ConnectionError, requests.Timeout) as e:
             raise PacsUnavailable(f"{what}: cannot reach {self.url} ({type(e).__name__})") from e
+        except requests.RequestException as e:  # the answer broken off (a PACS stopping mid-reply): try again later
+            raise PacsUnavailable(f"{what}: the answer from {self.url} broke off ({type(e).__name__}: {e})") from e
 
     def find_instances(self, modality: str, date_from: str | None, page: int = 500) -> list[dict]:
         """Instances of one modality with a StudyDate on or after ``date_from`` (YYYYMMDD), every page."""

@@ -19,8 +19,7 @@ import numpy as np
 
 from cxrclip import __version__
 from cxrclip.pacs.seg_template import SegTemplates
-from cxrclip.pacs.sr import (  # noqa: F401  (evidence_of, IMAGE_ATTRIBUTES: what the templates read from here)
-    IMAGE_ATTRIBUTES,
+from cxrclip.pacs.sr import (  # noqa: F401  (evidence_of: what the templates read from here)
     MANUFACTURER,
     derived_uid,
     evidence_of,
@@ -80,9 +79,10 @@ def frames(maps: Mapping[str, np.ndarray], labels: list[str], *, level: float = 
     return out
 
 
-def seg_uids(source_sop_uid: str, model_sha256: str, labels: list[str]) -> tuple[str, str]:
-    """(series UID, SOP instance UID) of the Segmentation of ``labels`` answering one image by one model."""
-    return sr_uids(source_sop_uid, model_sha256, kind="seg:" + "|".join(labels))
+def seg_uids(source_sop_uid: str, model_sha256: str, labels: list[str], fractional: bool = False) -> tuple[str, str]:
+    """(series UID, SOP instance UID) of the Segmentation of ``labels`` answering one image by one model (BINARY and
+    FRACTIONAL are two documents: two instances)."""
+    return sr_uids(source_sop_uid, model_sha256, kind="seg:" + "|".join(labels) + (":fractional" if fractional else ""))
 
 
 def tracking_uid(source_sop_uid: str, model_sha256: str, label: str) -> str:
@@ -122,7 +122,7 @@ def highdicom_seg(source, maps: Mapping[str, np.ndarray], card: Mapping, *, leve
     kind = {"segmentation_type": hd.seg.SegmentationTypeValues.BINARY} if not fractional else {
         "segmentation_type": hd.seg.SegmentationTypeValues.FRACTIONAL, "max_fractional_value": 255,
         "fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY}  # fmt: skip
-    series_uid, sop_uid = seg_uids(header.SOPInstanceUID, sha, labels)
+    series_uid, sop_uid = seg_uids(header.SOPInstanceUID, sha, labels, fractional)
     seg = hd.seg.Segmentation(
         source_images=[header], pixel_array=stack, **kind,
         segment_descriptions=descriptions, series_instance_uid=series_uid, series_number=SEG_SERIES_NUMBER,

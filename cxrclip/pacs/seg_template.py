@@ -129,7 +129,8 @@ class SegTemplates(Templates):
         top = pixels(frames, fractional, template.pixel_vr)
         order = [template.labels.index(label) for label in labels]
         context = SegContext(header, header.get("FrameOfReferenceUID"), now or datetime.datetime.now(),
-                             h.seg_uids(header.SOPInstanceUID, sha, labels)[1], labels, order, top)  # fmt: skip
+                             h.seg_uids(header.SOPInstanceUID, sha, labels, fractional)[1], labels, order,
+                             top)  # fmt: skip
         with self.lock:  # the template's per-label sequences and meta dataset are reused
             data = template.fill(context)
         return pydicom.dcmread(DicomBytesIO(data))
@@ -140,8 +141,8 @@ class SegTemplates(Templates):
         h, sha = self.h, str(card["checkpoint_sha256"])
         marks: dict = {}
         film = sentinel_film(h.image_header(source), marks)
-        series, instance = h.seg_uids(film.SOPInstanceUID, sha, labels)
-        marks["uid", series] = lambda c: h.seg_uids(c.evidence.SOPInstanceUID, sha, c.labels)[0]
+        series, instance = h.seg_uids(film.SOPInstanceUID, sha, labels, fractional)
+        marks["uid", series] = lambda c: h.seg_uids(c.evidence.SOPInstanceUID, sha, c.labels, fractional)[0]
         marks["uid", instance] = lambda c: c.sop_uid
         expected = {("uid", series): 1, ("uid", instance): 1}
         for label in labels:

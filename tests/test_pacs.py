@@ -612,6 +612,24 @@ def test_every_archive_variant_through_the_worker_is_answered_or_refused_with_a_
             assert sr["reason"] == rows[ds.SOPInstanceUID]["reason"]
 
 
+def test_the_warm_up_runs_grad_cam_and_the_segmentation_when_heatmaps_are_asked(
+    orthanc, tiny_clip_checkpoint, tmp_path, caplog, monkeypatch
+):
+    """With --heatmap, the first real film must not pay for Grad-CAM's first call (a bundle loads its PyTorch encoder
+    then) nor for the Segmentation builder's: the warm-up makes one of each, whatever the gate says of its film."""
+    from cxrclip.pacs import worker as worker_module
+
+    worker = worker_in_process(tiny_clip_checkpoint, orthanc, tmp_path / "jobs.sqlite", heatmap_labels=("yes",))
+    maps, segs = [], []
+    saliency, build = worker.predictor.saliency_of, worker_module.build_saliency_seg
+    monkeypatch.setattr(worker.predictor, "saliency_of", lambda image, n: maps.append(n) or saliency(image, n))
+    monkeypatch.setattr(worker_module, "build_saliency_seg", lambda *a, **k: segs.append(build(*a, **k)) or segs[-1])
+    worker.warm_up()
+    assert maps == [worker.predictor.label_names[0]] and "warm-up failed" not in caplog.text
+    (seg,) = segs
+    assert (seg.Rows, seg.Columns, seg.NumberOfFrames, seg.SegmentationType) == (256, 256, 1, "BINARY")
+
+
 OLD_JOB_STORE = """
 CREATE TABLE cxrclip_pacs_jobs (id INTEGER PRIMARY KEY, sop_uid VARCHAR(64) NOT NULL UNIQUE,
     study_uid VARCHAR(64) NOT NULL, series_uid VARCHAR(64) NOT NULL, modality VARCHAR(16), state VARCHAR(16) NOT NULL,

@@ -42,6 +42,7 @@ from cxrclip.pacs.dicomweb import (
     add_connection_arguments,
     changes_feed,
 )
+from cxrclip.pacs.seg import build_saliency_seg
 from cxrclip.pacs.sr import SourceError, build_sr, sr_uids
 from cxrclip.pacs.store import Job, JobStore, worker_id
 from cxrclip.predict.factory import PredictorOptions, open_predictor
@@ -177,16 +178,27 @@ class Worker:
         log.info("first start: %d instance(s) already on the PACS left alone (baseline); --since analyses them", new)
 
     def warm_up(self) -> None:
-        """One prediction and one SR on a generated film before watching: the first real instance then waits for
-        nothing but itself (the first call of a model and of the SR builder costs seconds)."""
+        """One answer to a generated film before watching — the prediction, the SR and, with ``--heatmap``, a
+        Grad-CAM and its Segmentation: the first real instance then waits for nothing but itself (the first call of a
+        model, of Grad-CAM — a bundle loads its PyTorch encoder for it — and of each document builder costs
+        seconds)."""
         from pydicom.dataset import Dataset
         from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
 
         film = (np.add.outer(np.arange(256), np.arange(256)) // 2).astype(np.uint8)
-        ds = Dataset()  # what an answer references; evidence_of leaves the rest empty
+        ds = Dataset()  # what an answer references, and the grid a Segmentation lies on; the rest left empty
         ds.SOPClassUID, ds.SOPInstanceUID = DigitalXRayImageStorageForPresentation, generate_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.Rows, ds.Columns = film.shape
         build_sr(ds, self.predictor.predict_arrays(["warm-up"], [film], [{}])[0], self.card)
+        if self.s.heatmap_labels:  # the film may be refused by the gate: Grad-CAM and the Segmentation called directly
+            label = next((n for n in self.s.heatmap_labels if n != EVERY_YES), self.predictor.label_names[0])
+            try:
+                maps = {label: self.predictor.saliency_of(film, label)}
+                if self.s.heatmap_format != "sc":
+                    build_saliency_seg(ds, maps, self.card, fractional=self.s.heatmap_format == "fractional")
+            except Exception:  # the real answers will say what is wrong, each in its own job
+                log.warning("the --heatmap warm-up failed; the first answers will pay for it", exc_info=True)
 
     def poll(self) -> int:
         """Record the instances not seen before; returns how many are to be answered."""

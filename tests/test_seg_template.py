@@ -100,7 +100,8 @@ def test_one_template_serves_every_subset_and_order_of_the_labels():
 @pytest.mark.parametrize("fractional", [False, True])
 def test_one_segment_and_sizes_whose_bits_do_not_fill_whole_bytes(fractional):
     """One segment is written with its identification shared among the frames (its own template); 7 × 9 px packs
-    63 bits per frame (frames run on mid-byte) and an odd number of bytes (highdicom's pad byte)."""
+    63 bits per frame (frames run on mid-byte) and an odd number of bytes (highdicom's pad byte); films of two sizes
+    fill one template."""
     templates = SegTemplates(highdicom_seg, segmod)
     for rows, cols, labels in [(7, 9, LABELS[:3]), (7, 9, LABELS[5:6]), (33, 17, LABELS[:1]), (33, 17, LABELS[1:6])]:
         film = radiograph_dicom(np.zeros((rows, cols), np.uint16))
@@ -111,7 +112,8 @@ def test_one_segment_and_sizes_whose_bits_do_not_fill_whole_bytes(fractional):
         if fractional:
             expected = np.stack([np.around(np.clip(maps[n], 0, 1) * 255) for n in labels])
             assert np.array_equal(frames, expected)
-    assert not templates.untemplated
+    # the size is a slot: both sizes' several segments share a template; each single segment (a label) has its own
+    assert len(templates.templates) == 3 and not templates.untemplated
 
 
 def test_build_saliency_seg_is_the_same_instance_for_the_same_answer_and_takes_its_time():

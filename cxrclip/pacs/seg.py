@@ -19,15 +19,7 @@ import numpy as np
 
 from cxrclip import __version__
 from cxrclip.pacs.seg_template import SegTemplates
-from cxrclip.pacs.sr import (  # noqa: F401  (evidence_of: what the templates read from here)
-    MANUFACTURER,
-    derived_uid,
-    evidence_of,
-    finding_code,
-    finding_kind,
-    image_header,
-    sr_uids,
-)
+from cxrclip.pacs.sr import MANUFACTURER, derived_uid, finding_code, finding_kind, image_header, sr_uids
 
 SEG_SERIES_NUMBER = 9903
 # display colours, one per segment, distinct on a grey film (Okabe–Ito's colour-blind-safe set, less black and grey)

@@ -2,12 +2,12 @@
 segment for every label of the model, later answers choose theirs.
 
 As for the SR (:mod:`cxrclip.pacs.sr_template`, whose machinery this is): the first answer of a *shape* — the model,
-BINARY or FRACTIONAL, the film's SOP class and image attributes — is built by highdicom
+BINARY or FRACTIONAL, the film's SOP class, spacing and orientation — is built by highdicom
 (:func:`cxrclip.pacs.seg.highdicom_seg`) from a sentinel film whose UIDs are markers, with one empty segment per
 label of the model, and compiled into parts and slots. What differs between two answers of one shape:
 
 - the film's UIDs and patient and study attributes, the UIDs derived from them (the Segmentation's own, each
-  segment's tracking UID), the times: slots, as in the SR;
+  segment's tracking UID), the times, the film's size (Rows, Columns): slots, as in the SR;
 - which labels have a segment and in what order: the Segment Sequence and the Per-Frame Functional Groups hold one
   item per label, an answer takes those of its labels in its order; the values that follow from an item's place
   (the segment number, its display colour, the frame's dimension index and segment) are the sentinel's at that
@@ -41,10 +41,10 @@ SEGMENTS, PER_FRAME = 0x00620002, 0x52009230  # the sequences with one item per 
 # what follows from an item's place: the segment number, its display colour; the frame's dimension index, its segment
 POSITIONAL = (0x00620004, 0x0062000D, 0x00209157, 0x0062000B)
 NUMBER_OF_FRAMES, OVERLAP, PIXEL_DATA = 0x00280008, 0x00620013, 0x7FE00010
-# the image attributes the Segmentation depends on (its grid, spacing, orientation; the frame of reference is a
-# slot): films of one detector share a template whatever their pixels' encoding
-IN_SEG = ("Rows", "Columns", "PixelSpacing", "ImagerPixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
-          "SliceThickness")  # fmt: skip
+GRID = {0x00280010: "Rows", 0x00280011: "Columns"}  # the film's size: slots (films of any size share a template)
+# the image attributes the Segmentation depends on (its spacing and orientation; the frame of reference and the size
+# are slots): films of one detector share a template whatever their size and their pixels' encoding
+IN_SEG = ("PixelSpacing", "ImagerPixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness")
 
 
 class SegTemplate(Template):
@@ -76,6 +76,11 @@ class SegTemplate(Template):
             return self._slot(lambda c, k=self.owner: self.at[tag, c.place[k]])
         if depth == 0 and tag in (NUMBER_OF_FRAMES, OVERLAP, PIXEL_DATA):
             return self._slot(lambda c: c.top[tag])
+        if depth == 0 and tag in GRID:
+            keyword = GRID[tag]
+            return self._slot(
+                lambda c: struct.pack("<HH2sHH", 0x0028, tag & 0xFFFF, b"US", 2, int(c.evidence[keyword].value))
+            )
         return None
 
     def fill(self, context) -> bytes:
@@ -158,7 +163,7 @@ class SegTemplates(Templates):
         now = datetime.datetime.now()
         stamped(sentinel, now)
         frames = h.frames(dict.fromkeys(labels, empty), labels, fractional=fractional)
-        check = SegContext(h.evidence_of(film), film.get("FrameOfReferenceUID"), now, sentinel.SOPInstanceUID,
+        check = SegContext(film, film.get("FrameOfReferenceUID"), now, sentinel.SOPInstanceUID,
                            labels, list(range(len(labels))), pixels(frames, fractional, template.pixel_vr))  # fmt: skip
         if template.fill(check) != _encode(sentinel):
             raise NotTemplated("the template does not encode as pydicom encodes the Segmentation")

@@ -88,9 +88,16 @@ def test_a_second_film_fills_the_first_ones_template_and_reads_back_as_it():
     assert {n: v["present"] for n, v in back["labels"].items()} == {
         n: v.present for n, v in flipped(result).labels.items()
     }
-    # another size is another image library entry: a new template, again highdicom's document
-    other = radiograph_dicom(np.zeros((512, 400), np.uint16), patient_id="P-3")
-    assert encoded(templates.sr(other, result, CARD, now=NOW)) == reference(other, result)
+    # films of other sizes (archives hold CR plates and cropped films of many): the size is a slot of the same
+    # template (the image library's Rows and Columns, each group's whole-image region), again highdicom's document
+    templates.make = lambda *a: pytest.fail("a film of another size should have filled the same template")
+    for rows, columns in [(512, 400), (2991, 2048), (7, 3)]:
+        other = radiograph_dicom(np.zeros((rows, columns), np.uint16), patient_id="P-3")
+        other.FrameOfReferenceUID = pydicom.uid.generate_uid()
+        assert encoded(templates.sr(other, result, CARD, now=NOW)) == reference(other, result), (rows, columns)
+    templates.make = made
+    refused = Answer(analysed=False, reason=LATERAL.reason, gate=LATERAL)
+    assert encoded(templates.sr(other, refused, CARD, now=NOW)) == reference(other, refused)
     assert len(templates.templates) == 2
 
 
@@ -144,8 +151,8 @@ def test_a_shape_that_cannot_be_templated_is_built_by_highdicom(monkeypatch, cap
 def test_templates_are_bounded_and_a_marker_clash_is_refused():
     templates = Templates(highdicom_sr, srmod)
     result = Answer(analysed=True, gate=FRONTAL, labels=dict(list(answer_of_13().labels.items())[:1]))
-    for size in range(MAX_TEMPLATES + 3):
-        templates.sr(radiograph_dicom(np.zeros((32 + size, 32), np.uint16)), result, CARD, now=NOW)
+    for n in range(MAX_TEMPLATES + 3):  # a model each: a shape each
+        templates.sr(radiograph_dicom(np.zeros((32, 32), np.uint16)), result, dict(CARD, name=f"m{n}.tar"), now=NOW)
     assert len(templates.templates) == MAX_TEMPLATES
     # a document in which a marker turns up twice is not templated (its slots would be ambiguous)
     build = templates.build

@@ -244,7 +244,7 @@ def highdicom_sr(source, result: Answer, card: Mapping, regions: Mapping[str, np
     import highdicom as hd
 
     library = _library_entry(source)
-    whole = _whole_image(source)
+    whole = whole_image(source)
     source = evidence_of(source)
     c = _codes()
     rel = hd.sr.RelationshipTypeValues
@@ -407,7 +407,7 @@ def _measure(c, name, value, where: np.ndarray | None = None, source=None):
     return hd.sr.Measurement(name=name, value=float(value), unit=c["unit"], referenced_coordinates=coordinates)
 
 
-def _whole_image(source) -> np.ndarray | None:
+def whole_image(source) -> np.ndarray | None:
     """The film's outline (a closed polyline along its edges): what an image-level answer was inferred from."""
     try:
         rows, columns = int(source.Rows), int(source.Columns)

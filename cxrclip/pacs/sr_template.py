@@ -68,6 +68,9 @@ NOT_IN_SR = (
     "SeriesNumber", "InstanceNumber", "FrameOfReferenceUID", "SamplesPerPixel", "PhotometricInterpretation",
     "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
 )  # fmt: skip
+# The film's size: numbers in the image library entry, slots (marked by sizes no film has), so that films of every
+# size share a template — archives hold CR plates and cropped films of many sizes
+SIZE = {"Rows": 4093, "Columns": 4091}
 MAX_TEMPLATES = 32
 
 
@@ -319,7 +322,7 @@ class Templates:
     def shape(self, header, result: Answer, card: Mapping) -> tuple:
         """What the document's structure depends on: the model, the answer's labels and rules (or its refusal), the
         film's SOP class and what the image library describes. ``header``: the film's ``image_header``."""
-        image = tuple((k, str(header[k].value)) for k in self.h.IMAGE_ATTRIBUTES
+        image = tuple((k, "slot" if k in SIZE else str(header[k].value)) for k in self.h.IMAGE_ATTRIBUTES
                       if k in header and k not in NOT_IN_SR)  # fmt: skip
         if result.analysed:
             what = ("analysed", tuple((n, v.rule, v.calibrated) for n, v in (result.labels or {}).items()))
@@ -393,6 +396,16 @@ class Templates:
             marks["fd", x] = lambda c: float(get(c))
             expected.update({("ds", str(DS(x, auto_format=True))): 1, ("fd", x): 1})
 
+        sizes = []  # found once where the image library has an entry for the film, else never
+        for keyword, size in SIZE.items():
+            if keyword in film:
+                setattr(film, keyword, size)
+                sizes.append(("ds", str(DS(float(size), auto_format=True))))
+                marks[sizes[-1]] = lambda c, k=keyword: str(DS(float(c.evidence[k].value), auto_format=True))
+        whole = h.whole_image(film)  # the film's edges: the region each image-level group was inferred from
+        if whole is not None:
+            marks["fl", tuple(whole.flatten().tolist())] = lambda c: h.whole_image(c.evidence).flatten().tolist()
+
         def tracking(what: str, times: int = 1) -> None:
             uid = h.derived_uid(film.SOPInstanceUID, sha, "tracking", what)
             marks["uid", uid] = lambda c: h.derived_uid(c.evidence.SOPInstanceUID, sha, "tracking", what)
@@ -437,13 +450,14 @@ class Templates:
         template = Template(sentinel, marks, code)
         if outlines:
             template.split_regions(names, list(outlines))
+        expected.update({m: 1 for m in sizes if m in template.found})
         wrong = {m: template.found.get(m, 0) for m, n in expected.items() if template.found.get(m, 0) != n}
         if wrong:
             raise NotTemplated(f"markers found other than as often as expected: {wrong}")
         now = datetime.datetime.now()
         stamped(sentinel, now)
         frame = film.get("FrameOfReferenceUID")
-        check = Context(h.evidence_of(film), frame, marked, now, sentinel.SOPInstanceUID, outlines)
+        check = Context(film, frame, marked, now, sentinel.SOPInstanceUID, outlines)
         if template.fill(check) != _encode(sentinel):
             raise NotTemplated("the template does not encode as pydicom encodes the document")
         return template

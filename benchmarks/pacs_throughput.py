@@ -222,8 +222,8 @@ def main() -> None:
     p.add_argument("--heatmap", action="store_true", help="also time --heatmap yes (Grad-CAM, Segmentation and "
                    "outline per YES label) in the floor, and run the workers with it")  # fmt: skip
     p.add_argument("--floor-only", action="store_true", help="the in-process floor only (no Orthanc phases)")
-    p.add_argument("--no-gate", action="store_true", help="floor: answer what the gate refuses (the demo model's "
-                   "gate knows only synthetic films: to time the heatmap path on real films without fitting one)")  # fmt: skip
+    no_gate = "floor: answer what the gate refuses (the demo model's gate knows only synthetic films)"
+    p.add_argument("--no-gate", action="store_true", help=no_gate)
     args = p.parse_args()
     missing = orthanc_missing()
     if missing:

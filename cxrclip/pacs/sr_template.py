@@ -6,9 +6,9 @@ answers of one model to two films of one kind differ only in values: the film's 
 attributes, the UIDs derived from them, the probabilities, the present/absent codes, the times. So:
 
 1. the first answer of a *shape* — the model card, the labels with their rules and calibration flags, analysed or
-   refused, the film's SOP class and the image attributes its image library entry describes — is built by
-   highdicom (:func:`cxrclip.pacs.sr.highdicom_sr`) from *sentinel* inputs: every value that varies is a unique
-   marker (a UID no film has, a probability no answer gives);
+   refused, the film's SOP class and the image attributes its image library entry describes but its size — is
+   built by highdicom (:func:`cxrclip.pacs.sr.highdicom_sr`) from *sentinel* inputs: every value that varies is a
+   unique marker (a UID no film has, a probability no answer gives, a size no film has);
 2. the document is encoded once, element by element as pydicom's writer encodes it, and every element that holds
    a marker becomes a *slot* (found by its value, or by its place for the values a marker cannot be: the top
    level's patient and study attributes and times, each finding's present/absent code). A marker found a number
@@ -321,7 +321,8 @@ class Templates:
 
     def shape(self, header, result: Answer, card: Mapping) -> tuple:
         """What the document's structure depends on: the model, the answer's labels and rules (or its refusal), the
-        film's SOP class and what the image library describes. ``header``: the film's ``image_header``."""
+        film's SOP class and what the image library describes but the size (a slot). ``header``: the film's
+        ``image_header``."""
         image = tuple((k, "slot" if k in SIZE else str(header[k].value)) for k in self.h.IMAGE_ATTRIBUTES
                       if k in header and k not in NOT_IN_SR)  # fmt: skip
         if result.analysed:

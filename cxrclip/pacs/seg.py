@@ -77,7 +77,7 @@ def seg_uids(source_sop_uid: str, model_sha256: str, labels: list[str], fraction
     return sr_uids(source_sop_uid, model_sha256, kind="seg:" + "|".join(labels) + (":fractional" if fractional else ""))
 
 
-def tracking_uid(source_sop_uid: str, model_sha256: str, label: str) -> str:
+def segment_tracking_uid(source_sop_uid: str, model_sha256: str, label: str) -> str:
     """The tracking UID of ``label``'s segment in the Segmentation answering one image by one model."""
     return derived_uid(source_sop_uid, model_sha256, "seg", label)
 
@@ -102,7 +102,7 @@ def highdicom_seg(source, maps: Mapping[str, np.ndarray], card: Mapping, *, leve
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=i, segment_label=f"{label[:50]} saliency", segmented_property_category=category,
             segmented_property_type=code, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm, tracking_uid=tracking_uid(header.SOPInstanceUID, sha, label),
+            algorithm_identification=algorithm, tracking_uid=segment_tracking_uid(header.SOPInstanceUID, sha, label),
             tracking_id=f"{label[:52]}: saliency",
             display_color=hd.color.CIELabColor.from_string(COLOURS[(i - 1) % len(COLOURS)]),
         ))  # fmt: skip

@@ -29,7 +29,7 @@ import numpy as np
 from cxrclip.pacs.sr_template import (
     NotTemplated,
     Template,
-    Templates,
+    TemplateCache,
     _encode,
     _encoded,
     _Seq,
@@ -90,19 +90,19 @@ class SegTemplate(Template):
 
 
 class SegContext:
-    """What one answer fills in: the film's header, its frame of reference, the moment, the Segmentation's UID and
-    labels, each template label's place (``order``: the template's label indices in the answer's order), and the
-    top-level elements computed from the pixels."""
+    """What one answer fills in: the film's header (its identity, size and frame of reference), the moment, the
+    Segmentation's UID and labels, each template label's place (``order``: the template's label indices in the
+    answer's order), and the top-level elements computed from the pixels."""
 
-    __slots__ = ("evidence", "frame", "now", "sop_uid", "labels", "order", "place", "top")
+    __slots__ = ("evidence", "now", "sop_uid", "labels", "order", "place", "top")
 
-    def __init__(self, evidence, frame, now, sop_uid, labels, order, top):
-        self.evidence, self.frame, self.now, self.sop_uid = evidence, frame, now, sop_uid
+    def __init__(self, evidence, now, sop_uid, labels, order, top):
+        self.evidence, self.now, self.sop_uid = evidence, now, sop_uid
         self.labels, self.order, self.top = labels, order, top
         self.place = {k: p for p, k in enumerate(order, start=1)}
 
 
-class SegTemplates(Templates):
+class SegTemplates(TemplateCache):
     """The Segmentation templates of the shapes seen. ``build``: highdicom's builder; ``h``: the module that defines
     the Segmentation (:mod:`cxrclip.pacs.seg`: ``frames``, ``seg_uids``, ``image_header``, ...)."""
 
@@ -110,9 +110,6 @@ class SegTemplates(Templates):
             fractional: bool = False, now: datetime.datetime | None = None):  # fmt: skip
         """The Segmentation of ``maps`` as highdicom writes it, from the shape's template; None where the shape
         cannot be templated (the caller builds it with highdicom)."""
-        import pydicom
-        from pydicom.filebase import DicomBytesIO
-
         h, sha = self.h, str(card["checkpoint_sha256"])
         header = h.image_header(source)
         labels = list(maps)
@@ -133,12 +130,8 @@ class SegTemplates(Templates):
         frames = h.frames(maps, labels, level=level, fractional=fractional)
         top = pixels(frames, fractional, template.pixel_vr)
         order = [template.labels.index(label) for label in labels]
-        context = SegContext(header, header.get("FrameOfReferenceUID"), now or datetime.datetime.now(),
-                             h.seg_uids(header.SOPInstanceUID, sha, labels, fractional)[1], labels, order,
-                             top)  # fmt: skip
-        with self.lock:  # the template's per-label sequences and meta dataset are reused
-            data = template.fill(context)
-        return pydicom.dcmread(DicomBytesIO(data))
+        sop = h.seg_uids(header.SOPInstanceUID, sha, labels, fractional)[1]
+        return self.filled(template, SegContext(header, now or datetime.datetime.now(), sop, labels, order, top))
 
     def make(self, source, labels: list[str], card: Mapping, fractional: bool) -> SegTemplate:
         """The shape's Segmentation built by highdicom from markers with a segment per label, compiled, and checked:
@@ -151,8 +144,8 @@ class SegTemplates(Templates):
         marks["uid", instance] = lambda c: c.sop_uid
         expected = {("uid", series): 1, ("uid", instance): 1}
         for label in labels:
-            uid = h.tracking_uid(film.SOPInstanceUID, sha, label)
-            marks["uid", uid] = lambda c, n=label: h.tracking_uid(c.evidence.SOPInstanceUID, sha, n)
+            uid = h.segment_tracking_uid(film.SOPInstanceUID, sha, label)
+            marks["uid", uid] = lambda c, n=label: h.segment_tracking_uid(c.evidence.SOPInstanceUID, sha, n)
             expected["uid", uid] = 1
         empty = np.zeros((int(film.Rows), int(film.Columns)), np.float32)
         sentinel = self.build(film, dict.fromkeys(labels, empty), card, fractional=fractional)
@@ -163,8 +156,8 @@ class SegTemplates(Templates):
         now = datetime.datetime.now()
         stamped(sentinel, now)
         frames = h.frames(dict.fromkeys(labels, empty), labels, fractional=fractional)
-        check = SegContext(film, film.get("FrameOfReferenceUID"), now, sentinel.SOPInstanceUID,
-                           labels, list(range(len(labels))), pixels(frames, fractional, template.pixel_vr))  # fmt: skip
+        check = SegContext(film, now, sentinel.SOPInstanceUID, labels, list(range(len(labels))),
+                           pixels(frames, fractional, template.pixel_vr))  # fmt: skip
         if template.fill(check) != _encode(sentinel):
             raise NotTemplated("the template does not encode as pydicom encodes the Segmentation")
         return template

@@ -266,7 +266,7 @@ def highdicom_sr(source, result: Answer, card: Mapping, regions: Mapping[str, np
             algorithm = hd.sr.AlgorithmIdentification(name=name, version=__version__, parameters=[
                 *params, f"rule={v.rule}", f"calibrated={'yes' if v.calibrated else 'no'}"])  # fmt: skip
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(_tracking_uid(source, sha, label), label[:64]),
+                tracking_identifier=hd.sr.TrackingIdentifier(tracking_uid(source, sha, label), label[:64]),
                 finding_type=finding_code(label), algorithm_id=algorithm, source_images=[image],
                 measurements=[_measure(c, c["probability"], v.probability, whole, source),
                               _measure(c, c["threshold"], v.threshold),
@@ -281,7 +281,7 @@ def highdicom_sr(source, result: Answer, card: Mapping, regions: Mapping[str, np
         algorithm = hd.sr.AlgorithmIdentification(name=name, version=__version__, parameters=params)
         score = [] if result.gate.score is None else [_measure(c, c["gate_score"], result.gate.score)]
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(_tracking_uid(source, sha, "input gate"), "input gate"),
+            tracking_identifier=hd.sr.TrackingIdentifier(tracking_uid(source, sha, "input gate"), "input gate"),
             finding_type=c["refused"], algorithm_id=algorithm, source_images=[image], measurements=score,
         ))  # fmt: skip
         qualitative.append(
@@ -375,7 +375,7 @@ def _region_group(source, sha: str, label: str, outline: np.ndarray, name: str, 
     method = "region=Grad-CAM, the connected area around its maximum at >= half of it (a saliency area)"
     algorithm = hd.sr.AlgorithmIdentification(name=name, version=__version__, parameters=[*params, method])
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(_tracking_uid(source, sha, label), label[:64]),
+        tracking_identifier=hd.sr.TrackingIdentifier(tracking_uid(source, sha, label), label[:64]),
         referenced_region=region, finding_type=finding_code(label), algorithm_id=algorithm,
     )  # fmt: skip
 
@@ -388,7 +388,8 @@ def region_points(outline) -> np.ndarray:
     return points
 
 
-def _tracking_uid(source, sha: str, what: str) -> str:
+def tracking_uid(source, sha: str, what: str) -> str:
+    """The tracking UID of one finding (or of the input gate) in the SR answering ``source`` by the model ``sha``."""
     return derived_uid(source.SOPInstanceUID, sha, "tracking", what)
 
 

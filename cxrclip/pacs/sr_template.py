@@ -279,13 +279,13 @@ def _encode(ds) -> bytes:
 
 
 class Context:
-    """What one answer fills in: the film's header (``image_header``: its identity as ``evidence_of`` decodes it), its
-    frame of reference, the answer, the moment, the SR's UID and the outlines."""
+    """What one answer fills in: the film's header (``image_header``: its identity as ``evidence_of`` decodes it, its
+    size and frame of reference), the answer, the moment, the SR's UID and the outlines."""
 
-    __slots__ = ("evidence", "frame", "result", "now", "sop_uid", "regions")
+    __slots__ = ("evidence", "result", "now", "sop_uid", "regions")
 
-    def __init__(self, evidence, frame, result, now, sop_uid, regions=None):
-        self.evidence, self.frame, self.result, self.now, self.sop_uid = evidence, frame, result, now, sop_uid
+    def __init__(self, evidence, result, now, sop_uid, regions=None):
+        self.evidence, self.result, self.now, self.sop_uid = evidence, result, now, sop_uid
         self.regions = regions or {}
 
 
@@ -296,7 +296,7 @@ def sentinel_film(film, marks: dict):
         marks["uid", _uid(n)] = lambda c, k=keyword: getattr(c.evidence, k)
     if "FrameOfReferenceUID" in film:
         film.FrameOfReferenceUID = _uid(3)
-        marks["uid", _uid(3)] = lambda c: str(c.frame)
+        marks["uid", _uid(3)] = lambda c: str(c.evidence.FrameOfReferenceUID)
     return film
 
 
@@ -309,49 +309,15 @@ def stamped(ds, now: datetime.datetime):
     return ds
 
 
-class Templates:
-    """The templates of the shapes seen (the newest :data:`MAX_TEMPLATES`); thread-safe. ``build``: highdicom's
-    builder; ``h``: the module that defines the SR (:mod:`cxrclip.pacs.sr`: ``evidence_of``, ``image_header``, ...)."""
+class TemplateCache:
+    """The templates of the shapes seen (the newest :data:`MAX_TEMPLATES`), made on first use; thread-safe.
+    ``build``: highdicom's builder of the document; ``h``: the module that defines it."""
 
     def __init__(self, build: Callable, h):
         self.build, self.h = build, h
         self.templates: OrderedDict = OrderedDict()
         self.lock = threading.Lock()
         self.untemplated: set = set()
-
-    def shape(self, header, result: Answer, card: Mapping) -> tuple:
-        """What the document's structure depends on: the model, the answer's labels and rules (or its refusal), the
-        film's SOP class and what the image library describes but the size (a slot). ``header``: the film's
-        ``image_header``."""
-        image = tuple((k, "slot" if k in SIZE else str(header[k].value)) for k in self.h.IMAGE_ATTRIBUTES
-                      if k in header and k not in NOT_IN_SR)  # fmt: skip
-        if result.analysed:
-            what = ("analysed", tuple((n, v.rule, v.calibrated) for n, v in (result.labels or {}).items()))
-        else:
-            what = ("refused", result.gate.score is None)
-        model = (str(card.get("name")), str(card["checkpoint_sha256"]), tuple(self.h.model_parameters(card)))
-        return model, what, str(header.SOPClassUID), image, "FrameOfReferenceUID" in header
-
-    def sr(self, source, result: Answer, card: Mapping, regions: Mapping | None = None,
-           now: datetime.datetime | None = None):  # fmt: skip
-        """The SR of ``result`` (with the outlines ``regions``) as highdicom writes it, from the shape's template;
-        None where the shape cannot be templated (the caller builds it with highdicom)."""
-        import pydicom
-        from pydicom.filebase import DicomBytesIO
-
-        header = self.h.image_header(source)  # a film without its UIDs is refused before anything is built
-        regions = dict(regions or {}) if result.analysed else {}
-        if set(regions) - set(result.labels or {}):
-            return None  # an outline of a finding the answer does not have: highdicom says what it makes of it
-        template = self.template(self.shape(header, result, card), lambda: self.make(source, result, card))
-        if template is None:
-            return None
-        sop = self.h.sr_uids(header.SOPInstanceUID, str(card["checkpoint_sha256"]))[1]
-        frame = header.get("FrameOfReferenceUID")
-        context = Context(header, frame, result, now or datetime.datetime.now(), sop, regions)
-        with self.lock:  # the meta dataset is reused
-            data = template.fill(context)
-        return pydicom.dcmread(DicomBytesIO(data))
 
     def template(self, key, make: Callable[[], Template]) -> Template | None:
         """The template of the shape ``key``, made by ``make`` the first time; None where it cannot be."""
@@ -377,6 +343,46 @@ class Templates:
             while len(self.templates) > MAX_TEMPLATES:
                 self.templates.popitem(last=False)
         return template
+
+    def filled(self, template: Template, context):
+        """``template`` filled for one answer, read back as a pydicom dataset (lazily)."""
+        import pydicom
+        from pydicom.filebase import DicomBytesIO
+
+        with self.lock:  # a template's per-answer sequences and its meta dataset are reused
+            data = template.fill(context)
+        return pydicom.dcmread(DicomBytesIO(data))
+
+
+class Templates(TemplateCache):
+    """The SR's templates. ``h``: :mod:`cxrclip.pacs.sr` (``evidence_of``, ``image_header``, ...)."""
+
+    def shape(self, header, result: Answer, card: Mapping) -> tuple:
+        """What the document's structure depends on: the model, the answer's labels and rules (or its refusal), the
+        film's SOP class and what the image library describes but the size (a slot). ``header``: the film's
+        ``image_header``."""
+        image = tuple((k, "slot" if k in SIZE else str(header[k].value)) for k in self.h.IMAGE_ATTRIBUTES
+                      if k in header and k not in NOT_IN_SR)  # fmt: skip
+        if result.analysed:
+            what = ("analysed", tuple((n, v.rule, v.calibrated) for n, v in (result.labels or {}).items()))
+        else:
+            what = ("refused", result.gate.score is None)
+        model = (str(card.get("name")), str(card["checkpoint_sha256"]), tuple(self.h.model_parameters(card)))
+        return model, what, str(header.SOPClassUID), image, "FrameOfReferenceUID" in header
+
+    def sr(self, source, result: Answer, card: Mapping, regions: Mapping | None = None,
+           now: datetime.datetime | None = None):  # fmt: skip
+        """The SR of ``result`` (with the outlines ``regions``) as highdicom writes it, from the shape's template;
+        None where the shape cannot be templated (the caller builds it with highdicom)."""
+        header = self.h.image_header(source)  # a film without its UIDs is refused before anything is built
+        regions = dict(regions or {}) if result.analysed else {}
+        if set(regions) - set(result.labels or {}):
+            return None  # an outline of a finding the answer does not have: highdicom says what it makes of it
+        template = self.template(self.shape(header, result, card), lambda: self.make(source, result, card))
+        if template is None:
+            return None
+        sop = self.h.sr_uids(header.SOPInstanceUID, str(card["checkpoint_sha256"]))[1]
+        return self.filled(template, Context(header, result, now or datetime.datetime.now(), sop, regions))
 
     def make(self, source, result: Answer, card: Mapping) -> Template:
         """The shape's document built by highdicom from markers, compiled, and checked: filled with the markers'
@@ -408,8 +414,8 @@ class Templates:
             marks["fl", tuple(whole.flatten().tolist())] = lambda c: h.whole_image(c.evidence).flatten().tolist()
 
         def tracking(what: str, times: int = 1) -> None:
-            uid = h.derived_uid(film.SOPInstanceUID, sha, "tracking", what)
-            marks["uid", uid] = lambda c: h.derived_uid(c.evidence.SOPInstanceUID, sha, "tracking", what)
+            uid = h.tracking_uid(film, sha, what)
+            marks["uid", uid] = lambda c: h.tracking_uid(c.evidence, sha, what)
             expected["uid", uid] = times
 
         names = list(result.labels or {}) if result.analysed else []
@@ -457,8 +463,7 @@ class Templates:
             raise NotTemplated(f"markers found other than as often as expected: {wrong}")
         now = datetime.datetime.now()
         stamped(sentinel, now)
-        frame = film.get("FrameOfReferenceUID")
-        check = Context(film, frame, marked, now, sentinel.SOPInstanceUID, outlines)
+        check = Context(film, marked, now, sentinel.SOPInstanceUID, outlines)
         if template.fill(check) != _encode(sentinel):
             raise NotTemplated("the template does not encode as pydicom encodes the document")
         return template

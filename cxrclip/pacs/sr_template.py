@@ -169,6 +169,7 @@ class Template:
         self.found: dict = {}
         self.measurements: _Seq | None = None  # the Imaging Measurements container's content
         self.kept: list[_Seq] = []  # the sequences whose items an answer chooses
+        self.shared: dict[tuple, int] = {}  # (tag, VR, marker, character set) → its one slot
         from pydicom.dataset import Dataset
 
         self.meta = Dataset(sentinel.file_meta)
@@ -189,8 +190,8 @@ class Template:
             if special is not None:
                 parts.append(special)
             elif elem.VR != "SQ":
-                fill = self._fill_of(tag, elem, depth, encodings)
-                parts.append(self._slot(fill) if fill else _encoded(tag, elem.VR, elem.value, encodings))
+                slot = self._slot_of(tag, elem, depth, encodings)
+                parts.append(slot if slot is not None else _encoded(tag, elem.VR, elem.value, encodings))
             elif tag == CONCEPT_CODE and labels is not None:
                 parts.append(self._slot(self.code(labels[0], encodings)))
                 labels[0] += 1
@@ -215,13 +216,16 @@ class Template:
         self.fills.append(fill)
         return len(self.fills) - 1
 
-    def _fill_of(self, tag: int, elem, depth: int, encodings):
+    def _slot_of(self, tag: int, elem, depth: int, encodings) -> int | None:
+        """The slot of an element whose value an answer gives, or None (a constant). One marker in one element
+        written the same way is one slot however often it occurs (the whole film's region in every label's group):
+        an answer encodes it once."""
         vr, value = elem.VR, elem.value
         if depth == 0 and tag in TOP_COPIED:
             keyword = TOP_COPIED[tag]
-            return lambda c: _encoded(tag, vr, getattr(c.evidence, keyword), encodings)
+            return self._slot(lambda c: _encoded(tag, vr, getattr(c.evidence, keyword), encodings))
         if tag in TIMES:
-            return lambda c: _encoded(tag, vr, moment(tag, c.now), encodings)
+            return self._slot(lambda c: _encoded(tag, vr, moment(tag, c.now), encodings))
         kind = {"UI": "uid", "DS": "ds", "FD": "fd", "UT": "text", "FL": "fl"}.get(vr)
         if kind is None:
             return None
@@ -232,7 +236,10 @@ class Template:
         if get is None:
             return None
         self.found[mark] = self.found.get(mark, 0) + 1
-        return lambda c: _encoded(tag, vr, get(c), encodings)
+        key = (tag, vr, mark, str(encodings))
+        if key not in self.shared:
+            self.shared[key] = self._slot(lambda c: _encoded(tag, vr, get(c), encodings))
+        return self.shared[key]
 
     def split_regions(self, names: list[str], outlined: list[str]) -> None:
         """The document was made with every finding outlined: its Imaging Measurements hold the image-level group of

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from cxrclip.pacs.seg import build_saliency_seg
-from cxrclip.pacs.sr import build_heatmap_capture, build_sr
+from cxrclip.pacs.sr import build_heatmap_capture, build_sr, image_header
 from cxrclip.predict.answer import Answer
 from cxrclip.predict.gradcam import overlay, saliency_outline
 
@@ -29,6 +29,7 @@ def answer_datasets(predictor, card: Mapping, ds, image: np.ndarray, result: Ans
     """``[SR, *maps]`` answering ``ds`` (its decoded pixels ``image``): with heatmap labels, the Segmentation of where
     the model looked (and the outline of it in the SR for each of those labels called YES) and/or the Grad-CAM
     burnt into Secondary Captures."""
+    ds = image_header(ds)  # decoded once for every document of the answer (a film without its UIDs: SourceError)
     labels = heatmap_labels(asked, result)
     maps = {}
     if labels and heatmap_format in ("seg", "fractional", "both"):

@@ -337,7 +337,10 @@ IMAGE_ATTRIBUTES = (
 
 def image_header(source):
     """The radiograph's identity (:func:`evidence_of`) and its image attributes, each left out where absent or
-    malformed."""
+    malformed. A header is its own header: an answer's builders given one (:func:`answer_datasets` makes it once
+    for the SR and the Segmentation) do not decode the film again."""
+    if getattr(source, "_cxrclip_image_header", False):
+        return source
     header = evidence_of(source)
     for keyword in IMAGE_ATTRIBUTES:
         try:
@@ -345,6 +348,7 @@ def image_header(source):
                 setattr(header, keyword, source[keyword].value)
         except Exception:  # a malformed value: left out
             continue
+    header._cxrclip_image_header = True
     return header
 
 

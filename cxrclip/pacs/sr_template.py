@@ -24,6 +24,7 @@ attributes, the UIDs derived from them, the probabilities, the present/absent co
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import struct
@@ -297,7 +298,8 @@ class Context:
 
 
 def sentinel_film(film, marks: dict):
-    """``film`` (an ``image_header``) with markers for its UIDs, their fills added to ``marks``."""
+    """A copy of ``film`` (an ``image_header``) with markers for its UIDs, their fills added to ``marks``."""
+    film = copy.deepcopy(film)  # the caller's header stays as it is
     for n, keyword in enumerate(("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")):
         setattr(film, keyword, _uid(n))
         marks["uid", _uid(n)] = lambda c, k=keyword: getattr(c.evidence, k)
